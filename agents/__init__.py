@@ -1,0 +1,1 @@
+"""The worker agent: trains, reports its status in the DHT, drains on a preemption notice."""

@@ -1,0 +1,196 @@
+"""`spotrain agent`: the worker daemon started on every VM.
+
+It reads its user-data (cluster, bootstrap peers, task, checkpoint store), joins the swarm,
+resumes from the newest valid checkpoint (peers that are further ahead win: hivemind then
+downloads their state), trains with hivemind.Optimizer, publishes its status, writes
+checkpoints while it holds duty, and drains on a preemption notice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from spotrain.agents.checkpoints import LocalDirStore
+from spotrain.agents.metadata_watch import ImdsV2Client, Notice, NoticeWatcher
+from spotrain.swarm_records import AgentStatus
+
+DRAIN_MARGIN_SECONDS = 1.5  # exit this long before the notice's termination time
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} agent: {message}", flush=True)
+
+
+class Agent:
+    def __init__(self, config: dict):
+        self.config = config
+        self.instance_id = config["instance_id"]
+        self.cluster = config["cluster"]
+        self.state = "starting"
+        self.stop = threading.Event()
+        self.samples = 0
+        self.epoch = 0
+        self.checkpoint_epoch: int | None = None
+        self._recent: list[tuple[float, int, float]] = []  # (time, samples, loss) of recent steps
+        self._lock = threading.Lock()
+        self.addresses: tuple[str, ...] = ()
+
+    # -- notices ------------------------------------------------------------------------
+    def on_notice(self, notice: Notice | None) -> None:
+        if notice is None:
+            log("metadata service gone: the VM is gone, exiting now")
+            os._exit(1)
+        log(f"preemption notice: {notice.action} at {notice.time}; draining")
+        self.begin_drain(_seconds_until(notice.time))
+
+    def begin_drain(self, seconds_left: float) -> None:
+        if self.stop.is_set():
+            return
+        self.state = "draining"
+        self.stop.set()
+        try:
+            self.publisher.publish_now()
+        except Exception:
+            pass
+        # A step blocked in averaging cannot be interrupted; abandon it before the hard kill.
+        self._abandon_timer = threading.Timer(max(0.5, seconds_left - DRAIN_MARGIN_SECONDS), self._abandon)
+        self._abandon_timer.daemon = True
+        self._abandon_timer.start()
+
+    def _abandon(self) -> None:
+        log("drain window ending with a step still in flight: abandoning it")
+        os._exit(0)
+
+    # -- status -------------------------------------------------------------------------
+    def record_step(self, samples: int, loss: float) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.samples += samples
+            self._recent.append((now, samples, loss))
+            self._recent = [r for r in self._recent if now - r[0] <= 20.0]
+
+    def snapshot(self) -> AgentStatus:
+        from spotrain.kernels import traffic
+
+        with self._lock:
+            recent = list(self._recent)
+        rate, loss = 0.0, None
+        if recent:
+            span = max(time.monotonic() - recent[0][0], 1e-3)
+            rate = sum(r[1] for r in recent) / span if len(recent) > 1 else 0.0
+            finite = [r[2] for r in recent if math.isfinite(r[2])]
+            loss = sum(finite) / len(finite) if finite else None
+        return AgentStatus(
+            instance_id=self.instance_id, state=self.state, epoch=self.epoch, samples=self.samples,
+            samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
+            checkpoint_epoch=self.checkpoint_epoch, addresses=self.addresses, time=time.time(),
+        )
+
+    # -- main ---------------------------------------------------------------------------
+    def run(self) -> int:
+        import hivemind
+        import torch
+
+        from spotrain.agents.status import StatusPublisher
+        from spotrain.kernels import get_codec, install_byte_counters
+        from spotrain.task import load_task
+
+        cfg = self.config
+        torch.set_num_threads(int(cfg.get("torch_threads", 1)))
+        task = load_task(cfg["task"])
+        install_byte_counters()
+
+        dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/0"],
+                           start=True)
+        self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
+        Path("swarm-addresses.json").write_text(json.dumps(list(self.addresses)))
+        log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
+
+        model = task.build_model()
+        store = LocalDirStore.from_url(cfg["checkpoint"]["store"])
+        checkpoint = store.load_newest()
+        if checkpoint is not None:
+            model.load_state_dict(checkpoint["model"])
+        training = cfg["training"]
+        optimizer = hivemind.Optimizer(
+            dht=dht, run_id=self.cluster, params=model.parameters(), optimizer=task.make_optimizer,
+            batch_size_per_step=training["batch_size"], target_batch_size=training["target_batch_size"],
+            grad_compression=get_codec(training["compression"]["gradients"]),
+            state_averaging_compression=get_codec(training["compression"]["state"]),
+            load_state_compression=get_codec(training["compression"]["state"]),
+            matchmaking_time=training["matchmaking_time"], averaging_timeout=training["averaging_timeout"],
+            verbose=False,
+        )
+        if checkpoint is not None:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+            self.checkpoint_epoch = checkpoint["epoch"]
+            log(f"resumed from checkpoint epoch {checkpoint['epoch']}")
+        self.epoch = optimizer.local_epoch
+
+        self.publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
+        self.publisher.start()
+        metadata_url = os.environ.get("SPOTRAIN_METADATA_URL") or cfg.get("metadata_url")
+        if metadata_url:
+            NoticeWatcher(ImdsV2Client(metadata_url), self.on_notice).start()
+        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain(float(cfg.get("sigterm_grace_seconds", 10))))
+
+        every = int(cfg["checkpoint"]["every_epochs"])
+        seed = int(hashlib.sha256(f"{self.instance_id}:{os.getpid()}".encode()).hexdigest()[:8], 16)
+        batches = task.batches(seed, training["batch_size"])
+        self.state = "training"
+        while not self.stop.is_set():
+            loss = task.loss(model, next(batches))
+            if not torch.isfinite(loss):
+                log(f"non-finite loss {loss.item()}: step skipped")
+                optimizer.zero_grad()
+                continue
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            self.record_step(training["batch_size"], loss.item())
+            if optimizer.local_epoch != self.epoch:
+                self.epoch = optimizer.local_epoch
+                if self.publisher.has_duty and self.epoch % every == 0 and not self.stop.is_set():
+                    self._save(store, model, optimizer)
+
+        log("leaving the swarm")
+        if self.publisher.has_duty and self.epoch != self.checkpoint_epoch:
+            self._save(store, model, optimizer)  # flush the checkpoint duty before we go
+        self.publisher.stop()
+        optimizer.shutdown()
+        dht.shutdown()
+        log("drained")
+        return 0
+
+    def _save(self, store: LocalDirStore, model, optimizer) -> None:
+        started = time.monotonic()
+        store.save(self.epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        store.prune(keep=3)
+        self.checkpoint_epoch = self.epoch
+        log(f"checkpoint epoch {self.epoch} written in {time.monotonic() - started:.2f}s")
+
+
+def _seconds_until(iso_time: str) -> float:
+    try:
+        when = datetime.fromisoformat(iso_time.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 10.0
+    return max(0.0, when - time.time())
+
+
+def main(user_data: Path) -> int:
+    config = json.loads(user_data.read_text())
+    return Agent(config).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

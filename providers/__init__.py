@@ -1,0 +1,1 @@
+"""Cloud providers behind one small interface (see base.Provider)."""

@@ -1,0 +1,74 @@
+"""The provider contract: offers, idempotent launch, list by cluster, idempotent terminate.
+
+Cloud failures become the typed errors below inside each adapter; nothing above a provider
+matches error strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+
+class ProviderError(Exception):
+    """Base of the typed cloud errors."""
+
+
+class CapacityError(ProviderError):
+    """No spot capacity for this offer right now."""
+
+
+class QuotaError(ProviderError):
+    """The account's quota forbids another instance."""
+
+
+class PriceError(ProviderError):
+    """The spot price is above the maximum price asked."""
+
+
+class AuthError(ProviderError):
+    """Credentials are missing or refused."""
+
+
+@dataclass(frozen=True)
+class Offer:
+    provider: str
+    location: str  # "provider:region[-zone]", e.g. "local:zone-a", "aws:us-east-1a"
+    instance_type: str
+    gpu: str | None
+    spot_usd_per_hour: float
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    request_id: str  # the idempotency token: the same id never makes two instances
+    cluster: str
+    offer: Offer
+    user_data: dict
+
+
+@dataclass(frozen=True)
+class Instance:
+    instance_id: str
+    request_id: str
+    cluster: str
+    location: str
+    price_usd_per_hour: float
+    state: str  # running | preempted | terminated
+    launched_at: float
+    ended_at: float | None = None
+    end_reason: str | None = None
+    addresses: tuple[str, ...] = field(default=())  # swarm multiaddrs the agent listens on
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+
+    def offers(self) -> list[Offer]: ...
+
+    def launch(self, request: LaunchRequest) -> Instance: ...
+
+    def list_instances(self, cluster: str) -> list[Instance]: ...
+
+    def terminate(self, instance_id: str) -> None: ...

@@ -1,0 +1,136 @@
+"""The embedded default provider: each "VM" is a supervisor process on this machine.
+
+Its cloud state lives under $SPOTRAIN_HOME/local-cloud/vms/<instance-id>/ (vm.json, state.json,
+user-data.json, logs), so any process can list, adopt or terminate the instances, exactly as
+it would through a cloud API. Prices are fixed per location; preemptions replay a real trace.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spotrain.providers.base import Instance, LaunchRequest, Offer
+from spotrain.providers.local_schedule import claim_lifetime
+from spotrain.providers.local_vm import write_json_atomic
+
+NAME = "local"
+
+
+def instance_id_for(request_id: str) -> str:
+    return "i-" + hashlib.sha256(request_id.encode()).hexdigest()[:16]
+
+
+def _pid_runs(pid: int, vm_dir: Path) -> bool:
+    """True when `pid` is alive and is this VM's supervisor (not a recycled pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
+    return not zombie and str(vm_dir).encode() in cmdline
+
+
+class LocalProvider:
+    name = NAME
+
+    def __init__(self, config, root: Path):
+        self.config = config  # spotrain.config.LocalProvider
+        self.root = root
+        self.vms = root / "vms"
+
+    def offers(self) -> list[Offer]:
+        return [
+            Offer(NAME, f"{NAME}:{zone}", "local.cpu", None, location.price_usd_per_hour)
+            for zone, location in self.config.locations.items()
+        ]
+
+    def launch(self, request: LaunchRequest) -> Instance:
+        instance_id = instance_id_for(request.request_id)
+        vm_dir = self.vms / instance_id
+        self.vms.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "launch.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one launch per request id, even across processes
+            if not (vm_dir / "vm.json").exists():
+                self._create_vm(request, instance_id, vm_dir)
+        return self._instance(vm_dir)
+
+    def _create_vm(self, request: LaunchRequest, instance_id: str, vm_dir: Path) -> None:
+        zone = request.offer.location.split(":", 1)[1]
+        location = self.config.locations[zone]
+        now = time.time()
+        claim = claim_lifetime(
+            self.root / "schedule.json", zone, location.trace, now, self.config.time_compression,
+            location.trace_offset_hours * 3600.0, self.config.unannounced_every,
+        )
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        user_data = dict(request.user_data, instance_id=instance_id, location=request.offer.location)
+        write_json_atomic(vm_dir / "user-data.json", user_data)
+        vm = {
+            "instance_id": instance_id, "request_id": request.request_id, "cluster": request.cluster,
+            "location": request.offer.location, "zone": zone, "price_usd_per_hour": request.offer.spot_usd_per_hour,
+            "launched_at": now, "notice_seconds": self.config.notice_seconds,
+            "preempt_at": None if claim.lifetime_wall_s is None else now + claim.lifetime_wall_s,
+            "announced": claim.announced, "trace": location.trace, "trace_node": claim.trace_node,
+        }
+        with open(vm_dir / "supervisor.log", "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "spotrain.providers.local_vm", str(vm_dir)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # the VM outlives the controller that launched it
+            )
+        write_json_atomic(vm_dir / "state.json", {"state": "running", "pid": process.pid, "launched_at": now})
+        write_json_atomic(vm_dir / "vm.json", vm)  # written last: its presence means "launched"
+
+    def _instance(self, vm_dir: Path) -> Instance:
+        vm = json.loads((vm_dir / "vm.json").read_text())
+        state = json.loads((vm_dir / "state.json").read_text())
+        status, ended_at, reason = state["state"], state.get("ended_at"), state.get("end_reason")
+        if status == "running" and not _pid_runs(state["pid"], vm_dir):
+            status, ended_at, reason = "terminated", (vm_dir / "state.json").stat().st_mtime, "vm lost"
+        addresses: tuple[str, ...] = ()
+        address_file = vm_dir / "work" / "swarm-addresses.json"
+        if status == "running" and address_file.exists():
+            try:
+                addresses = tuple(json.loads(address_file.read_text()))
+            except (json.JSONDecodeError, OSError):
+                addresses = ()
+        return Instance(
+            instance_id=vm["instance_id"], request_id=vm["request_id"], cluster=vm["cluster"],
+            location=vm["location"], price_usd_per_hour=vm["price_usd_per_hour"], state=status,
+            launched_at=vm["launched_at"], ended_at=ended_at, end_reason=reason, addresses=addresses,
+        )
+
+    def list_instances(self, cluster: str) -> list[Instance]:
+        found = []
+        for vm_file in sorted(self.vms.glob("*/vm.json")):
+            try:
+                if json.loads(vm_file.read_text())["cluster"] == cluster:
+                    found.append(self._instance(vm_file.parent))
+            except (OSError, json.JSONDecodeError, KeyError):
+                continue  # a VM being written right now shows up on the next call
+        return found
+
+    def terminate(self, instance_id: str) -> None:
+        vm_dir = self.vms / instance_id
+        try:
+            state = json.loads((vm_dir / "state.json").read_text())
+        except FileNotFoundError:
+            return
+        if state["state"] == "running" and _pid_runs(state["pid"], vm_dir):
+            try:
+                os.kill(state["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+
+def make_provider(config, root: Path) -> LocalProvider:
+    return LocalProvider(config, root)

@@ -1,0 +1,130 @@
+"""One local "VM": a supervisor process that plays the cloud's part for one spot instance.
+
+It serves the instance's IMDSv2 endpoint, runs `spotrain agent` as the VM's workload (in its
+own process group, so the agent's p2pd dies with it), restarts it on a crash like systemd
+would, posts the preemption notice the trace schedules, and hard-kills the VM when the notice
+window ends (or at once, for a preemption without notice). SIGTERM is a user's termination:
+notice, drain window, then kill. Run as `python -m spotrain.providers.local_vm VM_DIR`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from spotrain.providers.imds import MetadataServer, MetadataState
+
+POLL_SECONDS = 0.2
+MAX_AGENT_RESTARTS = 3
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+class Supervisor:
+    def __init__(self, vm_dir: Path):
+        self.vm_dir = vm_dir
+        self.vm = json.loads((vm_dir / "vm.json").read_text())
+        self.state = MetadataState(self.vm["instance_id"], self.vm["zone"])
+        self.server = MetadataServer(self.state)
+        self.agent: subprocess.Popen | None = None
+        self.terminate_requested = False
+        self.deadline: float | None = None
+        self.end_state = "terminated"
+        self.end_reason = ""
+
+    def log(self, message: str) -> None:
+        print(f"{time.strftime('%H:%M:%S')} vm {self.vm['instance_id']}: {message}", flush=True)
+
+    def write_state(self, state: str, **extra) -> None:
+        write_json_atomic(self.vm_dir / "state.json",
+                          {"state": state, "pid": os.getpid(), "imds_url": self.server.url, **extra})
+
+    def start_agent(self) -> None:
+        work = self.vm_dir / "work"
+        work.mkdir(exist_ok=True)
+        env = dict(os.environ, SPOTRAIN_METADATA_URL=self.server.url)
+        with open(self.vm_dir / "agent.log", "ab") as log:
+            self.agent = subprocess.Popen(
+                [sys.executable, "-m", "spotrain", "agent", "--user-data", str(self.vm_dir / "user-data.json")],
+                cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # the agent and its p2pd share a group we can kill at once
+            )
+        self.log(f"agent started (pid {self.agent.pid})")
+
+    def kill_agent_group(self) -> None:
+        if self.agent is None:
+            return
+        try:
+            os.killpg(self.agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.agent.wait()
+
+    def post_notice(self, terminate_at: float, state: str, reason: str) -> None:
+        if self.deadline is not None:
+            return
+        self.state.post_notice(terminate_at)
+        self.deadline, self.end_state, self.end_reason = terminate_at, state, reason
+        self.log(f"notice posted: {reason}, terminate at {terminate_at:.1f}")
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "terminate_requested", True))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is not the cloud's business
+        self.server.start_background()
+        self.write_state("running", launched_at=self.vm["launched_at"])
+        self.start_agent()
+        preempt_at, announced = self.vm.get("preempt_at"), self.vm.get("announced", True)
+        notice_s = float(self.vm["notice_seconds"])
+        restarts = 0
+        while True:
+            now = time.time()
+            if self.terminate_requested:
+                self.post_notice(now + notice_s, "terminated", "terminated by request")
+            if preempt_at is not None and announced and now >= preempt_at - notice_s:
+                self.post_notice(max(preempt_at, now), "preempted", "spot preemption")
+            if preempt_at is not None and not announced and now >= preempt_at and self.deadline is None:
+                self.end_state, self.end_reason = "preempted", "spot preemption without notice"
+                self.log("preempted without notice")
+                break
+            if self.deadline is not None and now >= self.deadline:
+                self.log("notice window over")
+                break
+            assert self.agent is not None
+            code = self.agent.poll()
+            if code is not None:
+                if self.deadline is not None:
+                    if self.end_state == "terminated":
+                        self.log(f"agent drained (exit {code})")
+                        break
+                    # a drained spot VM still exists until the cloud reclaims it
+                elif restarts < MAX_AGENT_RESTARTS:
+                    restarts += 1
+                    self.log(f"agent exited with {code}; restart {restarts}/{MAX_AGENT_RESTARTS}")
+                    time.sleep(1.0)
+                    self.start_agent()
+                else:
+                    self.end_state, self.end_reason = "terminated", f"agent failed (exit {code})"
+                    break
+            time.sleep(POLL_SECONDS)
+        self.kill_agent_group()
+        self.write_state(self.end_state, launched_at=self.vm["launched_at"], ended_at=time.time(),
+                         end_reason=self.end_reason)
+        self.log(f"{self.end_state}: {self.end_reason}")
+        self.server.shutdown()
+
+
+def main() -> None:
+    Supervisor(Path(sys.argv[1])).run()
+
+
+if __name__ == "__main__":
+    main()

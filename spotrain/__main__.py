@@ -1,0 +1,3 @@
+from spotrain.cli import main
+
+main()

@@ -1,0 +1,62 @@
+"""The TrainingTask contract: what a user's `training.task` must provide."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Protocol
+
+import torch
+
+
+class TaskImportError(ValueError):
+    """`training.task` names nothing importable, or not a TrainingTask."""
+
+
+class TrainingTask(Protocol):
+    """A model, its data, its loss and its optimizer, as every worker builds them."""
+
+    def build_model(self) -> torch.nn.Module: ...
+
+    def batches(self, worker_seed: int, batch_size: int) -> Iterator[Any]: ...
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor: ...
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer: ...
+
+
+@dataclass(frozen=True)
+class SimpleTask:
+    """A TrainingTask assembled from four callables."""
+
+    build_model: Callable[[], torch.nn.Module]
+    batches: Callable[[int, int], Iterator[Any]]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    make_optimizer: Callable[[Any], torch.optim.Optimizer]
+
+
+_REQUIRED = ("build_model", "batches", "loss", "make_optimizer")
+
+
+def load_task(reference: str) -> TrainingTask:
+    """Import "module:attr"; a callable attribute is called to build the task."""
+    module_name, sep, attr = reference.partition(":")
+    if not sep or not module_name or not attr:
+        raise TaskImportError(f"expected 'module:attr', got {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # any failure of user code at import time is a bad spec
+        raise TaskImportError(f"cannot import {module_name!r}: {type(error).__name__}: {error}") from None
+    try:
+        target = getattr(module, attr)
+    except AttributeError:
+        raise TaskImportError(f"module {module_name!r} has no attribute {attr!r}") from None
+    task = target() if callable(target) and not _is_task(target) else target
+    missing = [name for name in _REQUIRED if not callable(getattr(task, name, None))]
+    if missing:
+        raise TaskImportError(f"{reference} is not a TrainingTask (missing {', '.join(missing)})")
+    return task
+
+
+def _is_task(obj: object) -> bool:
+    return all(callable(getattr(obj, name, None)) for name in _REQUIRED)
