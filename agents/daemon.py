@@ -36,6 +36,7 @@ class Agent:
         self.instance_id = config["instance_id"]
         self.cluster = config["cluster"]
         self.state = "starting"
+        self.leaving = False  # past the training loop: flushing duty, shutting hivemind down
         self.stop = threading.Event()
         self.samples = 0
         self.epoch = 0
@@ -67,7 +68,10 @@ class Agent:
         self._abandon_timer.start()
 
     def _abandon(self) -> None:
-        log("drain window ending with a step still in flight: abandoning it")
+        if self.leaving:
+            log("drain window ending while hivemind shuts down: exiting now (the checkpoint is flushed)")
+        else:
+            log("drain window ending with a step still in flight: abandoning it")
         os._exit(0)
 
     # -- status -------------------------------------------------------------------------
@@ -163,6 +167,7 @@ class Agent:
                     self._save(store, model, optimizer)
 
         log("leaving the swarm")
+        self.leaving = True
         if self.publisher.has_duty and self.epoch != self.checkpoint_epoch:
             self._save(store, model, optimizer)  # flush the checkpoint duty before we go
         self.publisher.stop()

@@ -64,6 +64,7 @@ class Instance:
 @runtime_checkable
 class Provider(Protocol):
     name: str
+    termination_lag_seconds: float  # from terminate() until the instance stops costing money
 
     def offers(self) -> list[Offer]: ...
 

@@ -46,6 +46,8 @@ class LocalProvider:
         self.config = config  # spotrain.config.LocalProvider
         self.root = root
         self.vms = root / "vms"
+        # notice window, then the supervisor's poll and exit
+        self.termination_lag_seconds = config.notice_seconds + 3.0
 
     def offers(self) -> list[Offer]:
         return [

@@ -2,17 +2,151 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.console import Console
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train one model on spot VMs within a hard budget.")
+from spotrain.errors import SpotrainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console()
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit 2: the contract for bad input."""
+    print(f"spotrain: error: {message}", file=sys.stderr)
+    raise typer.Exit(2)
+
+
+def say(message: str) -> None:
+    console.print(f"[dim]{__import__('time').strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
 
 
 @app.callback()
 def _root() -> None:
     """Train one model on spot VMs within a hard budget."""
+
+
+@app.command()
+def launch(
+    config: Path = typer.Argument(..., help="cluster spec (YAML)"),
+    budget: Optional[float] = typer.Option(None, "--budget", help="total USD for this run; overrides budget.total_usd"),
+    duration: Optional[float] = typer.Option(None, "--duration", help="end the run after this many seconds"),
+    target_epoch: Optional[int] = typer.Option(None, "--target-epoch", help="end the run at this global epoch"),
+    tick: float = typer.Option(2.0, "--tick", help="seconds between controller ticks"),
+    detach: bool = typer.Option(False, "--detach", help="run the controller in the background"),
+    report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
+) -> None:
+    """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
+    from spotrain.config import load_spec
+
+    try:
+        spec = load_spec(config)
+        if budget is not None:
+            spec = spec.with_budget(budget)
+        for flag, value in (("--duration", duration), ("--tick", tick)):
+            if value is not None and value <= 0:
+                raise SpotrainError(f"{flag}: must be greater than 0 (got {value})")
+        if target_epoch is not None and target_epoch <= 0:
+            raise SpotrainError(f"--target-epoch: must be greater than 0 (got {target_epoch})")
+        from spotrain import cluster_ops
+
+        if detach:
+            pid = cluster_ops.controller_pid(spec.name)
+            if pid:
+                raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
+            args = ["--tick", str(tick)]
+            for flag, value in (("--budget", budget), ("--duration", duration), ("--target-epoch", target_epoch)):
+                args += [flag, str(value)] if value is not None else []
+            pid = cluster_ops.launch_detached(config.resolve(), args, spec.name)
+            console.print(f"controller of {spec.name} started in the background (pid {pid}); "
+                          f"follow with `spotrain status {spec.name}`")
+            return
+        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    say(f"run ended: {reason}")
+    if report:
+        _print_report(spec.name, as_json=False)
+
+
+@app.command()
+def status(cluster: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Workers, locations, budget, throughput of a cluster."""
+    from rich.table import Table
+
+    from spotrain import cluster_ops
+
+    try:
+        data = cluster_ops.status(cluster)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    if as_json:
+        print(json.dumps(data))
+        return
+    share = min(1.0, data["spent_usd"] / data["budget_usd"]) if data["budget_usd"] else 0.0
+    bar = "#" * round(30 * share) + "." * (30 - round(30 * share))
+    controller = f"controller pid {data['controller_pid']}" if data["controller_pid"] else "no controller running"
+    console.print(f"[bold]{data['cluster']}[/bold] run {data['run']} ({data['state']}, {controller})")
+    console.print(f"budget [{bar}] ${data['spent_usd']:.4f} of ${data['budget_usd']:.2f}   "
+                  f"epoch {data['epoch']}   samples {data['samples']:,}")
+    table = Table()
+    for column in ("instance", "location", "state", "agent", "epoch", "samples/s", "loss", "$/h"):
+        table.add_column(column)
+    for w in data["workers"]:
+        table.add_row(w["instance_id"] or "-", w["location"], w["state"], w["agent_state"] or "-",
+                      str(w["epoch"] if w["epoch"] is not None else "-"),
+                      f"{w['samples_per_second']:.1f}" if w["samples_per_second"] is not None else "-",
+                      f"{w['loss']:.3f}" if w["loss"] is not None else "-", f"{w['price_usd_per_hour']:.3f}")
+    console.print(table)
+
+
+@app.command()
+def down(cluster: Optional[str] = typer.Argument(None)) -> None:
+    """Final checkpoint, then terminate every worker of the cluster."""
+    from spotrain import cluster_ops
+
+    try:
+        name = cluster_ops.down(cluster, say=say)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    say(f"{name}: every worker terminated")
+
+
+def _print_report(cluster: Optional[str], as_json: bool) -> None:
+    from spotrain.home import existing_cluster, ledger_path
+    from spotrain.ledger import Ledger
+    from spotrain.report import build_report, print_report
+
+    name = existing_cluster(cluster)
+    ledger = Ledger.open_existing(ledger_path(name))
+    try:
+        run = ledger.current_run()
+        if run is None:
+            raise SpotrainError(f"cluster {name!r} has no run")
+        data = build_report(ledger, run, name)
+    finally:
+        ledger.close()
+    if as_json:
+        print(json.dumps(data))
+    else:
+        print_report(data, console)
+
+
+@app.command()
+def report(cluster: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+    """Cost and throughput of the cluster's latest run."""
+    try:
+        _print_report(cluster, as_json)
+    except SpotrainError as error:
+        fail(str(error))
 
 
 @app.command()

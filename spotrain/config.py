@@ -64,7 +64,17 @@ class Placement(_Frozen):
 class Checkpoint(_Frozen):
     every_epochs: int = Field(default=5, gt=0)
     replicas: int = Field(default=2, gt=0)
-    stores: tuple[str, ...] = ()
+    stores: tuple[str, ...] = Field(default=(), description="local directories (or file:// URLs)")
+
+    @field_validator("stores")
+    @classmethod
+    def _local_stores(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for store in value:
+            if "://" in store and not store.startswith("file://"):
+                raise ValueError(f"unsupported store {store!r}: only local directories so far")
+            if not store.removeprefix("file://").startswith("/"):
+                raise ValueError(f"store {store!r} must be an absolute path")
+        return value
 
 
 class LocalLocation(_Frozen):

@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS instances (
     request_id TEXT PRIMARY KEY, run_id INTEGER NOT NULL, instance_id TEXT, provider TEXT NOT NULL,
     location TEXT NOT NULL, price_usd_per_hour REAL NOT NULL, state TEXT NOT NULL,
-    requested_at REAL NOT NULL, launched_at REAL, ended_at REAL, end_reason TEXT,
+    requested_at REAL NOT NULL, reason TEXT NOT NULL DEFAULT 'initial', launched_at REAL, ended_at REAL, end_reason TEXT,
     charged_until REAL);
 CREATE TABLE IF NOT EXISTS spend (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, request_id TEXT NOT NULL, location TEXT NOT NULL,
@@ -56,6 +56,7 @@ class InstanceRow:
     ended_at: float | None
     end_reason: str | None
     charged_until: float | None
+    reason: str = "initial"
 
 
 @dataclass(frozen=True)
@@ -143,15 +144,15 @@ class Ledger:
 
     # instances --------------------------------------------------------------------------
     def record_request(self, run_id: int, request_id: str, provider: str, location: str,
-                       price: float, now: float) -> None:
+                       price: float, now: float, reason: str = "initial") -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO instances (request_id, run_id, provider, location, price_usd_per_hour,"
-                " state, requested_at) VALUES (?, ?, ?, ?, ?, 'requested', ?)",
-                (request_id, run_id, provider, location, price, now),
+                " state, requested_at, reason) VALUES (?, ?, ?, ?, ?, 'requested', ?, ?)",
+                (request_id, run_id, provider, location, price, now, reason),
             )
             db.execute("INSERT INTO events (run_id, t, kind, request_id, detail) VALUES (?, ?, 'launch', ?, ?)",
-                       (run_id, now, request_id, location))
+                       (run_id, now, request_id, f"{location} ({reason})"))
 
     def mark_running(self, request_id: str, instance_id: str, launched_at: float) -> None:
         with self.transaction() as db:

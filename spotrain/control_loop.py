@@ -1,0 +1,226 @@
+"""The controller's loop: observe providers, the swarm and the ledger; reconcile; apply.
+
+Run by APScheduler every tick. Launch requests are written to the ledger before the provider
+is called, so a controller killed mid-launch re-issues the same request id on restart and the
+provider's idempotency makes sure nothing is launched twice.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from spotrain.budget import BudgetGuard
+from spotrain.config import ClusterSpec
+from spotrain.controller import (AssignDuty, Desired, EndRun, Launch, Observed, ObservedInstance, Terminate,
+                                 reconcile)
+from spotrain.ledger import LIVE_STATES, Ledger, Run
+from spotrain.planner import PlacementPolicy, SpreadCheapest
+from spotrain.providers.base import Instance, LaunchRequest, ProviderError
+from spotrain.swarm_records import AgentStatus
+
+STATUS_FRESH_SECONDS = 20.0
+MAX_TICK_FAILURES = 10
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    tick_seconds: float = 2.0
+    end_at: float | None = None
+    target_epoch: int | None = None
+    checkpoint_store: str = ""
+    settle_timeout_seconds: float = 60.0
+
+
+class ControlLoop:
+    def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider, swarm, settings: LoopSettings,
+                 say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
+                 policy: PlacementPolicy | None = None):
+        self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
+        self.settings, self.say, self.clock = settings, say, clock
+        self.policy = policy or SpreadCheapest()
+        self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
+                                 spec.budget.max_hourly_usd)
+        allowed = set(spec.allowed_locations())
+        self.offers = tuple(o for o in provider.offers() if o.location in allowed)
+        self.stop_requested = False
+        self.ended = threading.Event()
+        self.end_reason: str | None = None
+        self.duty: tuple[str, ...] = ()
+        self.statuses: dict[str, AgentStatus] = {}
+        self.max_epoch = max((m["epoch"] for m in ledger.metrics(run.id)), default=0)
+        self._last_line = 0.0
+        self.failures = 0
+
+    # -- observe -------------------------------------------------------------------------
+    def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
+        """Bring the ledger in line with what the provider reports; adopt what we did not know.
+
+        A request in the ledger that the provider never saw is re-issued with its request id
+        (the controller died between the two), or, when ending, marked failed."""
+        seen = {i.request_id: i for i in self.provider.list_instances(self.spec.name)}
+        known = {row.request_id for row in self.ledger.instances()}
+        for request, instance in seen.items():
+            if request not in known and instance.state == "running":
+                self.ledger.record_request(self.run.id, request, self.provider.name, instance.location,
+                                           instance.price_usd_per_hour, instance.launched_at, reason="adopted")
+        for row in self.ledger.instances(states=LIVE_STATES):
+            instance = seen.get(row.request_id)
+            if instance is None:
+                if row.state == "requested" and reissue:
+                    self._launch(row.request_id, row.location, row.price_usd_per_hour, row.reason, reissue=True)
+                elif row.state == "requested":
+                    self.ledger.mark_ended(row.request_id, "failed", now, "never launched", self.run.id)
+                else:
+                    self.ledger.mark_ended(row.request_id, "terminated", now, "vanished from provider", self.run.id)
+                continue
+            if row.state == "requested":
+                self.ledger.mark_running(row.request_id, instance.instance_id, instance.launched_at)
+            if instance.state != "running":
+                self.ledger.mark_ended(row.request_id, instance.state, instance.ended_at or now,
+                                       instance.end_reason or instance.state, self.run.id)
+                self.say(f"{instance.instance_id} in {instance.location}: {instance.state} ({instance.end_reason})")
+        return seen
+
+    def observe(self, now: float) -> Observed:
+        self.sync_instances(now)
+        self.ledger.charge(self.run.id, now)
+        try:
+            self.statuses = self.swarm.statuses()
+        except Exception as error:  # the DHT is best effort; the ledger and provider are the truth
+            self.say(f"swarm read failed: {type(error).__name__}: {error}")
+        ours = {row.instance_id for row in self.ledger.instances(states=("running",))}
+        fresh = [s for s in self.statuses.values() if s.instance_id in ours and now - s.time < STATUS_FRESH_SECONDS]
+        self.ledger.record_metrics(self.run.id, now, [s.to_record() for s in fresh])
+        self.max_epoch = max([self.max_epoch] + [s.epoch for s in fresh])
+        rows = self.ledger.instances(states=LIVE_STATES)
+        preemptions: dict[str, int] = {}
+        for row in self.ledger.instances(states=("preempted",), run_id=self.run.id):
+            preemptions[row.location] = preemptions.get(row.location, 0) + 1
+        return Observed(
+            instances=tuple(
+                ObservedInstance(r.request_id, r.instance_id, r.location, r.price_usd_per_hour, r.state,
+                                 self.statuses[r.instance_id].state if r.instance_id in self.statuses else None)
+                for r in rows),
+            spent_usd=self.ledger.spent(self.run.id), global_epoch=self.max_epoch, preemptions=preemptions,
+            launches=self.ledger.launch_count(), duty=self.duty,
+        )
+
+    def desired(self) -> Desired:
+        return Desired(
+            cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
+            offers=self.offers, guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
+            end_at=self.settings.end_at, target_epoch=self.settings.target_epoch,
+            stop_requested=self.stop_requested,
+            initial_fleet_launched=bool(self.ledger.instances(run_id=self.run.id)),
+        )
+
+    # -- act -----------------------------------------------------------------------------
+    def safe_tick(self) -> None:
+        """One tick; an error is reported and retried next tick, and ends the run when it persists."""
+        try:
+            self.tick()
+            self.failures = 0
+        except Exception as error:
+            self.failures += 1
+            self.say(f"tick failed ({self.failures}/{MAX_TICK_FAILURES}): {type(error).__name__}: {error}")
+            if self.failures >= MAX_TICK_FAILURES:
+                self.finish(f"controller error: {type(error).__name__}: {error}")
+
+    def tick(self) -> None:
+        if self.ended.is_set():
+            return
+        now = self.clock()
+        observed = self.observe(now)
+        for action in reconcile(observed, self.desired(), now, self.policy):
+            if isinstance(action, Launch):
+                self._launch(action.request_id, action.offer.location, action.offer.spot_usd_per_hour, action.reason)
+            elif isinstance(action, Terminate):
+                self.provider.terminate(action.instance_id)
+            elif isinstance(action, AssignDuty):
+                self._assign_duty(action.instance_ids)
+            elif isinstance(action, EndRun):
+                self.end_reason = action.reason
+        if self.end_reason is not None:
+            self.finish(self.end_reason)
+        else:
+            self._progress_line(now, observed)
+
+    def _launch(self, request_id: str, location: str, price: float, reason: str, reissue: bool = False) -> None:
+        offer = next((o for o in self.offers if o.location == location), None)
+        now = self.clock()
+        if offer is None:
+            self.ledger.mark_ended(request_id, "failed", now, f"no offer in {location}", self.run.id)
+            return
+        if not reissue:
+            self.ledger.record_request(self.run.id, request_id, self.provider.name, location, price, now, reason)
+        try:
+            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.user_data()))
+        except ProviderError as error:
+            self.ledger.mark_ended(request_id, "failed", now, f"{type(error).__name__}: {error}", self.run.id)
+            self.say(f"launch in {location} failed: {type(error).__name__}: {error}")
+            return
+        self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
+        self.say(f"launched {instance.instance_id} in {location} at ${price:.3f}/h ({reason})")
+
+    def _assign_duty(self, instance_ids: tuple[str, ...]) -> None:
+        if instance_ids != self.duty:
+            self.say(f"checkpoint duty: {', '.join(instance_ids)}")
+            self.ledger.event(self.run.id, "duty", self.clock(), ",".join(instance_ids))
+        self.duty = instance_ids
+        try:
+            self.swarm.assign_duty(instance_ids)
+        except Exception as error:
+            self.say(f"duty record not stored: {type(error).__name__}: {error}")
+
+    def user_data(self) -> dict:
+        """What a new agent needs to join: everything but secrets."""
+        training = self.spec.training
+        agent_peers = [a for s in self.statuses.values() if s.state == "training" for a in s.addresses][:4]
+        return {
+            "cluster": self.spec.name,
+            "initial_peers": self.swarm.addresses() + agent_peers,
+            "task": training.task,
+            "training": {
+                "batch_size": training.batch_size, "target_batch_size": training.target_batch_size,
+                "compression": training.compression.model_dump(),
+                "matchmaking_time": training.matchmaking_time, "averaging_timeout": training.averaging_timeout,
+            },
+            "checkpoint": {"store": self.settings.checkpoint_store, "every_epochs": self.spec.checkpoint.every_epochs},
+            "torch_threads": 1,
+        }
+
+    def finish(self, reason: str) -> None:
+        """Terminate everything (agents holding duty write a final checkpoint), settle, close the run."""
+        self.say(f"ending the run: {reason}")
+        deadline = self.clock() + self.provider.termination_lag_seconds + self.settings.settle_timeout_seconds
+        while True:
+            live = [i for i in self.provider.list_instances(self.spec.name) if i.state == "running"]
+            for instance in live:
+                self.provider.terminate(instance.instance_id)
+            if not live or self.clock() > deadline:
+                break
+            time.sleep(0.5)
+        now = self.clock()
+        self.sync_instances(now, reissue=False)
+        self.ledger.charge(self.run.id, now)
+        self.ledger.end_run(self.run.id, reason, now)
+        self.ended.set()
+
+    def _progress_line(self, now: float, observed: Observed) -> None:
+        if now - self._last_line < 5.0:
+            return
+        self._last_line = now
+        running = [i for i in observed.instances if i.state == "running"]
+        draining = [i for i in running if i.agent_state == "draining"]
+        training = [s for s in self.statuses.values() if s.state == "training"]
+        rate = sum(s.samples_per_second for s in training)
+        losses = [s.loss for s in training if s.loss is not None]
+        loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
+        wanted = self.spec.placement.workers + self.spec.placement.backups
+        self.say(f"workers {len(running) - len(draining)}/{wanted}"
+                 + (f" (+{len(draining)} draining)" if draining else "") + "  "
+                 f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
+                 f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")

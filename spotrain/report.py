@@ -1,0 +1,86 @@
+"""Cost and throughput reports of a run, from the ledger alone."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from rich.console import Console
+from rich.table import Table
+
+from spotrain.ledger import Ledger, Run
+
+
+def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
+    metrics = ledger.metrics(run.id)
+    samples_by_worker: dict[str, int] = defaultdict(int)
+    traffic: dict[str, tuple[int, int]] = {}
+    losses_by_time: dict[float, list[float]] = defaultdict(list)
+    for m in metrics:
+        samples_by_worker[m["instance_id"]] = max(samples_by_worker[m["instance_id"]], m["samples"])
+        traffic[m["instance_id"]] = (m["bytes_sent"], m["bytes_received"])
+        if m["loss"] is not None and m["state"] == "training":
+            losses_by_time[m["t"]].append(m["loss"])
+    samples = sum(samples_by_worker.values())
+    span = (metrics[-1]["t"] - metrics[0]["t"]) if len(metrics) > 1 else 0.0
+    loss_times = sorted(losses_by_time)
+    spent = ledger.spent(run.id)
+    instances = ledger.instances(run_id=run.id)
+    preempted = [i for i in instances if i.state == "preempted"]
+    return {
+        "cluster": cluster,
+        "run": run.id,
+        "state": "ended" if run.ended_at is not None else "running",
+        "end_reason": run.end_reason,
+        "budget_usd": run.budget_usd,
+        "spent_usd": spent,
+        "samples": samples,
+        "epochs": max((m["epoch"] for m in metrics), default=0),
+        "samples_per_second": samples / span if span > 0 else 0.0,
+        "cost_per_million_samples_usd": spent / samples * 1e6 if samples else None,
+        "workers_launched": len([i for i in instances if i.state != "failed"]),
+        "preemptions": len(preempted),
+        "preemptions_without_notice": len([i for i in preempted if "without notice" in (i.end_reason or "")]),
+        "replacements": len([i for i in instances if i.reason == "replacement" and i.state != "failed"]),
+        "loss_first": _mean(losses_by_time[loss_times[0]]) if loss_times else None,
+        "loss_last": _mean(losses_by_time[loss_times[-1]]) if loss_times else None,
+        "spend_by_location": ledger.spend_by_location(run.id),
+        "traffic_by_worker": [{"instance_id": k, "bytes_sent": v[0], "bytes_received": v[1]}
+                              for k, v in sorted(traffic.items())],
+    }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _fmt(value: float | None, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def print_report(report: dict, console: Console | None = None) -> None:
+    console = console or Console()
+    summary = Table(title=f"spotrain report: {report['cluster']} (run {report['run']}, {report['state']})",
+                    show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    rows = [
+        ("spent / budget", f"${report['spent_usd']:.4f} / ${report['budget_usd']:.2f}"),
+        ("samples", f"{report['samples']:,}"),
+        ("global epoch", str(report["epochs"])),
+        ("samples/s", f"{report['samples_per_second']:.1f}"),
+        ("cost per 1M samples", _fmt(report["cost_per_million_samples_usd"], "${:.2f}")),
+        ("loss first -> last", f"{_fmt(report['loss_first'], '{:.3f}')} -> {_fmt(report['loss_last'], '{:.3f}')}"),
+        ("workers launched", str(report["workers_launched"])),
+        ("preemptions (without notice)", f"{report['preemptions']} ({report['preemptions_without_notice']})"),
+        ("replacements", str(report["replacements"])),
+        ("end", report["end_reason"] or "-"),
+    ]
+    for key, value in rows:
+        summary.add_row(key, value)
+    console.print(summary)
+    by_location = Table(title="spend by location")
+    for column in ("location", "instance-hours", "usd"):
+        by_location.add_column(column, justify="left" if column == "location" else "right")
+    for row in report["spend_by_location"]:
+        by_location.add_row(row["location"], f"{row['seconds'] / 3600:.4f}", f"${row['usd']:.4f}")
+    console.print(by_location)

@@ -1,0 +1,43 @@
+"""The controller's window on the training swarm: its own hivemind DHT peer."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, status_key
+
+
+class SwarmView:
+    def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1"):
+        import hivemind
+        from hivemind.dht.crypto import RSASignatureValidator
+
+        self.cluster = cluster
+        self.dht = hivemind.DHT(
+            initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
+            record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
+            ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
+        )
+
+    def addresses(self) -> list[str]:
+        return [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def statuses(self) -> dict[str, AgentStatus]:
+        """The newest status of every agent whose record has not expired."""
+        found = self.dht.get(status_key(self.cluster), latest=True)
+        newest: dict[str, AgentStatus] = {}
+        if found is None or not isinstance(found.value, dict):
+            return newest
+        for entry in found.value.values():
+            status = AgentStatus.from_record(entry.value)
+            if status is not None and (status.instance_id not in newest or status.time > newest[status.instance_id].time):
+                newest[status.instance_id] = status
+        return newest
+
+    def assign_duty(self, instance_ids: Sequence[str]) -> None:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        self.dht.store(duty_key(self.cluster), list(instance_ids), get_dht_time() + DUTY_TTL_SECONDS)
+
+    def shutdown(self) -> None:
+        self.dht.shutdown()
