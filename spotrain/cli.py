@@ -13,7 +13,7 @@ from rich.console import Console
 from spotrain.errors import SpotrainError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
+console = Console(soft_wrap=True)
 
 
 def fail(message: str) -> None:

@@ -109,13 +109,7 @@ class LocalProvider(_Frozen):
 
 
 class Providers(_Frozen):
-    local: LocalProvider | None = None
-
-    @model_validator(mode="after")
-    def _one_enabled(self) -> Providers:
-        if self.local is None:
-            return Providers(local=LocalProvider())
-        return self
+    local: LocalProvider = LocalProvider()  # the embedded default, always enabled
 
 
 class ClusterSpec(_Frozen):
@@ -137,8 +131,7 @@ class ClusterSpec(_Frozen):
         return self
 
     def known_locations(self) -> list[str]:
-        local = self.providers.local
-        return [f"local:{zone}" for zone in (local.locations if local else {})]
+        return [f"local:{zone}" for zone in self.providers.local.locations]
 
     def allowed_locations(self) -> list[str]:
         return list(self.placement.locations or self.known_locations())

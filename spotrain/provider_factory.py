@@ -9,5 +9,4 @@ from spotrain.home import local_cloud_dir
 def make_provider(spec: ClusterSpec):
     from spotrain.providers.local import LocalProvider
 
-    assert spec.providers.local is not None  # the embedded default is always enabled
     return LocalProvider(spec.providers.local, local_cloud_dir())

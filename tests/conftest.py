@@ -1,0 +1,47 @@
+"""Shared fixtures: an isolated $SPOTRAIN_HOME and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "spotrain-home"
+    monkeypatch.setenv("SPOTRAIN_HOME", str(path))
+    return path
+
+
+def run_cli(*args: str, home: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SPOTRAIN_HOME=str(home))
+    result = subprocess.run([sys.executable, "-m", "spotrain", *args], env=env, capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT)
+    if check and result.returncode != 0:
+        raise AssertionError(f"spotrain {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def processes_under(path: Path) -> list[str]:
+    """Command lines of live processes that mention `path` (our VMs, agents, controllers)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            environ = (proc / "environ").read_bytes()
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+            continue
+        if str(path) in cmdline or str(path).encode() in environ:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
