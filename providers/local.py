@@ -42,9 +42,10 @@ def _pid_runs(pid: int, vm_dir: Path) -> bool:
 class LocalProvider:
     name = NAME
 
-    def __init__(self, config, root: Path):
+    def __init__(self, config, root: Path, workload: list[str] | None = None):
         self.config = config  # spotrain.config.LocalProvider
         self.root = root
+        self.workload = workload  # what a VM runs; None: `spotrain agent` with the request's user-data
         self.vms = root / "vms"
         # notice window, then the supervisor's poll and exit
         self.termination_lag_seconds = config.notice_seconds + 3.0
@@ -82,6 +83,7 @@ class LocalProvider:
             "launched_at": now, "notice_seconds": self.config.notice_seconds,
             "preempt_at": None if claim.lifetime_wall_s is None else now + claim.lifetime_wall_s,
             "announced": claim.announced, "trace": location.trace, "trace_node": claim.trace_node,
+            "workload": self.workload,
         }
         with open(vm_dir / "supervisor.log", "ab") as log:
             process = subprocess.Popen(

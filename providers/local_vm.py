@@ -53,8 +53,10 @@ class Supervisor:
         work.mkdir(exist_ok=True)
         env = dict(os.environ, SPOTRAIN_METADATA_URL=self.server.url)
         with open(self.vm_dir / "agent.log", "ab") as log:
+            command = self.vm.get("workload") or [
+                sys.executable, "-m", "spotrain", "agent", "--user-data", str(self.vm_dir / "user-data.json")]
             self.agent = subprocess.Popen(
-                [sys.executable, "-m", "spotrain", "agent", "--user-data", str(self.vm_dir / "user-data.json")],
+                command,
                 cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # the agent and its p2pd share a group we can kill at once
             )

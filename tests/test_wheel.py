@@ -1,0 +1,35 @@
+"""A built wheel installs the design card's folders under one namespace."""
+
+import os
+import subprocess
+import sys
+import sysconfig
+import zipfile
+
+from conftest import ROOT
+
+
+def test_wheel_imports_the_mapped_packages(tmp_path):
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
+                    str(ROOT)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("spotrain-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for path in ("spotrain/providers/local.py", "spotrain/agents/daemon.py", "spotrain/kernels/codecs.py",
+                 "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE"):
+        assert path in names
+    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "tests/"))]
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)], check=True)
+    # dependencies come from this environment; spotrain itself only from the wheel
+    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
+    code = ("import spotrain, spotrain.providers.local, spotrain.agents.daemon, spotrain.kernels as k; "
+            "from spotrain.providers.local_schedule import trace_nodes; "
+            "print(spotrain.__file__); print(len(trace_nodes('bamboo-p3')[0])); print(k.get_codec('float16'))")
+    out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
+                         cwd=tmp_path).stdout.splitlines()
+    assert out[0].startswith(str(venv))
+    assert out[1] == "177"
