@@ -1,0 +1,108 @@
+"""Real agents (subprocesses) and a controller's DHT peer on 127.0.0.1: training, signed status,
+checkpoint duty, draining on an IMDSv2 notice, resuming from the newest checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from spotrain.agents.checkpoints import LocalDirStore
+from spotrain.providers.imds import MetadataServer, MetadataState
+from spotrain.swarm_records import status_key
+from spotrain.swarm_view import SwarmView
+
+
+def user_data(cluster, instance_id, peers, store) -> dict:
+    return {
+        "cluster": cluster, "instance_id": instance_id, "initial_peers": peers,
+        "task": "spotrain.examples.tiny_gpt:task",
+        "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": "float16", "state": "none"},
+                     "matchmaking_time": 2.0, "averaging_timeout": 15.0},
+        "checkpoint": {"store": str(store), "every_epochs": 2}, "torch_threads": 1,
+    }
+
+
+def start_agent(tmp_path: Path, config: dict, metadata_url: str | None = None) -> subprocess.Popen:
+    work = tmp_path / config["instance_id"]
+    work.mkdir()
+    (work / "user-data.json").write_text(json.dumps(config))
+    env = dict(os.environ)
+    if metadata_url:
+        env["SPOTRAIN_METADATA_URL"] = metadata_url
+    return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
+                            env=env, stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def cleanup():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+
+
+def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
+    cluster, store = "swarm-test", tmp_path / "ckpt"
+    swarm = SwarmView(cluster)
+    imds = MetadataServer(MetadataState("i-b", "zone-b"))
+    imds.start_background()
+    try:
+        peers = swarm.addresses()
+        a = start_agent(tmp_path, user_data(cluster, "i-a", peers, store))
+        b = start_agent(tmp_path, user_data(cluster, "i-b", peers, store), imds.url)
+        cleanup += [a, b]
+        swarm.assign_duty(["i-a"])
+
+        statuses = wait_for(lambda: (s := swarm.statuses()) and all(
+            i in s and s[i].epoch >= 3 for i in ("i-a", "i-b")) and s, 240, "both agents at epoch 3")
+        assert statuses["i-a"].state == "training" and statuses["i-a"].samples > 0
+        assert statuses["i-a"].bytes_sent > 0 and statuses["i-b"].bytes_received > 0
+        assert statuses["i-a"].loss is not None
+        swarm.assign_duty(["i-a"])
+        wait_for(lambda: LocalDirStore(store).epochs(), 120, "a checkpoint from the duty holder")
+        assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+        # a record under i-a's signed subkey cannot be written by anyone else
+        raw = swarm.dht.get(status_key(cluster), latest=True).value
+        a_subkey = next(k for k, v in raw.items() if v.value["instance_id"] == "i-a")
+        forged = dict(raw[a_subkey].value, state="draining")
+        from hivemind.utils.timed_storage import get_dht_time
+        assert not swarm.dht.store(status_key(cluster), forged, get_dht_time() + 30, subkey=a_subkey)
+
+        # a preemption notice: b marks itself draining and exits 0 before the window ends
+        epoch_at_notice = swarm.statuses()["i-a"].epoch
+        imds.state.post_notice(time.time() + 20)
+        wait_for(lambda: swarm.statuses()["i-b"].state == "draining", 10, "b draining")
+        assert b.wait(timeout=20) == 0
+        wait_for(lambda: swarm.statuses()["i-a"].epoch >= epoch_at_notice + 2, 120, "a training on alone")
+
+        # a cluster started again resumes from the newest valid checkpoint
+        swarm.assign_duty(["i-a"])
+        newest = wait_for(lambda: (e := LocalDirStore(store).epochs()) and e[0] >= epoch_at_notice and e[0], 120,
+                          "a newer checkpoint")
+        os.killpg(a.pid, 9)
+        a.wait()
+        c = start_agent(tmp_path, user_data(cluster, "i-c", swarm.addresses(), store))
+        cleanup.append(c)
+        wait_for(lambda: (s := swarm.statuses().get("i-c")) and s.epoch >= newest, 120, "c resumed")
+        assert f"resumed from checkpoint epoch" in (tmp_path / "i-c" / "agent.log").read_text()
+    finally:
+        imds.shutdown()
+        swarm.shutdown()
