@@ -24,13 +24,16 @@ from spotrain.provider_factory import make_provider
 
 @contextmanager
 def controller_lock(name: str) -> Iterator[None]:
-    """Held for a controller's lifetime; the kernel drops it when the process dies, even by SIGKILL."""
+    """Held for a controller's lifetime; the kernel drops it when the process dies, even by SIGKILL.
+
+    A POSIX record lock (lockf), not flock: hivemind forks helper processes, and an flock would
+    be shared with them and outlive the controller."""
     path = cluster_dir(name) / "controller.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             handle.seek(0)
             pid = handle.read().strip() or "?"
             raise ControllerRunning(f"a controller (pid {pid}) already drives cluster {name!r}; "
@@ -49,12 +52,12 @@ def controller_pid(name: str) -> int | None:
         return None
     with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             handle.seek(0)
             text = handle.read().strip()
             return int(text) if text.isdigit() else -1
-        fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.lockf(handle, fcntl.LOCK_UN)
     return None
 
 

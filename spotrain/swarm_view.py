@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from spotrain.orphans import die_with_parent
 from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, status_key
 
 
 class SwarmView:
     def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1"):
-        import hivemind
         from hivemind.dht.crypto import RSASignatureValidator
 
         self.cluster = cluster
-        self.dht = hivemind.DHT(
+        self.dht = _orphan_safe_dht_class()(
             initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
             record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
             ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
@@ -41,3 +41,16 @@ class SwarmView:
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+def _orphan_safe_dht_class():
+    import hivemind
+
+    class OrphanSafeDHT(hivemind.DHT):
+        """hivemind's DHT, whose forked process (and its p2pd) ends when the controller dies."""
+
+        def run(self) -> None:
+            die_with_parent()
+            super().run()
+
+    return OrphanSafeDHT
