@@ -21,6 +21,7 @@ from pathlib import Path
 
 from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.agents.metadata_watch import ImdsV2Client, Notice, NoticeWatcher
+
 from spotrain.swarm_records import AgentStatus
 
 DRAIN_MARGIN_SECONDS = 1.5  # exit this long before the notice's termination time
@@ -103,9 +104,9 @@ class Agent:
     def run(self) -> int:
         import hivemind
         import torch
-
         from spotrain.agents.status import StatusPublisher
         from spotrain.kernels import get_codec, install_byte_counters
+
         from spotrain.task import load_task
 
         cfg = self.config

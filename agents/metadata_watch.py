@@ -6,8 +6,8 @@ import json
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 TOKEN_TTL_SECONDS = 21600
 

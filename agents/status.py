@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from hivemind import DHT
-from hivemind.utils.timed_storage import get_dht_time
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils.timed_storage import get_dht_time
 
 from spotrain.swarm_records import DUTY_TTL_SECONDS, STATUS_TTL_SECONDS, AgentStatus, duty_key, status_key
 
@@ -58,4 +58,4 @@ class StatusPublisher:
             self._stop.wait(max(0.0, self.period - (time.monotonic() - started)))
 
 
-__all__ = ["StatusPublisher", "DUTY_TTL_SECONDS"]
+__all__ = ["DUTY_TTL_SECONDS", "StatusPublisher"]

@@ -12,8 +12,13 @@ import ctypes
 import multiprocessing
 
 import torch
-from hivemind.compression import CompressionBase, CompressionInfo, Float16Compression, NoCompression
-from hivemind.compression import serialization
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    Float16Compression,
+    NoCompression,
+    serialization,
+)
 from hivemind.proto import runtime_pb2
 
 

@@ -13,12 +13,12 @@ import fcntl
 import json
 import os
 from bisect import bisect_left
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class TraceNode:
     lifetime_s: float | None  # None: the trace never removed it
 
 
-@lru_cache(maxsize=None)
+@cache
 def trace_nodes(trace: str) -> tuple[tuple[TraceNode, ...], float]:
     """The trace's nodes sorted by add time, and the trace's horizon in seconds."""
     path = resources.files("spotrain") / "data" / "traces" / f"{trace}.csv"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -34,9 +33,9 @@ def _root() -> None:
 @app.command()
 def launch(
     config: Path = typer.Argument(..., help="cluster spec (YAML)"),
-    budget: Optional[float] = typer.Option(None, "--budget", help="total USD for this run; overrides budget.total_usd"),
-    duration: Optional[float] = typer.Option(None, "--duration", help="end the run after this many seconds"),
-    target_epoch: Optional[int] = typer.Option(None, "--target-epoch", help="end the run at this global epoch"),
+    budget: float | None = typer.Option(None, "--budget", help="total USD for this run; overrides budget.total_usd"),
+    duration: float | None = typer.Option(None, "--duration", help="end the run after this many seconds"),
+    target_epoch: int | None = typer.Option(None, "--target-epoch", help="end the run at this global epoch"),
     tick: float = typer.Option(2.0, "--tick", help="seconds between controller ticks"),
     detach: bool = typer.Option(False, "--detach", help="run the controller in the background"),
     report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
@@ -76,7 +75,7 @@ def launch(
 
 
 @app.command()
-def status(cluster: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+def status(cluster: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
     """Workers, locations, budget, throughput of a cluster."""
     from rich.table import Table
 
@@ -108,7 +107,7 @@ def status(cluster: Optional[str] = typer.Argument(None), as_json: bool = typer.
 
 
 @app.command()
-def down(cluster: Optional[str] = typer.Argument(None)) -> None:
+def down(cluster: str | None = typer.Argument(None)) -> None:
     """Final checkpoint, then terminate every worker of the cluster."""
     from spotrain import cluster_ops
 
@@ -120,7 +119,7 @@ def down(cluster: Optional[str] = typer.Argument(None)) -> None:
     say(f"{name}: every worker terminated")
 
 
-def _print_report(cluster: Optional[str], as_json: bool) -> None:
+def _print_report(cluster: str | None, as_json: bool) -> None:
     from spotrain.home import existing_cluster, ledger_path
     from spotrain.ledger import Ledger
     from spotrain.report import build_report, print_report
@@ -141,7 +140,7 @@ def _print_report(cluster: Optional[str], as_json: bool) -> None:
 
 
 @app.command()
-def report(cluster: Optional[str] = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
+def report(cluster: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
     """Cost and throughput of the cluster's latest run."""
     try:
         _print_report(cluster, as_json)

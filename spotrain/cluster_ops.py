@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
 
 from spotrain.config import ClusterSpec
 from spotrain.control_loop import ControlLoop, LoopSettings

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
-from spotrain.controller import (AssignDuty, Desired, EndRun, Launch, Observed, ObservedInstance, Terminate,
-                                 reconcile)
+from spotrain.controller import (
+    AssignDuty,
+    Desired,
+    EndRun,
+    Launch,
+    Observed,
+    ObservedInstance,
+    Terminate,
+    reconcile,
+)
 from spotrain.ledger import LIVE_STATES, Ledger, Run
 from spotrain.planner import PlacementPolicy, SpreadCheapest
 from spotrain.providers.base import Instance, LaunchRequest, ProviderError

@@ -8,7 +8,8 @@ one interface, registered by name.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from spotrain.providers.base import Offer
 

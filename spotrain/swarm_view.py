@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from spotrain.orphans import die_with_parent
 from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, status_key

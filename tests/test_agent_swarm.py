@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
-
 from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.providers.imds import MetadataServer, MetadataState
+
 from spotrain.swarm_records import status_key
 from spotrain.swarm_view import SwarmView
 
@@ -102,7 +102,7 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
         c = start_agent(tmp_path, user_data(cluster, "i-c", swarm.addresses(), store))
         cleanup.append(c)
         wait_for(lambda: (s := swarm.statuses().get("i-c")) and s.epoch >= newest, 120, "c resumed")
-        assert f"resumed from checkpoint epoch" in (tmp_path / "i-c" / "agent.log").read_text()
+        assert "resumed from checkpoint epoch" in (tmp_path / "i-c" / "agent.log").read_text()
     finally:
         imds.shutdown()
         swarm.shutdown()

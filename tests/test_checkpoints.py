@@ -1,5 +1,4 @@
 import torch
-
 from spotrain.agents.checkpoints import LocalDirStore
 
 

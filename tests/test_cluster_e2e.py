@@ -7,11 +7,10 @@ import time
 from pathlib import Path
 
 import yaml
-
-from spotrain.config import LocalProvider as LocalConfig
+from conftest import processes_under, run_cli
 from spotrain.providers.local import LocalProvider
 
-from conftest import processes_under, run_cli
+from spotrain.config import LocalProvider as LocalConfig
 
 
 def spec_file(tmp_path: Path, **overrides) -> Path:

@@ -1,11 +1,11 @@
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+from conftest import ROOT, run_cli
 
 from spotrain.config import load_spec
 from spotrain.errors import SpecError
-
-from conftest import ROOT, run_cli
 
 GOOD = """
 name: t1
@@ -24,7 +24,7 @@ def test_example_spec_loads():
     spec = load_spec(ROOT / "examples" / "local.yaml")
     assert spec.placement.workers == 3
     assert spec.allowed_locations() == ["local:zone-a", "local:zone-b"]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         spec.budget.total_usd = 3  # frozen
 
 

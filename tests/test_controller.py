@@ -1,10 +1,19 @@
 """reconcile() is pure: plain values in, actions out."""
 
-from spotrain.budget import BudgetGuard
-from spotrain.controller import (AssignDuty, Desired, EndRun, Launch, Observed, ObservedInstance, Terminate,
-                                 reconcile)
-from spotrain.planner import SpreadCheapest
 from spotrain.providers.base import Offer
+
+from spotrain.budget import BudgetGuard
+from spotrain.controller import (
+    AssignDuty,
+    Desired,
+    EndRun,
+    Launch,
+    Observed,
+    ObservedInstance,
+    Terminate,
+    reconcile,
+)
+from spotrain.planner import SpreadCheapest
 
 A = Offer("local", "local:zone-a", "local.cpu", None, 0.92)
 B = Offer("local", "local:zone-b", "local.cpu", None, 0.19)

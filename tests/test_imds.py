@@ -7,7 +7,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-
 from spotrain.agents.metadata_watch import ImdsV2Client, NoticeWatcher
 from spotrain.providers.imds import MetadataServer, MetadataState
 

@@ -7,11 +7,12 @@ import sys
 import time
 from pathlib import Path
 
-from spotrain.config import LocalLocation, LocalProvider as LocalConfig
+from conftest import processes_under
 from spotrain.providers.base import LaunchRequest, Offer
 from spotrain.providers.local import LocalProvider
 
-from conftest import processes_under
+from spotrain.config import LocalLocation
+from spotrain.config import LocalProvider as LocalConfig
 
 WATCHER = """
 import os, sys, time
@@ -103,8 +104,9 @@ def test_terminate_drains_then_ends(tmp_path):
 
 
 def test_a_crashing_workload_is_restarted_then_the_vm_gives_up(tmp_path):
-    p = provider(tmp_path, [sys.executable, "-c", "import pathlib; p = pathlib.Path('runs'); "
-                            "p.write_text(p.read_text() + 'x' if p.exists() else 'x'); raise SystemExit(3)"])
+    crash = ("import pathlib; p = pathlib.Path('runs'); "
+             "p.write_text(p.read_text() + 'x' if p.exists() else 'x'); raise SystemExit(3)")
+    p = provider(tmp_path, [sys.executable, "-c", crash])
     instance = p.launch(request(2))
     ended = wait_for(lambda: (i := state_of(p, instance.instance_id)).state != "running" and i, timeout=60)
     assert ended.state == "terminated" and ended.end_reason == "agent failed (exit 3)"

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import sysconfig
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
