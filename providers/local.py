@@ -92,7 +92,17 @@ class LocalProvider:
                 start_new_session=True,  # the VM outlives the controller that launched it
             )
         write_json_atomic(vm_dir / "state.json", {"state": "running", "pid": process.pid, "launched_at": now})
-        write_json_atomic(vm_dir / "vm.json", vm)  # written last: its presence means "launched"
+        write_json_atomic(vm_dir / "vm.json", vm)  # its presence means "launched"
+        self._wait_until_booted(vm_dir, process)
+
+    @staticmethod
+    def _wait_until_booted(vm_dir: Path, process: subprocess.Popen, timeout: float = 30.0) -> None:
+        """Like a cloud's pending -> running: back once the supervisor serves metadata and handles SIGTERM."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.poll() is None:
+            if "imds_url" in json.loads((vm_dir / "state.json").read_text()):
+                return
+            time.sleep(0.05)
 
     def _instance(self, vm_dir: Path) -> Instance:
         vm = json.loads((vm_dir / "vm.json").read_text())
