@@ -36,7 +36,10 @@ class Offer:
     location: str  # "provider:region[-zone]", e.g. "local:zone-a", "aws:us-east-1a"
     instance_type: str
     gpu: str | None
-    spot_usd_per_hour: float
+    spot_usd_per_hour: float  # the price this offer is bought at (the on-demand price when market="on-demand")
+    gpu_count: int = 1
+    on_demand_usd_per_hour: float | None = None
+    market: str = "spot"  # spot | on-demand
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ class _Frozen(BaseModel):
 class Budget(_Frozen):
     total_usd: float = Field(gt=0)
     max_hourly_usd: float | None = Field(default=None, gt=0)
+    deadline_hours: float | None = Field(default=None, gt=0, description="target_samples must be done by then")
 
 
 class Compression(_Frozen):
@@ -41,6 +42,10 @@ class Training(_Frozen):
     target_batch_size: int = Field(default=256, gt=0)
     batch_size: int = Field(default=8, gt=0, description="samples per local step")
     target_epoch: int | None = Field(default=None, gt=0, description="end the run at this global epoch")
+    target_samples: int | None = Field(default=None, gt=0, description="end the run after this many samples")
+    t4_samples_per_second: float = Field(default=100.0, gt=0, description="one T4's samples/s on this task")
+    throughput: dict[str, float] = Field(default_factory=dict, description="samples/s per GPU type, overrides")
+    model_parameters: int = Field(default=125_000_000, gt=0, description="parameters averaged each step")
     compression: Compression = Compression()
     matchmaking_time: float = Field(default=3.0, gt=0)
     averaging_timeout: float = Field(default=30.0, gt=0)
@@ -55,10 +60,20 @@ class Training(_Frozen):
 
 
 class Placement(_Frozen):
+    policy: str = "spotrain"
     workers: int = Field(default=2, gt=0)
     backups: int = Field(default=0, ge=0)
     gpu: tuple[str, ...] = ()
     locations: tuple[str, ...] | None = None
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from spotrain.planner import policy_names
+
+        if value not in policy_names():
+            raise ValueError(f"unknown policy {value!r}; valid: {', '.join(policy_names())}")
+        return value
 
 
 class Checkpoint(_Frozen):
@@ -125,16 +140,17 @@ class ClusterSpec(_Frozen):
         known = self.known_locations()
         for index, location in enumerate(self.placement.locations or ()):
             if location not in known:
-                raise ValueError(
-                    f"placement.locations.{index}: unknown location {location!r}; known: {', '.join(known)}"
-                )
+                raise ValueError(f"placement.locations.{index}: unknown location {location!r} "
+                                 f"(known: local zones and the catalog's, see `spotrain prices`)")
         return self
 
     def known_locations(self) -> list[str]:
-        return [f"local:{zone}" for zone in self.providers.local.locations]
+        from spotrain.market import known_locations
+
+        return [f"local:{zone}" for zone in self.providers.local.locations] + sorted(known_locations())
 
     def allowed_locations(self) -> list[str]:
-        return list(self.placement.locations or self.known_locations())
+        return list(self.placement.locations or [f"local:{zone}" for zone in self.providers.local.locations])
 
     def with_budget(self, total_usd: float) -> ClusterSpec:
         if total_usd <= 0:

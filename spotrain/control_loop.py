@@ -25,12 +25,14 @@ from spotrain.controller import (
     reconcile,
 )
 from spotrain.ledger import LIVE_STATES, Ledger, Run
-from spotrain.planner import PlacementPolicy, SpreadCheapest
-from spotrain.providers.base import Instance, LaunchRequest, ProviderError
+from spotrain.planner import PlacementPolicy, get_policy
+from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
+from spotrain.throughput import TaskProfile
 from spotrain.swarm_records import AgentStatus
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
+MAX_OFFERS_PER_TICK = 8
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,18 @@ class ControlLoop:
                  policy: PlacementPolicy | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
         self.settings, self.say, self.clock = settings, say, clock
-        self.policy = policy or SpreadCheapest()
+        self.policy = policy or get_policy(spec.placement.policy, task_profile(spec))
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
         allowed = set(spec.allowed_locations())
-        self.offers = tuple(o for o in provider.offers() if o.location in allowed)
+        gpus = set(spec.placement.gpu)
+        self.offers = tuple(o for o in provider.offers()
+                            if o.location in allowed and (not gpus or o.gpu in gpus or o.provider == "local"))
+        self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
+        self.samples_by_instance: dict[str, int] = {}
+        for m in ledger.metrics(run.id):
+            self.samples_by_instance[m["instance_id"]] = max(self.samples_by_instance.get(m["instance_id"], 0),
+                                                             m["samples"])
         self.stop_requested = False
         self.ended = threading.Event()
         self.end_reason: str | None = None
@@ -61,6 +70,7 @@ class ControlLoop:
         self.max_epoch = max((m["epoch"] for m in ledger.metrics(run.id)), default=0)
         self._last_line = 0.0
         self.failures = 0
+        self.refused_this_tick = False
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -78,7 +88,8 @@ class ControlLoop:
             instance = seen.get(row.request_id)
             if instance is None:
                 if row.state == "requested" and reissue:
-                    self._launch(row.request_id, row.location, row.price_usd_per_hour, row.reason, reissue=True)
+                    offer = self._offer_of(row.location, row.instance_type, row.market)
+                    self._launch(row.request_id, offer, row.reason, reissue=True, location=row.location)
                 elif row.state == "requested":
                     self.ledger.mark_ended(row.request_id, "failed", now, "never launched", self.run.id)
                 else:
@@ -103,17 +114,28 @@ class ControlLoop:
         fresh = [s for s in self.statuses.values() if s.instance_id in ours and now - s.time < STATUS_FRESH_SECONDS]
         self.ledger.record_metrics(self.run.id, now, [s.to_record() for s in fresh])
         self.max_epoch = max([self.max_epoch] + [s.epoch for s in fresh])
+        for s in fresh:
+            self.samples_by_instance[s.instance_id] = max(self.samples_by_instance.get(s.instance_id, 0), s.samples)
         rows = self.ledger.instances(states=LIVE_STATES)
         preemptions: dict[str, int] = {}
-        for row in self.ledger.instances(states=("preempted",), run_id=self.run.id):
-            preemptions[row.location] = preemptions.get(row.location, 0) + 1
+        hours: dict[str, float] = {}
+        for row in self.ledger.instances(run_id=self.run.id):
+            if row.state == "preempted":
+                preemptions[row.location] = preemptions.get(row.location, 0) + 1
+            if row.launched_at is not None:
+                end = row.ended_at if row.ended_at is not None else now
+                hours[row.location] = hours.get(row.location, 0.0) + max(0.0, end - row.launched_at) / 3600.0
         return Observed(
             instances=tuple(
                 ObservedInstance(r.request_id, r.instance_id, r.location, r.price_usd_per_hour, r.state,
-                                 self.statuses[r.instance_id].state if r.instance_id in self.statuses else None)
+                                 self.statuses[r.instance_id].state if r.instance_id in self.statuses else None,
+                                 r.gpu, r.gpu_count, r.market)
                 for r in rows),
             spent_usd=self.ledger.spent(self.run.id), global_epoch=self.max_epoch, preemptions=preemptions,
             launches=self.ledger.launch_count(), duty=self.duty,
+            samples=float(sum(self.samples_by_instance.values())),
+            samples_per_second=sum(s.samples_per_second for s in fresh if s.state == "training"),
+            hours_observed=hours, failed_at=dict(self.failed_at),
         )
 
     def desired(self) -> Desired:
@@ -121,8 +143,12 @@ class ControlLoop:
             cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
             offers=self.offers, guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
             end_at=self.settings.end_at, target_epoch=self.settings.target_epoch,
+            target_samples=self.spec.training.target_samples,
+            deadline=(self.run.started_at + self.spec.budget.deadline_hours * 3600.0
+                      if self.spec.budget.deadline_hours else None),
             stop_requested=self.stop_requested,
             initial_fleet_launched=bool(self.ledger.instances(run_id=self.run.id)),
+            allowed=tuple(self.spec.allowed_locations()),
         )
 
     # -- act -----------------------------------------------------------------------------
@@ -141,37 +167,59 @@ class ControlLoop:
         if self.ended.is_set():
             return
         now = self.clock()
-        observed = self.observe(now)
-        for action in reconcile(observed, self.desired(), now, self.policy):
-            if isinstance(action, Launch):
-                self._launch(action.request_id, action.offer.location, action.offer.spot_usd_per_hour, action.reason)
-            elif isinstance(action, Terminate):
-                self.provider.terminate(action.instance_id)
-            elif isinstance(action, AssignDuty):
-                self._assign_duty(action.instance_ids)
-            elif isinstance(action, EndRun):
-                self.end_reason = action.reason
+        for _ in range(MAX_OFFERS_PER_TICK):  # a refused launch moves on to the next offer at once
+            self.refused_this_tick = False
+            observed = self._reconcile_and_apply(now)
+            if not self.refused_this_tick or self.end_reason is not None:
+                break
         if self.end_reason is not None:
             self.finish(self.end_reason)
         else:
             self._progress_line(now, observed)
 
-    def _launch(self, request_id: str, location: str, price: float, reason: str, reissue: bool = False) -> None:
-        offer = next((o for o in self.offers if o.location == location), None)
+    def _reconcile_and_apply(self, now: float) -> Observed:
+        observed = self.observe(now)
+        for action in reconcile(observed, self.desired(), now, self.policy):
+            if isinstance(action, Launch):
+                self._launch(action.request_id, action.offer, action.reason)
+            elif isinstance(action, Terminate):
+                if action.reason.startswith("retired"):
+                    self.say(f"retiring {action.instance_id}: {action.reason}")
+                self.provider.terminate(action.instance_id)
+            elif isinstance(action, AssignDuty):
+                self._assign_duty(action.instance_ids)
+            elif isinstance(action, EndRun):
+                self.end_reason = action.reason
+        return observed
+
+    def _offer_of(self, location: str, instance_type: str | None, market: str) -> Offer | None:
+        return next((o for o in self.offers if o.location == location and o.market == market
+                     and (instance_type is None or o.instance_type == instance_type)), None)
+
+    def _launch(self, request_id: str, offer: Offer | None, reason: str, reissue: bool = False,
+                location: str = "") -> None:
         now = self.clock()
         if offer is None:
             self.ledger.mark_ended(request_id, "failed", now, f"no offer in {location}", self.run.id)
             return
         if not reissue:
-            self.ledger.record_request(self.run.id, request_id, self.provider.name, location, price, now, reason)
+            self.ledger.record_request(self.run.id, request_id, offer.provider, offer.location,
+                                       offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
+                                       offer.gpu_count, offer.market)
         try:
             instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.user_data()))
         except ProviderError as error:
+            if isinstance(error, (CapacityError, QuotaError, PriceError)):
+                in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
+                self.failed_at[offer.location] = (now, in_a_row)  # the planner moves on to the next offer
+                self.refused_this_tick = True
             self.ledger.mark_ended(request_id, "failed", now, f"{type(error).__name__}: {error}", self.run.id)
-            self.say(f"launch in {location} failed: {type(error).__name__}: {error}")
+            self.say(f"launch in {offer.location} failed: {type(error).__name__}: {error}")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
-        self.say(f"launched {instance.instance_id} in {location} at ${price:.3f}/h ({reason})")
+        self.failed_at.pop(offer.location, None)
+        self.say(f"launched {instance.instance_id} in {offer.location} at ${offer.spot_usd_per_hour:.3f}/h "
+                 f"({offer.market}, {reason})")
 
     def _assign_duty(self, instance_ids: tuple[str, ...]) -> None:
         if instance_ids != self.duty:
@@ -232,3 +280,11 @@ class ControlLoop:
                  + (f" (+{len(draining)} draining)" if draining else "") + "  "
                  f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")
+
+
+def task_profile(spec: ClusterSpec) -> TaskProfile:
+    training = spec.training
+    ratio = {"none": 1.0, "float16": 0.5}.get(training.compression.gradients, 0.25)
+    return TaskProfile(t4_samples_per_second=training.t4_samples_per_second,
+                       model_bytes=4.0 * training.model_parameters, target_batch_size=training.target_batch_size,
+                       compression_ratio=ratio, per_gpu=dict(training.throughput))

@@ -6,11 +6,10 @@ feed it state and apply what it returns, so every decision is testable from plai
 
 from __future__ import annotations
 
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spotrain.budget import BudgetGuard
-from spotrain.planner import PlacementPolicy
+from spotrain.planner import FleetMember, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
 
 LIVE = ("requested", "running")
@@ -24,6 +23,9 @@ class ObservedInstance:
     price_usd_per_hour: float
     state: str  # requested | running | preempted | terminated | failed
     agent_state: str | None = None  # from the DHT: starting | training | draining; None = not heard from
+    gpu: str | None = None
+    gpu_count: int = 1
+    market: str = "spot"
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,10 @@ class Observed:
     preemptions: dict[str, int] = field(default_factory=dict)  # per location, this run
     launches: int = 0  # launch requests ever made for this cluster (names the next request id)
     duty: tuple[str, ...] = ()  # the instance ids holding checkpoint duty now
+    samples: float = 0.0  # samples trained in this run
+    samples_per_second: float = 0.0  # the fleet's pace now
+    hours_observed: dict[str, float] = field(default_factory=dict)  # instance-hours per location, this run
+    failed_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # last refusal, refusals in a row
 
 
 @dataclass(frozen=True)
@@ -46,8 +52,11 @@ class Desired:
     checkpoint_replicas: int
     end_at: float | None = None  # wall-clock end (--duration)
     target_epoch: int | None = None
+    target_samples: float | None = None
+    deadline: float | None = None  # when target_samples must be done (planning input, not a stop)
     stop_requested: bool = False
     initial_fleet_launched: bool = False
+    allowed: tuple[str, ...] = ()  # the spec's locations in the user's order
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ def end_reason(observed: Observed, desired: Desired, now: float) -> str | None:
         return "stopped by user"
     if desired.target_epoch is not None and observed.global_epoch >= desired.target_epoch:
         return f"reached target epoch {desired.target_epoch}"
+    if desired.target_samples is not None and observed.samples >= desired.target_samples:
+        return "reached target samples"
     if desired.end_at is not None and now >= desired.end_at:
         return "duration reached"
     if desired.guard.must_end(observed.spent_usd, burn_usd_per_hour(observed.instances)):
@@ -105,31 +116,52 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
                     for i in observed.instances if i.state == "running" and i.instance_id]
         return actions
 
-    actions = []
+    actions: list[Action] = []
     running = [i for i in observed.instances if i.state == "running"]
     # A draining worker is already lost: replace it now, not when the cloud reclaims it.
     serving = [i for i in running if i.agent_state != "draining"]
     pending = [i for i in observed.instances if i.state == "requested"]
-    live_by_location = Counter(i.location for i in serving + pending)
+    ctx = placement_context(observed, desired, now, serving + pending)
+    retired = set(policy.retire(ctx))
+    for instance in serving:
+        if instance.request_id in retired and instance.instance_id:
+            actions.append(Terminate(instance.request_id, instance.instance_id, "retired by the placement policy"))
+    serving = [i for i in serving if i.request_id not in retired]
+    ctx = placement_context(observed, desired, now, serving + pending)
     burn = burn_usd_per_hour(observed.instances)
     missing = desired.workers + desired.backups - len(serving) - len(pending)
     sequence = observed.launches
     for _ in range(max(0, missing)):
         affordable = [o for o in desired.offers
                       if desired.guard.can_launch(observed.spent_usd, burn, o.spot_usd_per_hour)]
-        offer = policy.choose(affordable, live_by_location, observed.preemptions)
+        offer = policy.choose(affordable, ctx)
         if offer is None:
             break
         actions.append(Launch(request_id(desired.cluster, sequence), offer,
                               "replacement" if desired.initial_fleet_launched else "initial"))
         sequence += 1
         burn += offer.spot_usd_per_hour
-        live_by_location[offer.location] += 1
+        member = FleetMember(request_id(desired.cluster, sequence - 1), offer.location, offer.spot_usd_per_hour,
+                             offer.gpu, offer.gpu_count, offer.market)
+        ctx = replace(ctx, fleet=ctx.fleet + (member,))
 
     duty = choose_duty_holders(serving, observed.duty, desired.checkpoint_replicas)
     if duty:
         actions.append(AssignDuty(duty))
     return actions
+
+
+def placement_context(observed: Observed, desired: Desired, now: float,
+                      fleet: list[ObservedInstance]) -> PlacementContext:
+    preemptions = observed.preemptions
+    return PlacementContext(
+        now=now,
+        fleet=tuple(FleetMember(i.request_id, i.location, i.price_usd_per_hour, i.gpu, i.gpu_count, i.market)
+                    for i in fleet),
+        preemptions=preemptions, hours_observed=observed.hours_observed, failed_at=observed.failed_at,
+        workers=desired.workers, samples_done=observed.samples, target_samples=desired.target_samples,
+        deadline=desired.deadline, samples_per_second=observed.samples_per_second, allowed=desired.allowed,
+    )
 
 
 def choose_duty_holders(serving: list[ObservedInstance], current: tuple[str, ...], replicas: int) -> tuple[str, ...]:

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS instances (
     request_id TEXT PRIMARY KEY, run_id INTEGER NOT NULL, instance_id TEXT, provider TEXT NOT NULL,
     location TEXT NOT NULL, price_usd_per_hour REAL NOT NULL, state TEXT NOT NULL,
     requested_at REAL NOT NULL, reason TEXT NOT NULL DEFAULT 'initial', launched_at REAL, ended_at REAL, end_reason TEXT,
-    charged_until REAL);
+    charged_until REAL, instance_type TEXT, gpu TEXT, gpu_count INTEGER NOT NULL DEFAULT 1,
+    market TEXT NOT NULL DEFAULT 'spot');
 CREATE TABLE IF NOT EXISTS spend (
     id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, request_id TEXT NOT NULL, location TEXT NOT NULL,
     t_start REAL NOT NULL, t_end REAL NOT NULL, usd REAL NOT NULL);
@@ -57,6 +58,10 @@ class InstanceRow:
     end_reason: str | None
     charged_until: float | None
     reason: str = "initial"
+    instance_type: str | None = None
+    gpu: str | None = None
+    gpu_count: int = 1
+    market: str = "spot"
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,8 @@ class Run:
 
 
 class Ledger:
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path | str):
+        self.path = path  # ":memory:" for simulations
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -144,12 +149,14 @@ class Ledger:
 
     # instances --------------------------------------------------------------------------
     def record_request(self, run_id: int, request_id: str, provider: str, location: str,
-                       price: float, now: float, reason: str = "initial") -> None:
+                       price: float, now: float, reason: str = "initial", instance_type: str | None = None,
+                       gpu: str | None = None, gpu_count: int = 1, market: str = "spot") -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO instances (request_id, run_id, provider, location, price_usd_per_hour,"
-                " state, requested_at, reason) VALUES (?, ?, ?, ?, ?, 'requested', ?, ?)",
-                (request_id, run_id, provider, location, price, now, reason),
+                " state, requested_at, reason, instance_type, gpu, gpu_count, market)"
+                " VALUES (?, ?, ?, ?, ?, 'requested', ?, ?, ?, ?, ?, ?)",
+                (request_id, run_id, provider, location, price, now, reason, instance_type, gpu, gpu_count, market),
             )
             db.execute("INSERT INTO events (run_id, t, kind, request_id, detail) VALUES (?, ?, 'launch', ?, ?)",
                        (run_id, now, request_id, f"{location} ({reason})"))

@@ -1,0 +1,1 @@
+"""Trace-driven simulation: a replayed spot market drives the real controller, planner and budget."""

@@ -1,0 +1,95 @@
+"""Run one simulated job: the real ControlLoop (and so reconcile, the planner and the budget
+guard) over a replayed market, on a simulated clock."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+from spotrain.config import ClusterSpec
+from spotrain.control_loop import ControlLoop, LoopSettings, task_profile
+from spotrain.ledger import Ledger
+from spotrain.planner import get_policy
+from spotrain.sim.market import SimClock, SimProvider, SimSwarm
+from spotrain.sim.traces import LocationTrace
+
+STARTUP_SECONDS = 360.0  # boot, install, load state from peers or a checkpoint
+
+
+@dataclass(frozen=True)
+class SimResult:
+    policy: str
+    finished: bool
+    missed_deadline: bool
+    hours: float
+    spent_usd: float
+    samples: float
+    cost_per_million_samples_usd: float | None
+    preemptions: int
+    over_budget: bool
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Job:
+    target_samples: float
+    deadline_hours: float
+    start_offset: float = 0.0  # where in the traces the job starts, seconds
+
+
+def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
+    """The spec's job, or one derived from the traces: half the horizon (at most a week) as the
+    deadline, and half of that as the work of the wanted workers at their nominal pace."""
+    horizon = min(t.horizon for t in traces)
+    deadline = spec.budget.deadline_hours or min(horizon / 3600.0 / 2, 168.0)
+    target = spec.training.target_samples
+    if target is None:
+        profile = task_profile(spec)
+        rate = profile.rate(traces[0].gpu) * spec.placement.workers
+        target = rate * deadline * 3600.0 / 2
+    return Job(float(target), float(deadline))
+
+
+def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, job: Job,
+             tick_seconds: float = 120.0, startup_seconds: float = STARTUP_SECONDS,
+             say=lambda _: None) -> SimResult:
+    clock = SimClock(0.0)
+    provider = SimProvider(traces, clock, job.start_offset)
+    locations = tuple(t.location for t in traces)
+    sim_spec = spec.model_copy(update={
+        "training": spec.training.model_copy(update={"target_samples": int(job.target_samples)}),
+        "budget": spec.budget.model_copy(update={"deadline_hours": job.deadline_hours}),
+        "placement": spec.placement.model_copy(update={"locations": locations, "gpu": ()}),
+    })
+    profile = task_profile(sim_spec)
+    swarm = SimSwarm(provider, profile, clock, startup_seconds)
+    ledger = Ledger(":memory:")
+    run = ledger.open_run(spec.budget.total_usd, json.loads(sim_spec.model_dump_json()), clock.now())
+    loop = ControlLoop(sim_spec, ledger, run, provider, swarm, LoopSettings(tick_seconds=tick_seconds),
+                       say=lambda m: say(f"{clock.now() / 3600:7.2f}h {m}"), clock=clock.now,
+                       policy=get_policy(policy_name, profile))
+    horizon = min(t.horizon for t in traces) - job.start_offset
+    finished_at = None
+    loop.tick()
+    while not loop.ended.is_set() and clock.now() < horizon:
+        swarm.advance(tick_seconds)
+        clock.advance(tick_seconds)
+        if finished_at is None and swarm.total >= job.target_samples:
+            finished_at = clock.now()
+        loop.tick()
+    if not loop.ended.is_set():
+        loop.finish("trace ended")
+    spent = ledger.spent(run.id)
+    preemptions = len(ledger.instances(states=("preempted",), run_id=run.id))
+    ledger.close()
+    end = finished_at if finished_at is not None else clock.now()
+    finished = finished_at is not None
+    return SimResult(
+        policy=policy_name, finished=finished,
+        missed_deadline=not finished or end > job.deadline_hours * 3600.0,
+        hours=end / 3600.0, spent_usd=spent, samples=min(swarm.total, job.target_samples) if finished else swarm.total,
+        cost_per_million_samples_usd=spent / swarm.total * 1e6 if swarm.total else None,
+        preemptions=preemptions, over_budget=spent > spec.budget.total_usd + 1e-9,
+    )
