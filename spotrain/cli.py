@@ -149,6 +149,116 @@ def report(cluster: str | None = typer.Argument(None), as_json: bool = typer.Opt
 
 
 @app.command()
+def prices(gpu: str | None = typer.Option(None, "--gpu"), provider: str | None = typer.Option(None, "--provider"),
+           as_json: bool = typer.Option(False, "--json")) -> None:
+    """The market as spotrain sees it: catalog offers, spot and on-demand."""
+    from rich.table import Table
+
+    from spotrain.market import catalog_offers
+
+    offers = [o for o in catalog_offers("spot") if (gpu is None or (o.gpu or "").lower() == gpu.lower())
+              and (provider is None or o.provider == provider)]
+    if not offers:
+        fail(f"no offers for --gpu {gpu} --provider {provider}")
+    if as_json:
+        print(json.dumps([{"location": o.location, "instance_type": o.instance_type, "gpu": o.gpu,
+                           "gpu_count": o.gpu_count, "spot_usd_per_hour": o.spot_usd_per_hour,
+                           "on_demand_usd_per_hour": o.on_demand_usd_per_hour, "source": "catalog"}
+                          for o in offers]))
+        return
+    table = Table(title="spot offers (catalog prices; live prices replace them when a provider is enabled)")
+    for column in ("location", "instance type", "gpu", "spot $/h", "on-demand $/h"):
+        table.add_column(column)
+    for o in sorted(offers, key=lambda o: (o.spot_usd_per_hour, o.location)):
+        table.add_row(o.location, o.instance_type, f"{o.gpu_count}x {o.gpu}" if o.gpu else "cpu",
+                      f"{o.spot_usd_per_hour:.3f}", f"{o.on_demand_usd_per_hour:.3f}")
+    console.print(table)
+
+
+@app.command()
+def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
+         as_json: bool = typer.Option(False, "--json"), tick: float = typer.Option(2.0, "--tick")) -> None:
+    """Dry run: offers, placement, $/h, samples/s, $/1M samples, hours the budget pays for."""
+    from spotrain import plan as planning
+    from spotrain.config import load_spec
+    from spotrain.provider_factory import make_provider
+
+    try:
+        spec = load_spec(config)
+        offers = planning.offers_for(spec, make_provider(spec).offers())
+        planning.check_budget_covers_a_tick(spec, offers, tick)
+        data = planning.plan(spec, offers)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    if as_json:
+        print(json.dumps(data))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"plan for {data['cluster']} ({data['policy']}, {data['offers']} offers)")
+    for column in ("location", "instance type", "gpu", "market", "$/h"):
+        table.add_column(column)
+    for row in data["placement"]:
+        table.add_row(row["location"], row["instance_type"], row["gpu"] or "cpu", row["market"],
+                      f"{row['usd_per_hour']:.3f}")
+    console.print(table)
+    per_million = data["cost_per_million_samples_usd"]
+    console.print(f"${data['usd_per_hour']:.3f}/h (egress ${data['egress_usd_per_hour']:.4f}/h)   "
+                  f"{data['samples_per_second']:.0f} samples/s   "
+                  f"{'-' if per_million is None else f'${per_million:.3f}'} per 1M samples   "
+                  f"budget lasts {data['projected_hours_within_budget']:.1f} h")
+
+
+@app.command()
+def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
+             trace: list[Path] = typer.Option(..., "--trace", help="trace file or folder (one file per location)"),
+             policy: list[str] = typer.Option(None, "--policy", help="policy to compare (repeatable); default: all"),
+             tick: float = typer.Option(120.0, "--tick", help="simulated seconds between controller ticks"),
+             as_json: bool = typer.Option(False, "--json")) -> None:
+    """Replay real spot traces: every policy on the same job, with the real controller code."""
+    from spotrain import plan as planning
+    from spotrain.config import load_spec
+    from spotrain.planner import policy_names
+    from spotrain.sim.engine import compare, default_job
+    from spotrain.sim.traces import load_traces
+
+    names = policy or ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
+    try:
+        valid = set(policy_names()) | {"oracle"}
+        for name in names:
+            if name not in valid:
+                raise SpotrainError(f"--policy: unknown policy {name!r}; valid: {', '.join(sorted(valid))}")
+        spec = load_spec(config)
+        traces = load_traces(trace)
+        job = default_job(spec, traces)
+        from spotrain.sim.market import SimClock, SimProvider
+
+        planning.check_budget_covers_a_tick(spec, SimProvider(traces, SimClock()).offers(), tick)
+        results = compare(spec, traces, names, job, tick, progress=lambda m: print(m, file=sys.stderr))
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    if as_json:
+        print(json.dumps({"job": {"target_samples": job.target_samples, "deadline_hours": job.deadline_hours,
+                                  "workers": spec.placement.workers, "locations": [t.location for t in traces]},
+                          "policies": results}))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"{spec.name}: {job.target_samples:,.0f} samples within {job.deadline_hours:g} h, "
+                        f"{spec.placement.workers} worker(s), {len(traces)} location(s)")
+    for column in ("policy", "finished", "on time", "hours", "spent $", "$/1M samples", "preemptions"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["policy"], "yes" if r["finished"] else "no", "no" if r["missed_deadline"] else "yes",
+                      f"{r['hours']:.1f}", f"{r['spent_usd']:.2f}",
+                      "-" if r["cost_per_million_samples_usd"] is None else f"{r['cost_per_million_samples_usd']:.3f}",
+                      str(r["preemptions"]))
+    console.print(table)
+
+
+@app.command()
 def agent(user_data: Path = typer.Option(..., "--user-data", help="the agent's user-data JSON")) -> None:
     """The worker daemon (started on each VM by cloud-init/systemd, or by the local provider)."""
     from spotrain.agents.daemon import main as agent_main

@@ -209,7 +209,7 @@ class ControlLoop:
         try:
             instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.user_data()))
         except ProviderError as error:
-            if isinstance(error, (CapacityError, QuotaError, PriceError)):
+            if isinstance(error, (CapacityError, QuotaError, PriceError)) and offer.market == "spot":
                 in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
                 self.failed_at[offer.location] = (now, in_a_row)  # the planner moves on to the next offer
                 self.refused_this_tick = True

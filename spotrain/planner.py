@@ -20,7 +20,7 @@ CAPACITY_COOLDOWN_SECONDS = 600.0  # a location that just refused capacity is sk
 MAX_COOLDOWN_SECONDS = 4 * 3600.0  # doubling with each refusal in a row, up to this
 RESTART_HOURS = 0.1  # boot, install, load state: what each preemption costs a worker
 PRIOR_PREEMPTIONS_PER_HOUR = 0.05
-PRIOR_HOURS = 20.0  # weight of the prior against observed hours in a location
+PRIOR_HOURS = 5.0  # weight of the prior against observed hours in a location
 
 
 @dataclass(frozen=True)
@@ -93,12 +93,12 @@ def preemption_rate(location: str, ctx: PlacementContext) -> float:
 def needs_on_demand(ctx: PlacementContext, full_speed_samples_per_second: float,
                     restart_hours: float = RESTART_HOURS) -> bool:
     """The Can't-Be-Late safety net: True once the work left, at the full fleet's pace, no longer
-    fits before the deadline with a margin of two restarts."""
+    fits before the deadline with a margin of three restarts (the switch itself and two more)."""
     if ctx.deadline is None or ctx.target_samples is None or full_speed_samples_per_second <= 0:
         return False
     left = max(0.0, ctx.target_samples - ctx.samples_done)
     hours_left = (ctx.deadline - ctx.now) / 3600.0
-    return hours_left - 2 * restart_hours < left / full_speed_samples_per_second / 3600.0
+    return hours_left - 3 * restart_hours < left / full_speed_samples_per_second / 3600.0
 
 
 class CostPerSamplePlanner(_NoRetire):
@@ -115,7 +115,8 @@ class CostPerSamplePlanner(_NoRetire):
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         full_speed = max((self.profile.rate(o.gpu, o.gpu_count) for o in offers), default=0.0) * ctx.workers
         market = "on-demand" if needs_on_demand(ctx, full_speed) else "spot"
-        candidates = [o for o in offers if o.market == market and not ctx.cooling_down(o.location)]
+        candidates = [o for o in offers if o.market == market
+                      and (market == "on-demand" or not ctx.cooling_down(o.location))]
         if not candidates and market == "on-demand":
             candidates = [o for o in offers if o.market == "spot" and not ctx.cooling_down(o.location)]
         if not candidates:

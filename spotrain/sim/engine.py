@@ -93,3 +93,24 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         cost_per_million_samples_usd=spent / swarm.total * 1e6 if swarm.total else None,
         preemptions=preemptions, over_budget=spent > spec.budget.total_usd + 1e-9,
     )
+
+
+def compare(spec: ClusterSpec, traces: list[LocationTrace], policies: list[str], job: Job,
+            tick_seconds: float = 120.0, progress=lambda _: None) -> list[dict]:
+    """Every policy on the same job and traces; `oracle` is the offline optimum."""
+    from spotrain.sim.oracle import oracle_cost
+
+    results = []
+    for name in policies:
+        progress(f"simulating {name} over {len(traces)} location(s)")
+        if name == "oracle":
+            rate = task_profile(spec).rate(traces[0].gpu)
+            best = oracle_cost(traces, rate, job.target_samples, job.deadline_hours, spec.placement.workers,
+                               tick_seconds, STARTUP_SECONDS, job.start_offset)
+            done = best.spent_usd != float("inf")
+            results.append(SimResult("oracle", done, not done, best.hours, best.spent_usd, job.target_samples,
+                                     best.spent_usd / job.target_samples * 1e6 if done else None, 0,
+                                     best.spent_usd > spec.budget.total_usd).to_json() | {"exact": best.exact})
+        else:
+            results.append(simulate(spec, traces, name, job, tick_seconds).to_json())
+    return results

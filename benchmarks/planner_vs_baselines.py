@@ -1,0 +1,162 @@
+"""spotrain's planner against the policies users have today, on every trace set in ../shared/data.
+
+For each trace set: one simulated job (the spec's work and deadline, derived from the traces),
+every policy driven through the same ControlLoop, and spotrain's cost ratio to each baseline and
+to the offline oracle. Then the planner's time to place a fleet over 10,000 offers, against
+sorting the offers by price (the least any placement must do) measured in the same run.
+
+    .venv/bin/python benchmarks/planner_vs_baselines.py [--json] [--data ../shared/data] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from spotrain.config import ClusterSpec
+from spotrain.market import catalog_offers
+from spotrain.planner import PlacementContext, get_policy
+from spotrain.providers.base import Offer
+from spotrain.sim.engine import Job, compare
+from spotrain.sim.traces import load_trace
+
+POLICIES = ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
+SPOT = "spot-traces"
+
+
+def trace_sets(data: Path) -> list[dict]:
+    """(name, files, workers, gpu rate, job) for every trace set; equal-GPU files per set."""
+    def files(folder: str, pattern: str = "*") -> list[Path]:
+        return sorted((data / folder).glob(pattern))
+
+    return [
+        {"name": "aws V100 1-node availability, 9 zones (calibration)", "files":
+         files(f"{SPOT}/availability/1-node/aws-02-15-2023", "*.json"), "workers": 1, "work_h": 48, "deadline_h": 96},
+        {"name": "aws V100 1-node availability, 2 zones, 2022", "files":
+         files(f"{SPOT}/availability/1-node/aws-10-26-2022", "*_v100_1.json"), "workers": 1, "work_h": 48,
+         "deadline_h": 96},
+        {"name": "aws K80 1-node availability, 2 zones, 2022", "files":
+         files(f"{SPOT}/availability/1-node/aws-10-26-2022", "*_k80_1.json"), "workers": 1, "work_h": 48,
+         "deadline_h": 96},
+        {"name": "aws V100 16-node availability, 3 zones, 8 workers", "files":
+         files(f"{SPOT}/availability/16-node/aws-08-27-2023", "*.json"), "workers": 8, "work_h": 48,
+         "deadline_h": 96},
+        {"name": "aws V100 1-node preemption, 4 zones", "files":
+         files(f"{SPOT}/preemption/1-node/aws-04-22-2023", "*.json"), "workers": 1, "work_h": 48, "deadline_h": 96},
+        {"name": "aws r5.16xlarge preemption, 3 zones, per-zone prices", "files":
+         files(f"{SPOT}/preemption/1-node/aws-04-19-2023", "*.json"), "workers": 1, "work_h": 48, "deadline_h": 96},
+        {"name": "gcp c3-highcpu-88 preemption, 4 zones", "files":
+         files(f"{SPOT}/preemption/1-node/gcp-04-30-2023", "*.json"), "workers": 1, "work_h": 12, "deadline_h": 24},
+        {"name": "aws V100 4-node preemption, 3 zones, 4 workers", "files":
+         files(f"{SPOT}/preemption/4-node/aws-08-03-2023", "*.json"), "workers": 4, "work_h": 48, "deadline_h": 96},
+        {"name": "bamboo p3 32-node events, 8 workers", "files": [data / "bamboo/traces/p3-trace.csv"],
+         "workers": 8, "work_h": 3, "deadline_h": 10},
+        {"name": "bamboo g4dn 24-node events, 8 workers", "files": [data / "bamboo/traces/g4dn-trace.csv"],
+         "workers": 8, "work_h": 3, "deadline_h": 10},
+        {"name": "bamboo gcloud V100 counts, 4 workers", "files": [data / "bamboo/traces/gcloud/v100x1-east1c.txt"],
+         "workers": 4, "work_h": 8, "deadline_h": 20},
+        {"name": "parcae p3 node counts, 8 workers", "files": [data / "parcae/traces/p3.csv"],
+         "workers": 8, "work_h": 3, "deadline_h": 10},
+    ]
+
+
+def spec_for(workers: int) -> ClusterSpec:
+    return ClusterSpec.model_validate({
+        "name": "bench", "budget": {"total_usd": 100000.0},
+        "training": {"t4_samples_per_second": 100.0, "target_batch_size": 4096, "model_parameters": 125_000_000,
+                     "compression": {"gradients": "float16"}},
+        "placement": {"workers": workers},
+    })
+
+
+def run_set(entry: dict, tick: float) -> dict:
+    traces = [load_trace(f) for f in entry["files"]]
+    spec = spec_for(entry["workers"])
+    from spotrain.control_loop import task_profile
+
+    rate = task_profile(spec).rate(traces[0].gpu) * entry["workers"]
+    job = Job(target_samples=rate * entry["work_h"] * 3600.0, deadline_hours=float(entry["deadline_h"]))
+    results = {r["policy"]: r for r in compare(spec, traces, POLICIES, job, tick)}
+    ours = results["spotrain"]
+    ratios = {name: (ours["spent_usd"] / r["spent_usd"] if r["spent_usd"] else None)
+              for name, r in results.items() if name != "spotrain"}
+    time_ratios = {name: (ours["hours"] / r["hours"] if r["hours"] else None)
+                   for name, r in results.items() if name not in ("spotrain", "oracle")}
+    return {"trace_set": entry["name"], "workers": entry["workers"], "locations": [t.location for t in traces],
+            "policies": results, "spotrain_cost_ratio": ratios, "spotrain_time_ratio": time_ratios}
+
+
+def planning_time(offers_wanted: int = 10_000, workers: int = 8, repeats: int = 5) -> dict:
+    base = [o for o in catalog_offers("spot") if o.gpu]
+    rng = random.Random(0)
+    offers = [Offer(o.provider, o.location, f"{o.instance_type}-{i}", o.gpu, o.spot_usd_per_hour * rng.uniform(0.5, 1.5))
+              for i in range(offers_wanted // len(base) + 1) for o in base][:offers_wanted]
+    policy = get_policy("spotrain")
+    spec = spec_for(workers)
+
+    def place() -> None:
+        from dataclasses import replace
+        from spotrain.planner import FleetMember
+        ctx = PlacementContext(now=0.0, workers=workers)
+        for n in range(workers + 2):
+            offer = policy.choose(offers, ctx)
+            ctx = replace(ctx, fleet=ctx.fleet + (FleetMember(str(n), offer.location, offer.spot_usd_per_hour,
+                                                              offer.gpu),))
+
+    def baseline() -> None:
+        sorted(offers, key=lambda o: o.spot_usd_per_hour)
+
+    def best_of(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    del spec
+    ours, sort = best_of(place), best_of(baseline)
+    return {"offers": len(offers), "workers_placed": workers + 2, "planner_ms": ours * 1000,
+            "sort_by_price_ms": sort * 1000, "ratio_to_sort": ours / sort}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--tick", type=float, default=120.0)
+    parser.add_argument("--quick", action="store_true", help="the calibration set only")
+    args = parser.parse_args()
+    if not args.data.is_dir():
+        print(f"planner_vs_baselines: error: no trace data at {args.data}", file=sys.stderr)
+        return 2
+    sets = trace_sets(args.data)[:1] if args.quick else trace_sets(args.data)
+    rows = []
+    for entry in sets:
+        print(f"running {entry['name']} ...", file=sys.stderr)
+        rows.append(run_set(entry, args.tick))
+    timing = planning_time()
+    if args.json:
+        print(json.dumps({"trace_sets": rows, "planning": timing}))
+        return 0
+    for row in rows:
+        print(f"\n{row['trace_set']}  ({row['workers']} worker(s), {len(row['locations'])} location(s))")
+        print(f"  {'policy':<18} {'done':>5} {'on time':>8} {'hours':>7} {'spent $':>10} {'preempt':>8}")
+        for name, r in row["policies"].items():
+            print(f"  {name:<18} {str(r['finished']):>5} {str(not r['missed_deadline']):>8} {r['hours']:7.1f} "
+                  f"{r['spent_usd']:10.2f} {r['preemptions']:8d}")
+        cost = "  ".join(f"{k} {v:.3f}x" for k, v in row["spotrain_cost_ratio"].items() if v)
+        hours = "  ".join(f"{k} {v:.3f}x" for k, v in row["spotrain_time_ratio"].items() if v)
+        print(f"  spotrain cost vs: {cost}")
+        print(f"  spotrain time vs: {hours}")
+    print(f"\nplanning {timing['offers']} offers, {timing['workers_placed']} workers: {timing['planner_ms']:.1f} ms "
+          f"(sorting the offers by price: {timing['sort_by_price_ms']:.1f} ms, ratio {timing['ratio_to_sort']:.1f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`spotrain plan`: the placement the planner would launch now, and what it would cost and give."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from spotrain.config import ClusterSpec
+from spotrain.control_loop import task_profile
+from spotrain.errors import SpecError
+from spotrain.market import Location, catalog_offers
+from spotrain.planner import FleetMember, PlacementContext, get_policy
+from spotrain.providers.base import Offer
+from spotrain.throughput import Worker, estimate
+
+
+def offers_for(spec: ClusterSpec, provider_offers: list[Offer]) -> list[Offer]:
+    """Offers in the spec's locations and GPU types: the provider's, else the catalog's."""
+    allowed = set(spec.allowed_locations())
+    gpus = set(spec.placement.gpu)
+    pool = provider_offers + [o for o in catalog_offers("spot") + catalog_offers("on-demand")
+                              if o.location not in {p.location for p in provider_offers}]
+    return [o for o in pool if o.location in allowed and (not gpus or o.gpu in gpus or o.provider == "local")]
+
+
+def check_budget_covers_a_tick(spec: ClusterSpec, offers: list[Offer], tick_seconds: float) -> None:
+    spot = [o.spot_usd_per_hour for o in offers if o.market == "spot"] or [o.spot_usd_per_hour for o in offers]
+    if not spot:
+        raise SpecError("placement: no offer matches placement.locations and placement.gpu")
+    one_tick = min(spot) * tick_seconds / 3600.0
+    if spec.budget.total_usd < one_tick:
+        raise SpecError(f"budget.total_usd: ${spec.budget.total_usd:g} does not pay one {tick_seconds:g}s tick of "
+                        f"the cheapest worker (${min(spot):g}/h)")
+
+
+def plan(spec: ClusterSpec, offers: list[Offer], now: float = 0.0) -> dict:
+    profile = task_profile(spec)
+    policy = get_policy(spec.placement.policy, profile)
+    ctx = PlacementContext(now=now, workers=spec.placement.workers, allowed=tuple(spec.allowed_locations()))
+    chosen: list[Offer] = []
+    burn = 0.0
+    for n in range(spec.placement.workers + spec.placement.backups):
+        candidates = [o for o in offers if spec.budget.max_hourly_usd is None
+                      or burn + o.spot_usd_per_hour <= spec.budget.max_hourly_usd]
+        offer = policy.choose(candidates, ctx)
+        if offer is None:
+            break
+        chosen.append(offer)
+        burn += offer.spot_usd_per_hour
+        member = FleetMember(f"plan-{n}", offer.location, offer.spot_usd_per_hour, offer.gpu, offer.gpu_count,
+                             offer.market)
+        ctx = replace(ctx, fleet=ctx.fleet + (member,))
+    fleet = estimate([Worker(Location.parse(o.location), o.gpu, o.gpu_count) for o in chosen], profile)
+    hourly = burn + fleet.egress_usd_per_hour
+    per_million = hourly / (fleet.samples_per_second * 3600.0) * 1e6 if fleet.samples_per_second else None
+    return {
+        "cluster": spec.name,
+        "offers": len(offers),
+        "policy": spec.placement.policy,
+        "placement": [{"location": o.location, "instance_type": o.instance_type, "gpu": o.gpu, "market": o.market,
+                       "usd_per_hour": o.spot_usd_per_hour} for o in chosen],
+        "usd_per_hour": hourly,
+        "egress_usd_per_hour": fleet.egress_usd_per_hour,
+        "samples_per_second": fleet.samples_per_second,
+        "granularity": None if fleet.granularity == float("inf") else fleet.granularity,
+        "cost_per_million_samples_usd": per_million,
+        "projected_hours_within_budget": spec.budget.total_usd / hourly if hourly else None,
+    }

@@ -1,0 +1,95 @@
+from dataclasses import replace
+
+from spotrain.baselines import EagerNextRegion, OnDemandOneRegion, UniformProgress
+from spotrain.planner import CostPerSamplePlanner, FleetMember, PlacementContext, get_policy, policy_names
+from spotrain.providers.base import Offer
+from spotrain.throughput import TaskProfile
+
+
+def offer(location, price, gpu="V100", market="spot"):
+    return Offer(location.split(":")[0], location, "t", gpu, price, market=market)
+
+
+OFFERS = [offer("aws:us-east-1a", 0.9), offer("aws:us-east-1b", 0.9), offer("aws:us-west-2a", 0.8),
+          offer("aws:us-east-1a", 3.06, market="on-demand"), offer("aws:eu-west-1a", 0.5)]
+
+
+def place(policy, ctx, n):
+    chosen = []
+    for i in range(n):
+        o = policy.choose(OFFERS, ctx)
+        chosen.append(o)
+        ctx = replace(ctx, fleet=ctx.fleet + (FleetMember(str(i), o.location, o.spot_usd_per_hour, o.gpu),))
+    return chosen
+
+
+def test_registry():
+    assert set(policy_names()) >= {"spotrain", "on-demand", "uniform-progress", "eager-next-region"}
+
+
+def test_single_worker_takes_the_cheapest_spot_per_sample():
+    (o,) = place(CostPerSamplePlanner(), PlacementContext(now=0, workers=1), 1)
+    assert o.location == "aws:eu-west-1a"
+
+
+def test_workers_stay_close_when_communication_dominates():
+    profile = TaskProfile(model_bytes=4e9, compression_ratio=1.0)  # a big model: WAN links hurt
+    chosen = place(CostPerSamplePlanner(profile), PlacementContext(now=0, workers=3), 3)
+    assert len({o.location.split(":")[1][:7] for o in chosen}) == 1  # one region
+
+
+def test_backups_go_to_other_failure_domains():
+    chosen = place(CostPerSamplePlanner(), PlacementContext(now=0, workers=1), 2)
+    assert chosen[0].location == "aws:eu-west-1a"
+    assert chosen[1].location != "aws:eu-west-1a" and not chosen[1].location.startswith("aws:eu-west-1")
+
+
+def test_preemptions_and_refusals_steer_away():
+    ctx = PlacementContext(now=1000, workers=1, preemptions={"aws:eu-west-1a": 40}, hours_observed={"aws:eu-west-1a": 2})
+    assert place(CostPerSamplePlanner(), ctx, 1)[0].location != "aws:eu-west-1a"
+    ctx = PlacementContext(now=1000, workers=1, failed_at={"aws:eu-west-1a": (900.0, 1)})
+    assert place(CostPerSamplePlanner(), ctx, 1)[0].location != "aws:eu-west-1a"
+    later = replace(ctx, now=900 + 601)
+    assert place(CostPerSamplePlanner(), later, 1)[0].location == "aws:eu-west-1a"
+
+
+def test_falls_back_to_on_demand_when_spot_cannot_meet_the_deadline():
+    rate = TaskProfile().rate("V100")
+    tight = PlacementContext(now=0, workers=1, target_samples=rate * 3600 * 10, deadline=10 * 3600, samples_done=0)
+    assert CostPerSamplePlanner().choose(OFFERS, tight).market == "on-demand"
+    loose = replace(tight, deadline=20 * 3600)
+    assert CostPerSamplePlanner().choose(OFFERS, loose).market == "spot"
+
+
+def test_baselines():
+    ctx = PlacementContext(now=0, workers=1, allowed=("aws:us-east-1a", "aws:us-east-1b"))
+    assert OnDemandOneRegion().choose(OFFERS, ctx).market == "on-demand"
+    eager = EagerNextRegion()
+    assert eager.choose(OFFERS, ctx).location == "aws:us-east-1a"
+    moved = replace(ctx, preemptions={"aws:us-east-1a": 1},
+                    fleet=(FleetMember("r1", "aws:us-east-1a", 0.9),))
+    assert eager.retire(moved) == ["r1"] and eager.choose(OFFERS, moved).location == "aws:us-east-1b"
+    uniform = UniformProgress()
+    ahead = replace(ctx, target_samples=100.0, deadline=100.0, samples_done=0)
+    assert uniform.choose(OFFERS, ahead).market == "spot"
+    behind = replace(ahead, now=50.0, samples_done=10.0)
+    assert uniform.choose(OFFERS, behind).market == "on-demand"
+
+
+def test_unknown_policy_names_the_valid_ones():
+    try:
+        get_policy("nope")
+    except ValueError as error:
+        assert "valid:" in str(error) and "spotrain" in str(error)
+    else:
+        raise AssertionError("no error")
+
+
+def test_planning_over_ten_thousand_offers_places_every_worker():
+    offers = [offer(f"aws:us-east-1{'abcdf'[i % 5]}", 0.5 + (i % 97) / 100) for i in range(10_000)]
+    policy, ctx = CostPerSamplePlanner(), PlacementContext(now=0, workers=8)
+    for i in range(10):
+        o = policy.choose(offers, ctx)
+        assert o is not None
+        ctx = replace(ctx, fleet=ctx.fleet + (FleetMember(str(i), o.location, o.spot_usd_per_hour, o.gpu),))
+    assert len(ctx.fleet) == 10
