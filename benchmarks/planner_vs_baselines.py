@@ -21,7 +21,7 @@ from spotrain.config import ClusterSpec
 from spotrain.market import catalog_offers
 from spotrain.planner import PlacementContext, get_policy
 from spotrain.providers.base import Offer
-from spotrain.sim.engine import Job, compare
+from spotrain.sim.engine import Job, compare, fleet_pace
 from spotrain.sim.traces import load_trace
 
 POLICIES = ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
@@ -76,9 +76,7 @@ def spec_for(workers: int) -> ClusterSpec:
 def run_set(entry: dict, tick: float) -> dict:
     traces = [load_trace(f) for f in entry["files"]]
     spec = spec_for(entry["workers"])
-    from spotrain.control_loop import task_profile
-
-    rate = task_profile(spec).rate(traces[0].gpu) * entry["workers"]
+    rate = fleet_pace(spec, traces)  # the workers' pace in one zone, communication included
     job = Job(target_samples=rate * entry["work_h"] * 3600.0, deadline_hours=float(entry["deadline_h"]))
     results = {r["policy"]: r for r in compare(spec, traces, POLICIES, job, tick)}
     ours = results["spotrain"]
@@ -130,11 +128,13 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--tick", type=float, default=120.0)
     parser.add_argument("--quick", action="store_true", help="the calibration set only")
+    parser.add_argument("--only", default="", help="only trace sets whose name contains this")
     args = parser.parse_args()
     if not args.data.is_dir():
         print(f"planner_vs_baselines: error: no trace data at {args.data}", file=sys.stderr)
         return 2
     sets = trace_sets(args.data)[:1] if args.quick else trace_sets(args.data)
+    sets = [s for s in sets if args.only in s["name"]]
     rows = []
     for entry in sets:
         print(f"running {entry['name']} ...", file=sys.stderr)

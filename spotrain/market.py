@@ -32,6 +32,7 @@ class Location:
     zone: str | None = None
 
     @classmethod
+    @lru_cache(maxsize=65536)
     def parse(cls, text: str) -> Location:
         """"aws:us-east-1a" -> Location("aws", "us-east-1", "us-east-1a"); "aws:us-east-1" is a region."""
         provider, sep, place = text.partition(":")

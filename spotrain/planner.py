@@ -113,7 +113,7 @@ class CostPerSamplePlanner(_NoRetire):
         self.profile = profile or TaskProfile()
 
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
-        full_speed = max((self.profile.rate(o.gpu, o.gpu_count) for o in offers), default=0.0) * ctx.workers
+        full_speed = self.full_speed(offers, ctx.workers)
         market = "on-demand" if needs_on_demand(ctx, full_speed) else "spot"
         candidates = [o for o in offers if o.market == market
                       and (market == "on-demand" or not ctx.cooling_down(o.location))]
@@ -125,6 +125,14 @@ class CostPerSamplePlanner(_NoRetire):
             candidates = self._other_failure_domains(candidates, ctx) or candidates
         return self._best(candidates, ctx)
 
+    def full_speed(self, offers: Sequence[Offer], workers: int) -> float:
+        """The pace of `workers` of the fastest offered GPU in one zone: the best the job can hope for."""
+        if not offers:
+            return 0.0
+        fastest = max(offers, key=lambda o: self.profile.rate(o.gpu, o.gpu_count))
+        location = Location.parse(fastest.location)
+        return estimate([Worker(location, fastest.gpu, fastest.gpu_count)] * workers, self.profile).samples_per_second
+
     def _other_failure_domains(self, offers: Sequence[Offer], ctx: PlacementContext) -> list[Offer]:
         used = [Location.parse(m.location) for m in ctx.fleet]
         regions = {(loc.provider, loc.region) for loc in used}
@@ -132,7 +140,7 @@ class CostPerSamplePlanner(_NoRetire):
         other_region = [o for o in offers if _region_of(o) not in regions]
         return other_region or [o for o in offers if o.location not in zones]
 
-    def _best(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer:
+    def _best(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         fleet = [Worker(Location.parse(m.location), m.gpu, m.gpu_count) for m in ctx.fleet]
         fleet_price = sum(m.price_usd_per_hour for m in ctx.fleet)
         # Offers that differ only in price within one (location, GPU) are equivalent but for price.
@@ -141,7 +149,8 @@ class CostPerSamplePlanner(_NoRetire):
             key = (o.location, o.gpu, o.gpu_count)
             if key not in cheapest or o.spot_usd_per_hour < cheapest[key].spot_usd_per_hour:
                 cheapest[key] = o
-        best, best_score = None, math.inf
+        current_rate = estimate(fleet, self.profile).samples_per_second if fleet else 0.0
+        best, best_score, best_rate = None, math.inf, 0.0
         for offer in cheapest.values():
             location = Location.parse(offer.location)
             workers = fleet + [Worker(location, offer.gpu, offer.gpu_count)]
@@ -151,8 +160,10 @@ class CostPerSamplePlanner(_NoRetire):
             cost = fleet_price + offer.spot_usd_per_hour + fleet_estimate.egress_usd_per_hour
             score = cost / rate if rate > 0 else math.inf
             if score < best_score or (score == best_score and best is not None and offer.location < best.location):
-                best, best_score = offer, score
-        assert best is not None
+                best, best_score, best_rate = offer, score, fleet_estimate.samples_per_second
+        spreading = best is not None and best.location not in {m.location for m in ctx.fleet}
+        if spreading and fleet and len(ctx.fleet) < ctx.workers and best_rate <= current_rate:
+            return None  # a worker that far away would slow the fleet down: wait for capacity nearby
         return best
 
 

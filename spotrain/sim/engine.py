@@ -39,6 +39,15 @@ class Job:
     start_offset: float = 0.0  # where in the traces the job starts, seconds
 
 
+def fleet_pace(spec: ClusterSpec, traces: list[LocationTrace]) -> float:
+    """Samples/s of the wanted workers in one zone of the traces' GPU: the job's nominal pace."""
+    from spotrain.market import Location
+    from spotrain.throughput import Worker, estimate
+
+    workers = [Worker(Location.parse(traces[0].location), traces[0].gpu)] * spec.placement.workers
+    return estimate(workers, task_profile(spec)).samples_per_second
+
+
 def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
     """The spec's job, or one derived from the traces: half the horizon (at most a week) as the
     deadline, and half of that as the work of the wanted workers at their nominal pace."""
@@ -46,9 +55,7 @@ def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
     deadline = spec.budget.deadline_hours or min(horizon / 3600.0 / 2, 168.0)
     target = spec.training.target_samples
     if target is None:
-        profile = task_profile(spec)
-        rate = profile.rate(traces[0].gpu) * spec.placement.workers
-        target = rate * deadline * 3600.0 / 2
+        target = fleet_pace(spec, traces) * deadline * 3600.0 / 2
     return Job(float(target), float(deadline))
 
 
@@ -104,7 +111,7 @@ def compare(spec: ClusterSpec, traces: list[LocationTrace], policies: list[str],
     for name in policies:
         progress(f"simulating {name} over {len(traces)} location(s)")
         if name == "oracle":
-            rate = task_profile(spec).rate(traces[0].gpu)
+            rate = fleet_pace(spec, traces) / spec.placement.workers  # communication in one zone included
             best = oracle_cost(traces, rate, job.target_samples, job.deadline_hours, spec.placement.workers,
                                tick_seconds, STARTUP_SECONDS, job.start_offset)
             done = best.spent_usd != float("inf")
