@@ -179,8 +179,13 @@ class ControlLoop:
 
     def _reconcile_and_apply(self, now: float) -> Observed:
         observed = self.observe(now)
+        refused_before = set(self.failed_at)
         for action in reconcile(observed, self.desired(), now, self.policy):
             if isinstance(action, Launch):
+                refused_in_this_pass = action.offer.location in self.failed_at and (
+                    action.offer.location not in refused_before or self.failed_at[action.offer.location][0] == now)
+                if refused_in_this_pass and action.offer.market == "spot":
+                    continue  # the same place just said no: the next pass plans elsewhere
                 self._launch(action.request_id, action.offer, action.reason)
             elif isinstance(action, Terminate):
                 if action.reason.startswith("retired"):

@@ -17,7 +17,7 @@ from spotrain.providers.base import Offer
 from spotrain.throughput import TaskProfile, Worker, estimate
 
 CAPACITY_COOLDOWN_SECONDS = 600.0  # a location that just refused capacity is skipped this long,
-MAX_COOLDOWN_SECONDS = 4 * 3600.0  # doubling with each refusal in a row, up to this
+MAX_COOLDOWN_SECONDS = 3600.0  # doubling with each refusal in a row, up to this
 RESTART_HOURS = 0.1  # boot, install, load state: what each preemption costs a worker
 PRIOR_PREEMPTIONS_PER_HOUR = 0.05
 PRIOR_HOURS = 5.0  # weight of the prior against observed hours in a location

@@ -9,6 +9,7 @@ them (`training.throughput`), and agents' reported samples/s correct them at run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Sequence
 
 from spotrain.market import Location, egress_usd_per_gb
@@ -33,6 +34,7 @@ def relation(a: Location, b: Location) -> str:
     return "same-continent" if a.provider == b.provider else "cross-provider"
 
 
+@lru_cache(maxsize=65536)
 def bandwidth_bps(a: Location, b: Location) -> float:
     return BANDWIDTH_BPS[relation(a, b)]
 
@@ -91,5 +93,8 @@ def estimate(workers: Sequence[Worker], profile: TaskProfile) -> FleetEstimate:
     egress = 0.0
     for a in workers:  # each peer's bytes go evenly to the others
         share = bytes_per_peer / (n - 1) / 1e9
-        egress += sum(share * egress_usd_per_gb(a.location, b.location) for b in workers if b is not a)
+        egress += sum(share * _egress(a.location, b.location) for b in workers if b is not a)
     return FleetEstimate(rate, compute, comm, egress * epochs_per_hour)
+
+
+_egress = lru_cache(maxsize=65536)(egress_usd_per_gb)
