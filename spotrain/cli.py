@@ -55,6 +55,7 @@ def launch(
         from spotrain import cluster_ops
 
         if detach:
+            cluster_ops.checked_provider(spec)  # a missing credential fails here, not in the background
             pid = cluster_ops.controller_pid(spec.name)
             if pid:
                 raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")

@@ -40,6 +40,7 @@ class LoopSettings:
     target_epoch: int | None = None
     checkpoint_store: str = ""
     settle_timeout_seconds: float = 60.0
+    offer_cooldown_seconds: float = 120.0  # a location whose launch failed is skipped this long
 
 
 class ControlLoop:
@@ -51,8 +52,8 @@ class ControlLoop:
         self.policy = policy or SpreadCheapest()
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
-        allowed = set(spec.allowed_locations())
-        self.offers = tuple(o for o in provider.offers() if o.location in allowed)
+        self.offers = tuple(o for o in provider.offers() if spec.allows(o.location))
+        self.cooldown: dict[str, float] = {}  # location -> until when its offers are skipped
         self.stop_requested = False
         self.ended = threading.Event()
         self.end_reason: str | None = None
@@ -72,7 +73,7 @@ class ControlLoop:
         known = {row.request_id for row in self.ledger.instances()}
         for request, instance in seen.items():
             if request not in known and instance.state == "running":
-                self.ledger.record_request(self.run.id, request, self.provider.name, instance.location,
+                self.ledger.record_request(self.run.id, request, instance.location.split(":", 1)[0], instance.location,
                                            instance.price_usd_per_hour, instance.launched_at, reason="adopted")
         for row in self.ledger.instances(states=LIVE_STATES):
             instance = seen.get(row.request_id)
@@ -119,7 +120,7 @@ class ControlLoop:
     def desired(self) -> Desired:
         return Desired(
             cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
-            offers=self.offers, guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
+            offers=tuple(o for o in self.offers if self.cooldown.get(o.location, 0.0) <= self.clock()), guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
             end_at=self.settings.end_at, target_epoch=self.settings.target_epoch,
             stop_requested=self.stop_requested,
             initial_fleet_launched=bool(self.ledger.instances(run_id=self.run.id)),
@@ -144,6 +145,8 @@ class ControlLoop:
         observed = self.observe(now)
         for action in reconcile(observed, self.desired(), now, self.policy):
             if isinstance(action, Launch):
+                if self.cooldown.get(action.offer.location, 0.0) > now:
+                    continue  # failed earlier in this tick: the next tick plans elsewhere
                 self._launch(action.request_id, action.offer.location, action.offer.spot_usd_per_hour, action.reason)
             elif isinstance(action, Terminate):
                 self.provider.terminate(action.instance_id)
@@ -157,18 +160,22 @@ class ControlLoop:
             self._progress_line(now, observed)
 
     def _launch(self, request_id: str, location: str, price: float, reason: str, reissue: bool = False) -> None:
-        offer = next((o for o in self.offers if o.location == location), None)
+        here = [o for o in self.offers if o.location == location]
+        offer = next((o for o in here if o.spot_usd_per_hour == price), here[0] if here else None)
         now = self.clock()
         if offer is None:
             self.ledger.mark_ended(request_id, "failed", now, f"no offer in {location}", self.run.id)
             return
         if not reissue:
-            self.ledger.record_request(self.run.id, request_id, self.provider.name, location, price, now, reason)
+            self.ledger.record_request(self.run.id, request_id, offer.provider, location, price, now, reason)
         try:
             instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.user_data()))
         except ProviderError as error:
             self.ledger.mark_ended(request_id, "failed", now, f"{type(error).__name__}: {error}", self.run.id)
-            self.say(f"launch in {location} failed: {type(error).__name__}: {error}")
+            wait = self.settings.offer_cooldown_seconds
+            self.cooldown[location] = now + wait
+            self.say(f"launch in {location} failed ({type(error).__name__}: {error}); "
+                     f"other offers for the next {wait:.0f}s")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
         self.say(f"launched {instance.instance_id} in {location} at ${price:.3f}/h ({reason})")
