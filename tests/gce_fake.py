@@ -30,6 +30,7 @@ NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
 TERM_RE = re.compile(r'^\s*([A-Za-z][A-Za-z0-9_.-]*)\s*(=|!=)\s*("([^"]*)"|([^\s()"]+))\s*$')
+GOOGLE_TOKEN_AUDIENCE = "https://oauth2.googleapis.com/token"
 ERROR_STATUS = {"ZONE_RESOURCE_POOL_EXHAUSTED": 503, "QUOTA_EXCEEDED": 403}
 
 
@@ -415,7 +416,8 @@ class GceFakeServer(ThreadingHTTPServer):
         if form.get("grant_type") != ["urn:ietf:params:oauth:grant-type:jwt-bearer"] or "assertion" not in form:
             raise ApiError(400, "invalid_grant", "unsupported grant")
         claims = self.verified_claims(form["assertion"][0])
-        if claims is None or claims.get("aud") != f"{self.url}/token":
+        # google-auth signs for Google's token audience whatever the key file's token_uri says
+        if claims is None or claims.get("aud") not in (f"{self.url}/token", GOOGLE_TOKEN_AUDIENCE):
             raise ApiError(400, "invalid_grant", "Invalid JWT: unknown issuer, bad signature, wrong audience or expired")
         token = "ya29.fake-" + secrets.token_urlsafe(24)
         self.state.tokens.add(token)

@@ -6,11 +6,11 @@ import json
 import boto3
 import pytest
 import yaml
-from clouds import AWS_IMAGE, AWS_REGION, aws, aws_instances, ec2_faults, moto_url, preempt_aws  # noqa: F401
-
-from spotrain.config import AwsProvider as AwsConfig
+from clouds import AWS_IMAGE, AWS_REGION, aws_instances, preempt_aws
 from spotrain.providers.aws import AwsProvider, client_token
 from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, PriceError, QuotaError
+
+from spotrain.config import AwsProvider as AwsConfig
 
 USER_DATA = {"cluster": "c1", "initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/Qm"], "task": "m:t"}
 
