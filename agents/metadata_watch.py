@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -235,10 +235,11 @@ class GceNoticeWatcher(_Watcher):
         return None
 
 
-def watcher_settings(config: dict, environ: dict[str, str] | None = None) -> tuple[str, str] | None:
+def watcher_settings(config: dict, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """(kind, url) of the VM's metadata service: the environment first (systemd, the local
     provider), then the user-data's `metadata`; None when there is none to watch."""
-    environ = os.environ if environ is None else environ
+    if environ is None:
+        environ = os.environ
     metadata = config.get("metadata") or {}
     url = environ.get("SPOTRAIN_METADATA_URL") or metadata.get("url") or config.get("metadata_url")
     kind = environ.get("SPOTRAIN_METADATA_KIND") or metadata.get("kind") or "aws-imdsv2"

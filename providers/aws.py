@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections.abc import Set as AbstractSet
 from datetime import datetime, timezone
 from typing import Any
 
@@ -269,15 +270,17 @@ class AwsProvider:
 
     def _interrupted_requests(self, region: str, described: list[dict]) -> set[str]:
         """Spot request ids of ended instances whose request status says the cloud took them back."""
+        settled = {SPOT_TERMINATION_REASON, "Client.UserInitiatedShutdown"}  # the reason already tells
         ids = [d["SpotInstanceRequestId"] for d in described
-               if d.get("SpotInstanceRequestId") and d["State"]["Name"] not in ("pending", "running")]
+               if d.get("SpotInstanceRequestId") and d["State"]["Name"] not in ("pending", "running")
+               and d.get("StateReason", {}).get("Code") not in settled]
         if not ids:
             return set()
         requests = self.ec2(region).describe_spot_instance_requests(SpotInstanceRequestIds=ids)
         return {r["SpotInstanceRequestId"] for r in requests["SpotInstanceRequests"]
                 if r.get("Status", {}).get("Code") in INTERRUPTED_STATUSES}
 
-    def _instance(self, region: str, described: dict, interrupted: set[str] = frozenset()) -> Instance:
+    def _instance(self, region: str, described: dict, interrupted: AbstractSet[str] = frozenset()) -> Instance:
         tags = {tag["Key"]: tag["Value"] for tag in described.get("Tags", [])}
         state = described["State"]["Name"]
         reason = described.get("StateReason", {}).get("Code", "")

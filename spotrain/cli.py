@@ -42,6 +42,7 @@ def launch(
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
     from spotrain.config import load_spec
+    from spotrain.providers.base import ProviderError
 
     try:
         spec = load_spec(config)
@@ -67,7 +68,7 @@ def launch(
                           f"follow with `spotrain status {spec.name}`")
             return
         reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
-    except SpotrainError as error:
+    except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
     say(f"run ended: {reason}")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import yaml
-from clouds import GCE_ZONES, PROJECT
+from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
 from spotrain.providers.base import LaunchRequest
 from spotrain.providers.bootstrap import render_cloud_init
 from spotrain.providers.gcp import GcpProvider
@@ -113,3 +113,38 @@ def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(g
         loop.finish("test over")
         ledger.close()
     assert gce.state.live_instances() == []
+
+
+def test_an_aws_capacity_error_in_one_region_moves_the_controller_to_another(ec2_faults, tmp_path):
+    s = ClusterSpec.model_validate({
+        "name": "ca", "budget": {"total_usd": 5.0}, "placement": {"workers": 2, "backups": 0},
+        "providers": {"aws": {"regions": ["us-east-1", "us-west-2"], "zones": ["us-east-1a", "us-west-2a"],
+                              "image_id": AWS_IMAGE}},
+    })
+    ec2_faults.faults["us-east-1a"] = ("InsufficientInstanceCapacity", 500)
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
+    lines: list[str] = []
+    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    try:
+        for _ in range(3):
+            loop.tick()
+        live = [i for i in loop.provider.list_instances("ca") if i.state == "running"]
+        assert sorted(i.location for i in live) == ["aws:us-west-2a", "aws:us-west-2a"]
+        failures = [line for line in lines if "failed" in line]
+        assert len(failures) == 1 and "aws:us-east-1a" in failures[0] and "InsufficientInstanceCapacity" in failures[0]
+    finally:
+        loop.finish("test over")
+        ledger.close()
+    assert {i.state for i in loop.provider.list_instances("ca")} == {"terminated"}
+
+
+def test_every_provider_satisfies_the_protocol(gce):
+    from spotrain.providers.aws import AwsProvider
+    from spotrain.providers.base import Provider
+
+    s = spec(gce)
+    aws = AwsProvider(ClusterSpec.model_validate({"name": "x", "budget": {"total_usd": 1}, "providers": {
+        "aws": {"regions": ["us-east-1"]}}}).providers.aws)
+    for provider in (aws, GcpProvider(s.providers.gcp), make_provider(s)):
+        assert isinstance(provider, Provider)

@@ -13,7 +13,6 @@ from pathlib import Path
 import yaml
 from clouds import AWS_IMAGE, PROJECT, aws_instances, preempt_aws
 from conftest import ROOT, run_cli
-
 from spotrain.providers.faults import ENV as HANG_ENV
 
 
@@ -120,7 +119,7 @@ def test_a_controller_killed_mid_launch_never_launches_twice(aws, gce, home, tmp
     for cloud, count in (("gcp", 1), ("aws", 2)):
         controller = start_controller(path, home, **{HANG_ENV: str(markers)})
         try:  # hangs once the cloud accepted the launch, before the ledger hears of it: kill it there
-            wait_for(lambda: len(list(markers.glob("*.launched"))) == count, 120, f"a launch accepted by {cloud}")
+            wait_for(lambda n=count: len(list(markers.glob("*.launched"))) == n, 120, f"a launch accepted by {cloud}")
         finally:
             controller.send_signal(signal.SIGKILL)
             controller.wait(30)
