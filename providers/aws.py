@@ -195,7 +195,8 @@ class AwsProvider:
             "Placement": {"AvailabilityZone": zone}, "SecurityGroupIds": [group], "UserData": user_data,
             "InstanceMarketOptions": {"MarketType": "spot", "SpotOptions": spot},
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
-            "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
+            "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
+                                  for kind in ("instance", "volume", "spot-instances-request")],
         }
         if zone in config.subnets:
             arguments["SubnetId"] = config.subnets[zone]

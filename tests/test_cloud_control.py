@@ -148,3 +148,13 @@ def test_every_provider_satisfies_the_protocol(gce):
         "aws": {"regions": ["us-east-1"]}}}).providers.aws)
     for provider in (aws, GcpProvider(s.providers.gcp), make_provider(s)):
         assert isinstance(provider, Provider)
+
+
+def test_the_cloud_example_spec_loads():
+    from conftest import ROOT
+
+    from spotrain.config import load_spec
+
+    s = load_spec(ROOT / "examples" / "clouds.yaml")
+    assert s.providers.enabled() == ["aws", "gcp"]
+    assert s.allows("aws:us-east-1b") and s.allows("gcp:us-central1-a") and not s.allows("local:zone-a")
