@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 from clouds import AWS_IMAGE, PROJECT, aws_instances, preempt_aws
-from conftest import ROOT, run_cli
+from conftest import ROOT, processes_under, run_cli
 from spotrain.providers.faults import ENV as HANG_ENV
 
 
@@ -109,6 +109,7 @@ def test_mixed_cluster_replaces_preempted_vms_in_both_clouds_and_down_leaves_not
     assert {row["location"].split(":")[0] for row in report["spend_by_location"]} == {"aws", "gcp"}
     ids = request_ids(gce)
     assert len(ids) == len(set(ids)) == 6
+    wait_for(lambda: processes_under(home) == [], 30, "no controller or DHT process left")
 
 
 def test_a_controller_killed_mid_launch_never_launches_twice(aws, gce, home, tmp_path):
@@ -141,6 +142,7 @@ def test_a_controller_killed_mid_launch_never_launches_twice(aws, gce, home, tmp
     finally:
         stop(controller)
     assert aws_live() == [] and gce.state.live_instances() == []
+    wait_for(lambda: processes_under(home) == [], 30, "no process left, the SIGKILLed controllers' included")
 
 
 def test_missing_credentials_fail_before_any_launch_naming_the_provider(aws, gce, home, tmp_path, monkeypatch):
