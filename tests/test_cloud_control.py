@@ -158,3 +158,22 @@ def test_the_cloud_example_spec_loads():
     s = load_spec(ROOT / "examples" / "clouds.yaml")
     assert s.providers.enabled() == ["aws", "gcp"]
     assert s.allows("aws:us-east-1b") and s.allows("gcp:us-central1-a") and not s.allows("local:zone-a")
+
+
+@pytest.mark.parametrize("worker_image", [None, "registry/spotrain-worker:1"])
+def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image):
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    rendered = yaml.safe_load(render_cloud_init({"cluster": "c"}, "aws", worker_image=worker_image))
+    unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
+        "/etc/systemd/system/spotrain-agent.service"]
+    # the command exists on the VM, not here: verify everything else with a stand-in
+    path = tmp_path / "spotrain-agent.service"
+    path.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", unit, flags=re.MULTILINE))
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert path.name not in result.stderr, result.stderr  # unknown keys and bad values are only warnings
