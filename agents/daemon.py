@@ -58,6 +58,7 @@ class Agent:
     def on_advisory(self, notice: Notice) -> None:
         log(f"advisory from the cloud: {notice.action} at {notice.time}; checkpointing early if on duty")
         self.save_soon = True
+
     def on_notice(self, notice: Notice | None) -> None:
         if notice is None:
             log("metadata service gone: the VM is gone, exiting now")
@@ -125,8 +126,8 @@ class Agent:
         task = load_task(cfg["task"])
         install_byte_counters()
 
-        dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/{int(cfg.get('port', 0))}"],
-                           start=True)
+        listen = f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/{int(cfg.get('port', 0))}"  # port 0: any free port
+        dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[listen], start=True)
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
         Path("swarm-addresses.json").write_text(json.dumps(list(self.addresses)))
         log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")

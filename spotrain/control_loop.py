@@ -26,7 +26,7 @@ from spotrain.controller import (
 )
 from spotrain.ledger import LIVE_STATES, Ledger, Run
 from spotrain.planner import PlacementPolicy, SpreadCheapest
-from spotrain.providers.base import Instance, LaunchRequest, ProviderError
+from spotrain.providers.base import Instance, LaunchRequest, Offer, ProviderError
 from spotrain.swarm_records import AgentStatus
 
 STATUS_FRESH_SECONDS = 20.0
@@ -120,7 +120,8 @@ class ControlLoop:
     def desired(self) -> Desired:
         return Desired(
             cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
-            offers=tuple(o for o in self.offers if self.cooldown.get(o.location, 0.0) <= self.clock()), guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
+            offers=tuple(o for o in self.offers if self.cooldown.get(o.location, 0.0) <= self.clock()),
+            guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
             end_at=self.settings.end_at, target_epoch=self.settings.target_epoch,
             stop_requested=self.stop_requested,
             initial_fleet_launched=bool(self.ledger.instances(run_id=self.run.id)),
@@ -147,7 +148,8 @@ class ControlLoop:
             if isinstance(action, Launch):
                 if self.cooldown.get(action.offer.location, 0.0) > now:
                     continue  # failed earlier in this tick: the next tick plans elsewhere
-                self._launch(action.request_id, action.offer.location, action.offer.spot_usd_per_hour, action.reason)
+                self._launch(action.request_id, action.offer.location, action.offer.spot_usd_per_hour, action.reason,
+                             offer=action.offer)
             elif isinstance(action, Terminate):
                 self.provider.terminate(action.instance_id)
             elif isinstance(action, AssignDuty):
@@ -159,9 +161,11 @@ class ControlLoop:
         else:
             self._progress_line(now, observed)
 
-    def _launch(self, request_id: str, location: str, price: float, reason: str, reissue: bool = False) -> None:
-        here = [o for o in self.offers if o.location == location]
-        offer = next((o for o in here if o.spot_usd_per_hour == price), here[0] if here else None)
+    def _launch(self, request_id: str, location: str, price: float, reason: str, reissue: bool = False,
+                offer: Offer | None = None) -> None:
+        if offer is None:  # a re-issue: the ledger knows location and price, not the instance type
+            here = [o for o in self.offers if o.location == location]
+            offer = next((o for o in here if o.spot_usd_per_hour == price), here[0] if here else None)
         now = self.clock()
         if offer is None:
             self.ledger.mark_ended(request_id, "failed", now, f"no offer in {location}", self.run.id)
