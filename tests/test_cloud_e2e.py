@@ -136,11 +136,10 @@ def test_a_controller_killed_mid_launch_never_launches_twice(aws, gce, home, tmp
         assert len(ids) == len(set(ids)) == 3  # the two interrupted requests were adopted, not re-launched
         status = json.loads(run_cli("status", "killed", "--json", home=home, check=True).stdout)
         assert sorted(w["state"] for w in status["workers"]) == ["running"] * 3
-        result = run_cli("down", "killed", home=home, timeout=300)
-        assert result.returncode == 0, result.stdout + result.stderr
-        controller.wait(60)
     finally:
-        stop(controller)
+        stop(controller)  # SIGKILL once more: `down` must clean up without a controller
+    result = run_cli("down", "killed", home=home, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
     assert aws_live() == [] and gce.state.live_instances() == []
     wait_for(lambda: processes_under(home) == [], 30, "no process left, the SIGKILLed controllers' included")
 
