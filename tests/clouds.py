@@ -4,6 +4,7 @@ that play the cloud's part (spot preemptions) in tests. Import the fixtures into
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import urllib.error
 import urllib.parse
@@ -14,6 +15,14 @@ import pytest
 from gce_fake import GceFakeServer, service_account_file
 
 PROJECT = "spotrain-test"
+# The SDKs' credential chains would probe the link-local metadata address: keep them on loopback
+# or off, for this process and every CLI subprocess a test starts.
+SAFE_ENVIRONMENT = {"NO_GCE_CHECK": "true", "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+                    "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def pytest_configure(config) -> None:
+    os.environ.update(SAFE_ENVIRONMENT)
 GCE_ZONES = ["us-central1-a", "us-central1-b"]
 AWS_REGION = "us-east-1"
 AWS_IMAGE = "ami-03cf127a"  # one of moto's built-in images
