@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from spotrain.agents.checkpoints import LocalDirStore
-from spotrain.agents.metadata_watch import ImdsV2Client, Notice, NoticeWatcher
+from spotrain.agents.metadata_watch import Notice, make_client, make_watcher, watcher_settings
 
 from spotrain.swarm_records import AgentStatus
 
@@ -34,7 +34,9 @@ def log(message: str) -> None:
 class Agent:
     def __init__(self, config: dict):
         self.config = config
-        self.instance_id = config["instance_id"]
+        self.metadata = watcher_settings(config)  # (kind, url) of the VM's metadata service, or None
+        # the local provider and GCE name the instance in user-data; on EC2 only the VM knows its id
+        self.instance_id = config.get("instance_id") or self._instance_id_from_metadata()
         self.cluster = config["cluster"]
         self.state = "starting"
         self.leaving = False  # past the training loop: flushing duty, shutting hivemind down
@@ -45,8 +47,18 @@ class Agent:
         self._recent: list[tuple[float, int, float]] = []  # (time, samples, loss) of recent steps
         self._lock = threading.Lock()
         self.addresses: tuple[str, ...] = ()
+        self.save_soon = False  # a rebalance recommendation: write the next checkpoint now
+
+    def _instance_id_from_metadata(self) -> str:
+        if self.metadata is None:
+            raise ValueError("user-data has no instance_id and there is no metadata service to ask")
+        return make_client(*self.metadata).instance_id()
 
     # -- notices ------------------------------------------------------------------------
+    def on_advisory(self, notice: Notice) -> None:
+        log(f"advisory from the cloud: {notice.action} at {notice.time}; checkpointing early if on duty")
+        self.save_soon = True
+
     def on_notice(self, notice: Notice | None) -> None:
         if notice is None:
             log("metadata service gone: the VM is gone, exiting now")
@@ -114,8 +126,8 @@ class Agent:
         task = load_task(cfg["task"])
         install_byte_counters()
 
-        dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/0"],
-                           start=True)
+        listen = f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/{int(cfg.get('port', 0))}"  # port 0: any free port
+        dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[listen], start=True)
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
         Path("swarm-addresses.json").write_text(json.dumps(list(self.addresses)))
         log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
@@ -143,9 +155,8 @@ class Agent:
 
         self.publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
         self.publisher.start()
-        metadata_url = os.environ.get("SPOTRAIN_METADATA_URL") or cfg.get("metadata_url")
-        if metadata_url:
-            NoticeWatcher(ImdsV2Client(metadata_url), self.on_notice).start()
+        if self.metadata is not None:
+            make_watcher(*self.metadata, self.on_notice, on_advisory=self.on_advisory).start()
         signal.signal(signal.SIGTERM, lambda *_: self.begin_drain(float(cfg.get("sigterm_grace_seconds", 10))))
 
         every = int(cfg["checkpoint"]["every_epochs"])
@@ -164,7 +175,9 @@ class Agent:
             self.record_step(training["batch_size"], loss.item())
             if optimizer.local_epoch != self.epoch:
                 self.epoch = optimizer.local_epoch
-                if self.publisher.has_duty and self.epoch % every == 0 and not self.stop.is_set():
+                due = self.epoch % every == 0 or self.save_soon
+                if self.publisher.has_duty and due and not self.stop.is_set():
+                    self.save_soon = False
                     self._save(store, model, optimizer)
 
         log("leaving the swarm")

@@ -1,21 +1,39 @@
-"""Watch the instance metadata service for a spot interruption notice (AWS IMDSv2)."""
+"""Watch the instance metadata service for a spot interruption: AWS IMDSv2 and GCE.
+
+AWS: a session token (`PUT /latest/api/token`), then polls of `spot/instance-action` (the
+two-minute notice) and `events/recommendations/rebalance` (an early warning, advisory only).
+GCE: a hanging `GET instance/preempted?wait_for_change=true` with `Metadata-Flavor: Google`
+(about 30 s of notice), and `instance/maintenance-event` (a spot VM cannot live-migrate, so
+TERMINATE_ON_HOST_MAINTENANCE is a notice too). Both retry what a metadata server may answer
+while it is busy (503, timeouts) and report the VM gone after repeated failures.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
 TOKEN_TTL_SECONDS = 21600
+GCE_NOTICE_SECONDS = 30.0  # a GCE spot VM gets ~30 s between the preemption notice and the stop
+KINDS = ("aws-imdsv2", "gce")
 
 
 @dataclass(frozen=True)
 class Notice:
-    action: str
-    time: str
+    action: str  # terminate | stop | hibernate (AWS), preempted | maintenance (GCE), rebalance (advisory)
+    time: str  # ISO 8601 UTC: when the VM goes away (rebalance: when it was recommended)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 class ImdsV2Client:
@@ -59,16 +77,79 @@ class ImdsV2Client:
         data = json.loads(body)
         return Notice(action=data["action"], time=data["time"])
 
+    def rebalance_notice(self) -> Notice | None:
+        body = self.get("events/recommendations/rebalance")
+        if body is None:
+            return None
+        return Notice(action="rebalance", time=json.loads(body)["noticeTime"])
 
-class NoticeWatcher:
-    """Polls in a thread; calls `on_notice` once, with the notice or None when the VM is gone."""
+    def instance_id(self) -> str:
+        value = self.get("instance-id")
+        if not value:
+            raise ValueError("the metadata service has no instance-id")
+        return value
 
-    def __init__(self, client: ImdsV2Client, on_notice: Callable[[Notice | None], None],
-                 poll_seconds: float = 1.0, lost_after_failures: int = 5):
-        self.client = client
-        self.on_notice = on_notice
-        self.poll_seconds = poll_seconds
+
+class GceMetadataClient:
+    """`GET /computeMetadata/v1/...` with the flavor header; 503 and timeouts are retried."""
+
+    def __init__(self, base_url: str, timeout: float = 2.0, retries: int = 3, backoff: float = 0.5):
+        self.base_url = base_url.rstrip("/")
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def get(self, path: str, wait: bool = False, last_etag: str | None = None,
+            timeout_sec: float = 60.0) -> tuple[str, str] | None:
+        """(value, etag), or None for a path that does not exist (404)."""
+        query = {}
+        if wait:
+            query = {"wait_for_change": "true", "timeout_sec": str(int(timeout_sec))}
+            if last_etag:
+                query["last_etag"] = last_etag
+        url = f"{self.base_url}/computeMetadata/v1/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        # a hanging GET may take timeout_sec before it answers
+        socket_timeout = self.timeout + (timeout_sec if wait else 0.0)
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+            try:
+                with urllib.request.urlopen(request, timeout=socket_timeout) as response:
+                    if response.headers.get("Metadata-Flavor") != "Google":
+                        raise ValueError("answer without Metadata-Flavor: Google: not a GCE metadata server")
+                    return response.read().decode(), response.headers.get("ETag", "")
+            except urllib.error.HTTPError as error:
+                if error.code == 404:
+                    return None
+                if error.code != 503 or attempt == self.retries:
+                    raise
+            except (TimeoutError, urllib.error.URLError):
+                if attempt == self.retries:
+                    raise
+            time.sleep(self.backoff * (2 ** attempt))
+        return None
+
+    def preempted(self, last_etag: str | None = None, wait: bool = False, timeout_sec: float = 60.0) -> tuple[bool, str]:
+        answer = self.get("instance/preempted", wait=wait, last_etag=last_etag, timeout_sec=timeout_sec)
+        return (answer is not None and answer[0].strip().upper() == "TRUE"), (answer[1] if answer else "")
+
+    def maintenance_event(self) -> str:
+        answer = self.get("instance/maintenance-event")
+        return answer[0].strip() if answer else "NONE"
+
+    def instance_id(self) -> str:
+        answer = self.get("instance/name")  # spotrain knows GCE instances by name
+        if not answer:
+            raise ValueError("the metadata service has no instance/name")
+        return answer[0]
+
+
+class _Watcher:
+    """Calls `on_notice` once, with the notice or None when the metadata service is gone;
+    `on_advisory` (optional) once per advisory kind, e.g. an AWS rebalance recommendation."""
+
+    def __init__(self, on_notice: Callable[[Notice | None], None],
+                 on_advisory: Callable[[Notice], None] | None = None, lost_after_failures: int = 5):
+        self.on_notice, self.on_advisory = on_notice, on_advisory
         self.lost_after_failures = lost_after_failures
+        self._advised: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="notice-watcher", daemon=True)
 
@@ -78,11 +159,23 @@ class NoticeWatcher:
     def stop(self) -> None:
         self._stop.set()
 
+    def _advise(self, notice: Notice) -> None:
+        if notice.action not in self._advised and self.on_advisory is not None:
+            self._advised.add(notice.action)
+            self.on_advisory(notice)
+
+    def _check(self) -> Notice | None:
+        raise NotImplementedError
+
+    def _pause(self) -> bool:
+        """Wait before the next check; True when asked to stop."""
+        raise NotImplementedError
+
     def _run(self) -> None:
         failures = 0
-        while not self._stop.wait(self.poll_seconds):
+        while not self._pause():
             try:
-                notice = self.client.spot_notice()
+                notice = self._check()
                 failures = 0
             except (OSError, ValueError, KeyError):
                 failures += 1
@@ -93,3 +186,75 @@ class NoticeWatcher:
             if notice is not None:
                 self.on_notice(notice)
                 return
+
+
+class NoticeWatcher(_Watcher):
+    """AWS: polls `spot/instance-action` and `events/recommendations/rebalance`."""
+
+    def __init__(self, client: ImdsV2Client, on_notice: Callable[[Notice | None], None],
+                 poll_seconds: float = 1.0, lost_after_failures: int = 5,
+                 on_advisory: Callable[[Notice], None] | None = None):
+        super().__init__(on_notice, on_advisory, lost_after_failures)
+        self.client, self.poll_seconds = client, poll_seconds
+
+    def _pause(self) -> bool:
+        return self._stop.wait(self.poll_seconds)
+
+    def _check(self) -> Notice | None:
+        notice = self.client.spot_notice()
+        if notice is None and "rebalance" not in self._advised:
+            rebalance = self.client.rebalance_notice()
+            if rebalance is not None:
+                self._advise(rebalance)
+        return notice
+
+
+class GceNoticeWatcher(_Watcher):
+    """GCE: a hanging GET on `instance/preempted` (woken by any change), then `maintenance-event`."""
+
+    def __init__(self, client: GceMetadataClient, on_notice: Callable[[Notice | None], None],
+                 wait_seconds: float = 10.0, lost_after_failures: int = 5,
+                 on_advisory: Callable[[Notice], None] | None = None):
+        super().__init__(on_notice, on_advisory, lost_after_failures)
+        self.client, self.wait_seconds = client, wait_seconds
+        self._etag: str | None = None
+
+    def _pause(self) -> bool:
+        return self._stop.is_set()  # the hanging GET is the pause
+
+    def _check(self) -> Notice | None:
+        preempted, self._etag = self.client.preempted(self._etag, wait=self._etag is not None,
+                                                      timeout_sec=self.wait_seconds)
+        if preempted:
+            return Notice("preempted", _iso(time.time() + GCE_NOTICE_SECONDS))
+        event = self.client.maintenance_event()
+        if event.startswith("TERMINATE"):
+            return Notice("maintenance", _iso(time.time() + GCE_NOTICE_SECONDS))
+        if event != "NONE":
+            self._advise(Notice(event.lower(), _iso(time.time())))
+        return None
+
+
+def watcher_settings(config: dict, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+    """(kind, url) of the VM's metadata service: the environment first (systemd, the local
+    provider), then the user-data's `metadata`; None when there is none to watch."""
+    if environ is None:
+        environ = os.environ
+    metadata = config.get("metadata") or {}
+    url = environ.get("SPOTRAIN_METADATA_URL") or metadata.get("url") or config.get("metadata_url")
+    kind = environ.get("SPOTRAIN_METADATA_KIND") or metadata.get("kind") or "aws-imdsv2"
+    if kind not in KINDS:
+        raise ValueError(f"unknown metadata kind {kind!r}; valid: {', '.join(KINDS)}")
+    return (kind, url) if url else None
+
+
+def make_client(kind: str, url: str) -> ImdsV2Client | GceMetadataClient:
+    return GceMetadataClient(url) if kind == "gce" else ImdsV2Client(url)
+
+
+def make_watcher(kind: str, url: str, on_notice: Callable[[Notice | None], None],
+                 on_advisory: Callable[[Notice], None] | None = None) -> _Watcher:
+    client = make_client(kind, url)
+    if isinstance(client, GceMetadataClient):
+        return GceNoticeWatcher(client, on_notice, on_advisory=on_advisory)
+    return NoticeWatcher(client, on_notice, on_advisory=on_advisory)

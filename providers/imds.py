@@ -4,7 +4,9 @@ Each local "VM" runs one, so its agent finds preemption notices exactly as on EC
 `PUT /latest/api/token` with `X-aws-ec2-metadata-token-ttl-seconds` returns a session token;
 every `GET` must carry it in `X-aws-ec2-metadata-token` (401 without a valid one);
 `GET /latest/meta-data/spot/instance-action` is 404 until a notice, then
-`{"action": "terminate", "time": "2026-01-01T00:00:00Z"}`.
+`{"action": "terminate", "time": "2026-01-01T00:00:00Z"}`;
+`GET /latest/meta-data/events/recommendations/rebalance` is 404 until a rebalance
+recommendation, then `{"noticeTime": "2026-01-01T00:00:00Z"}`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class MetadataState:
         self._lock = threading.Lock()
         self._tokens: dict[str, float] = {}
         self._notice: dict | None = None
+        self._rebalance: dict | None = None
         self.documents = {
             "instance-id": instance_id,
             "instance-type": instance_type,
@@ -55,6 +58,15 @@ class MetadataState:
         with self._lock:
             if self._notice is None:
                 self._notice = {"action": "terminate", "time": iso_utc(terminate_at)}
+
+    def post_rebalance(self, at: float) -> None:
+        with self._lock:
+            if self._rebalance is None:
+                self._rebalance = {"noticeTime": iso_utc(at)}
+
+    def rebalance(self) -> dict | None:
+        with self._lock:
+            return dict(self._rebalance) if self._rebalance else None
 
     def notice(self) -> dict | None:
         with self._lock:
@@ -101,6 +113,10 @@ class _Handler(BaseHTTPRequestHandler):
         if key == "spot/instance-action":
             notice = self.server.state.notice()
             return self._reply(200, json.dumps(notice), "application/json") if notice else self._reply(404, "Not Found")
+        if key == "events/recommendations/rebalance":
+            rebalance = self.server.state.rebalance()
+            return (self._reply(200, json.dumps(rebalance), "application/json") if rebalance
+                    else self._reply(404, "Not Found"))
         if key in self.server.state.documents:
             return self._reply(200, self.server.state.documents[key])
         self._reply(404, "Not Found")

@@ -42,6 +42,7 @@ def launch(
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
     from spotrain.config import load_spec
+    from spotrain.providers.base import ProviderError
 
     try:
         spec = load_spec(config)
@@ -55,6 +56,7 @@ def launch(
         from spotrain import cluster_ops
 
         if detach:
+            cluster_ops.checked_provider(spec)  # a missing credential fails here, not in the background
             pid = cluster_ops.controller_pid(spec.name)
             if pid:
                 raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
@@ -66,7 +68,7 @@ def launch(
                           f"follow with `spotrain status {spec.name}`")
             return
         reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
-    except SpotrainError as error:
+    except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
     say(f"run ended: {reason}")

@@ -65,6 +65,18 @@ def checkpoint_store(spec: ClusterSpec) -> str:
     return spec.checkpoint.stores[0] if spec.checkpoint.stores else str(cluster_dir(spec.name) / "checkpoints")
 
 
+def checked_provider(spec: ClusterSpec):
+    """The spec's provider, once every enabled cloud's credentials work: before anything is launched."""
+    from spotrain.providers.base import AuthError
+
+    provider = make_provider(spec)
+    try:
+        provider.check_credentials()
+    except AuthError as error:
+        raise SpotrainError(str(error)) from None  # names the provider: "aws: no credentials found ..."
+    return provider
+
+
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
@@ -73,6 +85,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
     from spotrain.swarm_view import SwarmView
 
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a long final tick is expected, not news
+    provider = checked_provider(spec)
     with controller_lock(spec.name):
         ledger = Ledger.create(ledger_path(spec.name))
         now = time.time()
@@ -81,7 +94,6 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         if duration is not None:
             ledger.set_meta(end_key, now + duration)
         end_at = ledger.meta(end_key)  # a restarted controller keeps the first one's deadline
-        provider = make_provider(spec)
         running = [i for i in provider.list_instances(spec.name) if i.state == "running"]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from spotrain.errors import SpecError
 
@@ -123,8 +132,94 @@ class LocalProvider(_Frozen):
         return value
 
 
+_ZONE_PATTERN = r"^[a-z][a-z0-9-]*[a-z0-9]$"
+
+
+class AwsProvider(_Frozen):
+    """Spot instances on EC2; credentials come from boto3's standard chain, the endpoint from AWS_ENDPOINT_URL."""
+
+    regions: tuple[str, ...] = Field(min_length=1)
+    zones: tuple[str, ...] | None = Field(default=None, description="availability zones to use; None = all of regions'")
+    instance_types: tuple[str, ...] = Field(default=("g4dn.xlarge",), min_length=1)
+    max_price_usd_per_hour: float | None = Field(default=None, gt=0, description="spot bid cap; None = on-demand price")
+    image_id: str | None = Field(default=None, description="AMI; None = the newest Ubuntu 22.04 Deep Learning AMI")
+    key_name: str | None = None
+    subnets: dict[str, str] = Field(default_factory=dict, description="availability zone -> subnet id")
+    iam_instance_profile: str | None = Field(default=None, description="the worker role's instance profile name")
+    worker_image: str | None = Field(default=None, description="run the agent from this image; None = pip install")
+    swarm_port: int = Field(default=31337, ge=1024, le=65535)
+    controller_cidr: str | None = Field(default=None, description="the controller's address, e.g. 203.0.113.7/32")
+
+    @field_validator("regions", "zones")
+    @classmethod
+    def _names(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in value or ():
+            if not re.match(_ZONE_PATTERN, name):
+                raise ValueError(f"bad region or zone name {name!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _zones_in_regions(self) -> AwsProvider:
+        for zone in self.zones or ():
+            if not any(region_of_zone("aws", zone) == region for region in self.regions):
+                raise ValueError(f"zone {zone!r} is in none of the regions {', '.join(self.regions)}")
+        return self
+
+
+class GcpProvider(_Frozen):
+    """Spot VMs on Compute Engine; credentials from Application Default Credentials."""
+
+    project: str = Field(pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+    zones: tuple[str, ...] = Field(min_length=1)
+    machine_types: tuple[str, ...] = Field(default=("g2-standard-4",), min_length=1)
+    api_endpoint: str | None = Field(default=None, description="Compute Engine API root; None = Google's")
+    image: str = "projects/ubuntu-os-cloud/global/images/family/ubuntu-2204-lts"
+    network: str = "global/networks/default"
+    service_account: str | None = Field(default=None, description="the worker's service account e-mail")
+    worker_image: str | None = Field(default=None, description="run the agent from this image; None = pip install")
+    spot_prices_usd_per_hour: dict[str, float] = Field(default_factory=dict, description="machine type -> USD/h")
+    swarm_port: int = Field(default=31337, ge=1024, le=65535)
+    controller_cidr: str | None = None
+
+    @model_validator(mode="after")
+    def _priced(self) -> GcpProvider:
+        from spotrain.providers.gcp_prices import SPOT_USD_PER_HOUR, spot_price
+
+        for machine_type in self.machine_types:
+            if spot_price(machine_type, self.spot_prices_usd_per_hour) is None:
+                raise ValueError(f"no spot price for machine type {machine_type!r}: set spot_prices_usd_per_hour "
+                                 f"or use one of {', '.join(SPOT_USD_PER_HOUR)}")
+        return self
+
+    @field_validator("zones")
+    @classmethod
+    def _zone_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for zone in value:
+            if not re.match(r"^[a-z]+-[a-z]+[0-9]+-[a-z]$", zone):
+                raise ValueError(f"bad zone name {zone!r} (e.g. us-central1-a)")
+        return value
+
+
+def region_of_zone(provider: str, zone: str) -> str:
+    """us-east-1a -> us-east-1 (AWS); us-central1-a -> us-central1 (GCP)."""
+    return zone.rsplit("-", 1)[0] if provider == "gcp" else zone.rstrip("abcdefghijklmnopqrstuvwxyz")
+
+
 class Providers(_Frozen):
-    local: LocalProvider = LocalProvider()  # the embedded default, always enabled
+    # The embedded default: enabled when named in the spec or when no cloud provider is.
+    local: LocalProvider = LocalProvider()
+    aws: AwsProvider | None = None
+    gcp: GcpProvider | None = None
+
+    def enabled(self) -> list[str]:
+        clouds = [name for name in ("aws", "gcp") if getattr(self, name) is not None]
+        return (["local"] if "local" in self.model_fields_set or not clouds else []) + clouds
+
+    @model_serializer(mode="wrap")
+    def _dump_enabled_only(self, handler):  # a dumped spec (the ledger keeps one) loads back the same
+        data = handler(self)
+        enabled = self.enabled()
+        return {key: value for key, value in data.items() if key in enabled}
 
 
 class ClusterSpec(_Frozen):
@@ -145,12 +240,34 @@ class ClusterSpec(_Frozen):
         return self
 
     def known_locations(self) -> list[str]:
+        """Every location a spec may name: its providers' and the catalog's (for planning)."""
         from spotrain.market import known_locations
 
-        return [f"local:{zone}" for zone in self.providers.local.locations] + sorted(known_locations())
+        return self.provider_locations() + sorted(known_locations() - set(self.provider_locations()))
+
+    def provider_locations(self) -> list[str]:
+        """Local zones, cloud regions and their configured zones, of the enabled providers."""
+        providers, known = self.providers, []
+        if "local" in providers.enabled():
+            known += [f"local:{zone}" for zone in providers.local.locations]
+        if providers.aws is not None:
+            known += [f"aws:{region}" for region in providers.aws.regions]
+            known += [f"aws:{zone}" for zone in providers.aws.zones or ()]
+        if providers.gcp is not None:
+            known += list(dict.fromkeys(f"gcp:{region_of_zone('gcp', z)}" for z in providers.gcp.zones))
+            known += [f"gcp:{zone}" for zone in providers.gcp.zones]
+        return known
 
     def allowed_locations(self) -> list[str]:
-        return list(self.placement.locations or [f"local:{zone}" for zone in self.providers.local.locations])
+        return list(self.placement.locations or self.provider_locations())
+
+    def allows(self, location: str) -> bool:
+        """True when `location` ("aws:us-east-1a") is allowed itself or through its region ("aws:us-east-1")."""
+        allowed = self.allowed_locations()
+        if location in allowed:
+            return True
+        provider, _, zone = location.partition(":")
+        return provider in ("aws", "gcp") and f"{provider}:{region_of_zone(provider, zone)}" in allowed
 
     def with_budget(self, total_usd: float) -> ClusterSpec:
         if total_usd <= 0:

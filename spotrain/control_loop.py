@@ -53,10 +53,9 @@ class ControlLoop:
         self.policy = policy or get_policy(spec.placement.policy, task_profile(spec))
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
-        allowed = set(spec.allowed_locations())
         gpus = set(spec.placement.gpu)
         self.offers = tuple(o for o in provider.offers()
-                            if o.location in allowed and (not gpus or o.gpu in gpus or o.provider == "local"))
+                            if spec.allows(o.location) and (not gpus or o.gpu in gpus or o.provider == "local"))
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
@@ -82,7 +81,7 @@ class ControlLoop:
         known = {row.request_id for row in self.ledger.instances()}
         for request, instance in seen.items():
             if request not in known and instance.state == "running":
-                self.ledger.record_request(self.run.id, request, self.provider.name, instance.location,
+                self.ledger.record_request(self.run.id, request, instance.location.split(":", 1)[0], instance.location,
                                            instance.price_usd_per_hour, instance.launched_at, reason="adopted")
         for row in self.ledger.instances(states=LIVE_STATES):
             instance = seen.get(row.request_id)
@@ -141,7 +140,8 @@ class ControlLoop:
     def desired(self) -> Desired:
         return Desired(
             cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
-            offers=self.offers, guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
+            offers=self.offers,
+            guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
             end_at=self.settings.end_at, target_epoch=self.settings.target_epoch,
             target_samples=self.spec.training.target_samples,
             deadline=(self.run.started_at + self.spec.budget.deadline_hours * 3600.0
@@ -219,7 +219,7 @@ class ControlLoop:
                 self.failed_at[offer.location] = (now, in_a_row)  # the planner moves on to the next offer
                 self.refused_this_tick = True
             self.ledger.mark_ended(request_id, "failed", now, f"{type(error).__name__}: {error}", self.run.id)
-            self.say(f"launch in {offer.location} failed: {type(error).__name__}: {error}")
+            self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
         self.failed_at.pop(offer.location, None)

@@ -1,4 +1,4 @@
-"""Builds the provider a spec enables."""
+"""Builds the provider a spec enables: one object over every enabled provider."""
 
 from __future__ import annotations
 
@@ -7,6 +7,20 @@ from spotrain.home import local_cloud_dir
 
 
 def make_provider(spec: ClusterSpec):
-    from spotrain.providers.local import LocalProvider
+    from spotrain.providers.multi import MultiProvider
 
-    return LocalProvider(spec.providers.local, local_cloud_dir())
+    providers = []
+    enabled = spec.providers.enabled()
+    if "local" in enabled:
+        from spotrain.providers.local import LocalProvider
+
+        providers.append(LocalProvider(spec.providers.local, local_cloud_dir()))
+    if "aws" in enabled:
+        from spotrain.providers.aws import AwsProvider
+
+        providers.append(AwsProvider(spec.providers.aws))
+    if "gcp" in enabled:
+        from spotrain.providers.gcp import GcpProvider
+
+        providers.append(GcpProvider(spec.providers.gcp))
+    return MultiProvider(providers)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["clouds"]  # moto's server, the GCE fake and their helpers, as fixtures
 
 
 @pytest.fixture

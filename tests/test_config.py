@@ -31,7 +31,9 @@ def test_example_spec_loads():
 def test_defaults_enable_the_local_provider(tmp_path):
     spec = load_spec(write(tmp_path, GOOD))
     assert spec.providers.local is not None
-    assert spec.known_locations() == ["local:zone-a", "local:zone-b"]
+    assert spec.provider_locations() == ["local:zone-a", "local:zone-b"]
+    assert spec.allowed_locations() == ["local:zone-a", "local:zone-b"]
+    assert "aws:us-east-1a" in spec.known_locations()  # the catalog: for plan and simulate
 
 
 @pytest.mark.parametrize(

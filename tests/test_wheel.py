@@ -16,9 +16,10 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     (wheel,) = dist.glob("spotrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for path in ("spotrain/providers/local.py", "spotrain/agents/daemon.py", "spotrain/kernels/codecs.py",
-                 "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE"):
+                 "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE", "spotrain/providers/aws.py",
+                 "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service"):
         assert path in names
-    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "tests/"))]
+    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "infra/", "tests/"))]
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -28,8 +29,11 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"])
     code = ("import spotrain, spotrain.providers.local, spotrain.agents.daemon, spotrain.kernels as k; "
             "from spotrain.providers.local_schedule import trace_nodes; "
-            "print(spotrain.__file__); print(len(trace_nodes('bamboo-p3')[0])); print(k.get_codec('float16'))")
+            "from spotrain.providers.bootstrap import render_cloud_init; "
+            "print(spotrain.__file__); print(len(trace_nodes('bamboo-p3')[0])); print(k.get_codec('float16')); "
+            "print(render_cloud_init({'cluster': 'c'}, 'aws').splitlines()[0])")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.splitlines()
     assert out[0].startswith(str(venv))
     assert out[1] == "177"
+    assert out[3] == "#cloud-config"  # infra/ templates ship as package data

@@ -1,0 +1,1 @@
+"""What cloud VMs are bootstrapped with: templates and policies, shipped as package data."""

@@ -1,0 +1,74 @@
+"""Renders a cloud VM's user-data from infra/: cloud-init that installs and starts the agent.
+
+The agent's config goes in as JSON (see infra/README.md); nothing secret may be in it, and
+`render_cloud_init` refuses keys that look like credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shlex
+from importlib import resources
+from string import Template
+
+from spotrain import __version__
+
+SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|private_key|access_key", re.IGNORECASE)
+AGENT_CONFIG_PATH = "/etc/spotrain/user-data.json"
+METADATA = {  # where each cloud's agent finds its metadata service
+    "aws": ("aws-imdsv2", "http://169.254.169.254"),
+    "gcp": ("gce", "http://metadata.google.internal"),
+}
+
+
+def infra_text(name: str) -> str:
+    return resources.files("spotrain.infra").joinpath(name).read_text()
+
+
+def secret_keys(value: object, path: str = "") -> list[str]:
+    """Key paths in `value` whose names look like credentials."""
+    found = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if SECRET_KEY.search(str(key)):
+                found.append(where)
+            found += secret_keys(item, where)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found += secret_keys(item, f"{path}.{index}")
+    return found
+
+
+def agent_config(user_data: dict, cloud: str, **extra: object) -> dict:
+    kind, url = METADATA[cloud]
+    return dict(user_data, metadata={"kind": kind, "url": url}, **extra)
+
+
+def render_cloud_init(config: dict, cloud: str, worker_image: str | None = None) -> str:
+    """The #cloud-config for one worker; `worker_image` runs the agent in Docker, else pip installs it."""
+    leaked = secret_keys(config)
+    if leaked:
+        raise ValueError(f"refusing to put credential-like keys in user-data: {', '.join(leaked)}")
+    kind, url = METADATA[cloud]
+    if worker_image:
+        install = f"docker pull {shlex.quote(worker_image)}"
+        exec_start = (f"/usr/bin/docker run --rm --name spotrain-agent --network host --gpus all "
+                      f"-v /etc/spotrain:/etc/spotrain:ro -e SPOTRAIN_METADATA_KIND -e SPOTRAIN_METADATA_URL "
+                      f"{worker_image} --user-data {AGENT_CONFIG_PATH}")
+        groups = "docker"
+    else:
+        package = f"spotrain=={__version__}"
+        install = f"python3 -m venv /opt/spotrain && /opt/spotrain/bin/pip install --quiet '{package}'"
+        exec_start = f"/opt/spotrain/bin/spotrain agent --user-data {AGENT_CONFIG_PATH}"
+        groups = ""
+    unit = Template(infra_text("spotrain-agent.service")).substitute(
+        metadata_kind=kind, metadata_url=url, exec_start=exec_start, groups=groups)
+    agent_json = json.dumps(config, sort_keys=True)
+    return Template(infra_text("cloud-init.yaml.tmpl")).substitute(
+        agent_json_b64=base64.b64encode(agent_json.encode()).decode(),
+        unit_b64=base64.b64encode(unit.encode()).decode(),
+        install_command=install.replace('"', '\\"'),
+    )

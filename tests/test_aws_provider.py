@@ -1,0 +1,107 @@
+"""The AWS provider with the real boto3 against moto's server (and a proxy that injects EC2 errors)."""
+
+import base64
+import json
+
+import boto3
+import pytest
+import yaml
+from clouds import AWS_IMAGE, AWS_REGION, aws_instances, preempt_aws
+from spotrain.providers.aws import AwsProvider, client_token
+from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, PriceError, QuotaError
+
+from spotrain.config import AwsProvider as AwsConfig
+
+USER_DATA = {"cluster": "c1", "initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/Qm"], "task": "m:t"}
+
+
+def provider(**overrides) -> AwsProvider:
+    config = {"regions": [AWS_REGION], "zones": ["us-east-1a", "us-east-1b"], "image_id": AWS_IMAGE,
+              "controller_cidr": "203.0.113.7/32", **overrides}
+    return AwsProvider(AwsConfig.model_validate(config))
+
+
+def request(p: AwsProvider, request_id: str, zone: str = "us-east-1a") -> LaunchRequest:
+    (offer,) = [o for o in p.offers() if o.location == f"aws:{zone}"]
+    return LaunchRequest(request_id, "c1", offer, USER_DATA)
+
+
+def test_offers_come_from_the_spot_price_history(aws):
+    offers = provider(instance_types=["g4dn.xlarge", "g5.xlarge"]).offers()
+    assert {(o.location, o.instance_type) for o in offers} == {
+        (f"aws:{z}", t) for z in ("us-east-1a", "us-east-1b") for t in ("g4dn.xlarge", "g5.xlarge")}
+    assert {o.gpu for o in offers} == {"T4", "A10G"}
+    assert all(o.provider == "aws" and o.spot_usd_per_hour > 0 for o in offers)
+    assert provider(max_price_usd_per_hour=1e-6).offers() == []  # moto's price is above this cap
+
+
+def test_launch_is_a_tagged_one_time_spot_instance_with_cloud_init(aws):
+    p = provider(max_price_usd_per_hour=0.5)
+    instance = p.launch(request(p, "c1-r00000"))
+    assert instance.state == "running" and instance.location == "aws:us-east-1a"
+    assert instance.request_id == "c1-r00000" and instance.cluster == "c1"
+    (described,) = aws_instances()
+    assert described["InstanceLifecycle"] == "spot" and described["ClientToken"] == client_token("c1-r00000")
+    tags = {t["Key"]: t["Value"] for t in described["Tags"]}
+    assert tags["spotrain:cluster"] == "c1" and tags["spotrain:role"] == "worker"
+    ec2 = boto3.client("ec2", region_name=AWS_REGION)
+    raw = ec2.describe_instance_attribute(InstanceId=instance.instance_id, Attribute="userData")["UserData"]["Value"]
+    cloud_init = yaml.safe_load(base64.b64decode(raw))
+    files = {f["path"]: base64.b64decode(f["content"]).decode() for f in cloud_init["write_files"]}
+    agent = json.loads(files["/etc/spotrain/user-data.json"])
+    assert agent["cluster"] == "c1" and agent["metadata"] == {"kind": "aws-imdsv2", "url": "http://169.254.169.254"}
+    assert "instance_id" not in agent  # the agent asks IMDS: only the VM knows its id at boot
+    assert "Restart=on-failure" in files["/etc/systemd/system/spotrain-agent.service"]
+    (group,) = ec2.describe_security_groups(GroupIds=[described["SecurityGroups"][0]["GroupId"]])["SecurityGroups"]
+    assert group["GroupName"] == "spotrain-c1"
+    for rule in group["IpPermissions"]:  # the swarm port only, from the group itself and the controller
+        assert rule["FromPort"] == rule["ToPort"] == 31337
+        assert [pair["GroupId"] for pair in rule["UserIdGroupPairs"]] == [group["GroupId"]]
+        assert [r["CidrIp"] for r in rule["IpRanges"]] == ["203.0.113.7/32"]
+
+
+def test_a_reissued_request_returns_its_instance(aws):
+    p = provider()
+    first = p.launch(request(p, "c1-r00001"))
+    again = provider().launch(request(p, "c1-r00001"))  # a restarted controller, a fresh client
+    assert again.instance_id == first.instance_id
+    assert len(aws_instances()) == 1
+    other = p.launch(request(p, "c1-r00002", zone="us-east-1b"))
+    assert {i.instance_id for i in p.list_instances("c1")} == {first.instance_id, other.instance_id}
+    assert p.list_instances("someone-else") == []
+
+
+def test_preempted_and_terminated_are_told_apart(aws):
+    p = provider()
+    lost = p.launch(request(p, "c1-r00003"))
+    ended = p.launch(request(p, "c1-r00004"))
+    preempt_aws(lost.instance_id)
+    p.terminate(ended.instance_id)
+    p.terminate(ended.instance_id)  # idempotent
+    p.terminate("i-0123456789abcdef0")  # unknown here: nothing happens
+    states = {i.instance_id: (i.state, i.end_reason) for i in provider().list_instances("c1")}
+    assert states[lost.instance_id] == ("preempted", "spot interruption")
+    assert states[ended.instance_id][0] == "terminated"
+
+
+@pytest.mark.parametrize("code, status, error", [
+    ("InsufficientInstanceCapacity", 500, CapacityError),
+    ("MaxSpotInstanceCountExceeded", 400, QuotaError),
+    ("SpotMaxPriceTooLow", 400, PriceError),
+    ("UnauthorizedOperation", 403, AuthError),
+])
+def test_ec2_errors_become_typed_errors(ec2_faults, code, status, error):
+    p = provider()
+    ec2_faults.faults["us-east-1a"] = (code, status)
+    with pytest.raises(error, match=code):
+        p.launch(request(p, "c1-r00005"))
+    assert code in ec2_faults.hits
+    assert p.launch(request(p, "c1-r00006", zone="us-east-1b")).state == "running"  # other zones still work
+
+
+def test_missing_credentials_fail_with_a_line_naming_aws(aws, monkeypatch):
+    provider().check_credentials()  # moto accepts the test keys
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(AuthError, match=r"^aws: no credentials found"):
+        provider().check_credentials()

@@ -1,0 +1,197 @@
+"""The composite provider, the cloud spec sections, user-data rendering, and the control loop
+moving on from a location without capacity (GCE fake, real client)."""
+
+import base64
+import json
+
+import pytest
+import yaml
+from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
+from spotrain.providers.base import LaunchRequest
+from spotrain.providers.bootstrap import render_cloud_init
+from spotrain.providers.gcp import GcpProvider
+from spotrain.providers.local import LocalProvider
+from spotrain.providers.multi import MultiProvider
+from test_control_loop import WORKLOAD, QuietSwarm
+
+from spotrain.config import ClusterSpec
+from spotrain.control_loop import ControlLoop, LoopSettings
+from spotrain.ledger import Ledger
+from spotrain.provider_factory import make_provider
+
+
+def spec(server, **placement) -> ClusterSpec:
+    return ClusterSpec.model_validate({
+        "name": "cc", "budget": {"total_usd": 5.0},
+        "placement": {"workers": 2, "backups": 0, **placement},
+        "providers": {"gcp": {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": server.url,
+                              "machine_types": ["n1-standard-4"]}},
+    })
+
+
+def test_cloud_sections_add_known_locations_and_disable_the_default_local(gce):
+    s = spec(gce, locations=["gcp:us-central1"])
+    assert s.providers.enabled() == ["gcp"]
+    assert s.provider_locations() == ["gcp:us-central1", "gcp:us-central1-a", "gcp:us-central1-b"]
+    assert s.allows("gcp:us-central1-b") and not s.allows("gcp:europe-west4-a") and not s.allows("local:zone-a")
+    assert ClusterSpec.model_validate(s.model_dump(mode="json")).providers.enabled() == ["gcp"]
+    both = ClusterSpec.model_validate({"name": "x", "budget": {"total_usd": 1}, "providers": {
+        "local": {}, "aws": {"regions": ["us-east-1"], "zones": ["us-east-1a"]}}})
+    assert both.providers.enabled() == ["local", "aws"]
+    assert both.provider_locations() == ["local:zone-a", "local:zone-b", "aws:us-east-1", "aws:us-east-1a"]
+    assert isinstance(make_provider(s), MultiProvider)
+
+
+@pytest.mark.parametrize("providers, message", [
+    ({"gcp": {"project": PROJECT, "zones": ["us-central1"]}}, "providers.gcp.zones: bad zone name 'us-central1'"),
+    ({"gcp": {"project": PROJECT, "zones": ["us-central1-a"], "machine_types": ["m9-huge"]}},
+     "no spot price for machine type 'm9-huge'"),
+    ({"aws": {"regions": ["us-east-1"], "zones": ["eu-west-1a"]}}, "zone 'eu-west-1a' is in none of the regions"),
+    ({"aws": {"regions": []}}, "providers.aws.regions"),
+    ({"aws": {"regions": ["us-east-1"], "bid": 3}}, "providers.aws.bid: unknown key"),
+])
+def test_bad_cloud_sections_are_one_line_errors(tmp_path, providers, message):
+    from spotrain.config import load_spec
+    from spotrain.errors import SpecError
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "budget": {"total_usd": 1}, "providers": providers}))
+    with pytest.raises(SpecError, match=message) as caught:
+        load_spec(path)
+    assert "\n" not in str(caught.value) and str(path) in str(caught.value)
+
+
+def test_user_data_refuses_credentials_and_carries_the_agent_config():
+    with pytest.raises(ValueError, match="training.aws_secret_access_key"):
+        render_cloud_init({"cluster": "c", "training": {"aws_secret_access_key": "x"}}, "aws")
+    rendered = yaml.safe_load(render_cloud_init({"cluster": "c"}, "gcp", worker_image="registry/w:1"))
+    files = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}
+    assert json.loads(files["/etc/spotrain/user-data.json"]) == {"cluster": "c"}
+    unit = files["/etc/systemd/system/spotrain-agent.service"]
+    assert "docker run" in unit and "SPOTRAIN_METADATA_KIND=gce" in unit and "Restart=on-failure" in unit
+    assert rendered["runcmd"][-1] == ["systemctl", "enable", "--now", "spotrain-agent.service"]
+
+
+def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_path):
+    s = ClusterSpec.model_validate({"name": "cc", "budget": {"total_usd": 1}, "providers": {
+        "local": {"time_compression": 0.001, "notice_seconds": 1}, "gcp": {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": gce.url,
+                                                      "machine_types": ["n1-standard-4"]}}})
+    local = LocalProvider(s.providers.local, tmp_path / "cloud", workload=WORKLOAD)
+    multi = MultiProvider([local, GcpProvider(s.providers.gcp)])
+    assert multi.termination_lag_seconds == max(local.termination_lag_seconds, 90.0)
+    offers = {o.location: o for o in multi.offers()}
+    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"], {}))
+    on_local = multi.launch(LaunchRequest("cc-r00001", "cc", offers["local:zone-a"], {}))
+    assert {i.instance_id: i.location for i in multi.list_instances("cc")} == {
+        on_gcp.instance_id: "gcp:us-central1-b", on_local.instance_id: "local:zone-a"}
+    assert len(gce.state.all_instances()) == 1
+    for instance in (on_gcp, on_local):
+        multi.terminate(instance.instance_id)
+    assert gce.state.all_instances()[0]["status"] == "STOPPING"  # the delete went to GCE
+    local.terminate(on_local.instance_id)
+
+
+def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(gce, tmp_path):
+    s = spec(gce)
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
+    lines: list[str] = []
+    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(),
+                       say=lines.append)
+    gce.state.inject("us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED", times=5)
+    try:
+        for _ in range(3):
+            loop.tick()
+        live = [i for i in loop.provider.list_instances("cc") if i.state == "running"]
+        assert sorted(i.location for i in live) == ["gcp:us-central1-b", "gcp:us-central1-b"]
+        failures = [line for line in lines if "failed" in line]
+        assert len(failures) == 1 and "gcp:us-central1-a" in failures[0] and "CapacityError" in failures[0]
+        failed = [r for r in ledger.instances() if r.state == "failed"]
+        assert [r.location for r in failed] == ["gcp:us-central1-a"]
+        assert {r.provider for r in ledger.instances()} == {"gcp"}
+    finally:
+        loop.finish("test over")
+        ledger.close()
+    assert gce.state.live_instances() == []
+
+
+def test_an_aws_capacity_error_in_one_region_moves_the_controller_to_another(ec2_faults, tmp_path):
+    s = ClusterSpec.model_validate({
+        "name": "ca", "budget": {"total_usd": 5.0}, "placement": {"workers": 2, "backups": 0},
+        "providers": {"aws": {"regions": ["us-east-1", "us-west-2"], "zones": ["us-east-1a", "us-west-2a"],
+                              "image_id": AWS_IMAGE}},
+    })
+    ec2_faults.faults["us-east-1a"] = ("InsufficientInstanceCapacity", 500)
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
+    lines: list[str] = []
+    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    try:
+        for _ in range(3):
+            loop.tick()
+        live = [i for i in loop.provider.list_instances("ca") if i.state == "running"]
+        assert sorted(i.location for i in live) == ["aws:us-west-2a", "aws:us-west-2a"]
+        failures = [line for line in lines if "failed" in line]
+        assert len(failures) == 1 and "aws:us-east-1a" in failures[0] and "InsufficientInstanceCapacity" in failures[0]
+    finally:
+        loop.finish("test over")
+        ledger.close()
+    assert {i.state for i in loop.provider.list_instances("ca")} == {"terminated"}
+
+
+def test_every_provider_satisfies_the_protocol(gce):
+    from spotrain.providers.aws import AwsProvider
+    from spotrain.providers.base import Provider
+
+    s = spec(gce)
+    aws = AwsProvider(ClusterSpec.model_validate({"name": "x", "budget": {"total_usd": 1}, "providers": {
+        "aws": {"regions": ["us-east-1"]}}}).providers.aws)
+    for provider in (aws, GcpProvider(s.providers.gcp), make_provider(s)):
+        assert isinstance(provider, Provider)
+
+
+def test_the_cloud_example_spec_loads():
+    from conftest import ROOT
+
+    from spotrain.config import load_spec
+
+    s = load_spec(ROOT / "examples" / "clouds.yaml")
+    assert s.providers.enabled() == ["aws", "gcp"]
+    assert s.allows("aws:us-east-1b") and s.allows("gcp:us-central1-a") and not s.allows("local:zone-a")
+
+
+@pytest.mark.parametrize("worker_image", [None, "registry/spotrain-worker:1"])
+def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image):
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    rendered = yaml.safe_load(render_cloud_init({"cluster": "c"}, "aws", worker_image=worker_image))
+    unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
+        "/etc/systemd/system/spotrain-agent.service"]
+    # the command exists on the VM, not here: verify everything else with a stand-in
+    path = tmp_path / "spotrain-agent.service"
+    path.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", unit, flags=re.MULTILINE))
+    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert path.name not in result.stderr, result.stderr  # unknown keys and bad values are only warnings
+
+
+def test_the_iam_policies_are_least_privilege():
+    from conftest import ROOT
+
+    for name in ("aws-controller-policy.json", "aws-worker-policy.json"):
+        policy = json.loads((ROOT / "infra" / name).read_text())
+        for statement in policy["Statement"]:
+            actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+            assert statement["Effect"] == "Allow" and not any(a.endswith("*") for a in actions), statement
+            if statement["Resource"] == "*":  # only reads, and tags written while creating
+                assert all(a.split(":")[1].startswith("Describe") for a in actions) or "Condition" in statement
+            if set(actions) & {"ec2:TerminateInstances", "ec2:AuthorizeSecurityGroupIngress", "iam:PassRole"}:
+                assert "Condition" in statement, statement
+    role = yaml.safe_load((ROOT / "infra" / "gcp-controller-role.yaml").read_text())
+    assert all(p.startswith("compute.") for p in role["includedPermissions"])
+    assert "compute.instances.delete" in role["includedPermissions"]

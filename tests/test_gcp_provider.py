@@ -1,0 +1,141 @@
+"""The GCP provider with the real google-cloud-compute client (REST) and google-auth against the GCE fake."""
+
+import base64
+import json
+import time
+import uuid
+
+import pytest
+import yaml
+from clouds import GCE_ZONES, PROJECT
+from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, QuotaError
+from spotrain.providers.gcp import GcpProvider, instance_name, request_uuid
+
+from spotrain.config import GcpProvider as GcpConfig
+
+USER_DATA = {"cluster": "c2", "initial_peers": [], "task": "m:t"}
+
+
+def provider(server, **overrides) -> GcpProvider:
+    config = {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": server.url,
+              "controller_cidr": "203.0.113.7/32", **overrides}
+    return GcpProvider(GcpConfig.model_validate(config))
+
+
+def request(p: GcpProvider, request_id: str, zone: str = "us-central1-a") -> LaunchRequest:
+    (offer,) = [o for o in p.offers() if o.location == f"gcp:{zone}"]
+    return LaunchRequest(request_id, "c2", offer, USER_DATA)
+
+
+def inserts(server) -> list[dict]:
+    return [q for method, path, q in server.requests if method == "POST" and path.endswith("/instances")]
+
+
+def test_offers_use_the_built_in_table_or_the_spec(gce):
+    offers = provider(gce, machine_types=["g2-standard-4", "n1-standard-4"],
+                      spot_prices_usd_per_hour={"n1-standard-4": 0.05}).offers()
+    prices = {(o.location, o.instance_type): (o.spot_usd_per_hour, o.gpu) for o in offers}
+    assert prices[("gcp:us-central1-b", "g2-standard-4")] == (0.28, "L4")
+    assert prices[("gcp:us-central1-a", "n1-standard-4")] == (0.05, None)
+
+
+def test_launch_makes_a_labelled_spot_vm_after_waiting_on_its_operation(gce):
+    p = provider(gce)
+    instance = p.launch(request(p, "c2-r00000"))
+    assert instance.instance_id == instance_name("c2-r00000") and instance.state == "running"
+    assert instance.request_id == "c2-r00000" and instance.location == "gcp:us-central1-a"
+    stored = gce.state.instances["us-central1-a"][instance.instance_id]
+    assert stored["status"] == "RUNNING"  # the insert operation was waited on
+    assert stored["scheduling"]["provisioningModel"] == "SPOT"
+    assert stored["scheduling"]["instanceTerminationAction"] == "DELETE"
+    assert stored["labels"] == {"spotrain-cluster": "c2", "spotrain-role": "worker", "spotrain-request": "c2-r00000"}
+    metadata = {item["key"]: item["value"] for item in stored["metadata"]["items"]}
+    assert metadata["startup-script"].startswith("#!/bin/sh")
+    cloud_init = yaml.safe_load(metadata["user-data"])
+    files = {f["path"]: base64.b64decode(f["content"]).decode() for f in cloud_init["write_files"]}
+    agent = json.loads(files["/etc/spotrain/user-data.json"])
+    assert agent["instance_id"] == instance.instance_id
+    assert agent["metadata"] == {"kind": "gce", "url": "http://metadata.google.internal"}
+    (firewall,) = gce.state.firewalls.values()
+    assert {a["IPProtocol"] for a in firewall["allowed"]} == {"tcp", "udp"}
+    assert all(a["ports"] == ["31337"] for a in firewall["allowed"])
+    assert firewall["sourceTags"] == firewall["targetTags"] == stored["tags"]["items"]
+    assert firewall["sourceRanges"] == ["203.0.113.7/32"]
+    assert inserts(gce)[0]["requestId"] == [request_uuid("c2-r00000", "insert")]
+    uuid.UUID(request_uuid("c2-r00000", "insert"))
+
+
+def test_a_reissued_request_never_makes_a_second_vm(gce):
+    p = provider(gce)
+    first = p.launch(request(p, "c2-r00001"))
+    again = provider(gce).launch(request(p, "c2-r00001"))  # a restarted controller
+    assert again.instance_id == first.instance_id
+    assert len(inserts(gce)) == 1  # found by name, not inserted again
+    # the fake honours requestId like the API: the same request id gives back the same operation
+    body = {"name": "x-1", "machineType": "zones/us-central1-a/machineTypes/n1-standard-4", "disks": [{"boot": True}]}
+    with gce.state.lock:
+        one = gce.state.insert_instance("us-central1-a", body, request_uuid("r", "insert"))
+        two = gce.state.insert_instance("us-central1-a", body, request_uuid("r", "insert"))
+    assert one is two
+
+
+def test_preemption_is_seen_before_and_after_the_vm_is_deleted(gce):
+    p = provider(gce)
+    lost = p.launch(request(p, "c2-r00002"))
+    kept = p.launch(request(p, "c2-r00003", zone="us-central1-b"))
+    gce.state.preempt("us-central1-a", lost.instance_id)
+    states = {i.instance_id: i.state for i in p.list_instances("c2")}
+    assert states == {lost.instance_id: "preempted", kept.instance_id: "running"}
+    deadline = time.time() + 10
+    while lost.instance_id in gce.state.instances["us-central1-a"] and time.time() < deadline:
+        time.sleep(0.1)
+    assert lost.instance_id not in gce.state.instances["us-central1-a"]  # termination action DELETE
+    states = {i.instance_id: (i.state, i.end_reason) for i in p.list_instances("c2")}
+    assert states[lost.instance_id] == ("preempted", "spot preemption")
+
+
+def test_terminate_is_idempotent_and_leaves_nothing_running(gce):
+    p = provider(gce)
+    instance = p.launch(request(p, "c2-r00004"))
+    p.terminate(instance.instance_id)
+    p.terminate(instance.instance_id)
+    provider(gce).terminate("sp-never-launched")
+    deadline = time.time() + 10
+    while gce.state.live_instances() and time.time() < deadline:
+        time.sleep(0.1)
+    assert gce.state.live_instances() == []
+    assert p.list_instances("c2") == []
+
+
+@pytest.mark.parametrize("code, error", [("ZONE_RESOURCE_POOL_EXHAUSTED", CapacityError),
+                                         ("QUOTA_EXCEEDED", QuotaError)])
+def test_operation_errors_become_typed_errors(gce, code, error):
+    p = provider(gce)
+    gce.state.inject("us-central1-a", code)
+    with pytest.raises(error, match=code):
+        p.launch(request(p, "c2-r00005"))
+    assert gce.state.all_instances() == []
+    assert p.launch(request(p, "c2-r00006")).state == "running"  # the fault was for one insert
+
+
+def test_credentials_missing_or_refused_fail_with_a_line_naming_gcp(gce, tmp_path, monkeypatch):
+    provider(gce).check_credentials()  # a token from the fake's OAuth endpoint
+    stranger = tmp_path / "stranger.json"
+    info = json.loads((tmp_path / "gcp-key.json").read_text())
+    from gce_fake import GceFakeServer, service_account_file
+
+    other = GceFakeServer(PROJECT, GCE_ZONES)  # signs a key this fake does not know
+    service_account_file(stranger, other, PROJECT)
+    other.server_close()
+    key = json.loads(stranger.read_text())
+    stranger.write_text(json.dumps(dict(key, token_uri=info["token_uri"])))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(stranger))
+    with pytest.raises(AuthError, match=r"^gcp: credentials refused"):
+        provider(gce).check_credentials()
+    with pytest.raises(AuthError, match=r"^gcp list: "):
+        provider(gce).list_instances("c2")  # the API refuses the unknown key too (401)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    with pytest.raises(AuthError, match=r"^gcp: no credentials found"):
+        provider(gce).check_credentials()
