@@ -23,7 +23,9 @@ def write_spec(tmp_path: Path, gce_url: str, name: str, aws_zones: list[str], gc
         gcp["spot_prices_usd_per_hour"] = {"n1-standard-4": gcp_price}
     spec = {
         "name": name, "budget": {"total_usd": 5.0},
-        "placement": {"workers": wanted - 1, "backups": 1, "locations": ["aws:us-east-1", "gcp:us-central1"]},
+        # spread-cheapest: this test is about both clouds, so workers go to both
+        "placement": {"workers": wanted - 1, "backups": 1, "locations": ["aws:us-east-1", "gcp:us-central1"],
+                      "policy": "spread-cheapest"},
         "providers": {"aws": {"regions": ["us-east-1"], "zones": aws_zones, "instance_types": ["g4dn.xlarge"],
                               "image_id": AWS_IMAGE}, "gcp": gcp},
     }
