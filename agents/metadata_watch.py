@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -141,7 +142,7 @@ class GceMetadataClient:
         return answer[0]
 
 
-class _Watcher:
+class _Watcher(ABC):
     """Calls `on_notice` once, with the notice or None when the metadata service is gone;
     `on_advisory` (optional) once per advisory kind, e.g. an AWS rebalance recommendation."""
 
@@ -164,12 +165,13 @@ class _Watcher:
             self._advised.add(notice.action)
             self.on_advisory(notice)
 
+    @abstractmethod
     def _check(self) -> Notice | None:
-        raise NotImplementedError
+        """One look at the metadata service: a notice, or None."""
 
+    @abstractmethod
     def _pause(self) -> bool:
         """Wait before the next check; True when asked to stop."""
-        raise NotImplementedError
 
     def _run(self) -> None:
         failures = 0

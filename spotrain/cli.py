@@ -96,7 +96,7 @@ def status(cluster: str | None = typer.Argument(None), as_json: bool = typer.Opt
     controller = f"controller pid {data['controller_pid']}" if data["controller_pid"] else "no controller running"
     console.print(f"[bold]{data['cluster']}[/bold] run {data['run']} ({data['state']}, {controller})")
     console.print(f"budget [{bar}] ${data['spent_usd']:.4f} of ${data['budget_usd']:.2f}   "
-                  f"epoch {data['epoch']}   samples {data['samples']:,}")
+                  f"epoch {data['epoch']}   samples {data['samples']:,}", markup=False)
     table = Table()
     for column in ("instance", "location", "state", "agent", "epoch", "samples/s", "loss", "$/h"):
         table.add_column(column)
