@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
@@ -99,12 +99,6 @@ def catalog_offers(market: str = "spot") -> list[Offer]:
 
 def known_locations() -> set[str]:
     return {o.location for o in catalog_offers()}
-
-
-def with_live_prices(offers: list[Offer], live: dict[tuple[str, str], float]) -> list[Offer]:
-    """Replace spot prices by live ones, keyed by (location, instance type)."""
-    return [replace(o, spot_usd_per_hour=live[(o.location, o.instance_type)])
-            if (o.location, o.instance_type) in live and o.market == "spot" else o for o in offers]
 
 
 # -- egress -----------------------------------------------------------------------------------
