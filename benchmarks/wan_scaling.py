@@ -72,6 +72,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="global epochs before measuring")
     parser.add_argument("--epochs", type=int, default=6, help="global epochs measured per point")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per point before giving up")
+    parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments for spotrain (JSON)")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--skip-hivemind", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
@@ -87,7 +88,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
             argv = [sys.executable, str(WORKER), "--mode", mode, "--index", str(index), "--world", str(args.agents),
                     "--host", host.address, "--peers", f"{work}/peers", "--out", f"{work}/out{index}.json",
                     "--gradients", gradients, "--state", state, "--target-batch", str(args.target_batch),
-                    "--batch", str(args.batch), "--warmup", str(args.warmup), "--epochs", str(args.epochs)]
+                    "--batch", str(args.batch), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
+                    "--tuning", args.tuning]
             env = dict(os.environ, GLOO_SOCKET_IFNAME=host.interface, OMP_NUM_THREADS="1")
             with open(f"{work}/log{index}", "w") as log:  # the child keeps its own descriptor
                 processes.append(wan.popen(index, argv, env=env, stdout=log, stderr=subprocess.STDOUT))
@@ -106,12 +108,13 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
                 return {**point, "error": f"agent {index} failed (exit {process.poll()}): ...{tail}"}
             results.append(json.loads(out.read_text()))
     rates = [r["samples_per_second"] for r in results]
-    point["samples_per_second"] = sum(rates) if mode == "alone" else sum(rates) / len(rates)
+    point["samples_per_second"] = sum(rates) if mode != "ddp" else sum(rates) / len(rates)
     point["eval_loss"] = None  # only swarm runs train the same number of samples
     if mode in ("spotrain", "hivemind"):
         point["eval_loss"] = sum(r["eval_loss"] for r in results) / len(results)
         epochs = max(1, min(r["epochs"] for r in results))
         point["mb_sent_per_agent_epoch"] = sum(r["bytes_sent"] for r in results) / len(results) / epochs / 1e6
+        point["blocked_fraction"] = sum(r["blocked_fraction"] for r in results) / len(results)
     return point
 
 

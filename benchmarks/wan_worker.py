@@ -55,6 +55,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=4, help="global epochs measured")
     parser.add_argument("--matchmaking-time", type=float, default=3.0)
     parser.add_argument("--averaging-timeout", type=float, default=30.0)
+    parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments (JSON), spotrain mode")
     parser.add_argument("--port", type=int, default=29511)
     parser.add_argument("--ddp-steps", type=int, default=24,
                         help="DDP measures at most this many steps (it is stationary and slow on thin links)")
@@ -157,6 +158,7 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
         os.replace(args.peers + ".tmp", args.peers)
     if args.mode == "spotrain":
         options = optimizer_options(args.gradients, args.state)
+        options.update(json.loads(args.tuning))
     else:
         options = {"grad_compression": Float16Compression(), "state_averaging_compression": Float16Compression()}
     optimizer = hivemind.Optimizer(
@@ -165,23 +167,41 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
         matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout, verbose=False, **options,
     )
     batches = task.batches(1000 + args.index, args.batch)
-    started, sent, received = None, 0, 0
     _start_together(args)
+    window = _Window()
     deadline = time.monotonic() + 3600
     while optimizer.local_epoch < args.warmup + args.epochs and time.monotonic() < deadline:
         task.loss(model, next(batches)).backward()
+        stepped = time.perf_counter()
         optimizer.step()
+        window.blocked += time.perf_counter() - stepped
         optimizer.zero_grad()
-        if started is None and optimizer.local_epoch >= args.warmup:
-            started, sent, received = time.perf_counter(), traffic.sent, traffic.received
-            first_epoch = optimizer.local_epoch
-    elapsed = time.perf_counter() - started if started is not None else float("nan")
-    epochs = optimizer.local_epoch - first_epoch if started is not None else 0
-    result = {"samples_per_second": epochs * args.target_batch / elapsed if epochs else 0.0, "elapsed": elapsed,
-              "epochs": epochs, "bytes_sent": traffic.sent - sent, "bytes_received": traffic.received - received}
+        window.samples += args.batch
+        if window.started is None and optimizer.local_epoch >= args.warmup:
+            window.open(optimizer.local_epoch, traffic.sent, traffic.received)
+    if window.started is None:
+        raise SystemExit(f"never reached epoch {args.warmup} (at {optimizer.local_epoch})")
+    elapsed = time.perf_counter() - window.started
+    epochs = optimizer.local_epoch - window.epoch
+    result = {"samples_per_second": window.samples / elapsed,  # what this agent put into averaged gradients
+              "epoch_samples_per_second": epochs * args.target_batch / elapsed, "elapsed": elapsed,
+              "epochs": epochs, "blocked_fraction": window.blocked / elapsed,
+              "bytes_sent": traffic.sent - window.sent, "bytes_received": traffic.received - window.received}
     optimizer.shutdown()
     dht.shutdown()
     return result
+
+
+class _Window:
+    """What happens between the end of warmup and the end of the run."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.samples, self.blocked, self.epoch, self.sent, self.received = 0, 0.0, 0, 0, 0
+
+    def open(self, epoch: int, sent: int, received: int) -> None:
+        self.started, self.epoch, self.sent, self.received = time.perf_counter(), epoch, sent, received
+        self.samples, self.blocked = 0, 0.0
 
 
 if __name__ == "__main__":

@@ -36,13 +36,18 @@ from hivemind.compression import (
 from hivemind.proto import runtime_pb2
 from spotrain.kernels import wire
 from spotrain.kernels.blockwise import quantize
+from spotrain.kernels.table import (
+    BLOCK_SIZES,
+    RAW_BELOW,
+    SLOTS,
+    SPEC_CODECS,
+    blockwise_bits_per_value,
+    powersgd_rank,
+    validate_codec_name,
+)
 
 logger = logging.getLogger("spotrain.kernels")
 
-BLOCK_SIZES = {8: 1024, 4: 256}  # default values per block: part of the codec table
-RAW_BELOW = 16  # tensors smaller than this travel raw (a step counter must stay exact)
-SLOTS = {8: "BLOCKWISE_8BIT", 4: "QUANTILE_8BIT"}
-SPEC_CODECS = ("none", "float16", "uniform8", "blockwise8", "blockwise4", "powersgd:RANK")
 
 
 class TrafficCounter:
@@ -122,8 +127,7 @@ class BlockwiseCodec(CompressionBase):
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         if not info.descriptor.dtype.is_floating_point:
             return 1.0
-        bits_per_value = self.bits + 32 / self.block_size
-        return bits_per_value / torch.finfo(info.descriptor.dtype).bits
+        return blockwise_bits_per_value(self.bits, self.block_size) / torch.finfo(info.descriptor.dtype).bits
 
     def _residual(self, info: CompressionInfo, numel: int) -> torch.Tensor | None:
         if info.key is None:
@@ -173,23 +177,6 @@ class CountingCodec(CompressionBase):
 
     def __repr__(self) -> str:
         return f"CountingCodec({self.inner!r})"
-
-
-def powersgd_rank(name: str) -> int | None:
-    """RANK of a `powersgd:RANK` name; None for any other name."""
-    prefix, sep, rank = name.partition(":")
-    if prefix != "powersgd" or not sep:
-        return None
-    if not rank.isdigit() or int(rank) < 1:
-        raise ValueError(f"powersgd needs a positive integer rank, got {name!r}")
-    return int(rank)
-
-
-def validate_codec_name(name: str, allow_powersgd: bool = True) -> str:
-    valid = SPEC_CODECS if allow_powersgd else SPEC_CODECS[:-1]
-    if name in valid[:5] or (allow_powersgd and powersgd_rank(name) is not None):
-        return name
-    raise ValueError(f"unknown codec {name!r}; valid: {', '.join(valid)}")
 
 
 def _base_codec(name: str, error_feedback: bool, block_size: int | None) -> CompressionBase:

@@ -8,7 +8,8 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from spotrain.kernels.codecs import get_codec, powersgd_rank
+from spotrain.kernels.codecs import get_codec
+from spotrain.kernels.table import powersgd_rank
 
 
 def optimizer_options(gradients: str, state: str) -> dict[str, Any]:
@@ -28,15 +29,3 @@ def optimizer_options(gradients: str, state: str) -> dict[str, Any]:
 
         options["grad_averager_factory"] = partial(PowerSGDGradientAverager, averager_rank=rank)
     return options
-
-
-def nominal_ratio(name: str) -> float | None:
-    """fp32 bytes per wire byte of a codec on a large fp32 tensor; None where it depends on the model."""
-    from hivemind.compression import CompressionInfo
-
-    if powersgd_rank(name) is not None:
-        return None
-    import torch
-
-    info = CompressionInfo.from_tensor(torch.empty(0))
-    return 1.0 / get_codec(name).estimate_compression_ratio(info)

@@ -23,8 +23,9 @@ from spotrain.kernels import (
     traffic,
     wire,
 )
-from spotrain.kernels.codecs import SPEC_CODECS, CountingCodec
+from spotrain.kernels.codecs import CountingCodec
 from spotrain.kernels.guards import gradients_finite
+from spotrain.kernels.table import SPEC_CODECS
 
 from spotrain.config import GRADIENT_CODECS
 
