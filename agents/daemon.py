@@ -144,7 +144,7 @@ class Agent:
         optimizer = hivemind.Optimizer(
             dht=dht, run_id=self.cluster, params=model.parameters(), optimizer=task.make_optimizer,
             batch_size_per_step=training["batch_size"], target_batch_size=training["target_batch_size"],
-            **optimizer_options(compression["gradients"], compression["state"]),
+            **optimizer_options(compression["gradients"], compression["state"], group_size=training.get("group_size")),
             matchmaking_time=training["matchmaking_time"], averaging_timeout=training["averaging_timeout"],
             verbose=False,
         )

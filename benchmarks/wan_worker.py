@@ -27,6 +27,8 @@ EVAL_SEED, EVAL_BATCHES, EVAL_BATCH = 999_983, 8, 32
 
 def main() -> int:
     args = _parse()
+    if args.cpu is not None:  # one core per agent, like one VM each; helpers inherit it
+        os.sched_setaffinity(0, {args.cpu})
     torch.set_num_threads(1)
     from spotrain.task import load_task
 
@@ -56,6 +58,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--matchmaking-time", type=float, default=3.0)
     parser.add_argument("--averaging-timeout", type=float, default=30.0)
     parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments (JSON), spotrain mode")
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="spotrain mode: averaging groups start once all --world agents joined (0: off)")
+    parser.add_argument("--cpu", type=int, default=None, help="pin this agent and its helpers to one core")
     parser.add_argument("--port", type=int, default=29511)
     parser.add_argument("--ddp-steps", type=int, default=24,
                         help="DDP measures at most this many steps (it is stationary and slow on thin links)")
@@ -157,7 +162,7 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
         Path(args.peers + ".tmp").write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
         os.replace(args.peers + ".tmp", args.peers)
     if args.mode == "spotrain":
-        options = optimizer_options(args.gradients, args.state)
+        options = optimizer_options(args.gradients, args.state, group_size=args.world if args.group_size else None)
         options.update(json.loads(args.tuning))
     else:
         options = {"grad_compression": Float16Compression(), "state_averaging_compression": Float16Compression()}

@@ -299,9 +299,15 @@ def test_optimizer_options_give_gradients_error_feedback_and_powersgd_its_averag
     assert options["grad_compression"].inner.error_feedback
     assert not options["state_averaging_compression"].inner.error_feedback
     assert "grad_averager_factory" not in options
+    assert options["average_state_every"] == 4
     powersgd = optimizer_options("powersgd:3", "float16")
     assert powersgd["grad_averager_factory"].keywords == {"averager_rank": 3}
     assert powersgd["grad_averager_factory"].func.__name__ == "PowerSGDGradientAverager"
+    grouped = optimizer_options("powersgd:3", "float16", group_size=5)
+    assert grouped["averager_opts"] == {"target_group_size": 5}
+    assert grouped["grad_averager_factory"].keywords == {"averager_rank": 3, "target_group_size": 5}
+    assert grouped["grad_averager_factory"].func.__name__ == "PowerSGDGradientAverager"
+    assert optimizer_options("none", "none", group_size=2)["grad_averager_factory"].func.__name__ == "GradientAverager"
 
 
 def test_gradients_finite_sees_nan_and_inf():
