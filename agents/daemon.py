@@ -47,6 +47,7 @@ class Agent:
         self._recent: list[tuple[float, int, float]] = []  # (time, samples, loss) of recent steps
         self._lock = threading.Lock()
         self.addresses: tuple[str, ...] = ()
+        self.codec_table = ""
         self.save_soon = False  # a rebalance recommendation: write the next checkpoint now
 
     def _instance_id_from_metadata(self) -> str:
@@ -110,27 +111,41 @@ class Agent:
             instance_id=self.instance_id, state=self.state, epoch=self.epoch, samples=self.samples,
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
             checkpoint_epoch=self.checkpoint_epoch, addresses=self.addresses, time=time.time(),
+            codec_table=self.codec_table,
         )
 
     # -- main ---------------------------------------------------------------------------
     def run(self) -> int:
         import hivemind
         import torch
+        from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
         from spotrain.agents.status import StatusPublisher
-        from spotrain.kernels import get_codec, install_byte_counters
+        from spotrain.kernels import codec_table_fingerprint, install_codecs, optimizer_options
+        from spotrain.kernels.guards import gradients_finite
 
         from spotrain.task import load_task
 
         cfg = self.config
         torch.set_num_threads(int(cfg.get("torch_threads", 1)))
         task = load_task(cfg["task"])
-        install_byte_counters()
+        install_codecs()
+        compression = cfg["training"]["compression"]
+        self.codec_table = codec_table_fingerprint(compression["gradients"], compression["state"])
 
         listen = f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/{int(cfg.get('port', 0))}"  # port 0: any free port
         dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[listen], start=True)
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
         Path("swarm-addresses.json").write_text(json.dumps(list(self.addresses)))
         log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
+        self.publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
+        self.publisher.publish_now()  # our codec table is visible before we check theirs
+        try:
+            check_codec_table(dht, self.cluster, self.instance_id, self.codec_table)
+        except CodecTableMismatch as error:
+            log(f"refusing to train: {error}")
+            dht.shutdown()
+            return EXIT_CODEC_MISMATCH
+        self.publisher.start()
 
         model = task.build_model()
         store = LocalDirStore.from_url(cfg["checkpoint"]["store"])
@@ -141,9 +156,7 @@ class Agent:
         optimizer = hivemind.Optimizer(
             dht=dht, run_id=self.cluster, params=model.parameters(), optimizer=task.make_optimizer,
             batch_size_per_step=training["batch_size"], target_batch_size=training["target_batch_size"],
-            grad_compression=get_codec(training["compression"]["gradients"]),
-            state_averaging_compression=get_codec(training["compression"]["state"]),
-            load_state_compression=get_codec(training["compression"]["state"]),
+            **optimizer_options(compression["gradients"], compression["state"], group_size=training.get("group_size")),
             matchmaking_time=training["matchmaking_time"], averaging_timeout=training["averaging_timeout"],
             verbose=False,
         )
@@ -170,6 +183,10 @@ class Agent:
                 optimizer.zero_grad()
                 continue
             loss.backward()
+            if not gradients_finite(model.parameters()):
+                log("non-finite gradients: step skipped, nothing sent to peers")
+                optimizer.zero_grad()
+                continue
             optimizer.step()
             optimizer.zero_grad()
             self.record_step(training["batch_size"], loss.item())

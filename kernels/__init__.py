@@ -1,5 +1,30 @@
-"""Compression codecs and their hivemind wiring."""
+"""Compression kernels and their hivemind wiring.
 
-from spotrain.kernels.codecs import get_codec, install_byte_counters, traffic
+Names are imported on first use, so `spotrain.kernels.table` (pure Python) can be read by the
+control plane without importing torch kernels or hivemind.
+"""
 
-__all__ = ["get_codec", "install_byte_counters", "traffic"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Quantized": "blockwise", "quantize": "blockwise", "dequantize": "blockwise",
+    "BlockwiseCodec": "codecs", "codec_table_fingerprint": "codecs", "get_codec": "codecs",
+    "install_byte_counters": "codecs", "install_codecs": "codecs", "traffic": "codecs",
+    "optimizer_options": "swarm_options",
+    "nominal_ratio": "table", "validate_codec_name": "table",
+    "CodecMismatchError": "wire", "CorruptPayloadError": "wire",
+}
+__all__ = [
+    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "codec_table_fingerprint",
+    "dequantize", "get_codec", "install_byte_counters", "install_codecs", "nominal_ratio", "optimizer_options",
+    "quantize", "traffic", "validate_codec_name",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spotrain.kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spotrain.kernels.{_EXPORTS[name]}"), name)

@@ -20,7 +20,8 @@ from pydantic import (
 from spotrain.errors import SpecError
 
 CLUSTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-GRADIENT_CODECS = ("none", "float16")
+# spotrain.kernels.codecs.SPEC_CODECS names the same codecs (kept apart: the spec imports no hivemind)
+GRADIENT_CODECS = ("none", "float16", "uniform8", "blockwise8", "blockwise4", "powersgd:RANK")
 
 
 class _Frozen(BaseModel):
@@ -37,12 +38,24 @@ class Compression(_Frozen):
     gradients: str = "none"
     state: str = "none"
 
-    @field_validator("gradients", "state")
+    @field_validator("gradients")
     @classmethod
-    def _known_codec(cls, value: str) -> str:
-        if value not in GRADIENT_CODECS:
-            raise ValueError(f"unknown codec {value!r}; valid: {', '.join(GRADIENT_CODECS)}")
-        return value
+    def _known_gradient_codec(cls, value: str) -> str:
+        prefix, _, rank = value.partition(":")
+        if prefix == "powersgd" and rank.isdigit() and int(rank) > 0:
+            return value
+        return _known_codec(value, GRADIENT_CODECS)
+
+    @field_validator("state")
+    @classmethod
+    def _known_state_codec(cls, value: str) -> str:
+        return _known_codec(value, GRADIENT_CODECS[:-1])  # PowerSGD averages gradients, not parameters
+
+
+def _known_codec(value: str, valid: tuple[str, ...]) -> str:
+    if value not in valid or value == "powersgd:RANK":
+        raise ValueError(f"unknown codec {value!r}; valid: {', '.join(valid)}")
+    return value
 
 
 class Training(_Frozen):

@@ -46,7 +46,24 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "spend_by_location": ledger.spend_by_location(run.id),
         "traffic_by_worker": [{"instance_id": k, "bytes_sent": v[0], "bytes_received": v[1]}
                               for k, v in sorted(traffic.items())],
+        "compression": _compression(run.spec),
     }
+
+
+def _compression(spec: dict) -> dict:
+    """Each codec of the run with its nominal ratio (fp32 bytes per wire byte; None: model-dependent)."""
+    from spotrain.kernels.table import nominal_ratio
+
+    chosen = spec.get("training", {}).get("compression", {})
+    result = {}
+    for kind in ("gradients", "state"):
+        name = chosen.get(kind, "none")
+        try:
+            ratio = nominal_ratio(name)
+        except ValueError:  # a spec from a version that knew other codecs
+            ratio = None
+        result[kind] = {"codec": name, "nominal_ratio": ratio}
+    return result
 
 
 def _mean(values: list[float]) -> float:
@@ -73,6 +90,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
         ("workers launched", str(report["workers_launched"])),
         ("preemptions (without notice)", f"{report['preemptions']} ({report['preemptions_without_notice']})"),
         ("replacements", str(report["replacements"])),
+        *[(f"{kind} codec (x fewer bytes)", _codec(report["compression"][kind]))
+          for kind in ("gradients", "state") if "compression" in report],
         ("end", report["end_reason"] or "-"),
     ]
     for key, value in rows:
@@ -84,3 +103,14 @@ def print_report(report: dict, console: Console | None = None) -> None:
     for row in report["spend_by_location"]:
         by_location.add_row(row["location"], f"{row['seconds'] / 3600:.4f}", f"${row['usd']:.4f}")
     console.print(by_location)
+    traffic = Table(title="tensor traffic by worker")
+    for column in ("worker", "MB sent", "MB received"):
+        traffic.add_column(column, justify="left" if column == "worker" else "right")
+    for row in report["traffic_by_worker"]:
+        traffic.add_row(row["instance_id"], f"{row['bytes_sent'] / 1e6:.2f}", f"{row['bytes_received'] / 1e6:.2f}")
+    console.print(traffic)
+
+
+def _codec(entry: dict) -> str:
+    ratio = entry["nominal_ratio"]
+    return f"{entry['codec']} ({'model-dependent' if ratio is None else f'{ratio:.2f}x'})"

@@ -7,7 +7,7 @@ instance ids the controller asks to write checkpoints.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 STATUS_TTL_SECONDS = 30.0
 DUTY_TTL_SECONDS = 60.0
@@ -34,6 +34,7 @@ class AgentStatus:
     checkpoint_epoch: int | None  # the newest epoch this agent wrote to a store
     addresses: tuple[str, ...]
     time: float
+    codec_table: str = ""  # spotrain.kernels.codec_table_fingerprint; peers that differ cannot average
 
     def to_record(self) -> dict:
         data = asdict(self)
@@ -46,10 +47,11 @@ class AgentStatus:
         if not isinstance(data, dict):
             return None
         names = {f.name for f in fields(cls)}
-        if not names <= set(data):
+        required = {f.name for f in fields(cls) if f.default is MISSING}
+        if not required <= set(data):
             return None
         try:
-            values = {name: data[name] for name in names}
+            values = {name: data[name] for name in names & set(data)}
             values["addresses"] = tuple(str(a) for a in values["addresses"])
             return cls(**values)
         except (TypeError, ValueError):

@@ -1,0 +1,124 @@
+"""Codec throughput and error on one 64 MiB fp32 tensor, against hivemind's codecs and a plain copy.
+
+Each codec goes through hivemind's CompressionBase interface (compress to a runtime_pb2.Tensor,
+then extract), so its figure includes building the message, like hivemind's own codecs. GB/s is
+the input's bytes over compress + decompress time (best of --repeats; the median is printed
+too). Two ceilings: torch.clone (a copy that allocates its output, as a decoder must) and
+copy_ into a preallocated tensor (memory bandwidth).
+
+    .venv/bin/python benchmarks/kernels_throughput.py [--repeats 7] [--threads N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+SIZE_BYTES = 64 * 1024 * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hivemind.compression import CompressionInfo, Float16Compression, Uniform8BitQuantization
+    from spotrain.kernels.codecs import BlockwiseCodec
+
+    x = torch.randn(SIZE_BYTES // 4, generator=torch.Generator().manual_seed(0))
+    info = CompressionInfo.from_tensor(x, key="bench")
+    codecs = {
+        "blockwise8": BlockwiseCodec(8), "blockwise4": BlockwiseCodec(4),
+        "blockwise8 + error feedback": BlockwiseCodec(8, error_feedback=True),
+        "blockwise4 + error feedback": BlockwiseCodec(4, error_feedback=True),
+        "hivemind Uniform8BitQuantization": Uniform8BitQuantization(),
+        "hivemind Float16Compression": Float16Compression(),
+    }
+    rows: dict[str, dict] = {}
+    out = torch.empty_like(x)
+    for name, run in (("tensor copy (torch.clone)", x.clone), ("tensor copy into preallocated (copy_)",
+                                                               lambda: out.copy_(x))):
+        times = _times(run, args.repeats)
+        rows[name] = {"gbps": SIZE_BYTES / min(times) / 1e9, "gbps_median": SIZE_BYTES / statistics.median(times) / 1e9}
+    for name, codec in codecs.items():
+        compress_times, extract_times = [], []
+        for _ in range(args.repeats + 1):  # the first round warms allocator and caches
+            started = time.perf_counter()
+            message = codec.compress(x, info)
+            compressed = time.perf_counter()
+            decoded = codec.extract(message)
+            compress_times.append(compressed - started)
+            extract_times.append(time.perf_counter() - compressed)
+        totals = [c + e for c, e in zip(compress_times[1:], extract_times[1:])]
+        rows[name] = {
+            "gbps": SIZE_BYTES / min(totals) / 1e9, "gbps_median": SIZE_BYTES / statistics.median(totals) / 1e9,
+            "compress_gbps": SIZE_BYTES / min(compress_times[1:]) / 1e9,
+            "decompress_gbps": SIZE_BYTES / min(extract_times[1:]) / 1e9,
+            # with error feedback the output carries the last round's residual on purpose: no error figure
+            "relative_error": None if "feedback" in name else float((decoded.float() - x).norm() / x.norm()),
+            "wire_bytes_per_value": len(message.buffer) / x.numel(),
+        }
+    figures = _ratios(rows)
+    figures.update({"benchmark": "kernels_throughput", "tensor_bytes": SIZE_BYTES, "threads": torch.get_num_threads(),
+                    "repeats": args.repeats, "rows": rows})
+    print(json.dumps(figures) if args.json else _table(figures))
+    return 0
+
+
+def _times(run: Callable[[], object], repeats: int) -> list[float]:
+    run()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _ratios(rows: dict[str, dict]) -> dict:
+    uniform8 = rows["hivemind Uniform8BitQuantization"]
+    ratios = {}
+    for ours in ("blockwise8", "blockwise4", "blockwise8 + error feedback", "blockwise4 + error feedback"):
+        row = rows[ours]
+        ratios[ours] = {
+            "x_uniform8_throughput": row["gbps"] / uniform8["gbps"],
+            "fraction_of_clone": row["gbps"] / rows["tensor copy (torch.clone)"]["gbps"],
+            "fraction_of_copy_into_preallocated": row["gbps"] / rows["tensor copy into preallocated (copy_)"]["gbps"],
+            "error_vs_uniform8": row["relative_error"] / uniform8["relative_error"] if row["relative_error"] else None,
+        }
+    return {"ratios": ratios}
+
+
+def _table(figures: dict) -> str:
+    title = (f"kernels_throughput: 64 MiB fp32 tensor, {figures['threads']} torch threads, best of "
+             f"{figures['repeats']} (median in brackets)")
+    lines = [title, "",
+             f"{'':<40}{'GB/s c+d':>16}{'compress':>10}{'decomp.':>9}{'rel. error':>12}{'bytes/value':>13}"]
+    for name, row in figures["rows"].items():
+        through = f"{row['gbps']:.2f} ({row['gbps_median']:.2f})"
+        if "compress_gbps" not in row:
+            lines.append(f"{name:<40}{through:>16}")
+            continue
+        error = "-" if row["relative_error"] is None else f"{row['relative_error']:.5f}"
+        lines.append(f"{name:<40}{through:>16}{row['compress_gbps']:>10.2f}{row['decompress_gbps']:>9.2f}"
+                     f"{error:>12}{row['wire_bytes_per_value']:>13.3f}")
+    lines += ["", f"{'ratios':<40}{'x Uniform8':>12}{'of clone':>10}{'of copy_':>10}{'error / Uniform8':>18}"]
+    for name, ratio in figures["ratios"].items():
+        lines.append(f"{name:<40}{ratio['x_uniform8_throughput']:>12.2f}{ratio['fraction_of_clone']:>10.2f}"
+                     f"{ratio['fraction_of_copy_into_preallocated']:>10.2f}"
+                     f"{'-' if ratio['error_vs_uniform8'] is None else format(ratio['error_vs_uniform8'], '.2f'):>18}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

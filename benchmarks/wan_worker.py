@@ -1,0 +1,213 @@
+"""One agent of the WAN benchmark: trains the example task in one mode and writes one JSON file.
+
+Modes, all on spotrain.examples.tiny_gpt with one torch thread:
+  alone     the compute limit: local steps, no communication at all
+  spotrain  hivemind.Optimizer with spotrain's codecs (kernels.optimizer_options, as the agent)
+  hivemind  hivemind.Optimizer as it comes: Float16Compression, no delayed updates
+  ddp       torch DistributedDataParallel over gloo, one all-reduce per local step
+
+Throughput is measured after `warmup` global epochs (target_batch_size samples each) over the
+next `epochs`; the loss is the mean on fixed held-out batches of the final model, so every mode
+is compared after the same number of samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+EVAL_SEED, EVAL_BATCHES, EVAL_BATCH = 999_983, 8, 32
+
+
+def main() -> int:
+    args = _parse()
+    if args.cpu is not None:  # one core per agent, like one VM each; helpers inherit it
+        os.sched_setaffinity(0, {args.cpu})
+    torch.set_num_threads(1)
+    from spotrain.task import load_task
+
+    task = load_task("spotrain.examples.tiny_gpt:task")
+    model = task.build_model()
+    result = {"mode": args.mode, "index": args.index}
+    run = {"alone": _alone, "spotrain": _swarm, "hivemind": _swarm, "ddp": _ddp}[args.mode]
+    result.update(run(args, task, model))
+    result["eval_loss"] = _eval_loss(task, model)
+    Path(args.out).write_text(json.dumps(result))
+    return 0
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=("alone", "spotrain", "hivemind", "ddp"), required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--peers", required=True, help="file where agent 0 writes its addresses")
+    parser.add_argument("--gradients", default="none")
+    parser.add_argument("--state", default="none")
+    parser.add_argument("--target-batch", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2, help="global epochs before measuring")
+    parser.add_argument("--epochs", type=int, default=4, help="global epochs measured")
+    parser.add_argument("--matchmaking-time", type=float, default=3.0)
+    parser.add_argument("--averaging-timeout", type=float, default=30.0)
+    parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments (JSON), spotrain mode")
+    parser.add_argument("--group-size", type=int, default=1,
+                        help="spotrain mode: averaging groups start once all --world agents joined (0: off)")
+    parser.add_argument("--cpu", type=int, default=None, help="pin this agent and its helpers to one core")
+    parser.add_argument("--port", type=int, default=29511)
+    parser.add_argument("--ddp-steps", type=int, default=24,
+                        help="DDP measures at most this many steps (it is stationary and slow on thin links)")
+    parser.add_argument("--out", required=True)
+    return parser.parse_args()
+
+
+def _eval_loss(task, model: torch.nn.Module) -> float:
+    batches = task.batches(EVAL_SEED, EVAL_BATCH)
+    with torch.no_grad():
+        return sum(float(task.loss(model, next(batches))) for _ in range(EVAL_BATCHES)) / EVAL_BATCHES
+
+
+def _local_steps(args: argparse.Namespace) -> tuple[int, int]:
+    """(warmup, measured) local steps giving this agent its share of the global samples."""
+    per_step = args.batch * args.world
+    return args.warmup * args.target_batch // per_step, args.epochs * args.target_batch // per_step
+
+
+def _alone(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
+    optimizer = task.make_optimizer(model.parameters())
+    batches = task.batches(1000 + args.index, args.batch)
+    warmup, measured = _local_steps(args)
+    started = 0.0
+    _start_together(args)
+    for step in range(warmup + measured):
+        if step == warmup:
+            started = time.perf_counter()
+        task.loss(model, next(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    elapsed = time.perf_counter() - started
+    return {"samples_per_second": measured * args.batch / elapsed, "elapsed": elapsed}
+
+
+def _ddp(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    leader = _leader_address(args)
+    dist.init_process_group("gloo", init_method=f"tcp://{leader}:{args.port}", rank=args.index,
+                            world_size=args.world)
+    ddp = DistributedDataParallel(model)
+    optimizer = task.make_optimizer(ddp.parameters())
+    batches = task.batches(1000 + args.index, args.batch)
+    warmup, measured = _local_steps(args)
+    warmup, measured = min(warmup, 4), min(measured, args.ddp_steps)
+    started = 0.0
+    _start_together(args)
+    for step in range(warmup + measured):
+        if step == warmup:
+            dist.barrier()
+            started = time.perf_counter()
+        task.loss(ddp, next(batches)).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    elapsed = time.perf_counter() - started
+    dist.destroy_process_group()
+    return {"samples_per_second": measured * args.batch * args.world / elapsed, "elapsed": elapsed,
+            "steps": measured}
+
+
+def _leader_address(args: argparse.Namespace) -> str:
+    if args.index == 0:
+        Path(args.peers).write_text(json.dumps([args.host]))
+        return args.host
+    return _wait_for_peers(args.peers)[0]
+
+
+def _start_together(args: argparse.Namespace, timeout: float = 180.0) -> None:
+    """A file barrier: nobody trains (and runs ahead, forcing a state download) before all are ready."""
+    Path(f"{args.peers}.ready{args.index}").touch()
+    deadline = time.monotonic() + timeout
+    while not all(Path(f"{args.peers}.ready{i}").exists() for i in range(args.world)):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not all {args.world} agents ready after {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _wait_for_peers(path: str, timeout: float = 120.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            time.sleep(0.2)
+    raise SystemExit(f"no peer addresses in {path} after {timeout:.0f}s")
+
+
+def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
+    import hivemind
+    from hivemind.compression import Float16Compression
+    from spotrain.kernels import install_codecs, optimizer_options, traffic
+
+    install_codecs()  # also counts bytes for the hivemind baseline
+    peers = [] if args.index == 0 else _wait_for_peers(args.peers)
+    dht = hivemind.DHT(initial_peers=peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True)
+    if args.index == 0:
+        Path(args.peers + ".tmp").write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+        os.replace(args.peers + ".tmp", args.peers)
+    if args.mode == "spotrain":
+        options = optimizer_options(args.gradients, args.state, group_size=args.world if args.group_size else None)
+        options.update(json.loads(args.tuning))
+    else:
+        options = {"grad_compression": Float16Compression(), "state_averaging_compression": Float16Compression()}
+    optimizer = hivemind.Optimizer(
+        dht=dht, run_id="wan-bench", params=model.parameters(), optimizer=task.make_optimizer,
+        batch_size_per_step=args.batch, target_batch_size=args.target_batch,
+        matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout, verbose=False, **options,
+    )
+    batches = task.batches(1000 + args.index, args.batch)
+    _start_together(args)
+    window = _Window()
+    deadline = time.monotonic() + 3600
+    while optimizer.local_epoch < args.warmup + args.epochs and time.monotonic() < deadline:
+        task.loss(model, next(batches)).backward()
+        stepped = time.perf_counter()
+        optimizer.step()
+        window.blocked += time.perf_counter() - stepped
+        optimizer.zero_grad()
+        window.samples += args.batch
+        if window.started is None and optimizer.local_epoch >= args.warmup:
+            window.open(optimizer.local_epoch, traffic.sent, traffic.received)
+    if window.started is None:
+        raise SystemExit(f"never reached epoch {args.warmup} (at {optimizer.local_epoch})")
+    elapsed = time.perf_counter() - window.started
+    epochs = optimizer.local_epoch - window.epoch
+    result = {"samples_per_second": window.samples / elapsed,  # what this agent put into averaged gradients
+              "epoch_samples_per_second": epochs * args.target_batch / elapsed, "elapsed": elapsed,
+              "epochs": epochs, "blocked_fraction": window.blocked / elapsed,
+              "bytes_sent": traffic.sent - window.sent, "bytes_received": traffic.received - window.received}
+    optimizer.shutdown()
+    dht.shutdown()
+    return result
+
+
+class _Window:
+    """What happens between the end of warmup and the end of the run."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.samples, self.blocked, self.epoch, self.sent, self.received = 0, 0.0, 0, 0, 0
+
+    def open(self, epoch: int, sent: int, received: int) -> None:
+        self.started, self.epoch, self.sent, self.received = time.perf_counter(), epoch, sent, received
+        self.samples, self.blocked = 0, 0.0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""hivemind.Optimizer arguments for a spec's `training.compression`: codecs and averaging cadence.
+
+One function, used by the agent and by the benchmarks, so what is measured is what runs.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+from spotrain.kernels.codecs import get_codec
+from spotrain.kernels.table import powersgd_rank
+
+# Gradients are averaged every epoch; parameters, which peers only disagree on by what lossy
+# codecs leave in each peer's own result (bounded with error feedback), every 4th.
+STATE_AVERAGING_EVERY = 4
+
+
+def optimizer_options(gradients: str, state: str, *, group_size: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for hivemind.Optimizer: codecs, and PowerSGD's averager when chosen.
+
+    Gradients get error feedback (each peer re-sends what its last encoding dropped); state
+    averaging and state downloads do not: parameters are averaged afresh every round.
+    `group_size` (the swarm's expected size) lets an averaging group start as soon as that
+    many peers joined, instead of waiting out the matchmaking time.
+    """
+    options: dict[str, Any] = {
+        "average_state_every": STATE_AVERAGING_EVERY,
+        "grad_compression": get_codec(gradients, error_feedback=True),
+        "state_averaging_compression": get_codec(state),
+        "load_state_compression": get_codec(state),
+    }
+    rank = powersgd_rank(gradients)
+    factory = None
+    if rank is not None:
+        from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
+
+        factory = partial(PowerSGDGradientAverager, averager_rank=rank)
+    if group_size is not None:
+        from hivemind.optim.grad_averager import GradientAverager
+
+        factory = partial(factory or GradientAverager, target_group_size=group_size)
+        options["averager_opts"] = {"target_group_size": group_size}
+    if factory is not None:
+        options["grad_averager_factory"] = factory
+    return options

@@ -1,0 +1,53 @@
+"""One hivemind averaging peer for test_compression_swarm.py (run as its own process).
+
+    python tests/averaging_peer.py INDEX WORKDIR CODEC
+Peer 0 writes its addresses to WORKDIR/peers; every peer averages two tensors seeded by its
+index once, through the codec, and writes what it got and the bytes it counted.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hivemind
+import torch
+from hivemind.averaging import DecentralizedAverager
+from spotrain.kernels import get_codec, install_codecs, traffic
+
+
+def peer_tensors(index: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(100 + index)
+    return [torch.randn(300_000, generator=generator) * (index + 1), torch.randn(64, 100, generator=generator)]
+
+
+def main(index: int, work: Path, codec: str) -> int:
+    install_codecs()
+    peers: list[str] = []
+    if index:
+        while not (work / "peers").exists():
+            time.sleep(0.1)
+        peers = json.loads((work / "peers").read_text())
+    dht = hivemind.DHT(initial_peers=peers, host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    if index == 0:
+        (work / "peers.tmp").write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
+        (work / "peers.tmp").rename(work / "peers")
+    averager = DecentralizedAverager(peer_tensors(index), dht, prefix="codec-test", target_group_size=2,
+                                     min_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0,
+                                     compression=get_codec(codec, error_feedback=True), start=True)
+    group = None
+    for _ in range(10):
+        group = averager.step(timeout=60)
+        if group:
+            break
+    with averager.get_tensors() as tensors:
+        torch.save([t.clone() for t in tensors], work / f"result{index}.pt")
+    (work / f"traffic{index}.json").write_text(json.dumps(
+        {"group_size": len(group) if group else 0, "sent": traffic.sent, "received": traffic.received}))
+    averager.shutdown()
+    dht.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]))

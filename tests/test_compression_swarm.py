@@ -1,0 +1,117 @@
+"""spotrain's codecs between real hivemind peers on 127.0.0.1, each peer its own process."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH
+from spotrain.kernels.table import nominal_ratio
+
+from spotrain.swarm_view import SwarmView
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from averaging_peer import peer_tensors
+
+
+def test_two_peers_average_with_blockwise8_close_to_the_true_mean(tmp_path):
+    peers = []
+    for i in range(2):
+        with open(tmp_path / f"peer{i}.log", "w") as log:
+            peers.append(subprocess.Popen([sys.executable, str(HERE / "averaging_peer.py"), str(i), str(tmp_path),
+                                           "blockwise8"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+    try:
+        for peer in peers:
+            assert peer.wait(timeout=240) == 0, (tmp_path / "peer0.log").read_text()[-3000:]
+    finally:
+        for peer in peers:
+            if peer.poll() is None:
+                os.killpg(peer.pid, 9)
+                peer.wait()
+    truth = [(a + b) / 2 for a, b in zip(peer_tensors(0), peer_tensors(1))]
+    # each peer sends the half the other averages and the reply for the half it averages itself
+    fp32_bytes_each_peer_sends = sum(t.numel() for t in truth) * 4
+    for index in range(2):
+        traffic = json.loads((tmp_path / f"traffic{index}.json").read_text())
+        assert traffic["group_size"] == 2
+        result = torch.load(tmp_path / f"result{index}.pt")
+        for got, want, mine in zip(result, truth, peer_tensors(index)):
+            assert (got - want).norm() / want.norm() < 0.02  # 8 bits each way
+            assert (mine - want).norm() / want.norm() > 0.3  # so it did average
+        # and both went over the wire in 8 bits
+        ratio = fp32_bytes_each_peer_sends / traffic["sent"]
+        assert 0.9 * nominal_ratio("blockwise8") < ratio < 1.1 * nominal_ratio("blockwise8")
+
+
+def agent_config(cluster, instance_id, peers, store, gradients, state) -> dict:
+    return {
+        "cluster": cluster, "instance_id": instance_id, "initial_peers": peers,
+        "task": "spotrain.examples.tiny_gpt:task",
+        "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": gradients, "state": state},
+                     "matchmaking_time": 2.0, "averaging_timeout": 15.0},
+        "checkpoint": {"store": str(store), "every_epochs": 100}, "torch_threads": 1,
+    }
+
+
+def start_agent(tmp_path: Path, config: dict) -> subprocess.Popen:
+    work = tmp_path / config["instance_id"]
+    work.mkdir()
+    (work / "user-data.json").write_text(json.dumps(config))
+    with open(work / "agent.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def agents():
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, 9)
+            p.wait()
+
+
+def test_agents_train_with_blockwise_codecs_and_a_different_codec_table_fails_loudly(tmp_path, agents):
+    from spotrain.kernels import codec_table_fingerprint
+
+    cluster, store = "codec-test", tmp_path / "ckpt"
+    swarm = SwarmView(cluster)
+    try:
+        peers = swarm.addresses()
+        agents.append(start_agent(tmp_path, agent_config(cluster, "i-a", peers, store, "blockwise4", "blockwise8")))
+        agents.append(start_agent(tmp_path, agent_config(cluster, "i-c", peers, store, "blockwise4", "blockwise8")))
+        statuses = wait_for(lambda: (s := swarm.statuses()) and all(
+            i in s and s[i].epoch >= 3 and s[i].bytes_sent > 0 and s[i].bytes_received > 0 for i in ("i-a", "i-c"))
+            and s, 240, "both agents at epoch 3, having averaged")
+        table = codec_table_fingerprint("blockwise4", "blockwise8")
+        assert statuses["i-a"].codec_table == table == statuses["i-c"].codec_table
+        assert "CodecMismatchError" not in (tmp_path / "i-a" / "agent.log").read_text()
+
+        # same spotrain, another choice of codecs: it must refuse at join, not decode garbage
+        b = start_agent(tmp_path, agent_config(cluster, "i-b", swarm.addresses(), store, "blockwise8", "blockwise8"))
+        agents.append(b)
+        assert b.wait(timeout=120) == EXIT_CODEC_MISMATCH
+        log = (tmp_path / "i-b" / "agent.log").read_text()
+        assert "refusing to train: codec table mismatch" in log and table in log
+        assert "i-b" not in swarm.statuses() or swarm.statuses()["i-b"].state == "starting"
+        epoch = swarm.statuses()["i-a"].epoch
+        wait_for(lambda: swarm.statuses()["i-a"].epoch > epoch, 120, "a and c training on")
+        assert agents[0].poll() is None and agents[1].poll() is None
+    finally:
+        swarm.shutdown()
