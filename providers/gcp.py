@@ -283,10 +283,12 @@ class GcpProvider:
         found: dict[str, Instance] = {}
         try:
             for zone in self.config.zones:
-                preempted = self._preempted_names(zone)
                 listing = compute.ListInstancesRequest(project=self.config.project, zone=zone,
                                                        filter=f'labels.{LABEL_CLUSTER} = "{label_value(cluster)}"')
-                for described in instances.list(request=listing, timeout=CALL_TIMEOUT):
+                described_now = list(instances.list(request=listing, timeout=CALL_TIMEOUT))
+                # operations after instances: a VM seen stopped already has its preemption operation
+                preempted = self._preempted_names(zone)
+                for described in described_now:
                     found[described.name] = self._instance(zone, described, preempted)
                 for name, seen in list(self._seen.items()):  # deleted after a preemption: known only from here
                     if name in preempted and name not in found and seen.cluster == cluster:
