@@ -8,8 +8,12 @@ whose links are shaped with tc tbf (benchmarks/wan_emulation.py). Measured in th
   ddp             torch DistributedDataParallel (gloo) over the same links
   spotrain G/S    hivemind.Optimizer with spotrain's gradient codec G and state codec S
 
-Every swarm run trains the same number of samples, so the final held-out loss compares codecs
-(convergence: within 2% of uncompressed `none/none` on the same link).
+spotrain runs use kernels.optimizer_options as the agent does, with group_size = the number of
+agents (what user-data's optional `group_size` gives an agent). Each agent and its helpers are
+pinned to one core (--no-pin to turn off), like one VM each. samples/s counts the samples every
+agent put into averaged gradients; "blocked" is the share of time spent inside optimizer.step().
+The held-out loss after the same number of global epochs is a sanity check; benchmarks/
+convergence.py trains long enough to compare codecs.
 
     sudo .venv/bin/python benchmarks/wan_scaling.py                       # the full run (long)
     sudo .venv/bin/python benchmarks/wan_scaling.py --rates 10 --codecs blockwise8/blockwise8 --epochs 2
@@ -69,10 +73,11 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--target-batch", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2, help="global epochs before measuring")
-    parser.add_argument("--epochs", type=int, default=6, help="global epochs measured per point")
+    parser.add_argument("--warmup", type=int, default=1, help="global epochs before measuring")
+    parser.add_argument("--epochs", type=int, default=5, help="global epochs measured per point")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per point before giving up")
     parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments for spotrain (JSON)")
+    parser.add_argument("--no-pin", action="store_true", help="do not pin each agent to its own core")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--skip-hivemind", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
@@ -90,6 +95,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
                     "--gradients", gradients, "--state", state, "--target-batch", str(args.target_batch),
                     "--batch", str(args.batch), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
                     "--tuning", args.tuning]
+            if not args.no_pin:  # one core per agent, like one VM each
+                argv += ["--cpu", str(index % os.cpu_count())]
             env = dict(os.environ, GLOO_SOCKET_IFNAME=host.interface, OMP_NUM_THREADS="1")
             with open(f"{work}/log{index}", "w") as log:  # the child keeps its own descriptor
                 processes.append(wan.popen(index, argv, env=env, stdout=log, stderr=subprocess.STDOUT))

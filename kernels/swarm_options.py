@@ -28,7 +28,8 @@ def optimizer_options(gradients: str, state: str, *, group_size: int | None = No
         "average_state_every": STATE_AVERAGING_EVERY,
         "grad_compression": get_codec(gradients, error_feedback=True),
         "state_averaging_compression": get_codec(state),
-        "load_state_compression": get_codec(state),
+        # a newcomer takes downloaded parameters as they are: never coarser than 8 bits
+        "load_state_compression": get_codec("blockwise8" if state == "blockwise4" else state),
     }
     rank = powersgd_rank(gradients)
     factory = None

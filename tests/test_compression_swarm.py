@@ -62,9 +62,10 @@ def start_agent(tmp_path: Path, config: dict) -> subprocess.Popen:
     work = tmp_path / config["instance_id"]
     work.mkdir()
     (work / "user-data.json").write_text(json.dumps(config))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
     with open(work / "agent.log", "w") as log:
         return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def wait_for(predicate, timeout, what):
@@ -113,5 +114,27 @@ def test_agents_train_with_blockwise_codecs_and_a_different_codec_table_fails_lo
         epoch = swarm.statuses()["i-a"].epoch
         wait_for(lambda: swarm.statuses()["i-a"].epoch > epoch, 120, "a and c training on")
         assert agents[0].poll() is None and agents[1].poll() is None
+    finally:
+        swarm.shutdown()
+
+
+def test_nan_gradients_skip_the_step_and_never_reach_the_peers(tmp_path, agents):
+    """nan_task makes every third backward pass NaN (with a finite loss) on one agent."""
+    cluster, store = "nan-test", tmp_path / "ckpt"
+    swarm = SwarmView(cluster)
+    try:
+        peers = swarm.addresses()
+        sick = agent_config(cluster, "i-sick", peers, store, "blockwise8", "blockwise8")
+        sick["task"] = "nan_task:task"
+        agents.append(start_agent(tmp_path, sick))
+        agents.append(start_agent(tmp_path, agent_config(cluster, "i-well", peers, store, "blockwise8", "blockwise8")))
+        statuses = wait_for(lambda: (s := swarm.statuses()) and all(
+            i in s and s[i].epoch >= 4 and s[i].bytes_received > 0 for i in ("i-sick", "i-well")) and s, 240,
+            "both agents at epoch 4, having averaged")
+        assert all(status.loss is not None and status.loss < 10 for status in statuses.values())
+        assert agents[0].poll() is None and agents[1].poll() is None  # no crash
+        assert "non-finite gradients: step skipped" in (tmp_path / "i-sick" / "agent.log").read_text()
+        # a NaN averaged into i-well's parameters would make its own losses non-finite
+        assert "non-finite" not in (tmp_path / "i-well" / "agent.log").read_text()
     finally:
         swarm.shutdown()

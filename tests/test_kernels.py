@@ -300,6 +300,7 @@ def test_optimizer_options_give_gradients_error_feedback_and_powersgd_its_averag
     assert not options["state_averaging_compression"].inner.error_feedback
     assert "grad_averager_factory" not in options
     assert options["average_state_every"] == 4
+    assert optimizer_options("none", "blockwise4")["load_state_compression"].inner.bits == 8
     powersgd = optimizer_options("powersgd:3", "float16")
     assert powersgd["grad_averager_factory"].keywords == {"averager_rank": 3}
     assert powersgd["grad_averager_factory"].func.__name__ == "PowerSGDGradientAverager"
