@@ -156,7 +156,8 @@ class Agent:
         optimizer = hivemind.Optimizer(
             dht=dht, run_id=self.cluster, params=model.parameters(), optimizer=task.make_optimizer,
             batch_size_per_step=training["batch_size"], target_batch_size=training["target_batch_size"],
-            **optimizer_options(compression["gradients"], compression["state"], group_size=training.get("group_size")),
+            **optimizer_options(compression["gradients"], compression["state"], group_size=training.get("group_size"),
+                                delayed_updates=bool(training.get("delayed_updates", False))),
             matchmaking_time=training["matchmaking_time"], averaging_timeout=training["averaging_timeout"],
             verbose=False,
         )
@@ -209,6 +210,9 @@ class Agent:
 
     def _save(self, store: LocalDirStore, model, optimizer) -> None:
         started = time.monotonic()
+        # with delayed updates an optimizer step may still run in the background: finish and apply
+        # it first, so the checkpoint's parameters and optimizer state belong to the same step
+        optimizer.state_averager.step(wait_for_delayed_updates=True)
         store.save(self.epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
         store.prune(keep=3)
         self.checkpoint_epoch = self.epoch

@@ -1,14 +1,17 @@
 """Training throughput across bandwidth-shaped links: spotrain's codecs against three baselines.
 
-Agents (one torch thread each) train spotrain.examples.tiny_gpt in separate network namespaces
+Agents (one torch thread each) train the example task (default: tiny_gpt's 3.3M-parameter
+`task_3m`, about 20 samples/s per thread) in separate network namespaces
 whose links are shaped with tc tbf (benchmarks/wan_emulation.py). Measured in the same run:
 
-  compute limit   the same agents training alone, no communication at all
+  compute limit   the same agents training alone, no communication at all (measured first and
+                  last; the faster is the limit, since shared machines drift)
   hivemind        hivemind.Optimizer as it comes: Float16Compression, no delayed updates
   ddp             torch DistributedDataParallel (gloo) over the same links
   spotrain G/S    hivemind.Optimizer with spotrain's gradient codec G and state codec S
 
-spotrain runs use kernels.optimizer_options as the agent does, with group_size = the number of
+spotrain runs use kernels.optimizer_options as the agent does (delayed updates on, the spec's
+default; --no-delayed-updates for foreground averaging), with group_size = the number of
 agents (what user-data's optional `group_size` gives an agent). Each agent and its helpers are
 pinned to one core (--no-pin to turn off), like one VM each. samples/s counts the samples every
 agent put into averaged gradients; "blocked" is the share of time spent inside optimizer.step().
@@ -56,6 +59,9 @@ def main() -> int:
                     point = _run(wan, args, mode, rate, gradients, state)
                     points.append(point)
                     _progress(point, args)
+            again = _run(wan, args, "alone")  # shared machines drift: the limit is the faster of two
+            points.append(again)
+            _progress(again, args)
     except WanEmulationError as error:
         print(f"wan_scaling: {error}", file=sys.stderr)
         return 2
@@ -71,12 +77,15 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--codecs", type=lambda v: v.split(","), default=list(DEFAULT_CODECS),
                         help="GRADIENTS/STATE pairs, comma-separated")
     parser.add_argument("--agents", type=int, default=2)
+    parser.add_argument("--task", default="spotrain.examples.tiny_gpt:task_3m", help="TrainingTask to train")
     parser.add_argument("--target-batch", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=1, help="global epochs before measuring")
     parser.add_argument("--epochs", type=int, default=5, help="global epochs measured per point")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per point before giving up")
     parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments for spotrain (JSON)")
+    parser.add_argument("--no-delayed-updates", action="store_true",
+                        help="spotrain runs average and step in the foreground (training.delayed_updates: false)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin each agent to its own core")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--skip-hivemind", action="store_true")
@@ -92,9 +101,11 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
         for index, host in enumerate(wan.hosts):
             argv = [sys.executable, str(WORKER), "--mode", mode, "--index", str(index), "--world", str(args.agents),
                     "--host", host.address, "--peers", f"{work}/peers", "--out", f"{work}/out{index}.json",
-                    "--gradients", gradients, "--state", state, "--target-batch", str(args.target_batch),
+                    "--gradients", gradients, "--state", state, "--task", args.task, "--target-batch", str(args.target_batch),
                     "--batch", str(args.batch), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
                     "--tuning", args.tuning]
+            if args.no_delayed_updates:
+                argv.append("--no-delayed-updates")
             if not args.no_pin:  # one core per agent, like one VM each
                 argv += ["--cpu", str(index % os.cpu_count())]
             env = dict(os.environ, GLOO_SOCKET_IFNAME=host.interface, OMP_NUM_THREADS="1")
@@ -126,8 +137,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
 
 
 def _figures(points: list[dict], args: argparse.Namespace) -> dict:
-    compute = next(p for p in points if p["mode"] == "alone")
-    limit = compute.get("samples_per_second")
+    limits = [p["samples_per_second"] for p in points if p["mode"] == "alone" and "error" not in p]
+    limit = max(limits) if limits else None
     rows = []
     for point in points:
         if point["mode"] == "alone" or "error" in point:
@@ -145,9 +156,9 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
                    loss_vs_uncompressed=point["eval_loss"] / plain["eval_loss"]
                    if plain and point["eval_loss"] is not None else None)
         rows.append(row)
-    return {"benchmark": "wan_scaling", "agents": args.agents, "target_batch_size": args.target_batch,
+    return {"benchmark": "wan_scaling", "task": args.task, "delayed_updates": not args.no_delayed_updates, "agents": args.agents, "target_batch_size": args.target_batch,
             "batch_size": args.batch, "warmup_epochs": args.warmup, "epochs": args.epochs,
-            "compute_limit_samples_per_second": limit, "points": rows}
+            "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits, "points": rows}
 
 
 def _name(point: dict) -> str:
@@ -172,10 +183,12 @@ def _table(figures: dict) -> str:
     header = (f"{'link':>10}  {'configuration':<36}{'samples/s':>10}{'x limit':>9}{'x hivemind':>11}{'x DDP':>8}"
               f"{'loss':>8}{'loss/none':>10}{'MB/ag/ep':>9}")
     limit = _fmt(figures["compute_limit_samples_per_second"], "{:.1f}")
-    title = (f"wan_scaling: {figures['agents']} agents, target batch {figures['target_batch_size']}, "
+    measured = ", ".join(f"{value:.1f}" for value in figures["compute_limit_measurements"])
+    title = (f"wan_scaling: {figures['task']}, {figures['agents']} agents, target batch {figures['target_batch_size']}, "
              f"{figures['epochs']} epochs measured after {figures['warmup_epochs']}")
     lines = [title,
-             f"compute limit (agents alone, no communication): {limit} samples/s", "", header]
+             f"compute limit (agents alone, no communication; the faster of {measured}): {limit} samples/s", "",
+             header]
     for row in figures["points"]:
         if row["mode"] == "alone":
             continue

@@ -1,7 +1,7 @@
 """One agent of the WAN benchmark: trains the example task in one mode and writes one JSON file.
 
-Modes, all on spotrain.examples.tiny_gpt with one torch thread:
-  alone     the compute limit: local steps, no communication at all
+Modes, all on the --task (default spotrain.examples.tiny_gpt:task_3m) with one torch thread:
+  alone     the compute limit: the same steps, one optimizer step per global batch, no communication
   spotrain  hivemind.Optimizer with spotrain's codecs (kernels.optimizer_options, as the agent)
   hivemind  hivemind.Optimizer as it comes: Float16Compression, no delayed updates
   ddp       torch DistributedDataParallel over gloo, one all-reduce per local step
@@ -32,7 +32,7 @@ def main() -> int:
     torch.set_num_threads(1)
     from spotrain.task import load_task
 
-    task = load_task("spotrain.examples.tiny_gpt:task")
+    task = load_task(args.task)
     model = task.build_model()
     result = {"mode": args.mode, "index": args.index}
     run = {"alone": _alone, "spotrain": _swarm, "hivemind": _swarm, "ddp": _ddp}[args.mode]
@@ -47,6 +47,7 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--mode", choices=("alone", "spotrain", "hivemind", "ddp"), required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--task", default="spotrain.examples.tiny_gpt:task_3m")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--peers", required=True, help="file where agent 0 writes its addresses")
     parser.add_argument("--gradients", default="none")
@@ -60,6 +61,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments (JSON), spotrain mode")
     parser.add_argument("--group-size", type=int, default=1,
                         help="spotrain mode: averaging groups start once all --world agents joined (0: off)")
+    parser.add_argument("--no-delayed-updates", action="store_true",
+                        help="spotrain mode: average and step in the foreground (training.delayed_updates: false)")
     parser.add_argument("--cpu", type=int, default=None, help="pin this agent and its helpers to one core")
     parser.add_argument("--port", type=int, default=29511)
     parser.add_argument("--ddp-steps", type=int, default=24,
@@ -81,17 +84,20 @@ def _local_steps(args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _alone(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
+    """The same work as a swarm agent minus the swarm: one optimizer step per global batch."""
     optimizer = task.make_optimizer(model.parameters())
     batches = task.batches(1000 + args.index, args.batch)
     warmup, measured = _local_steps(args)
+    steps_per_epoch = max(1, args.target_batch // (args.batch * args.world))
     started = 0.0
     _start_together(args)
     for step in range(warmup + measured):
         if step == warmup:
             started = time.perf_counter()
         task.loss(model, next(batches)).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        if (step + 1) % steps_per_epoch == 0:
+            optimizer.step()
+            optimizer.zero_grad()
     elapsed = time.perf_counter() - started
     return {"samples_per_second": measured * args.batch / elapsed, "elapsed": elapsed}
 
@@ -162,7 +168,8 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
         Path(args.peers + ".tmp").write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
         os.replace(args.peers + ".tmp", args.peers)
     if args.mode == "spotrain":
-        options = optimizer_options(args.gradients, args.state, group_size=args.world if args.group_size else None)
+        options = optimizer_options(args.gradients, args.state, group_size=args.world if args.group_size else None,
+                                    delayed_updates=not args.no_delayed_updates)
         options.update(json.loads(args.tuning))
     else:
         options = {"grad_compression": Float16Compression(), "state_averaging_compression": Float16Compression()}

@@ -16,15 +16,22 @@ from spotrain.kernels.table import powersgd_rank
 STATE_AVERAGING_EVERY = 4
 
 
-def optimizer_options(gradients: str, state: str, *, group_size: int | None = None) -> dict[str, Any]:
+def optimizer_options(gradients: str, state: str, *, group_size: int | None = None,
+                      delayed_updates: bool = False) -> dict[str, Any]:
     """Keyword arguments for hivemind.Optimizer: codecs, and PowerSGD's averager when chosen.
 
     Gradients get error feedback (each peer re-sends what its last encoding dropped); state
     averaging and state downloads do not: parameters are averaged afresh every round.
     `group_size` (the swarm's expected size) lets an averaging group start as soon as that
-    many peers joined, instead of waiting out the matchmaking time.
+    many peers joined, instead of waiting out the matchmaking time. `delayed_updates` averages
+    an epoch's gradients and runs its optimizer step in the background while the next epoch
+    computes (its parameters arrive one epoch late): on a thin link the trainer never waits
+    for the wire, and the background work is a small share of one core (encoding a gradient
+    takes milliseconds; the wire takes seconds).
     """
     options: dict[str, Any] = {
+        "delay_grad_averaging": delayed_updates,
+        "delay_optimizer_step": delayed_updates,
         "average_state_every": STATE_AVERAGING_EVERY,
         "grad_compression": get_codec(gradients, error_feedback=True),
         "state_averaging_compression": get_codec(state),

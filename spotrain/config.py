@@ -70,6 +70,8 @@ class Training(_Frozen):
     model_parameters: int = Field(default=125_000_000, gt=0, description="parameters averaged each step")
     compression: Compression = Compression()
     matchmaking_time: float = Field(default=3.0, gt=0)
+    delayed_updates: bool = Field(
+        default=True, description="average gradients and step the optimizer in the background, one epoch stale")
     averaging_timeout: float = Field(default=30.0, gt=0)
 
     @field_validator("task")

@@ -248,6 +248,7 @@ class ControlLoop:
                 "batch_size": training.batch_size, "target_batch_size": training.target_batch_size,
                 "compression": training.compression.model_dump(),
                 "matchmaking_time": training.matchmaking_time, "averaging_timeout": training.averaging_timeout,
+                "delayed_updates": training.delayed_updates,
             },
             "checkpoint": {"store": self.settings.checkpoint_store, "every_epochs": self.spec.checkpoint.every_epochs},
             "torch_threads": 1,

@@ -44,6 +44,12 @@ def main(index: int, work: Path, codec: str) -> int:
         torch.save([t.clone() for t in tensors], work / f"result{index}.pt")
     (work / f"traffic{index}.json").write_text(json.dumps(
         {"group_size": len(group) if group else 0, "sent": traffic.sent, "received": traffic.received}))
+    # Stay up until the other peer has its result too: a peer's step can end while it still streams
+    # replies for the other's parts, and leaving then makes hivemind keep those parts un-averaged.
+    (work / f"done{index}").touch()
+    deadline = time.monotonic() + 120
+    while not (work / f"done{1 - index}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     averager.shutdown()
     dht.shutdown()
     return 0

@@ -58,7 +58,7 @@ def agent_config(cluster, instance_id, peers, store, gradients, state) -> dict:
         "cluster": cluster, "instance_id": instance_id, "initial_peers": peers,
         "task": "spotrain.examples.tiny_gpt:task",
         "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": gradients, "state": state},
-                     "matchmaking_time": 2.0, "averaging_timeout": 15.0},
+                     "matchmaking_time": 2.0, "averaging_timeout": 15.0, "delayed_updates": True},
         "checkpoint": {"store": str(store), "every_epochs": 100}, "torch_threads": 1,
     }
 

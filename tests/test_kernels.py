@@ -311,6 +311,13 @@ def test_optimizer_options_give_gradients_error_feedback_and_powersgd_its_averag
     assert optimizer_options("none", "none", group_size=2)["grad_averager_factory"].func.__name__ == "GradientAverager"
 
 
+def test_delayed_updates_average_and_step_in_the_background_only_when_asked():
+    delayed = optimizer_options("blockwise8", "blockwise8", delayed_updates=True)
+    assert delayed["delay_grad_averaging"] and delayed["delay_optimizer_step"]
+    foreground = optimizer_options("blockwise8", "blockwise8")
+    assert not foreground["delay_grad_averaging"] and not foreground["delay_optimizer_step"]
+
+
 def test_gradients_finite_sees_nan_and_inf():
     layer = torch.nn.Linear(4, 4)
     assert gradients_finite(layer.parameters())  # no gradients yet
