@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,17 @@ def home(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "spotrain-home"
     monkeypatch.setenv("SPOTRAIN_HOME", str(path))
     return path
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "the condition", every: float = 0.2):
+    """Poll `predicate` until it returns something truthy (returned) or `timeout` seconds pass."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def run_cli(*args: str, home: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:

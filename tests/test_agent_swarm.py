@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.providers.imds import MetadataServer, MetadataState
 
@@ -36,16 +37,6 @@ def start_agent(tmp_path: Path, config: dict, metadata_url: str | None = None) -
     return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
                             env=env, stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

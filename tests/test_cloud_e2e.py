@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 from clouds import AWS_IMAGE, PROJECT, aws_instances, preempt_aws
-from conftest import ROOT, processes_under, run_cli
+from conftest import ROOT, processes_under, run_cli, wait_for
 from spotrain.providers.faults import ENV as HANG_ENV
 
 
@@ -39,16 +39,6 @@ def start_controller(path: Path, home: Path, **extra_env: str) -> subprocess.Pop
     log = open(home.parent / f"controller-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - closed with the process
     return subprocess.Popen([sys.executable, "-m", "spotrain", "launch", str(path), "--tick", "1", "--duration", "900",
                              "--no-report"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def aws_live() -> list[dict]:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import processes_under, run_cli
+from conftest import processes_under, run_cli, wait_for
 from spotrain.providers.local import LocalProvider
 
 from spotrain.config import LocalProvider as LocalConfig
@@ -36,16 +36,6 @@ def spec_file(tmp_path: Path, **overrides) -> Path:
 
 def report(home: Path) -> dict:
     return json.loads(run_cli("report", "--json", home=home, check=True).stdout)
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1.0)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_run_survives_preemptions_and_stops_within_budget(tmp_path):

@@ -4,11 +4,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import wait_for
 from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH
 from spotrain.kernels.table import nominal_ratio
 
@@ -71,16 +71,6 @@ def start_agent(tmp_path: Path, config: dict) -> subprocess.Popen:
     with open(work / "agent.log", "w") as log:
         return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

@@ -4,10 +4,9 @@ termination, crash restarts. The workload is a small process that speaks IMDSv2 
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from conftest import processes_under
+from conftest import processes_under, wait_for
 from spotrain.providers.base import LaunchRequest, Offer
 from spotrain.providers.local import LocalProvider
 
@@ -38,16 +37,6 @@ def provider(root: Path, workload, **config) -> LocalProvider:
 
 def request(n: int) -> LaunchRequest:
     return LaunchRequest(f"c-r{n:05d}", "c", Offer("local", "local:zone-a", "local.cpu", None, 0.5), {})
-
-
-def wait_for(predicate, timeout=30.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("condition not met in time")
 
 
 def state_of(p: LocalProvider, instance_id: str):
