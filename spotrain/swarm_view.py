@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from spotrain.orphans import die_with_parent
 from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, status_key
+
+# Read when hivemind is first imported. Its futures share a few bytes with the DHT's process; the
+# default "file_system" strategy routes that through torch's shm manager daemon, which the
+# controller does not need (inherited descriptors do) and which a SIGKILLed predecessor can leave
+# half-gone.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 
 class SwarmView:
