@@ -145,10 +145,11 @@ class CostPerSamplePlanner:
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         full_speed = self.full_speed(offers, ctx.workers)
         market = "on-demand" if needs_on_demand(ctx, full_speed) else "spot"
+        cooling = {location for location in ctx.failed_at if ctx.cooling_down(location)}
         candidates = [o for o in offers if o.market == market
-                      and (market == "on-demand" or not ctx.cooling_down(o.location))]
+                      and (market == "on-demand" or o.location not in cooling)]
         if not candidates and market == "on-demand":
-            candidates = [o for o in offers if o.market == "spot" and not ctx.cooling_down(o.location)]
+            candidates = [o for o in offers if o.market == "spot" and o.location not in cooling]
         if not candidates:
             return None
         if len(ctx.fleet) >= ctx.workers:
@@ -168,7 +169,8 @@ class CostPerSamplePlanner:
         """The pace of `workers` of the fastest offered GPU in one zone: the best the job can hope for."""
         if not offers:
             return 0.0
-        fastest = max(offers, key=lambda o: self.profile.rate(o.gpu, o.gpu_count))
+        kinds = {(o.gpu, o.gpu_count): o for o in offers}  # one offer per GPU kind: rate is all that counts
+        fastest = max(kinds.values(), key=lambda o: self.profile.rate(o.gpu, o.gpu_count))
         location = Location.parse(fastest.location)
         return estimate([Worker(location, fastest.gpu, fastest.gpu_count)] * workers, self.profile).samples_per_second
 
