@@ -123,14 +123,15 @@ def _relaxed(capacity: list[np.ndarray], spot: list[float], on_demand: float, fl
         per_tick = np.min(cost - price_per_sample * progress, axis=1)
         return float(per_tick.sum() + price_per_sample * target_samples)
 
-    low, high = 0.0, float(cost[:, -1].max() / max(progress[1], 1e-12)) * 10.0
+    low, high = 0.0, float(cost[:, -1].max()) / max(float(progress[1]), 1e-12) * 10.0
     for _ in range(200):  # dual() is concave: ternary search
         a, b = low + (high - low) / 3, high - (high - low) / 3
         low, high = (a, high) if dual(a) < dual(b) else (low, b)
     price = (low + high) / 2
     chosen = np.argmin(cost - price * progress, axis=1)
-    finish = np.searchsorted(np.cumsum(progress[chosen]), target_samples)
-    return OracleResult(max(0.0, dual(price)), min(finish + 1, ticks) * hours, exact=False)
+    finish = int(np.searchsorted(np.cumsum(progress[chosen]), target_samples)) + 1
+    return OracleResult(max(0.0, dual(price)), min(finish, ticks) * hours, exact=False)
+
 
 MAX_PACKINGS = 20_000  # per distinct capacity vector; beyond it the bound is not computed
 
