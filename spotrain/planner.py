@@ -238,12 +238,11 @@ class CostPerSamplePlanner:
         return new if cheaper or sooner else []
 
     def retire(self, ctx: PlacementContext) -> list[str]:
-        """Once every worker trains: beyond the wanted size keep the best-scoring fleet (newcomers
-        win ties), then drop a far-away part that only slows the rest down."""
+        """Once every worker trains: beyond the wanted size keep the fullest fleet, cheapest per
+        sample among equals (newcomers win ties), then drop a far region that only slows the rest."""
         if ctx.backups or not ctx.fleet or not all(m.training for m in ctx.fleet):
             return []
-        keep = self._best_subset(ctx.fleet, ctx.workers, ctx)
-        keep = self._fastest_part(keep, ctx)
+        keep = self._fastest_part(self._best_fleet(ctx.fleet, ctx.workers, ctx), ctx)
         return [m.request_id for m in ctx.fleet if m not in keep]
 
     def fleet_score(self, members: Sequence[FleetMember], ctx: PlacementContext,
@@ -274,12 +273,25 @@ class CostPerSamplePlanner:
                                                                           offer.gpu_count, offer.market),))
         return plan
 
-    def _best_subset(self, members: Sequence[FleetMember], size: int,
-                     ctx: PlacementContext) -> list[FleetMember]:
-        pool = sorted(members, key=lambda m: m.request_id, reverse=True)  # newest first: newcomers win ties
-        chosen: list[FleetMember] = []
+    def _best_fleet(self, members: Sequence[FleetMember], size: int,
+                    ctx: PlacementContext) -> list[FleetMember]:
+        """At most `size` members: the greedy cheapest fleet, or everything in one zone or one
+        region (what a move brought in); the fullest wins, then the cheapest per sample."""
+        newest_first = sorted(members, key=lambda m: m.request_id, reverse=True)
+        if len(members) <= size:
+            return newest_first
+        parts: dict[tuple[str, ...], list[FleetMember]] = {}
+        for m in newest_first:
+            location = Location.parse(m.location)
+            for key in ((str(location),), (location.provider, location.region)):
+                parts.setdefault(key, []).append(m)
+        candidates = [self._greedy(newest_first, size, ctx)] + [part[:size] for part in parts.values()]
+        return min(candidates, key=lambda fleet: (-len(fleet), self.fleet_score(fleet, ctx)[0]))
+
+    def _greedy(self, pool: list[FleetMember], size: int, ctx: PlacementContext) -> list[FleetMember]:
+        pool, chosen = list(pool), []
         while pool and len(chosen) < size:
-            best = min(pool, key=lambda m: self.fleet_score(chosen + [m], ctx)[0])
+            best = min(pool, key=lambda m: self.fleet_score(chosen + [m], ctx)[0])  # newest wins ties
             chosen.append(best)
             pool.remove(best)
         return chosen

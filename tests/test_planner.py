@@ -136,6 +136,13 @@ def test_an_incomplete_fleet_moves_where_the_whole_fleet_fits():
     assert sorted(CostPerSamplePlanner().retire(replace(ctx, fleet=arrived))) == ["c-r00000", "c-r00001"]
 
 
+def test_after_a_move_the_whole_fleet_in_one_zone_beats_a_partial_one_with_a_better_record():
+    old = tuple(member(n, "aws:us-east-2b", 0.918) for n in range(7))
+    new = tuple(member(n, "aws:us-west-2a", 0.918) for n in range(7, 15))
+    ctx = PlacementContext(now=0, workers=8, fleet=old + new, hours_observed={"aws:us-east-2b": 50.0})
+    assert sorted(CostPerSamplePlanner().retire(ctx)) == [m.request_id for m in old]
+
+
 def test_a_far_worker_that_slows_the_fleet_is_retired():
     fleet = (member(0, "aws:us-east-2a", 0.918),) + tuple(member(n, "aws:us-west-2c", 0.918) for n in (1, 2, 3))
     assert CostPerSamplePlanner().retire(PlacementContext(now=0, workers=4, fleet=fleet)) == ["c-r00000"]
