@@ -57,6 +57,9 @@ def trace_sets(data: Path) -> list[dict]:
         {"name": "aws V100 availability moved to 8 regions, real p3.2xlarge prices (2022-05-31)",
          "files": files(f"{SPOT}/availability/1-node/aws-02-15-2023", "*.json"), "workers": 1, "work_h": 48,
          "deadline_h": 96, "prepare": lambda traces: priced_regions(traces, data)},
+        {"name": "T4 in AWS, GCP, Azure zones (V100 preemption-trace availability), catalog prices",
+         "files": files(f"{SPOT}/preemption/1-node/aws-04-22-2023", "*.json"), "workers": 1, "work_h": 48,
+         "deadline_h": 96, "prepare": across_clouds},
         {"name": "gcp c3-highcpu-88 preemption, 4 zones", "files":
          files(f"{SPOT}/preemption/1-node/gcp-04-30-2023", "*.json"), "workers": 1, "work_h": 12, "deadline_h": 24},
         {"name": "aws V100 4-node preemption, 3 zones, 4 workers", "files":
@@ -106,6 +109,18 @@ def priced_regions(traces: list[LocationTrace], data: Path) -> list[LocationTrac
     prices = sample_prices(data, "p3.2xlarge")
     return [replace(trace, location=f"aws:{region}a", prices=(prices[region],) * len(trace.times))
             for trace, region in zip(traces, sorted(prices))]
+
+
+CLOUDS = ["aws:us-east-1a", "gcp:us-central1-a", "azure:eastus-1"]  # a user's order: AWS first, Azure last
+
+
+def across_clouds(traces: list[LocationTrace]) -> list[LocationTrace]:
+    """Per-cloud prices that differ: the first V100 availability patterns, in file order, as one
+    T4 zone in each cloud, priced from the catalog (its reference spot prices per cloud). The
+    patterns come from a set with spot through the job's window, so prices decide, not the
+    deadline (the 9-zone patterns have almost no spot in the first 48 h)."""
+    return [replace(trace, location=location, gpu="T4", prices=None)
+            for trace, location in zip(traces, CLOUDS)]
 
 
 def spec_for(workers: int) -> ClusterSpec:
