@@ -13,23 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from spotrain.config import ClusterSpec
+from spotrain.control_loop import task_profile
 from spotrain.market import catalog_offers
-from spotrain.planner import PlacementContext, get_policy
+from spotrain.planner import FleetMember, PlacementContext, get_policy
 from spotrain.providers.base import Offer
 from spotrain.sim.engine import Job, compare, fleet_pace
-from spotrain.sim.traces import load_trace
+from spotrain.sim.oracle import fastest_spot_hours
+from spotrain.sim.traces import LocationTrace, load_trace
 
 POLICIES = ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
 SPOT = "spot-traces"
 
 
 def trace_sets(data: Path) -> list[dict]:
-    """(name, files, workers, gpu rate, job) for every trace set; equal-GPU files per set."""
+    """(name, files, workers, job, optional `prepare` of the loaded traces) for every trace set;
+    equal-GPU files per set."""
     def files(folder: str, pattern: str = "*") -> list[Path]:
         return sorted((data / folder).glob(pattern))
 
@@ -49,6 +54,12 @@ def trace_sets(data: Path) -> list[dict]:
          files(f"{SPOT}/preemption/1-node/aws-04-22-2023", "*.json"), "workers": 1, "work_h": 48, "deadline_h": 96},
         {"name": "aws r5.16xlarge preemption, 3 zones, per-zone prices", "files":
          files(f"{SPOT}/preemption/1-node/aws-04-19-2023", "*.json"), "workers": 1, "work_h": 48, "deadline_h": 96},
+        {"name": "aws V100 availability moved to 8 regions, real p3.2xlarge prices (2022-05-31)",
+         "files": files(f"{SPOT}/availability/1-node/aws-02-15-2023", "*.json"), "workers": 1, "work_h": 48,
+         "deadline_h": 96, "prepare": lambda traces: priced_regions(traces, data)},
+        {"name": "T4 in AWS, GCP, Azure zones (V100 preemption-trace availability), catalog prices",
+         "files": files(f"{SPOT}/preemption/1-node/aws-04-22-2023", "*.json"), "workers": 1, "work_h": 48,
+         "deadline_h": 96, "prepare": across_clouds},
         {"name": "gcp c3-highcpu-88 preemption, 4 zones", "files":
          files(f"{SPOT}/preemption/1-node/gcp-04-30-2023", "*.json"), "workers": 1, "work_h": 12, "deadline_h": 24},
         {"name": "aws V100 4-node preemption, 3 zones, 4 workers", "files":
@@ -64,6 +75,54 @@ def trace_sets(data: Path) -> list[dict]:
     ]
 
 
+# The real AWS spot price sample (2022-05-31): AZ ids such as "use1-az2" name their region.
+PRICE_SAMPLE = "aws-spot-price-history/05.tsv.zst"
+_DIRECTIONS = {"e": "east", "w": "west", "c": "central", "n": "north", "s": "south", "ne": "northeast",
+               "se": "southeast", "nw": "northwest", "sw": "southwest"}
+
+
+def region_of_az_id(az_id: str) -> str:
+    code = az_id.split("-")[0]  # "apne1"
+    return f"{code[:2]}-{_DIRECTIONS[code[2:-1]]}-{code[-1]}"
+
+
+def sample_prices(data: Path, instance_type: str) -> dict[str, float]:
+    """Region -> the cheapest zone's last Linux spot price of `instance_type` in the real sample."""
+    text = subprocess.run(["zstd", "-dc", str(data / PRICE_SAMPLE)], capture_output=True, text=True,
+                          check=True).stdout
+    last: dict[str, tuple[str, float]] = {}  # AZ id -> (time, price)
+    for line in text.splitlines():
+        az, itype, os_name, price, stamp = line.split("\t")
+        if itype == instance_type and os_name == "Linux/UNIX" and stamp >= last.get(az, ("", 0.0))[0]:
+            last[az] = (stamp, float(price))
+    regions: dict[str, float] = {}
+    for az, (_, price) in last.items():
+        region = region_of_az_id(az)
+        regions[region] = min(price, regions.get(region, price))
+    return regions
+
+
+def priced_regions(traces: list[LocationTrace], data: Path) -> list[LocationTrace]:
+    """Per-region prices that differ, from real data: the V100 availability patterns, in file
+    order, moved to the sample's regions in alphabetical order (a price-blind user's list, which
+    eager-next-region follows), each with its real p3.2xlarge spot price."""
+    prices = sample_prices(data, "p3.2xlarge")
+    return [replace(trace, location=f"aws:{region}a", prices=(prices[region],) * len(trace.times))
+            for trace, region in zip(traces, sorted(prices))]
+
+
+CLOUDS = ["aws:us-east-1a", "gcp:us-central1-a", "azure:eastus-1"]  # a user's order: AWS first, Azure last
+
+
+def across_clouds(traces: list[LocationTrace]) -> list[LocationTrace]:
+    """Per-cloud prices that differ: the first V100 availability patterns, in file order, as one
+    T4 zone in each cloud, priced from the catalog (its reference spot prices per cloud). The
+    patterns come from a set with spot through the job's window, so prices decide, not the
+    deadline (the 9-zone patterns have almost no spot in the first 48 h)."""
+    return [replace(trace, location=location, gpu="T4", prices=None)
+            for trace, location in zip(traces, CLOUDS)]
+
+
 def spec_for(workers: int) -> ClusterSpec:
     return ClusterSpec.model_validate({
         "name": "bench", "budget": {"total_usd": 100000.0},
@@ -75,6 +134,7 @@ def spec_for(workers: int) -> ClusterSpec:
 
 def run_set(entry: dict, tick: float) -> dict:
     traces = [load_trace(f) for f in entry["files"]]
+    traces = entry.get("prepare", lambda t: t)(traces)
     spec = spec_for(entry["workers"])
     rate = fleet_pace(spec, traces)  # the workers' pace in one zone, communication included
     job = Job(target_samples=rate * entry["work_h"] * 3600.0, deadline_hours=float(entry["deadline_h"]))
@@ -84,8 +144,17 @@ def run_set(entry: dict, tick: float) -> dict:
               for name, r in results.items() if name != "spotrain"}
     time_ratios = {name: (ours["hours"] / r["hours"] if r["hours"] else None)
                    for name, r in results.items() if name not in ("spotrain", "oracle")}
+    eager = results["eager-next-region"]
+    # What no policy can beat, against eager-next-region: the oracle's cost, the time of the whole
+    # fleet in one zone from the start, never preempted (on-demand's run), and spot's best time.
+    spot_hours = fastest_spot_hours(traces, task_profile(spec), entry["workers"], job.target_samples,
+                                    job.deadline_hours, tick)
+    bounds = {"oracle_cost_vs_eager": results["oracle"]["spent_usd"] / eager["spent_usd"],
+              "fastest_hours_vs_eager": results["on-demand"]["hours"] / eager["hours"],
+              "fastest_spot_hours_vs_eager": spot_hours / eager["hours"] if spot_hours else None}
     return {"trace_set": entry["name"], "workers": entry["workers"], "locations": [t.location for t in traces],
-            "policies": results, "spotrain_cost_ratio": ratios, "spotrain_time_ratio": time_ratios}
+            "policies": results, "spotrain_cost_ratio": ratios, "spotrain_time_ratio": time_ratios,
+            "bounds_vs_eager": bounds}
 
 
 def planning_time(offers_wanted: int = 10_000, workers: int = 8, repeats: int = 5) -> dict:
@@ -97,8 +166,6 @@ def planning_time(offers_wanted: int = 10_000, workers: int = 8, repeats: int = 
     spec = spec_for(workers)
 
     def place() -> None:
-        from dataclasses import replace
-        from spotrain.planner import FleetMember
         ctx = PlacementContext(now=0.0, workers=workers)
         for n in range(workers + 2):
             offer = policy.choose(offers, ctx)
@@ -153,6 +220,11 @@ def main() -> int:
         hours = "  ".join(f"{k} {v:.3f}x" for k, v in row["spotrain_time_ratio"].items() if v)
         print(f"  spotrain cost vs: {cost}")
         print(f"  spotrain time vs: {hours}")
+        bounds = row["bounds_vs_eager"]
+        spot = bounds["fastest_spot_hours_vs_eager"]
+        print(f"  no policy beats, vs eager-next-region: cost {bounds['oracle_cost_vs_eager']:.3f}x (oracle), "
+              f"time {bounds['fastest_hours_vs_eager']:.3f}x (whole fleet, never preempted)"
+              + (f", spot-only time {spot:.3f}x" if spot else ""))
     print(f"\nplanning {timing['offers']} offers, {timing['workers_placed']} workers: {timing['planner_ms']:.1f} ms "
           f"(sorting the offers by price: {timing['sort_by_price_ms']:.1f} ms, ratio {timing['ratio_to_sort']:.1f}x)")
     return 0

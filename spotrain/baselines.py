@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from spotrain.market import Location
-from spotrain.planner import RESTART_HOURS, PlacementContext
+from spotrain.planner import RESTART_HOURS, PlacementContext, SteadyPolicy
 from spotrain.providers.base import Offer
 
 
@@ -21,14 +21,11 @@ def _first(offers: Sequence[Offer], ctx: PlacementContext) -> str:
     return ctx.allowed[0] if ctx.allowed else min(o.location for o in offers)
 
 
-class OnDemandOneRegion:
+class OnDemandOneRegion(SteadyPolicy):
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         region = Location.parse(_first(offers, ctx)).region
         same = [o for o in offers if o.market == "on-demand" and Location.parse(o.location).region == region]
         return min(same, key=lambda o: (o.spot_usd_per_hour, o.location), default=None)
-
-    def retire(self, ctx: PlacementContext) -> list[str]:
-        return []
 
 
 def _progress_gap(ctx: PlacementContext, started_at: float) -> float:
@@ -43,7 +40,7 @@ def _behind_uniform_line(ctx: PlacementContext, started_at: float) -> bool:
     return _progress_gap(ctx, started_at) < 0
 
 
-class UniformProgress:
+class UniformProgress(SteadyPolicy):
     def __init__(self) -> None:
         self.started_at: float | None = None
 
@@ -70,7 +67,7 @@ class UniformProgress:
         return [m.request_id for m in ctx.fleet if m.market == "on-demand"]
 
 
-class EagerNextRegion:
+class EagerNextRegion(SteadyPolicy):
     def __init__(self) -> None:
         self.index = 0
         self.seen_preemptions = 0

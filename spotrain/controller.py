@@ -63,7 +63,7 @@ class Desired:
 class Launch:
     request_id: str
     offer: Offer
-    reason: str  # initial | replacement
+    reason: str  # initial | replacement | migration
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,13 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
         member = FleetMember(request_id(desired.cluster, sequence - 1), offer.location, offer.spot_usd_per_hour,
                              offer.gpu, offer.gpu_count, offer.market)
         ctx = replace(ctx, fleet=ctx.fleet + (member,))
+    if sequence == observed.launches and not pending:  # a settled fleet: the policy may move part of it
+        for offer in policy.migrate(desired.offers, ctx):
+            if not desired.guard.can_launch(observed.spent_usd, burn, offer.spot_usd_per_hour):
+                break
+            actions.append(Launch(request_id(desired.cluster, sequence), offer, "migration"))
+            sequence += 1
+            burn += offer.spot_usd_per_hour
 
     duty = choose_duty_holders(serving, observed.duty, desired.checkpoint_replicas)
     if duty:
@@ -156,10 +163,12 @@ def placement_context(observed: Observed, desired: Desired, now: float,
     preemptions = observed.preemptions
     return PlacementContext(
         now=now,
-        fleet=tuple(FleetMember(i.request_id, i.location, i.price_usd_per_hour, i.gpu, i.gpu_count, i.market)
+        fleet=tuple(FleetMember(i.request_id, i.location, i.price_usd_per_hour, i.gpu, i.gpu_count, i.market,
+                                training=i.state == "running" and i.agent_state == "training")
                     for i in fleet),
         preemptions=preemptions, hours_observed=observed.hours_observed, failed_at=observed.failed_at,
-        workers=desired.workers, samples_done=observed.samples, target_samples=desired.target_samples,
+        workers=desired.workers, backups=desired.backups, samples_done=observed.samples,
+        target_samples=desired.target_samples,
         deadline=desired.deadline, samples_per_second=observed.samples_per_second, allowed=desired.allowed,
     )
 

@@ -86,14 +86,18 @@ def estimate(workers: Sequence[Worker], profile: TaskProfile) -> FleetEstimate:
         return FleetEstimate(compute_rate, compute, 0.0, 0.0)
     # butterfly all-reduce: each peer sends and receives 2 (n-1)/n of the model per round
     bytes_per_peer = 2.0 * profile.model_bytes * profile.compression_ratio * (n - 1) / n
-    slowest = min(bandwidth_bps(a.location, b.location) for i, a in enumerate(workers) for b in workers[i + 1:])
-    comm = bytes_per_peer * 8.0 / slowest + EPOCH_OVERHEAD_SECONDS
+    # per distinct location (a fleet is a few places, many workers): O(places^2), not O(workers^2)
+    count: dict[Location, int] = {}
+    for w in workers:
+        count[w.location] = count.get(w.location, 0) + 1
+    places = list(count)
+    links = [bandwidth_bps(a, b) for i, a in enumerate(places) for b in places[i + 1:]]
+    links += [bandwidth_bps(a, a) for a in places if count[a] > 1]
+    comm = bytes_per_peer * 8.0 / min(links) + EPOCH_OVERHEAD_SECONDS
     rate = profile.target_batch_size / (compute + comm)
     epochs_per_hour = 3600.0 / (compute + comm)
-    egress = 0.0
-    for a in workers:  # each peer's bytes go evenly to the others
-        share = bytes_per_peer / (n - 1) / 1e9
-        egress += sum(share * _egress(a.location, b.location) for b in workers if b is not a)
+    share = bytes_per_peer / (n - 1) / 1e9  # each peer's bytes go evenly to the others
+    egress = sum(share * count[a] * count[b] * _egress(a, b) for a in places for b in places if a != b)
     return FleetEstimate(rate, compute, comm, egress * epochs_per_hour)
 
 

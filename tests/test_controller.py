@@ -112,3 +112,18 @@ def test_max_hourly_caps_the_fleet():
     assert sum(a.offer.spot_usd_per_hour for a in launches) <= 1.0
     # zone-a's $0.92/h beside any zone-b worker would pass $1/h: all four go to zone-b
     assert [a.offer.location for a in launches] == ["local:zone-b"] * 4
+
+
+class _MovesToB(SpreadCheapest):
+    def migrate(self, offers, ctx):
+        return [B] if all(m.training for m in ctx.fleet) else []
+
+
+def test_a_settled_fleet_may_launch_a_migration_beyond_its_size():
+    fleet = [inst(0, "local:zone-a"), inst(1, "local:zone-a")]
+    actions = reconcile(observed(*fleet), desired(workers=2, backups=0), 0.0, _MovesToB())
+    (launch,) = [a for a in actions if isinstance(a, Launch)]
+    assert launch.reason == "migration" and launch.offer is B and launch.request_id == "c-r00002"
+    starting = [inst(0, "local:zone-a"), inst(1, "local:zone-a", agent="starting")]
+    actions = reconcile(observed(*starting), desired(workers=2, backups=0), 0.0, _MovesToB())
+    assert not [a for a in actions if isinstance(a, Launch)]

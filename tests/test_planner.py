@@ -93,3 +93,68 @@ def test_planning_over_ten_thousand_offers_places_every_worker():
         assert o is not None
         ctx = replace(ctx, fleet=ctx.fleet + (FleetMember(str(i), o.location, o.spot_usd_per_hour, o.gpu),))
     assert len(ctx.fleet) == 10
+
+
+# -- revising a placement: make before break ----------------------------------------------------
+def member(n, location, price, training=True, gpu="V100"):
+    return FleetMember(f"c-r{n:05d}", location, price, gpu, training=training)
+
+
+def test_a_cheaper_place_is_taken_before_the_dear_worker_goes():
+    offers = [offer("aws:us-east-1b", 1.30), offer("aws:us-east-1d", 1.14)]
+    planner = CostPerSamplePlanner()
+    ctx = PlacementContext(now=0, workers=1, fleet=(member(0, "aws:us-east-1b", 1.30),),
+                           target_samples=1e7, samples_done=0.0)
+    (move,) = planner.migrate(offers, ctx)
+    assert move.location == "aws:us-east-1d"
+    booting = replace(ctx, fleet=ctx.fleet + (member(1, "aws:us-east-1d", 1.14, training=False),))
+    assert planner.migrate(offers, booting) == [] and planner.retire(booting) == []  # the old one keeps training
+    trained = replace(ctx, fleet=ctx.fleet + (member(1, "aws:us-east-1d", 1.14),))
+    assert planner.retire(trained) == ["c-r00000"]
+
+
+def test_no_move_for_equal_prices_nor_near_the_end():
+    offers = [offer("aws:us-east-1b", 1.14), offer("aws:us-east-1d", 1.14)]
+    ctx = PlacementContext(now=0, workers=1, fleet=(member(0, "aws:us-east-1b", 1.14),), target_samples=1e7,
+                           preemptions={"aws:us-east-1b": 5}, hours_observed={"aws:us-east-1b": 4.0})
+    assert CostPerSamplePlanner().migrate(offers, ctx) == []  # preemption estimates alone never move a worker
+    dear = [offer("aws:us-east-1b", 1.30), offer("aws:us-east-1d", 1.14)]
+    rate = TaskProfile().rate("V100")
+    almost_done = PlacementContext(now=0, workers=1, fleet=(member(0, "aws:us-east-1b", 1.30),),
+                                   target_samples=1e7, samples_done=1e7 - rate * 60)
+    assert CostPerSamplePlanner().migrate(dear, almost_done) == []  # the move would not pay for itself
+
+
+def test_an_incomplete_fleet_moves_where_the_whole_fleet_fits():
+    offers = [offer("aws:us-east-2a", 0.918), offer("aws:us-west-2c", 0.918)]
+    fleet = (member(0, "aws:us-east-2a", 0.918), member(1, "aws:us-east-2a", 0.918))
+    ctx = PlacementContext(now=1000, workers=4, fleet=fleet, target_samples=1e9,
+                           failed_at={"aws:us-east-2a": (990.0, 1)})  # no room for more there
+    moves = CostPerSamplePlanner().migrate(offers, ctx)
+    assert [o.location for o in moves] == ["aws:us-west-2c"] * 4
+    arrived = fleet + tuple(member(n, "aws:us-west-2c", 0.918) for n in range(2, 6))
+    assert sorted(CostPerSamplePlanner().retire(replace(ctx, fleet=arrived))) == ["c-r00000", "c-r00001"]
+
+
+def test_after_a_move_the_whole_fleet_in_one_zone_beats_a_partial_one_with_a_better_record():
+    old = tuple(member(n, "aws:us-east-2b", 0.918) for n in range(7))
+    new = tuple(member(n, "aws:us-west-2a", 0.918) for n in range(7, 15))
+    ctx = PlacementContext(now=0, workers=8, fleet=old + new, hours_observed={"aws:us-east-2b": 50.0})
+    assert sorted(CostPerSamplePlanner().retire(ctx)) == [m.request_id for m in old]
+
+
+def test_a_far_worker_that_slows_the_fleet_is_retired():
+    fleet = (member(0, "aws:us-east-2a", 0.918),) + tuple(member(n, "aws:us-west-2c", 0.918) for n in (1, 2, 3))
+    assert CostPerSamplePlanner().retire(PlacementContext(now=0, workers=4, fleet=fleet)) == ["c-r00000"]
+    with_backup = PlacementContext(now=0, workers=3, backups=1, fleet=fleet)
+    assert CostPerSamplePlanner().retire(with_backup) == []  # a backup elsewhere is wanted
+
+
+def test_with_slack_it_waits_for_the_cheaper_place():
+    offers = [offer("aws:us-east-1b", 1.30), offer("aws:us-east-1d", 1.14)]
+    rate = TaskProfile().rate("V100")
+    ctx = PlacementContext(now=0, workers=1, target_samples=rate * 3600 * 10, deadline=40 * 3600,
+                           failed_at={"aws:us-east-1d": (0.0, 1)})
+    assert CostPerSamplePlanner().choose(offers, ctx) is None
+    short = replace(ctx, deadline=12 * 3600)  # little slack: take the dearer place now
+    assert CostPerSamplePlanner().choose(offers, short).location == "aws:us-east-1b"

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 
 from spotrain.config import ClusterSpec
+from spotrain.control_loop import task_profile
 from spotrain.sim.engine import Job, compare, simulate
-from spotrain.sim.oracle import oracle_cost
+from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import TraceError, load_trace, load_traces
 
 from conftest import ROOT, run_cli
@@ -133,3 +134,27 @@ def test_cli_plan_json_and_bad_location(tmp_path):
     config.write_text("name: p\nbudget: {total_usd: 10}\nplacement: {locations: [aws:moon-1a]}\n")
     result = run_cli("plan", str(config), home=tmp_path / "home", timeout=120)
     assert result.returncode == 2 and "placement.locations.0: unknown location 'aws:moon-1a'" in result.stderr
+
+
+def test_the_several_worker_bound_lets_a_smaller_fleet_train_longer(tmp_path):
+    # 4 workers wanted; 2 in one zone train more per worker (less communication), so with a loose
+    # deadline the bound must be below what 4 full-time workers would pay, and below any policy
+    traces = load_traces([synthetic(tmp_path, "us-east-1a", [4] * 144)])
+    rates = [0.0, 260.0, 406.0, 520.0, 626.0]
+    four_for_ten_hours = 626.0 * 3600 * 10
+    bound = oracle_cost(traces, 0.0, four_for_ten_hours, 24, workers=4, fleet_rate=rates)
+    assert not bound.exact and bound.spent_usd < 4 * 10 * 0.918
+    job = Job(four_for_ten_hours, 24)
+    assert bound.spent_usd <= simulate(spec(workers=4), traces, "spotrain", job).spent_usd
+    # a deadline only the whole fleet meets leaves no room below it (startup aside)
+    tight = oracle_cost(traces, 0.0, four_for_ten_hours, 10, workers=4, fleet_rate=rates)
+    assert tight.spent_usd == pytest.approx(4 * 10 * 0.918, rel=1e-3)
+
+
+def test_no_spot_policy_finishes_before_the_spot_time_bound(tmp_path):
+    traces = load_traces([synthetic(tmp_path, "us-east-1a", [1] * 12 + [0] * 132),
+                          synthetic(tmp_path, "us-east-1b", [0] * 24 + [1] * 120)])
+    job = Job(target_samples=260 * 3600 * 6, deadline_hours=20)
+    bound = fastest_spot_hours(traces, task_profile(spec()), 1, job.target_samples, job.deadline_hours)
+    assert bound == pytest.approx(8.0)  # 2 h in zone a, a 2 h gap, then 4 h in zone b
+    assert simulate(spec(), traces, "spotrain", job).hours >= bound

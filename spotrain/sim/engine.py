@@ -39,13 +39,15 @@ class Job:
     start_offset: float = 0.0  # where in the traces the job starts, seconds
 
 
-def fleet_pace(spec: ClusterSpec, traces: list[LocationTrace]) -> float:
-    """Samples/s of the wanted workers in one zone of the traces' GPU: the job's nominal pace."""
+def fleet_pace(spec: ClusterSpec, traces: list[LocationTrace], workers: int | None = None) -> float:
+    """Samples/s of the wanted workers (or `workers`) in one zone of the traces' GPU: the job's
+    nominal pace."""
     from spotrain.market import Location
     from spotrain.throughput import Worker, estimate
 
-    workers = [Worker(Location.parse(traces[0].location), traces[0].gpu)] * spec.placement.workers
-    return estimate(workers, task_profile(spec)).samples_per_second
+    count = spec.placement.workers if workers is None else workers
+    fleet = [Worker(Location.parse(traces[0].location), traces[0].gpu)] * count
+    return estimate(fleet, task_profile(spec)).samples_per_second
 
 
 def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
@@ -111,9 +113,10 @@ def compare(spec: ClusterSpec, traces: list[LocationTrace], policies: list[str],
     for name in policies:
         progress(f"simulating {name} over {len(traces)} location(s)")
         if name == "oracle":
-            rate = fleet_pace(spec, traces) / spec.placement.workers  # communication in one zone included
-            best = oracle_cost(traces, rate, job.target_samples, job.deadline_hours, spec.placement.workers,
-                               tick_seconds, STARTUP_SECONDS, job.start_offset)
+            workers = spec.placement.workers + spec.placement.backups  # backups train too
+            rates = [fleet_pace(spec, traces, k) for k in range(workers + 1)]  # one zone, with communication
+            best = oracle_cost(traces, rates[1], job.target_samples, job.deadline_hours, workers,
+                               tick_seconds, STARTUP_SECONDS, job.start_offset, fleet_rate=rates)
             done = best.spent_usd != float("inf")
             results.append(SimResult("oracle", done, not done, best.hours, best.spent_usd, job.target_samples,
                                      best.spent_usd / job.target_samples * 1e6 if done else None, 0,
