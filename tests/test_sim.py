@@ -7,7 +7,7 @@ import pytest
 
 from spotrain.config import ClusterSpec
 from spotrain.control_loop import task_profile
-from spotrain.sim.engine import Job, compare, simulate
+from spotrain.sim.engine import STARTUP_SECONDS, Job, compare, simulate
 from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import TraceError, load_trace, load_traces
 
@@ -82,6 +82,17 @@ def test_spotrain_falls_back_to_on_demand_to_meet_the_deadline(tmp_path):
     results = {r["policy"]: r for r in compare(spec(), traces, ["spotrain", "eager-next-region"], job)}
     assert results["spotrain"]["finished"] and not results["spotrain"]["missed_deadline"]
     assert results["eager-next-region"]["missed_deadline"]  # spot only: nothing after hour 1
+
+
+def test_samples_up_to_each_preemption_count_so_the_run_ends_on_target(tmp_path):
+    # spot for an hour, then none for half an hour, over and over: several preemptions
+    traces = load_traces([synthetic(tmp_path, "us-east-1a", ([1] * 6 + [0] * 3) * 16)])
+    job = Job(target_samples=260 * 3600 * 3, deadline_hours=24)
+    result = simulate(spec(), traces, "spotrain", job)
+    assert result.finished and result.preemptions >= 2
+    launches = result.preemptions + 1
+    paid_hours = 3 + launches * STARTUP_SECONDS / 3600 + 120 / 3600  # the work, each boot, one tick to notice
+    assert result.spent_usd <= 0.918 * paid_hours + 1e-9
 
 
 def test_a_small_budget_ends_the_simulated_run_within_it(tmp_path):

@@ -139,13 +139,20 @@ class SimSwarm:
         self.total += fleet_rate * seconds
 
     def statuses(self) -> dict[str, AgentStatus]:
+        """Every running agent's record, and an ended agent's last one (a DHT keeps records until they
+        expire): samples trained up to a preemption still count."""
         now = self.clock.now()
+        epoch = int(self.total // self.profile.target_batch_size)
         out = {}
-        for item in self.provider.running():
-            iid = item.instance.instance_id
-            state = "training" if now - item.instance.launched_at >= self.startup else "starting"
-            out[iid] = AgentStatus(iid, state, int(self.total // self.profile.target_batch_size),
-                                   int(self.samples.get(iid, 0.0)), self.rate.get(iid, 0.0), None, 0, 0, None, (), now)
+        for item in self.provider.instances.values():
+            i = item.instance
+            if i.instance_id not in self.samples and i.state != "running":
+                continue
+            at = now if i.state == "running" else (i.ended_at or now)
+            state = "training" if at - i.launched_at >= self.startup else "starting"
+            rate = self.rate.get(i.instance_id, 0.0) if i.state == "running" else 0.0
+            out[i.instance_id] = AgentStatus(i.instance_id, state, epoch, int(self.samples.get(i.instance_id, 0.0)),
+                                             rate, None, 0, 0, None, (), at)
         return out
 
     def addresses(self) -> list[str]:
