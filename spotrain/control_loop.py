@@ -113,7 +113,8 @@ class ControlLoop:
         fresh = [s for s in self.statuses.values() if s.instance_id in ours and now - s.time < STATUS_FRESH_SECONDS]
         self.ledger.record_metrics(self.run.id, now, [s.to_record() for s in fresh])
         self.max_epoch = max([self.max_epoch] + [s.epoch for s in fresh])
-        run_instances = {row.instance_id for row in self.ledger.instances(run_id=self.run.id)}
+        run_rows = self.ledger.instances(run_id=self.run.id)
+        run_instances = {row.instance_id for row in run_rows}
         for s in self.statuses.values():  # an ended agent's last record counts too: its samples were trained
             if s.instance_id in run_instances:
                 self.samples_by_instance[s.instance_id] = max(self.samples_by_instance.get(s.instance_id, 0),
@@ -121,7 +122,7 @@ class ControlLoop:
         rows = self.ledger.instances(states=LIVE_STATES)
         preemptions: dict[str, int] = {}
         hours: dict[str, float] = {}
-        for row in self.ledger.instances(run_id=self.run.id):
+        for row in run_rows:
             if row.state == "preempted":
                 preemptions[row.location] = preemptions.get(row.location, 0) + 1
             if row.launched_at is not None:

@@ -141,8 +141,7 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
                               "replacement" if desired.initial_fleet_launched else "initial"))
         sequence += 1
         burn += offer.spot_usd_per_hour
-        member = FleetMember(request_id(desired.cluster, sequence - 1), offer.location, offer.spot_usd_per_hour,
-                             offer.gpu, offer.gpu_count, offer.market)
+        member = FleetMember.from_offer(request_id(desired.cluster, sequence - 1), offer)
         ctx = replace(ctx, fleet=ctx.fleet + (member,))
     if sequence == observed.launches and not pending:  # a settled fleet: the policy may move part of it
         for offer in policy.migrate(desired.offers, ctx):

@@ -46,9 +46,7 @@ def plan(spec: ClusterSpec, offers: list[Offer], now: float = 0.0) -> dict:
             break
         chosen.append(offer)
         burn += offer.spot_usd_per_hour
-        member = FleetMember(f"plan-{n}", offer.location, offer.spot_usd_per_hour, offer.gpu, offer.gpu_count,
-                             offer.market)
-        ctx = replace(ctx, fleet=ctx.fleet + (member,))
+        ctx = replace(ctx, fleet=ctx.fleet + (FleetMember.from_offer(f"plan-{n}", offer),))
     fleet = estimate([Worker(Location.parse(o.location), o.gpu, o.gpu_count) for o in chosen], profile)
     hourly = burn + fleet.egress_usd_per_hour
     per_million = hourly / (fleet.samples_per_second * 3600.0) * 1e6 if fleet.samples_per_second else None

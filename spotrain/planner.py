@@ -41,6 +41,11 @@ class FleetMember:
     market: str = "spot"
     training: bool = False  # its agent reports training (not starting, not yet launched)
 
+    @classmethod
+    def from_offer(cls, request_id: str, offer: Offer) -> FleetMember:
+        """The member an offer becomes once launched (not yet training)."""
+        return cls(request_id, offer.location, offer.spot_usd_per_hour, offer.gpu, offer.gpu_count, offer.market)
+
 
 @dataclass(frozen=True)
 class PlacementContext:
@@ -212,7 +217,7 @@ class CostPerSamplePlanner:
         """Extra workers that would replace part of a settled fleet: where a fresh plan is cheaper
         per sample, the move included, or where it holds more of an incomplete fleet and so
         finishes sooner. Fleets with backups are left as they are."""
-        if ctx.backups or not ctx.fleet or not all(m.training for m in ctx.fleet):
+        if not _revisable(ctx):
             return []
         if needs_on_demand(ctx, self.full_speed(offers, ctx.workers)):
             return []
@@ -220,8 +225,7 @@ class CostPerSamplePlanner:
         kept, new = _match(fresh, ctx.fleet)
         if not new or len(kept) + len(new) < len(ctx.fleet):
             return []
-        moved = kept + [FleetMember(f"move-{n}", o.location, o.spot_usd_per_hour, o.gpu, o.gpu_count,
-                                    o.market) for n, o in enumerate(new)]
+        moved = kept + [FleetMember.from_offer(f"move-{n}", o) for n, o in enumerate(new)]
         now_usd, now_rate = self.fleet_score(ctx.fleet, ctx)
         then_usd, then_rate = self.fleet_score(moved, ctx)
         if now_rate <= 0 or then_rate <= 0:
@@ -240,7 +244,7 @@ class CostPerSamplePlanner:
     def retire(self, ctx: PlacementContext) -> list[str]:
         """Once every worker trains: beyond the wanted size keep the fullest fleet, cheapest per
         sample among equals (newcomers win ties), then drop a far region that only slows the rest."""
-        if ctx.backups or not ctx.fleet or not all(m.training for m in ctx.fleet):
+        if not _revisable(ctx):
             return []
         keep = self._fastest_part(self._best_fleet(ctx.fleet, ctx.workers, ctx), ctx)
         return [m.request_id for m in ctx.fleet if m not in keep]
@@ -268,9 +272,7 @@ class CostPerSamplePlanner:
             if offer is None:
                 break
             plan.append(offer)
-            scratch = replace(scratch, fleet=scratch.fleet + (FleetMember(f"plan-{n}", offer.location,
-                                                                          offer.spot_usd_per_hour, offer.gpu,
-                                                                          offer.gpu_count, offer.market),))
+            scratch = replace(scratch, fleet=scratch.fleet + (FleetMember.from_offer(f"plan-{n}", offer),))
         return plan
 
     def _best_fleet(self, members: Sequence[FleetMember], size: int,
@@ -310,6 +312,11 @@ class CostPerSamplePlanner:
             if rate > best_rate:
                 best, best_rate = part, rate
         return best
+
+
+def _revisable(ctx: PlacementContext) -> bool:
+    """A fleet without backups whose every worker trains: the only kind a policy may revise."""
+    return not ctx.backups and bool(ctx.fleet) and all(m.training for m in ctx.fleet)
 
 
 def _match(plan: Sequence[Offer], fleet: Sequence[FleetMember]) -> tuple[list[FleetMember], list[Offer]]:

@@ -75,11 +75,6 @@ class TinyGPT(nn.Module):
         return self.norm(x) @ self.embed.weight.T  # tied output head
 
 
-def build_model() -> nn.Module:
-    torch.manual_seed(0)  # every worker starts from the same weights
-    return TinyGPT()
-
-
 def batches(worker_seed: int, batch_size: int, context: int = CONTEXT) -> Iterator[torch.Tensor]:
     data = corpus()
     generator = torch.Generator().manual_seed(worker_seed)
@@ -108,5 +103,6 @@ def make_task(width: int, depth: int, heads: int, context: int) -> SimpleTask:
     return SimpleTask(build_model=build, batches=windows, loss=loss, make_optimizer=make_optimizer)
 
 
-task = SimpleTask(build_model=build_model, batches=batches, loss=loss, make_optimizer=make_optimizer)
+task = make_task(width=192, depth=3, heads=4, context=CONTEXT)
+build_model = task.build_model  # the demo's model, for tasks built on this one
 task_3m = make_task(width=256, depth=4, heads=4, context=256)
