@@ -169,3 +169,40 @@ def test_no_spot_policy_finishes_before_the_spot_time_bound(tmp_path):
     bound = fastest_spot_hours(traces, task_profile(spec()), 1, job.target_samples, job.deadline_hours)
     assert bound == pytest.approx(8.0)  # 2 h in zone a, a 2 h gap, then 4 h in zone b
     assert simulate(spec(), traces, "spotrain", job).hours >= bound
+
+
+def _benchmark():
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "planner_vs_baselines.py"
+    module_spec = importlib.util.spec_from_file_location("planner_vs_baselines", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_the_benchmark_bounds_the_cost_of_finishing_no_later_than_eager(tmp_path):
+    # zone a flaps (an hour up, half an hour down), zone b comes late but stays: finishing as
+    # early as eager-next-region means paying for the flaps; the oracle held to eager's finish
+    # pays no less than the free oracle and no more than eager itself
+    files = [synthetic(tmp_path, "us-east-1a", ([1] * 6 + [0] * 3) * 16),
+             synthetic(tmp_path, "us-east-1b", [0] * 30 + [1] * 114)]
+    entry = {"name": "flaps", "files": files, "workers": 1, "work_h": 4, "deadline_h": 16}
+    row = _benchmark().run_set(entry, 120.0)
+    bounds = row["bounds_vs_eager"]
+    assert bounds["oracle_cost_vs_eager"] <= bounds["oracle_cost_by_eager_time_vs_eager"] <= 1.0 + 1e-9
+    assert bounds["oracle_cost_by_eager_time_vs_oracle"] >= 1.0 - 1e-9
+    ours = row["policies"]["spotrain"]
+    if ours["hours"] <= row["policies"]["eager-next-region"]["hours"]:  # then the bound holds for it too
+        assert ours["spent_usd"] / row["policies"]["eager-next-region"]["spent_usd"] >= \
+            bounds["oracle_cost_by_eager_time_vs_eager"] - 1e-9
+
+
+def test_the_benchmark_starts_jobs_later_in_the_traces_or_skips_too_short_ones(tmp_path):
+    files = [synthetic(tmp_path, "us-east-1a", [0] * 12 + [1] * 132)]
+    entry = {"name": "late", "files": files, "workers": 1, "work_h": 2, "deadline_h": 8}
+    benchmark = _benchmark()
+    row = benchmark.run_set(entry, 120.0, offset_hours=2.0)  # spot from the start of the job
+    assert row["offset_hours"] == 2.0
+    assert row["policies"]["eager-next-region"]["hours"] == pytest.approx(2.1, abs=0.05)  # one boot
+    assert benchmark.run_set(entry, 120.0, offset_hours=20.0) is None  # the trace ends at 24 h
