@@ -120,7 +120,7 @@ class Agent:
         import torch
         from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
         from spotrain.agents.status import StatusPublisher
-        from spotrain.kernels import codec_table_fingerprint, install_codecs, optimizer_options
+        from spotrain.kernels import SwarmOptimizer, codec_table_fingerprint, install_codecs, optimizer_options
         from spotrain.kernels.guards import gradients_finite
 
         from spotrain.task import load_task
@@ -153,7 +153,7 @@ class Agent:
         if checkpoint is not None:
             model.load_state_dict(checkpoint["model"])
         training = cfg["training"]
-        optimizer = hivemind.Optimizer(
+        optimizer = SwarmOptimizer(
             dht=dht, run_id=self.cluster, params=model.parameters(), optimizer=task.make_optimizer,
             batch_size_per_step=training["batch_size"], target_batch_size=training["target_batch_size"],
             **optimizer_options(compression["gradients"], compression["state"], group_size=training.get("group_size"),
@@ -167,8 +167,6 @@ class Agent:
             log(f"resumed from checkpoint epoch {checkpoint['epoch']}")
         self.epoch = optimizer.local_epoch
 
-        self.publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
-        self.publisher.start()
         if self.metadata is not None:
             make_watcher(*self.metadata, self.on_notice, on_advisory=self.on_advisory).start()
         signal.signal(signal.SIGTERM, lambda *_: self.begin_drain(float(cfg.get("sigterm_grace_seconds", 10))))

@@ -14,7 +14,9 @@ spotrain runs use kernels.optimizer_options as the agent does (delayed updates o
 default; --no-delayed-updates for foreground averaging), with group_size = the number of
 agents (what user-data's optional `group_size` gives an agent). Each agent and its helpers are
 pinned to one core (--no-pin to turn off), like one VM each. samples/s counts the samples every
-agent put into averaged gradients; "blocked" is the share of time spent inside optimizer.step().
+agent put into averaged gradients; "blocked" is the share of time spent inside optimizer.step();
+"train CPU" is the trainer thread's CPU time over the wall time, "bg CPU" that of everything else
+the agent runs (hivemind's threads, its DHT and averager processes, p2pd).
 The held-out loss after the same number of global epochs is a sanity check; benchmarks/
 convergence.py trains long enough to compare codecs.
 
@@ -86,6 +88,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--tuning", default="{}", help="extra hivemind.Optimizer arguments for spotrain (JSON)")
     parser.add_argument("--no-delayed-updates", action="store_true",
                         help="spotrain runs average and step in the foreground (training.delayed_updates: false)")
+    parser.add_argument("--report-interval", type=float, default=None,
+                        help="spotrain runs: seconds between progress reports (0: every step, as hivemind does)")
     parser.add_argument("--no-pin", action="store_true", help="do not pin each agent to its own core")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--skip-hivemind", action="store_true")
@@ -106,6 +110,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
                     "--tuning", args.tuning]
             if args.no_delayed_updates:
                 argv.append("--no-delayed-updates")
+            if args.report_interval is not None:
+                argv += ["--report-interval", str(args.report_interval)]
             if not args.no_pin:  # one core per agent, like one VM each
                 argv += ["--cpu", str(index % os.cpu_count())]
             env = dict(os.environ, GLOO_SOCKET_IFNAME=host.interface, OMP_NUM_THREADS="1")
@@ -128,6 +134,9 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
     rates = [r["samples_per_second"] for r in results]
     point["samples_per_second"] = sum(rates) if mode != "ddp" else sum(rates) / len(rates)
     point["eval_loss"] = None  # only swarm runs train the same number of samples
+    for share in ("trainer_cpu_share", "background_cpu_share"):  # of each agent's one core
+        if all(share in r for r in results):
+            point[share] = sum(r[share] for r in results) / len(results)
     if mode in ("spotrain", "hivemind"):
         point["eval_loss"] = sum(r["eval_loss"] for r in results) / len(results)
         epochs = max(1, min(r["epochs"] for r in results))
@@ -181,7 +190,7 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def _table(figures: dict) -> str:
     header = (f"{'link':>10}  {'configuration':<36}{'samples/s':>10}{'x limit':>9}{'x hivemind':>11}{'x DDP':>8}"
-              f"{'loss':>8}{'loss/none':>10}{'MB/ag/ep':>9}")
+              f"{'loss':>8}{'loss/none':>10}{'MB/ag/ep':>9}{'train CPU':>10}{'bg CPU':>8}")
     limit = _fmt(figures["compute_limit_samples_per_second"], "{:.1f}")
     measured = ", ".join(f"{value:.1f}" for value in figures["compute_limit_measurements"])
     title = (f"wan_scaling: {figures['task']}, {figures['agents']} agents, target batch {figures['target_batch_size']}, "
@@ -200,7 +209,8 @@ def _table(figures: dict) -> str:
                      f"{_fmt(row['vs_compute_limit'], '{:.2f}'):>9}{_fmt(row['vs_hivemind'], '{:.2f}'):>11}"
                      f"{_fmt(row['vs_ddp'], '{:.1f}'):>8}{_fmt(row['eval_loss'], '{:.3f}'):>8}"
                      f"{_fmt(row['loss_vs_uncompressed'], '{:.3f}'):>10}"
-                     f"{_fmt(row.get('mb_sent_per_agent_epoch'), '{:.2f}'):>9}")
+                     f"{_fmt(row.get('mb_sent_per_agent_epoch'), '{:.2f}'):>9}"
+                     f"{_fmt(row.get('trainer_cpu_share'), '{:.2f}'):>10}{_fmt(row.get('background_cpu_share'), '{:.2f}'):>8}")
     return "\n".join(lines)
 
 

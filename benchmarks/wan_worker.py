@@ -63,6 +63,9 @@ def _parse() -> argparse.Namespace:
                         help="spotrain mode: averaging groups start once all --world agents joined (0: off)")
     parser.add_argument("--no-delayed-updates", action="store_true",
                         help="spotrain mode: average and step in the foreground (training.delayed_updates: false)")
+    parser.add_argument("--report-interval", type=float, default=None,
+                        help="spotrain mode: seconds between progress reports to the DHT (default: the agent's; "
+                             "0: every step, as hivemind does)")
     parser.add_argument("--cpu", type=int, default=None, help="pin this agent and its helpers to one core")
     parser.add_argument("--port", type=int, default=29511)
     parser.add_argument("--ddp-steps", type=int, default=24,
@@ -83,23 +86,45 @@ def _local_steps(args: argparse.Namespace) -> tuple[int, int]:
     return args.warmup * args.target_batch // per_step, args.epochs * args.target_batch // per_step
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) used so far by this process and its live descendants (the
+    DHT and averager processes, p2pd): what the swarm's background work takes from the core."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parent_of, used = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        pid = int(stat.parent.name)
+        parent_of[pid], used[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
+    tree, frontier = {os.getpid()}, [os.getpid()]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parent_of.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return sum(used.get(pid, 0.0) for pid in tree)
+
+
 def _alone(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     """The same work as a swarm agent minus the swarm: one optimizer step per global batch."""
     optimizer = task.make_optimizer(model.parameters())
     batches = task.batches(1000 + args.index, args.batch)
     warmup, measured = _local_steps(args)
     steps_per_epoch = max(1, args.target_batch // (args.batch * args.world))
-    started = 0.0
+    started, trainer_cpu = 0.0, 0.0
     _start_together(args)
     for step in range(warmup + measured):
         if step == warmup:
-            started = time.perf_counter()
+            started, trainer_cpu = time.perf_counter(), time.thread_time()
         task.loss(model, next(batches)).backward()
         if (step + 1) % steps_per_epoch == 0:
             optimizer.step()
             optimizer.zero_grad()
     elapsed = time.perf_counter() - started
-    return {"samples_per_second": measured * args.batch / elapsed, "elapsed": elapsed}
+    return {"samples_per_second": measured * args.batch / elapsed, "elapsed": elapsed,
+            "trainer_cpu_share": (time.thread_time() - trainer_cpu) / elapsed}
 
 
 def _ddp(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
@@ -159,7 +184,7 @@ def _wait_for_peers(path: str, timeout: float = 120.0) -> list[str]:
 def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     import hivemind
     from hivemind.compression import Float16Compression
-    from spotrain.kernels import install_codecs, optimizer_options, traffic
+    from spotrain.kernels import SwarmOptimizer, install_codecs, optimizer_options, traffic
 
     install_codecs()  # also counts bytes for the hivemind baseline
     peers = [] if args.index == 0 else _wait_for_peers(args.peers)
@@ -167,13 +192,17 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     if args.index == 0:
         Path(args.peers + ".tmp").write_text(json.dumps([str(a) for a in dht.get_visible_maddrs()]))
         os.replace(args.peers + ".tmp", args.peers)
+    optimizer_class = hivemind.Optimizer
     if args.mode == "spotrain":
         options = optimizer_options(args.gradients, args.state, group_size=args.world if args.group_size else None,
                                     delayed_updates=not args.no_delayed_updates)
+        if args.report_interval is not None:
+            options["progress_report_interval"] = args.report_interval
         options.update(json.loads(args.tuning))
+        optimizer_class = SwarmOptimizer
     else:
         options = {"grad_compression": Float16Compression(), "state_averaging_compression": Float16Compression()}
-    optimizer = hivemind.Optimizer(
+    optimizer = optimizer_class(
         dht=dht, run_id="wan-bench", params=model.parameters(), optimizer=task.make_optimizer,
         batch_size_per_step=args.batch, target_batch_size=args.target_batch,
         matchmaking_time=args.matchmaking_time, averaging_timeout=args.averaging_timeout, verbose=False, **options,
@@ -191,14 +220,17 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
         window.samples += args.batch
         if window.started is None and optimizer.local_epoch >= args.warmup:
             window.open(optimizer.local_epoch, traffic.sent, traffic.received)
+            cpu_at_open = (time.thread_time(), tree_cpu_seconds())
     if window.started is None:
         raise SystemExit(f"never reached epoch {args.warmup} (at {optimizer.local_epoch})")
     elapsed = time.perf_counter() - window.started
+    trainer_cpu, all_cpu = time.thread_time() - cpu_at_open[0], tree_cpu_seconds() - cpu_at_open[1]
     epochs = optimizer.local_epoch - window.epoch
     result = {"samples_per_second": window.samples / elapsed,  # what this agent put into averaged gradients
               "epoch_samples_per_second": epochs * args.target_batch / elapsed, "elapsed": elapsed,
               "epochs": epochs, "blocked_fraction": window.blocked / elapsed,
-              "bytes_sent": traffic.sent - window.sent, "bytes_received": traffic.received - window.received}
+              "bytes_sent": traffic.sent - window.sent, "bytes_received": traffic.received - window.received,
+              "trainer_cpu_share": trainer_cpu / elapsed, "background_cpu_share": (all_cpu - trainer_cpu) / elapsed}
     optimizer.shutdown()
     dht.shutdown()
     return result

@@ -1,0 +1,77 @@
+"""hivemind.Optimizer with paced progress reports: fewer signed DHT stores on the trainer's core.
+
+hivemind's ProgressTracker publishes this peer's sample count after every local step: an
+RSA-signed DHT store that every peer's DHT process validates, several times a second per peer.
+Peers already extrapolate each other's progress from the reported samples/s, so a report every
+`report_interval` seconds (and at once on every epoch change, which others must see promptly)
+tells them as much and costs a fraction of the CPU that the trainer shares with them.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import hivemind
+from hivemind.optim.progress_tracker import ProgressTracker
+
+REPORT_INTERVAL_SECONDS = 2.0
+
+
+class _PacedSignal(threading.Event):
+    """The tracker's "report now" signal, let through at most once per interval unless urgent."""
+
+    def __init__(self, interval: float):
+        super().__init__()
+        self.interval = interval
+        self.urgent = False  # the next set() passes whatever the pace
+        self._last = -math.inf
+
+    def set(self) -> None:
+        now = time.monotonic()
+        if self.urgent or now - self._last >= self.interval:
+            self._last = now
+            super().set()
+        self.urgent = False
+
+
+class PacedProgressTracker(ProgressTracker):
+    """A ProgressTracker that reports local progress at most every `report_interval` seconds,
+    and immediately when the local epoch changes or its sample count restarts."""
+
+    def __init__(self, *args: Any, report_interval: float = REPORT_INTERVAL_SECONDS, start: bool = False,
+                 **kwargs: Any):
+        super().__init__(*args, start=False, **kwargs)
+        self.should_report_progress = _PacedSignal(report_interval)  # before the reporter thread runs
+        if start:
+            self.start()
+
+    def report_local_progress(self, local_epoch: int, samples_accumulated: int,
+                              update_global_samples: bool = True) -> None:
+        signal = self.should_report_progress
+        if isinstance(signal, _PacedSignal):
+            signal.urgent = (local_epoch != self.local_progress.epoch
+                             or samples_accumulated < self.local_progress.samples_accumulated)
+        super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        if isinstance(self.should_report_progress, _PacedSignal):
+            self.should_report_progress.urgent = True  # wake the reporter so that it sees the shutdown
+        super().shutdown(timeout)
+
+
+class SwarmOptimizer(hivemind.Optimizer):
+    """hivemind.Optimizer whose progress tracker paces its reports (see the module's doc)."""
+
+    def __init__(self, *args: Any, progress_report_interval: float = REPORT_INTERVAL_SECONDS, **kwargs: Any):
+        self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
+        super().__init__(*args, **kwargs)
+
+    def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
+        return PacedProgressTracker(
+            dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
+            status_loglevel=self.status_loglevel, report_interval=self._progress_report_interval, start=True,
+            **kwargs,
+        )
