@@ -90,21 +90,22 @@ def tree_cpu_seconds() -> float:
     """CPU seconds (user + system) used so far by this process and its live descendants (the
     DHT and averager processes, p2pd): what the swarm's background work takes from the core."""
     ticks = os.sysconf("SC_CLK_TCK")
-    parent_of, used = {}, {}
+    children: dict[int, list[int]] = {}
+    used: dict[int, float] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # the process ended while we looked
             continue
         pid = int(stat.parent.name)
-        parent_of[pid], used[pid] = int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks
-    tree, frontier = {os.getpid()}, [os.getpid()]
+        children.setdefault(int(fields[1]), []).append(pid)
+        used[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    total, frontier = 0.0, [os.getpid()]
     while frontier:
-        parent = frontier.pop()
-        children = [pid for pid, ppid in parent_of.items() if ppid == parent and pid not in tree]
-        tree.update(children)
-        frontier.extend(children)
-    return sum(used.get(pid, 0.0) for pid in tree)
+        pid = frontier.pop()
+        total += used.get(pid, 0.0)
+        frontier.extend(children.get(pid, []))
+    return total
 
 
 def _alone(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
@@ -220,11 +221,10 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
         window.samples += args.batch
         if window.started is None and optimizer.local_epoch >= args.warmup:
             window.open(optimizer.local_epoch, traffic.sent, traffic.received)
-            cpu_at_open = (time.thread_time(), tree_cpu_seconds())
     if window.started is None:
         raise SystemExit(f"never reached epoch {args.warmup} (at {optimizer.local_epoch})")
     elapsed = time.perf_counter() - window.started
-    trainer_cpu, all_cpu = time.thread_time() - cpu_at_open[0], tree_cpu_seconds() - cpu_at_open[1]
+    trainer_cpu, all_cpu = time.thread_time() - window.trainer_cpu, tree_cpu_seconds() - window.all_cpu
     epochs = optimizer.local_epoch - window.epoch
     result = {"samples_per_second": window.samples / elapsed,  # what this agent put into averaged gradients
               "epoch_samples_per_second": epochs * args.target_batch / elapsed, "elapsed": elapsed,
@@ -242,10 +242,12 @@ class _Window:
     def __init__(self) -> None:
         self.started: float | None = None
         self.samples, self.blocked, self.epoch, self.sent, self.received = 0, 0.0, 0, 0, 0
+        self.trainer_cpu, self.all_cpu = 0.0, 0.0  # CPU seconds at the start: the trainer thread's, the tree's
 
     def open(self, epoch: int, sent: int, received: int) -> None:
         self.started, self.epoch, self.sent, self.received = time.perf_counter(), epoch, sent, received
         self.samples, self.blocked = 0, 0.0
+        self.trainer_cpu, self.all_cpu = time.thread_time(), tree_cpu_seconds()
 
 
 if __name__ == "__main__":

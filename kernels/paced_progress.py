@@ -44,21 +44,18 @@ class PacedProgressTracker(ProgressTracker):
     def __init__(self, *args: Any, report_interval: float = REPORT_INTERVAL_SECONDS, start: bool = False,
                  **kwargs: Any):
         super().__init__(*args, start=False, **kwargs)
-        self.should_report_progress = _PacedSignal(report_interval)  # before the reporter thread runs
+        self.should_report_progress: _PacedSignal = _PacedSignal(report_interval)  # before the reporter runs
         if start:
             self.start()
 
     def report_local_progress(self, local_epoch: int, samples_accumulated: int,
                               update_global_samples: bool = True) -> None:
-        signal = self.should_report_progress
-        if isinstance(signal, _PacedSignal):
-            signal.urgent = (local_epoch != self.local_progress.epoch
-                             or samples_accumulated < self.local_progress.samples_accumulated)
+        self.should_report_progress.urgent = (local_epoch != self.local_progress.epoch
+                                              or samples_accumulated < self.local_progress.samples_accumulated)
         super().report_local_progress(local_epoch, samples_accumulated, update_global_samples)
 
     def shutdown(self, timeout: float | None = None) -> None:
-        if isinstance(self.should_report_progress, _PacedSignal):
-            self.should_report_progress.urgent = True  # wake the reporter so that it sees the shutdown
+        self.should_report_progress.urgent = True  # wake the reporter so that it sees the shutdown
         super().shutdown(timeout)
 
 
