@@ -1,11 +1,15 @@
-"""Blockwise absmax quantization to 8 or 4 bits: the vectorized torch CPU reference.
+"""Blockwise absmax quantization to 8 or 4 bits: the format, the dispatch, and the torch reference.
+
+`quantize` / `dequantize` hand CUDA tensors to the Triton path (`accelerated.py`) and CPU
+float32 tensors to the fused C path (`native.py`); everything else, and everything where those
+are missing, runs the vectorized torch reference below (`reference_quantize` forces it).
 
 A flat tensor is cut into blocks of `block_size` values; each block is stored as its absolute
 maximum (fp32) and one signed code per value, round(x / absmax * qmax) with qmax 127 (8 bits,
 one int8 per value) or 7 (4 bits, two values per byte, low nibble first). The last block may be
 short: nothing is padded, so a 192-value bias costs 192 bytes, not a whole block.
 
-Work is done in chunks of whole blocks that fit in the L2 cache, so every pass after the first
+The reference works in chunks of whole blocks that fit in the L2 cache, so every pass after the first
 read of a chunk hits the cache instead of memory; this, not clever arithmetic, is what makes
 the path fast. Rounding uses the float "magic number" trick: adding 1.5 * 2**23 to a value
 in [-127, 127] leaves round-half-even(value) in the low bits of the float's integer view, so
@@ -20,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from spotrain.kernels import native
 
 BITS = (8, 4)
 QMAX = {8: 127, 4: 7}
@@ -78,10 +83,31 @@ def quantize(tensor: torch.Tensor, bits: int = 8, block_size: int = 1024,
             return result
         flat = flat.cpu()
     numel = flat.numel()
-    if residual is not None and (residual.numel() != numel or residual.dtype != torch.float32):
-        raise ValueError("residual must be float32 with the tensor's number of values")
+    if residual is not None and (residual.numel() != numel or residual.dtype != torch.float32
+                                 or not residual.is_contiguous()):
+        raise ValueError("residual must be contiguous float32 with the tensor's number of values")
+    codes = native.fresh(code_bytes(numel, bits), torch.uint8)
+    absmax = torch.empty(num_blocks(numel, block_size), dtype=torch.float32)
+    nonfinite = native.quantize(flat, bits, block_size, residual, codes, absmax)
+    if nonfinite is not None:
+        return Quantized(codes, absmax, numel, bits, block_size, nonfinite)
+    return _reference_quantize(flat, bits, block_size, residual, codes, absmax)
+
+
+def reference_quantize(tensor: torch.Tensor, bits: int = 8, block_size: int = 1024,
+                       residual: torch.Tensor | None = None) -> Quantized:
+    """`quantize` on the torch path alone, whatever else is available: what the fast paths are checked against."""
+    _check(bits, block_size)
+    flat = tensor.detach().reshape(-1).cpu()
+    numel = flat.numel()
     codes = torch.empty(code_bytes(numel, bits), dtype=torch.uint8)
     absmax = torch.empty(num_blocks(numel, block_size), dtype=torch.float32)
+    return _reference_quantize(flat, bits, block_size, residual, codes, absmax)
+
+
+def _reference_quantize(flat: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None,
+                        codes: torch.Tensor, absmax: torch.Tensor) -> Quantized:
+    numel = flat.numel()
     qmax = float(QMAX[bits])
     chunk = _chunk_values(block_size)
     scratch = torch.empty(min(chunk, numel), dtype=torch.float32)
@@ -174,7 +200,20 @@ def dequantize(q: Quantized, dtype: torch.dtype = torch.float32, out: torch.Tens
         if result is not None:
             return result
     numel = q.numel
-    result = out if out is not None else torch.empty(numel, dtype=dtype)
+    result = out if out is not None else native.fresh(numel, dtype)
+    if native.dequantize(q.codes, q.absmax, numel, q.bits, q.block_size, result):
+        return result
+    return _reference_dequantize(q, result)
+
+
+def reference_dequantize(q: Quantized, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`dequantize` on the torch path alone: what the fast paths are checked against."""
+    _check(q.bits, q.block_size)
+    return _reference_dequantize(q, torch.empty(q.numel, dtype=dtype))
+
+
+def _reference_dequantize(q: Quantized, result: torch.Tensor) -> torch.Tensor:
+    numel = q.numel
     target = result if result.dtype == torch.float32 else torch.empty(min(numel, _chunk_values(q.block_size)))
     qmax = float(QMAX[q.bits])
     chunk = _chunk_values(q.block_size)

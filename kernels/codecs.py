@@ -34,7 +34,7 @@ from hivemind.compression import (
     serialization,
 )
 from hivemind.proto import runtime_pb2
-from spotrain.kernels import wire
+from spotrain.kernels import native, wire
 from spotrain.kernels.blockwise import quantize
 from spotrain.kernels.table import (
     BLOCK_SIZES,
@@ -47,7 +47,6 @@ from spotrain.kernels.table import (
 )
 
 logger = logging.getLogger("spotrain.kernels")
-
 
 
 class TrafficCounter:
@@ -207,6 +206,8 @@ def install_codecs() -> None:
 
     Idempotent; run identically at every agent start, before hivemind forks its averagers.
     """
+    # build or load the fused CPU path now, not inside the first averaging round
+    logger.info("blockwise codecs: %s path", "native" if native.available() else "torch reference")
     table = serialization._BASE_COMPRESSION_TYPES
     for bits, slot in SLOTS.items():
         current = table[slot]

@@ -1,6 +1,7 @@
 """Blockwise quantization kernels, their wire envelope and their hivemind codecs (no network)."""
 
 import logging
+import shutil
 import struct
 
 import pytest
@@ -17,12 +18,14 @@ from spotrain.kernels import (
     dequantize,
     get_codec,
     install_codecs,
+    native,
     nominal_ratio,
     optimizer_options,
     quantize,
     traffic,
     wire,
 )
+from spotrain.kernels.blockwise import reference_dequantize, reference_quantize
 from spotrain.kernels.codecs import CountingCodec
 from spotrain.kernels.guards import gradients_finite
 from spotrain.kernels.table import SPEC_CODECS
@@ -44,12 +47,14 @@ def per_value_bound(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("block", [2, 64, 1000, 4096])
 @pytest.mark.parametrize("numel", [1, 7, 999, 1000, 4097, 300_001])
-def test_roundtrip_is_within_half_a_step_of_every_block(bits, block, numel):
+@pytest.mark.parametrize("path", ["dispatch", "reference"])
+def test_roundtrip_is_within_half_a_step_of_every_block(bits, block, numel, path):
+    encode, decode = (quantize, dequantize) if path == "dispatch" else (reference_quantize, reference_dequantize)
     x = torch.randn(numel, generator=torch.Generator().manual_seed(numel + block)) * 3
-    q = quantize(x, bits, block)
+    q = encode(x, bits, block)
     assert q.codes.numel() == (numel if bits == 8 else (numel + 1) // 2)  # nothing padded
     assert q.absmax.numel() == -(-numel // block)
-    y = dequantize(q)
+    y = decode(q)
     assert y.shape == x.shape
     assert ((y - x).abs() <= per_value_bound(x, bits, block) * (1 + 1e-4) + 1e-12).all()
 
@@ -135,15 +140,91 @@ def test_triton_path_matches_the_cpu_reference(bits):
     assert accelerated.available(), "CUDA is present, so the Triton path must load"
     x = torch.randn(1_000_003, generator=torch.Generator().manual_seed(2))
     x[10] = float("nan")
-    cpu, gpu = quantize(x, bits, 256), quantize(x.cuda(), bits, 256)
+    cpu, gpu = reference_quantize(x, bits, 256), quantize(x.cuda(), bits, 256)
     assert gpu.codes.is_cuda and gpu.nonfinite == cpu.nonfinite == 1
     assert torch.allclose(gpu.absmax.cpu(), cpu.absmax)
     assert (gpu.codes.cpu() != cpu.codes).float().mean() < 1e-3  # ties may round apart
-    assert torch.allclose(dequantize(gpu).cpu(), dequantize(cpu), atol=float(cpu.absmax.max()) / QMAX[bits])
+    assert torch.allclose(dequantize(gpu).cpu(), reference_dequantize(cpu), atol=float(cpu.absmax.max()) / QMAX[bits])
     residual_cpu, residual_gpu = torch.zeros(x.numel()), torch.zeros(x.numel(), device="cuda")
-    quantize(x, bits, 256, residual=residual_cpu)
+    reference_quantize(x, bits, 256, residual=residual_cpu)
     quantize(x.cuda(), bits, 256, residual=residual_gpu)
     assert torch.allclose(residual_gpu.cpu(), residual_cpu, atol=float(cpu.absmax.max()) / QMAX[bits])
+
+
+# -- the fused C path (native_blockwise.c) ----------------------------------------------
+
+compiler_present = any(map(shutil.which, ("cc", "gcc")))
+
+
+@pytest.mark.skipif(not compiler_present, reason="no C compiler: the torch reference serves alone")
+def test_the_native_path_builds_where_a_compiler_exists():
+    assert native.available()
+
+
+@pytest.mark.skipif(not compiler_present, reason="no C compiler: the torch reference serves alone")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("block", [2, 64, 1024])
+@pytest.mark.parametrize("numel", [1, 7, 1023, 300_001, 1_000_003])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_native_path_matches_the_reference_bit_for_bit(bits, block, numel, threads):
+    """Same codes, scales, residuals and non-finite count, so peers on either path agree exactly."""
+    generator = torch.Generator().manual_seed(numel + block)
+    x = torch.randn(numel, generator=generator) * 3
+    x[torch.randint(numel, (3,), generator=generator)] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    residual = torch.randn(numel, generator=generator) * 0.1
+    residual_reference = residual.clone()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the native path splits its blocks over torch's thread count
+    try:
+        fast = quantize(x, bits, block, residual=residual)
+        plain = quantize(x, bits, block)
+        decoded = dequantize(fast)
+    finally:
+        torch.set_num_threads(previous)
+    slow = reference_quantize(x, bits, block, residual=residual_reference)
+    assert torch.equal(fast.codes, slow.codes) and torch.equal(fast.absmax, slow.absmax)
+    assert fast.nonfinite == slow.nonfinite == int((~torch.isfinite(x)).sum())
+    assert torch.equal(residual, residual_reference)
+    assert torch.equal(decoded, reference_dequantize(slow))
+    assert torch.equal(plain.codes, reference_quantize(x, bits, block).codes)
+
+
+def test_without_the_native_path_the_reference_serves(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    x = torch.randn(10_000, generator=torch.Generator().manual_seed(3))
+    expected = reference_quantize(x, 8, 256)
+    for setting in ({"SPOTRAIN_NATIVE_KERNELS": "0"}, {"CC": "false"}):  # switched off; a compiler that fails
+        for name, value in setting.items():
+            monkeypatch.setenv(name, value)
+        native.load.cache_clear()
+        try:
+            with caplog.at_level(logging.WARNING, logger="spotrain.kernels"):
+                assert not native.available()
+                q = quantize(x, 8, 256)
+            assert torch.equal(q.codes, expected.codes)
+            assert torch.equal(dequantize(q), reference_dequantize(expected))
+        finally:
+            for name in setting:
+                monkeypatch.delenv(name)
+            native.load.cache_clear()
+    assert "building native_blockwise.c failed" in caplog.text
+    assert not list(tmp_path.rglob("*.partial"))  # a failed build leaves nothing half-written behind
+
+
+@pytest.mark.skipif(not compiler_present, reason="no C compiler: the torch reference serves alone")
+def test_the_native_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        assert native.available()
+        built = list((tmp_path / "spotrain" / "kernels").glob("native_blockwise-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.load.cache_clear()
+        assert native.available()
+        assert built[0].stat().st_mtime_ns == stamp  # loaded again, not rebuilt
+    finally:
+        native.load.cache_clear()
 
 
 # -- the hivemind codecs -----------------------------------------------------------------

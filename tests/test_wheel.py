@@ -16,6 +16,7 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     (wheel,) = dist.glob("spotrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for path in ("spotrain/providers/local.py", "spotrain/agents/daemon.py", "spotrain/kernels/codecs.py",
+                 "spotrain/kernels/native_blockwise.c",
                  "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE", "spotrain/providers/aws.py",
                  "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service"):
         assert path in names
@@ -31,9 +32,11 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
             "from spotrain.providers.local_schedule import trace_nodes; "
             "from spotrain.providers.bootstrap import render_cloud_init; "
             "print(spotrain.__file__); print(len(trace_nodes('bamboo-p3')[0])); print(k.get_codec('float16')); "
+            "from spotrain.kernels import native; print(native.SOURCE.exists()); "
             "print(render_cloud_init({'cluster': 'c'}, 'aws').splitlines()[0])")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.splitlines()
     assert out[0].startswith(str(venv))
     assert out[1] == "177"
-    assert out[3] == "#cloud-config"  # infra/ templates ship as package data
+    assert out[3] == "True"  # the C source of the fused codec path ships beside its loader
+    assert out[4] == "#cloud-config"  # infra/ templates ship as package data
