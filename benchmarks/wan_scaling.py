@@ -16,7 +16,10 @@ agents (what user-data's optional `group_size` gives an agent). Each agent and i
 pinned to one core (--no-pin to turn off), like one VM each. samples/s counts the samples every
 agent put into averaged gradients; "blocked" is the share of time spent inside optimizer.step();
 "train CPU" is the trainer thread's CPU time over the wall time, "bg CPU" that of everything else
-the agent runs (hivemind's threads, its DHT and averager processes, p2pd).
+the agent runs (hivemind's threads, its DHT and averager processes, p2pd). "CPU/sample" is the
+trainer thread's CPU time inside forward + backward per sample over the same figure alone (the
+lower of the two limit runs): above 1 the trainer does less per CPU-second than alone. "preempt/s"
+is how often the trainer thread was pushed off its core (involuntary context switches).
 The held-out loss after the same number of global epochs is a sanity check; benchmarks/
 convergence.py trains long enough to compare codecs.
 
@@ -134,9 +137,10 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
     rates = [r["samples_per_second"] for r in results]
     point["samples_per_second"] = sum(rates) if mode != "ddp" else sum(rates) / len(rates)
     point["eval_loss"] = None  # only swarm runs train the same number of samples
-    for share in ("trainer_cpu_share", "background_cpu_share"):  # of each agent's one core
-        if all(share in r for r in results):
-            point[share] = sum(r[share] for r in results) / len(results)
+    for figure in ("trainer_cpu_share", "background_cpu_share",  # of each agent's one core
+                   "compute_cpu_ms_per_sample", "trainer_preemptions_per_second"):
+        if all(figure in r for r in results):
+            point[figure] = sum(r[figure] for r in results) / len(results)
     if mode in ("spotrain", "hivemind"):
         point["eval_loss"] = sum(r["eval_loss"] for r in results) / len(results)
         epochs = max(1, min(r["epochs"] for r in results))
@@ -148,6 +152,7 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
 def _figures(points: list[dict], args: argparse.Namespace) -> dict:
     limits = [p["samples_per_second"] for p in points if p["mode"] == "alone" and "error" not in p]
     limit = max(limits) if limits else None
+    alone_cpu = [p["compute_cpu_ms_per_sample"] for p in points if p["mode"] == "alone" and "error" not in p]
     rows = []
     for point in points:
         if point["mode"] == "alone" or "error" in point:
@@ -163,11 +168,15 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
                    vs_hivemind=rate / hivemind["samples_per_second"] if hivemind else None,
                    vs_ddp=rate / ddp["samples_per_second"] if ddp else None,
                    loss_vs_uncompressed=point["eval_loss"] / plain["eval_loss"]
-                   if plain and point["eval_loss"] is not None else None)
+                   if plain and point["eval_loss"] is not None else None,
+                   # > 1: forward + backward cost the trainer more CPU per sample than when it trains alone
+                   compute_cpu_vs_alone=point["compute_cpu_ms_per_sample"] / min(alone_cpu)
+                   if alone_cpu and "compute_cpu_ms_per_sample" in point else None)
         rows.append(row)
     return {"benchmark": "wan_scaling", "task": args.task, "delayed_updates": not args.no_delayed_updates, "agents": args.agents, "target_batch_size": args.target_batch,
             "batch_size": args.batch, "warmup_epochs": args.warmup, "epochs": args.epochs,
-            "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits, "points": rows}
+            "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits, "points": rows,
+            "alone_points": [p for p in points if p["mode"] == "alone" and "error" not in p]}
 
 
 def _name(point: dict) -> str:
@@ -190,13 +199,18 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 def _table(figures: dict) -> str:
     header = (f"{'link':>10}  {'configuration':<36}{'samples/s':>10}{'x limit':>9}{'x hivemind':>11}{'x DDP':>8}"
-              f"{'loss':>8}{'loss/none':>10}{'MB/ag/ep':>9}{'train CPU':>10}{'bg CPU':>8}")
+              f"{'loss':>8}{'loss/none':>10}{'MB/ag/ep':>9}{'train CPU':>10}{'bg CPU':>8}{'CPU/sample':>11}"
+              f"{'preempt/s':>10}")
     limit = _fmt(figures["compute_limit_samples_per_second"], "{:.1f}")
     measured = ", ".join(f"{value:.1f}" for value in figures["compute_limit_measurements"])
     title = (f"wan_scaling: {figures['task']}, {figures['agents']} agents, target batch {figures['target_batch_size']}, "
              f"{figures['epochs']} epochs measured after {figures['warmup_epochs']}")
+    alone = figures["alone_points"]
     lines = [title,
-             f"compute limit (agents alone, no communication; the faster of {measured}): {limit} samples/s", "",
+             f"compute limit (agents alone, no communication; the faster of {measured}): {limit} samples/s",
+             "alone: " + "; ".join(f"{_fmt(p.get('compute_cpu_ms_per_sample'), '{:.1f}')} CPU ms/sample, "
+                                   f"{_fmt(p.get('trainer_preemptions_per_second'), '{:.1f}')} preemptions/s"
+                                   for p in alone), "",
              header]
     for row in figures["points"]:
         if row["mode"] == "alone":
@@ -210,7 +224,9 @@ def _table(figures: dict) -> str:
                      f"{_fmt(row['vs_ddp'], '{:.1f}'):>8}{_fmt(row['eval_loss'], '{:.3f}'):>8}"
                      f"{_fmt(row['loss_vs_uncompressed'], '{:.3f}'):>10}"
                      f"{_fmt(row.get('mb_sent_per_agent_epoch'), '{:.2f}'):>9}"
-                     f"{_fmt(row.get('trainer_cpu_share'), '{:.2f}'):>10}{_fmt(row.get('background_cpu_share'), '{:.2f}'):>8}")
+                     f"{_fmt(row.get('trainer_cpu_share'), '{:.2f}'):>10}{_fmt(row.get('background_cpu_share'), '{:.2f}'):>8}"
+                     f"{_fmt(row.get('compute_cpu_vs_alone'), '{:.3f}'):>11}"
+                     f"{_fmt(row.get('trainer_preemptions_per_second'), '{:.1f}'):>10}")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,24 +109,33 @@ def tree_cpu_seconds() -> float:
     return total
 
 
+def involuntary_switches() -> int:
+    """How often the calling thread was taken off its core while it still wanted to run."""
+    status = Path(f"/proc/self/task/{threading.get_native_id()}/status").read_text()
+    return int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
+
+
 def _alone(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     """The same work as a swarm agent minus the swarm: one optimizer step per global batch."""
     optimizer = task.make_optimizer(model.parameters())
     batches = task.batches(1000 + args.index, args.batch)
     warmup, measured = _local_steps(args)
     steps_per_epoch = max(1, args.target_batch // (args.batch * args.world))
-    started, trainer_cpu = 0.0, 0.0
+    window = _Window()
     _start_together(args)
     for step in range(warmup + measured):
         if step == warmup:
-            started, trainer_cpu = time.perf_counter(), time.thread_time()
+            window.open(0, 0, 0)
+        computing = time.thread_time()
         task.loss(model, next(batches)).backward()
+        window.compute_cpu += time.thread_time() - computing
         if (step + 1) % steps_per_epoch == 0:
             optimizer.step()
             optimizer.zero_grad()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - window.started
     return {"samples_per_second": measured * args.batch / elapsed, "elapsed": elapsed,
-            "trainer_cpu_share": (time.thread_time() - trainer_cpu) / elapsed}
+            "trainer_cpu_share": (time.thread_time() - window.trainer_cpu) / elapsed,
+            **window.trainer_figures(measured * args.batch, elapsed)}
 
 
 def _ddp(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
@@ -213,7 +223,9 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     window = _Window()
     deadline = time.monotonic() + 3600
     while optimizer.local_epoch < args.warmup + args.epochs and time.monotonic() < deadline:
+        computing = time.thread_time()
         task.loss(model, next(batches)).backward()
+        window.compute_cpu += time.thread_time() - computing
         stepped = time.perf_counter()
         optimizer.step()
         window.blocked += time.perf_counter() - stepped
@@ -230,7 +242,8 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
               "epoch_samples_per_second": epochs * args.target_batch / elapsed, "elapsed": elapsed,
               "epochs": epochs, "blocked_fraction": window.blocked / elapsed,
               "bytes_sent": traffic.sent - window.sent, "bytes_received": traffic.received - window.received,
-              "trainer_cpu_share": trainer_cpu / elapsed, "background_cpu_share": (all_cpu - trainer_cpu) / elapsed}
+              "trainer_cpu_share": trainer_cpu / elapsed, "background_cpu_share": (all_cpu - trainer_cpu) / elapsed,
+              **window.trainer_figures(window.samples, elapsed)}
     optimizer.shutdown()
     dht.shutdown()
     return result
@@ -243,11 +256,19 @@ class _Window:
         self.started: float | None = None
         self.samples, self.blocked, self.epoch, self.sent, self.received = 0, 0.0, 0, 0, 0
         self.trainer_cpu, self.all_cpu = 0.0, 0.0  # CPU seconds at the start: the trainer thread's, the tree's
+        self.compute_cpu = 0.0  # the trainer thread's CPU seconds inside forward + backward
+        self.switches = 0  # the trainer thread's involuntary context switches at the start
 
     def open(self, epoch: int, sent: int, received: int) -> None:
         self.started, self.epoch, self.sent, self.received = time.perf_counter(), epoch, sent, received
-        self.samples, self.blocked = 0, 0.0
+        self.samples, self.blocked, self.compute_cpu = 0, 0.0, 0.0
         self.trainer_cpu, self.all_cpu = time.thread_time(), tree_cpu_seconds()
+        self.switches = involuntary_switches()
+
+    def trainer_figures(self, samples: int, elapsed: float) -> dict:
+        """Whether the trainer does less per CPU-second, and how often it is pushed off its core."""
+        return {"compute_cpu_ms_per_sample": 1000 * self.compute_cpu / max(1, samples),
+                "trainer_preemptions_per_second": (involuntary_switches() - self.switches) / elapsed}
 
 
 if __name__ == "__main__":
