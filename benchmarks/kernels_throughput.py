@@ -4,7 +4,9 @@ Each codec goes through hivemind's CompressionBase interface (compress to a runt
 then extract), so its figure includes building the message, like hivemind's own codecs. GB/s is
 the input's bytes over compress + decompress time (best of --repeats; the median is printed
 too). Two ceilings: torch.clone (a copy that allocates its output, as a decoder must) and
-copy_ into a preallocated tensor (memory bandwidth).
+copy_ into a preallocated tensor (memory bandwidth). The blockwise codecs run their fused C
+path; the same codecs forced onto the torch reference path (as on a machine without a C
+compiler) are the baseline that path is measured against.
 
     .venv/bin/python benchmarks/kernels_throughput.py [--repeats 7] [--threads N] [--json]
 """
@@ -12,15 +14,20 @@ copy_ into a preallocated tensor (memory bandwidth).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from spotrain.kernels import native
 
 SIZE_BYTES = 64 * 1024 * 1024
+# the same codecs forced onto the torch reference path: the baseline of the fused C path
+REFERENCE_ROWS = {8: "blockwise8, torch reference path", 4: "blockwise4, torch reference path"}
 
 
 def main() -> int:
@@ -41,9 +48,13 @@ def main() -> int:
         "blockwise8": BlockwiseCodec(8), "blockwise4": BlockwiseCodec(4),
         "blockwise8 + error feedback": BlockwiseCodec(8, error_feedback=True),
         "blockwise4 + error feedback": BlockwiseCodec(4, error_feedback=True),
+        REFERENCE_ROWS[8]: BlockwiseCodec(8), REFERENCE_ROWS[4]: BlockwiseCodec(4),
         "hivemind Uniform8BitQuantization": Uniform8BitQuantization(),
         "hivemind Float16Compression": Float16Compression(),
     }
+    if not native.available():
+        print("note: the fused C path is unavailable here; every blockwise row runs the torch reference",
+              file=sys.stderr)
     rows: dict[str, dict] = {}
     out = torch.empty_like(x)
     for name, run in (("tensor copy (torch.clone)", x.clone), ("tensor copy into preallocated (copy_)",
@@ -52,13 +63,14 @@ def main() -> int:
         rows[name] = {"gbps": SIZE_BYTES / min(times) / 1e9, "gbps_median": SIZE_BYTES / statistics.median(times) / 1e9}
     for name, codec in codecs.items():
         compress_times, extract_times = [], []
-        for _ in range(args.repeats + 1):  # the first round warms allocator and caches
-            started = time.perf_counter()
-            message = codec.compress(x, info)
-            compressed = time.perf_counter()
-            decoded = codec.extract(message)
-            compress_times.append(compressed - started)
-            extract_times.append(time.perf_counter() - compressed)
+        with torch_reference_only(name in REFERENCE_ROWS.values()):
+            for _ in range(args.repeats + 1):  # the first round warms allocator and caches
+                started = time.perf_counter()
+                message = codec.compress(x, info)
+                compressed = time.perf_counter()
+                decoded = codec.extract(message)
+                compress_times.append(compressed - started)
+                extract_times.append(time.perf_counter() - compressed)
         totals = [c + e for c, e in zip(compress_times[1:], extract_times[1:])]
         rows[name] = {
             "gbps": SIZE_BYTES / min(totals) / 1e9, "gbps_median": SIZE_BYTES / statistics.median(totals) / 1e9,
@@ -73,6 +85,25 @@ def main() -> int:
                     "repeats": args.repeats, "rows": rows})
     print(json.dumps(figures) if args.json else _table(figures))
     return 0
+
+
+@contextlib.contextmanager
+def torch_reference_only(active: bool):
+    """Run the blockwise codecs on the torch reference path, as on a machine without a C compiler."""
+    if not active:
+        yield
+        return
+    saved = os.environ.get(native.DISABLE_ENV)
+    os.environ[native.DISABLE_ENV] = "0"
+    native.load.cache_clear()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[native.DISABLE_ENV]
+        else:
+            os.environ[native.DISABLE_ENV] = saved
+        native.load.cache_clear()
 
 
 def _times(run: Callable[[], object], repeats: int) -> list[float]:
@@ -90,8 +121,10 @@ def _ratios(rows: dict[str, dict]) -> dict:
     ratios = {}
     for ours in ("blockwise8", "blockwise4", "blockwise8 + error feedback", "blockwise4 + error feedback"):
         row = rows[ours]
+        reference = rows[REFERENCE_ROWS[8 if "8" in ours else 4]]
         ratios[ours] = {
             "x_uniform8_throughput": row["gbps"] / uniform8["gbps"],
+            "x_torch_reference_throughput": row["gbps"] / reference["gbps"],
             "fraction_of_clone": row["gbps"] / rows["tensor copy (torch.clone)"]["gbps"],
             "fraction_of_copy_into_preallocated": row["gbps"] / rows["tensor copy into preallocated (copy_)"]["gbps"],
             "error_vs_uniform8": row["relative_error"] / uniform8["relative_error"] if row["relative_error"] else None,
@@ -112,9 +145,11 @@ def _table(figures: dict) -> str:
         error = "-" if row["relative_error"] is None else f"{row['relative_error']:.5f}"
         lines.append(f"{name:<40}{through:>16}{row['compress_gbps']:>10.2f}{row['decompress_gbps']:>9.2f}"
                      f"{error:>12}{row['wire_bytes_per_value']:>13.3f}")
-    lines += ["", f"{'ratios':<40}{'x Uniform8':>12}{'of clone':>10}{'of copy_':>10}{'error / Uniform8':>18}"]
+    lines += ["", (f"{'ratios':<40}{'x Uniform8':>12}{'x torch ref.':>13}{'of clone':>10}{'of copy_':>10}"
+                   f"{'error / Uniform8':>18}")]
     for name, ratio in figures["ratios"].items():
-        lines.append(f"{name:<40}{ratio['x_uniform8_throughput']:>12.2f}{ratio['fraction_of_clone']:>10.2f}"
+        lines.append(f"{name:<40}{ratio['x_uniform8_throughput']:>12.2f}{ratio['x_torch_reference_throughput']:>13.2f}"
+                     f"{ratio['fraction_of_clone']:>10.2f}"
                      f"{ratio['fraction_of_copy_into_preallocated']:>10.2f}"
                      f"{'-' if ratio['error_vs_uniform8'] is None else format(ratio['error_vs_uniform8'], '.2f'):>18}")
     return "\n".join(lines)
