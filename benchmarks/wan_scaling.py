@@ -138,7 +138,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
     point["samples_per_second"] = sum(rates) if mode != "ddp" else sum(rates) / len(rates)
     point["eval_loss"] = None  # only swarm runs train the same number of samples
     for figure in ("trainer_cpu_share", "background_cpu_share",  # of each agent's one core
-                   "compute_cpu_ms_per_sample", "trainer_preemptions_per_second"):
+                   "compute_cpu_ms_per_sample", "trainer_preemptions_per_second",
+                   "trainer_page_faults_per_sample", "trainer_system_cpu_share"):  # these two: --json only
         if all(figure in r for r in results):
             point[figure] = sum(r[figure] for r in results) / len(results)
     if mode in ("spotrain", "hivemind"):

@@ -115,6 +115,12 @@ def involuntary_switches() -> int:
     return int(status.split("nonvoluntary_ctxt_switches:")[1].split()[0])
 
 
+def thread_faults_and_system_seconds() -> tuple[int, float]:
+    """The calling thread's minor page faults and its CPU seconds in the kernel, so far."""
+    fields = Path(f"/proc/self/task/{threading.get_native_id()}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[7]), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
 def _alone(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     """The same work as a swarm agent minus the swarm: one optimizer step per global batch."""
     optimizer = task.make_optimizer(model.parameters())
@@ -258,17 +264,23 @@ class _Window:
         self.trainer_cpu, self.all_cpu = 0.0, 0.0  # CPU seconds at the start: the trainer thread's, the tree's
         self.compute_cpu = 0.0  # the trainer thread's CPU seconds inside forward + backward
         self.switches = 0  # the trainer thread's involuntary context switches at the start
+        self.faults, self.system_cpu = 0, 0.0  # its minor page faults and kernel CPU seconds at the start
 
     def open(self, epoch: int, sent: int, received: int) -> None:
         self.started, self.epoch, self.sent, self.received = time.perf_counter(), epoch, sent, received
         self.samples, self.blocked, self.compute_cpu = 0, 0.0, 0.0
         self.trainer_cpu, self.all_cpu = time.thread_time(), tree_cpu_seconds()
         self.switches = involuntary_switches()
+        self.faults, self.system_cpu = thread_faults_and_system_seconds()
 
     def trainer_figures(self, samples: int, elapsed: float) -> dict:
-        """Whether the trainer does less per CPU-second, and how often it is pushed off its core."""
+        """Whether the trainer does less per CPU-second, how often it is pushed off its core, and
+        how much of its time goes to page faults and the kernel."""
+        faults, system_cpu = thread_faults_and_system_seconds()
         return {"compute_cpu_ms_per_sample": 1000 * self.compute_cpu / max(1, samples),
-                "trainer_preemptions_per_second": (involuntary_switches() - self.switches) / elapsed}
+                "trainer_preemptions_per_second": (involuntary_switches() - self.switches) / elapsed,
+                "trainer_page_faults_per_sample": (faults - self.faults) / max(1, samples),
+                "trainer_system_cpu_share": (system_cpu - self.system_cpu) / elapsed}
 
 
 if __name__ == "__main__":
