@@ -119,6 +119,7 @@ class Agent:
         import hivemind
         import torch
         from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
+        from spotrain.agents.memory import keep_freed_memory
         from spotrain.agents.status import StatusPublisher
         from spotrain.kernels import SwarmOptimizer, codec_table_fingerprint, install_codecs, optimizer_options
         from spotrain.kernels.guards import gradients_finite
@@ -126,6 +127,7 @@ class Agent:
         from spotrain.task import load_task
 
         cfg = self.config
+        keep_freed_memory()  # before training allocates: steps reuse their buffers instead of faulting them in
         torch.set_num_threads(int(cfg.get("torch_threads", 1)))
         task = load_task(cfg["task"])
         install_codecs()

@@ -3,6 +3,8 @@
 Modes, all on the --task (default spotrain.examples.tiny_gpt:task_3m) with one torch thread:
   alone     the compute limit: the same steps, one optimizer step per global batch, no communication
   spotrain  hivemind.Optimizer with spotrain's codecs (kernels.optimizer_options, as the agent)
+Both keep freed memory for reuse as the agent does (agents/memory.py); the two baselines below
+run with glibc's defaults.
   hivemind  hivemind.Optimizer as it comes: Float16Compression, no delayed updates
   ddp       torch DistributedDataParallel over gloo, one all-reduce per local step
 
@@ -30,6 +32,10 @@ def main() -> int:
     args = _parse()
     if args.cpu is not None:  # one core per agent, like one VM each; helpers inherit it
         os.sched_setaffinity(0, {args.cpu})
+    if args.mode in ("alone", "spotrain"):  # spotrain's agent setup; the limit is the same agent, alone
+        from spotrain.agents.memory import keep_freed_memory
+
+        keep_freed_memory()
     torch.set_num_threads(1)
     from spotrain.task import load_task
 
