@@ -151,9 +151,10 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
 
 
 def _figures(points: list[dict], args: argparse.Namespace) -> dict:
-    limits = [p["samples_per_second"] for p in points if p["mode"] == "alone" and "error" not in p]
+    alone = [p for p in points if p["mode"] == "alone" and "error" not in p]
+    limits = [p["samples_per_second"] for p in alone]
     limit = max(limits) if limits else None
-    alone_cpu = [p["compute_cpu_ms_per_sample"] for p in points if p["mode"] == "alone" and "error" not in p]
+    alone_cpu = [p["compute_cpu_ms_per_sample"] for p in alone]
     rows = []
     for point in points:
         if point["mode"] == "alone" or "error" in point:
@@ -177,7 +178,7 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
     return {"benchmark": "wan_scaling", "task": args.task, "delayed_updates": not args.no_delayed_updates, "agents": args.agents, "target_batch_size": args.target_batch,
             "batch_size": args.batch, "warmup_epochs": args.warmup, "epochs": args.epochs,
             "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits, "points": rows,
-            "alone_points": [p for p in points if p["mode"] == "alone" and "error" not in p]}
+            "alone_points": alone}
 
 
 def _name(point: dict) -> str:

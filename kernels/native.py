@@ -26,7 +26,8 @@ import torch
 logger = logging.getLogger("spotrain.kernels")
 
 SOURCE = Path(__file__).with_name("native_blockwise.c")
-# -ffp-contract=off: round products exactly as the torch reference does (no fused multiply-add)
+# -ffp-contract=off: the residual's codes * scale is rounded before the subtraction, as in the
+# torch reference; the one fused multiply-add the rounding needs is written out (fmaf)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-pthread")
 HUGE_PAGES_FROM_BYTES = 8 << 20  # smaller buffers hold too few whole 2 MiB pages to be worth a syscall
 DISABLE_ENV = "SPOTRAIN_NATIVE_KERNELS"

@@ -8,7 +8,8 @@
  *
  * Built at first use by native.py with the machine's C compiler and loaded through ctypes,
  * so it needs neither Python's nor torch's headers. Compile with -ffp-contract=off: the
- * reference rounds x * inverse and codes * scale separately, and so must we.
+ * reference rounds codes * scale before subtracting it from the residual, and so must we;
+ * the one fused multiply-add it does use (round_code) is written out.
  */
 #include <math.h>
 #include <pthread.h>
@@ -131,13 +132,8 @@ static void quantize_blocks(Job *job) {
         float inverse = m > 0.0f ? (1.0f / m) * qmax : 0.0f; /* as torch computes qmax / m */
         float scale = m / qmax;
         job->absmax[b] = m;
-        if (job->bits == 8) {
-            if (bad) encode_block8(src, residual, (int8_t *)job->codes + lo, n, inverse, scale, 1);
-            else encode_block8(src, residual, (int8_t *)job->codes + lo, n, inverse, scale, 0);
-        } else {
-            if (bad) encode_block4(src, residual, job->codes + lo / 2, n, inverse, scale, 1);
-            else encode_block4(src, residual, job->codes + lo / 2, n, inverse, scale, 0);
-        }
+        if (job->bits == 8) encode_block8(src, residual, (int8_t *)job->codes + lo, n, inverse, scale, bad);
+        else encode_block4(src, residual, job->codes + lo / 2, n, inverse, scale, bad);
     }
 }
 
