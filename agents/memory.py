@@ -5,6 +5,10 @@ unmapped; a free top of heap over the trim threshold is released), so every trai
 page-faults its activation buffers back in, and the kernel zeroes each page first. Measured
 in the WAN benchmark: a swarm agent's trainer took about 900 page faults per sample. Keeping
 the memory turns those into reuse; the price is a resident size that stays at its peak.
+
+Every block, however large, comes from the heap: glibc maps blocks over 32 MiB (the cap of its
+mmap threshold) on their own and unmaps them at free, so a 64 MiB decoded tensor or a large
+model's activation would still be faulted in, and zeroed, at every use.
 """
 
 from __future__ import annotations
@@ -16,13 +20,12 @@ import logging
 logger = logging.getLogger("spotrain.agents")
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
-M_MMAP_THRESHOLD = -3
+M_MMAP_MAX = -4
 KEEP_FREE_BYTES = 1 << 30  # free top of heap kept before any is returned to the OS
-LARGEST_HEAP_BLOCK = 32 << 20  # glibc's cap for the mmap threshold on 64-bit; bigger blocks are mapped
 
 
 def keep_freed_memory() -> bool:
-    """Raise the thresholds once, before training allocates; False where malloc is not glibc's."""
+    """Set once, before training allocates; False where malloc is not glibc's."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name)
@@ -31,5 +34,6 @@ def keep_freed_memory() -> bool:
         logger.info("no glibc mallopt here: freed memory goes back to the OS as usual")
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; setting the thresholds also stops glibc adjusting them
-    return bool(mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES))
+    # mallopt returns 1 on success; a fixed trim threshold also stops glibc adjusting it.
+    # No block mapped on its own (where the heap cannot grow, glibc still falls back to a mapping).
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREE_BYTES))

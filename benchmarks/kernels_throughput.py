@@ -8,7 +8,11 @@ copy_ into a preallocated tensor (memory bandwidth). The blockwise codecs run th
 path; the same codecs forced onto the torch reference path (as on a machine without a C
 compiler) are the baseline that path is measured against.
 
-    .venv/bin/python benchmarks/kernels_throughput.py [--repeats 7] [--threads N] [--json]
+The process keeps freed memory as the agent does (`agents/memory.py`): a decoder's output then
+reuses memory instead of being faulted in and zeroed by the kernel at every call.
+`--glibc-defaults` measures with malloc as it comes instead.
+
+    .venv/bin/python benchmarks/kernels_throughput.py [--repeats 7] [--threads N] [--glibc-defaults] [--json]
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import time
 from collections.abc import Callable
 
 import torch
+from spotrain.agents.memory import keep_freed_memory
 from spotrain.kernels import native
 
 SIZE_BYTES = 64 * 1024 * 1024
 # the same codecs forced onto the torch reference path: the baseline of the fused C path
 REFERENCE_ROWS = {8: "blockwise8, torch reference path", 4: "blockwise4, torch reference path"}
-# quantize + dequantize without hivemind's message: what the kernels cost apart from the three
-# copies of the payload that hivemind's protobuf path makes (join, message, .buffer)
+# quantize + dequantize without hivemind's message: what the kernels cost apart from the two
+# copies of the payload that hivemind's protobuf path makes (into the message, out by .buffer)
 KERNEL_ROWS = {8: "blockwise8 kernels alone (no message)", 4: "blockwise4 kernels alone (no message)"}
 WARMUP_ROUNDS = 8
 
@@ -38,8 +43,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--glibc-defaults", action="store_true",
+                        help="malloc as it comes, not the agent's kept freed memory")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
+    memory = "glibc defaults" if args.glibc_defaults or not keep_freed_memory() else "kept, as in the agent"
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -95,7 +103,7 @@ def main() -> int:
         }
     figures = _ratios(rows)
     figures.update({"benchmark": "kernels_throughput", "tensor_bytes": SIZE_BYTES, "threads": torch.get_num_threads(),
-                    "repeats": args.repeats, "rows": rows})
+                    "repeats": args.repeats, "freed_memory": memory, "rows": rows})
     print(json.dumps(figures) if args.json else _table(figures))
     return 0
 
@@ -148,8 +156,8 @@ def _ratios(rows: dict[str, dict]) -> dict:
 
 
 def _table(figures: dict) -> str:
-    title = (f"kernels_throughput: 64 MiB fp32 tensor, {figures['threads']} torch threads, best of "
-             f"{figures['repeats']} (median in brackets)")
+    title = (f"kernels_throughput: 64 MiB fp32 tensor, {figures['threads']} torch threads, freed memory "
+             f"{figures['freed_memory']}, best of {figures['repeats']} (median in brackets)")
     lines = [title, "",
              f"{'':<40}{'GB/s c+d':>16}{'compress':>10}{'decomp.':>9}{'rel. error':>12}{'bytes/value':>13}"]
     for name, row in figures["rows"].items():

@@ -71,10 +71,8 @@ def quantize(tensor: torch.Tensor, bits: int = 8, block_size: int = 1024,
     With `residual` (fp32, same numel) this is error feedback: `tensor + residual` is encoded
     and `residual` is overwritten, in place, with what the encoding dropped.
     """
-    _check(bits, block_size)
-    if not torch.is_floating_point(tensor):
-        raise TypeError(f"blockwise quantization needs a float tensor, got {tensor.dtype}")
     flat = tensor.detach().reshape(-1)
+    check_quantize_arguments(flat, bits, block_size, residual)
     if flat.device.type != "cpu":
         from spotrain.kernels import accelerated
 
@@ -83,15 +81,21 @@ def quantize(tensor: torch.Tensor, bits: int = 8, block_size: int = 1024,
             return result
         flat = flat.cpu()
     numel = flat.numel()
-    if residual is not None and (residual.numel() != numel or residual.dtype != torch.float32
-                                 or not residual.is_contiguous()):
-        raise ValueError("residual must be contiguous float32 with the tensor's number of values")
     codes = native.fresh(code_bytes(numel, bits), torch.uint8)
     absmax = torch.empty(num_blocks(numel, block_size), dtype=torch.float32)
     nonfinite = native.quantize(flat, bits, block_size, residual, codes, absmax)
     if nonfinite is not None:
         return Quantized(codes, absmax, numel, bits, block_size, nonfinite)
     return _reference_quantize(flat, bits, block_size, residual, codes, absmax)
+
+
+def check_quantize_arguments(flat: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None) -> None:
+    _check(bits, block_size)
+    if not torch.is_floating_point(flat):
+        raise TypeError(f"blockwise quantization needs a float tensor, got {flat.dtype}")
+    if residual is not None and (residual.numel() != flat.numel() or residual.dtype != torch.float32
+                                 or not residual.is_contiguous()):
+        raise ValueError("residual must be contiguous float32 with the tensor's number of values")
 
 
 def reference_quantize(tensor: torch.Tensor, bits: int = 8, block_size: int = 1024,
@@ -151,6 +155,7 @@ def _encode_chunk(x: torch.Tensor, qmax: float, block_size: int, bits: int, absm
             rows = rows.masked_fill(bad, 0.0)
             low, high = rows.aminmax(dim=1)
             torch.maximum(low.neg_(), high, out=block_max)
+        block_max.abs_()  # an all-zero block's max came out as -0.0; the C path, and the wire, carry +0.0
         inverse = torch.where(block_max > 0, qmax / block_max, torch.zeros((), dtype=torch.float32))
         out = scratch[lo:hi].view(-1, width)
         torch.addcmul(_MAGIC_TENSOR, rows, inverse[:, None], out=out)

@@ -35,7 +35,6 @@ from hivemind.compression import (
 )
 from hivemind.proto import runtime_pb2
 from spotrain.kernels import native, wire
-from spotrain.kernels.blockwise import quantize
 from spotrain.kernels.table import (
     BLOCK_SIZES,
     RAW_BELOW,
@@ -112,10 +111,9 @@ class BlockwiseCodec(CompressionBase):
             buffer = wire.pack_raw(self._finite(tensor, info))
         else:
             residual = self._residual(info, tensor.numel()) if self.error_feedback else None
-            q = quantize(tensor, self.bits, self.block_size, residual)
-            if q.nonfinite:
-                self._report_nonfinite(q.nonfinite, info)
-            buffer = wire.pack_quantized(q, self.codec_id)
+            buffer, nonfinite = wire.quantize_and_pack(tensor, self.bits, self.block_size, residual, self.codec_id)
+            if nonfinite:
+                self._report_nonfinite(nonfinite, info)
         return runtime_pb2.Tensor(compression=self.compression_type, buffer=buffer, size=tensor.shape,
                                   dtype=dtype_name, requires_grad=requires_grad)
 

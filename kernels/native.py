@@ -35,6 +35,16 @@ DISABLE_ENV = "SPOTRAIN_NATIVE_KERNELS"
 _F32 = ctypes.POINTER(ctypes.c_float)
 _U8 = ctypes.POINTER(ctypes.c_uint8)
 
+# A bytes object created without contents and filled before anyone else sees it: how CPython's
+# own C code builds bytes. The payload then leaves the kernel as the bytes hivemind's protobuf
+# message needs, instead of being assembled by a copy of the codes.
+_unfilled_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_unfilled_bytes.restype = ctypes.py_object
+_unfilled_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+_bytes_address = ctypes.pythonapi.PyBytes_AsString
+_bytes_address.restype = ctypes.c_void_p
+_bytes_address.argtypes = [ctypes.py_object]
+
 
 def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
@@ -133,6 +143,26 @@ def quantize(flat: torch.Tensor, bits: int, block_size: int, residual: torch.Ten
     return library.spotrain_quantize(
         _pointer(flat, _F32), None if residual is None else _pointer(residual, _F32), flat.numel(), bits, block_size,
         _pointer(codes, _U8), _pointer(absmax, _F32), torch.get_num_threads())
+
+
+def quantize_to_bytes(flat: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None,
+                      header: bytes, blocks: int, code_bytes: int) -> tuple[bytes, int] | None:
+    """`header | absmax | codes` as one new bytes object, the kernel writing straight into it,
+    and the count of non-finite inputs; None where this path does not apply."""
+    library = load()
+    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
+        return None
+    payload = _unfilled_bytes(None, len(header) + 4 * blocks + code_bytes)
+    address = _bytes_address(payload)
+    if len(payload) >= HUGE_PAGES_FROM_BYTES:
+        library.spotrain_advise_huge_pages(address, len(payload))
+    ctypes.memmove(address, header, len(header))
+    absmax = ctypes.cast(address + len(header), _F32)  # 4-byte aligned: bytes data is 8-aligned, the header 20 bytes
+    codes = ctypes.cast(address + len(header) + 4 * blocks, _U8)
+    nonfinite = library.spotrain_quantize(
+        _pointer(flat, _F32), None if residual is None else _pointer(residual, _F32), flat.numel(), bits, block_size,
+        codes, absmax, torch.get_num_threads())
+    return payload, nonfinite
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, numel: int, bits: int, block_size: int,

@@ -16,7 +16,15 @@ import struct
 
 import numpy as np
 import torch
-from spotrain.kernels.blockwise import Quantized, code_bytes, dequantize, num_blocks
+from spotrain.kernels import native
+from spotrain.kernels.blockwise import (
+    Quantized,
+    check_quantize_arguments,
+    code_bytes,
+    dequantize,
+    num_blocks,
+    quantize,
+)
 
 MAGIC = b"SPTC"
 WIRE_VERSION = 1
@@ -33,6 +41,26 @@ class CodecMismatchError(ValueError):
 
 class CorruptPayloadError(ValueError):
     """A payload with our codec table whose contents are inconsistent."""
+
+
+def quantize_and_pack(tensor: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None,
+                      codec_id: int) -> tuple[bytes, int]:
+    """A float tensor's quantized payload (see `blockwise.quantize` for `residual`) and its count
+    of non-finite inputs, which were encoded as 0.
+
+    The fused C path writes the payload in place, so the codes are never copied; elsewhere the
+    codes are made first and then joined with the header.
+    """
+    flat = tensor.detach().reshape(-1)
+    check_quantize_arguments(flat, bits, block_size, residual)
+    numel = flat.numel()
+    header = HEADER.pack(MAGIC, WIRE_VERSION, codec_id, bits, block_size, numel)
+    packed = native.quantize_to_bytes(flat, bits, block_size, residual, header, num_blocks(numel, block_size),
+                                      code_bytes(numel, bits))
+    if packed is not None:
+        return packed
+    q = quantize(flat, bits, block_size, residual)
+    return pack_quantized(q, codec_id), q.nonfinite
 
 
 def pack_quantized(q: Quantized, codec_id: int) -> bytes:

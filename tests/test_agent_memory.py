@@ -15,7 +15,7 @@ if sys.argv[1] == "keep":
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 def step():
-    buffers = [bytearray(1 << 20) for _ in range(24)]  # bytearray(n) writes zeros into every page
+    buffers = [bytearray(int(sys.argv[2])) for _ in range(int(sys.argv[3]))]  # bytearray(n) zeroes every page
     del buffers
 step()
 before = faults()
@@ -23,16 +23,23 @@ for _ in range(10):
     step()
 print(faults() - before)
 """
-STEP_PAGES = 24 * (1 << 20) // 4096
+MEDIUM = (1 << 20, 24)  # bytes per buffer, buffers per step
+LARGE = (64 << 20, 2)  # over glibc's largest mmap threshold (32 MiB): mapped on its own by default
 
 
-def cycle_faults(mode: str) -> int:
-    done = subprocess.run([sys.executable, "-c", CYCLES, mode], capture_output=True, text=True, check=True)
+def cycle_faults(mode: str, buffers: tuple[int, int] = MEDIUM) -> int:
+    done = subprocess.run([sys.executable, "-c", CYCLES, mode, *map(str, buffers)], capture_output=True, text=True,
+                          check=True)
     return int(done.stdout)
 
 
+def step_pages(buffers: tuple[int, int]) -> int:
+    return buffers[0] * buffers[1] // 4096
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
-def test_freed_buffers_are_reused_instead_of_faulted_in_again():
+@pytest.mark.parametrize("buffers", [MEDIUM, LARGE], ids=["1 MiB buffers", "64 MiB buffers"])
+def test_freed_buffers_are_reused_instead_of_faulted_in_again(buffers):
     # glibc's defaults hand most of each step's memory back to the OS and fault it in again
-    assert cycle_faults("default") > 5 * STEP_PAGES
-    assert cycle_faults("keep") < STEP_PAGES // 4  # kept: ten steps cost a fraction of one step's pages
+    assert cycle_faults("default", buffers) > 5 * step_pages(buffers)
+    assert cycle_faults("keep", buffers) < step_pages(buffers) // 4  # kept: ten steps cost a fraction of one
