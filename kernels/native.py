@@ -152,6 +152,8 @@ def quantize_to_bytes(flat: torch.Tensor, bits: int, block_size: int, residual: 
     library = load()
     if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
         return None
+    if len(header) < 2:
+        raise ValueError("a payload needs its header: CPython shares its 0- and 1-byte objects, never fill those")
     payload = _unfilled_bytes(None, len(header) + 4 * blocks + code_bytes)
     address = _bytes_address(payload)
     if len(payload) >= HUGE_PAGES_FROM_BYTES:
