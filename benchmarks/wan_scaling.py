@@ -20,6 +20,10 @@ the agent runs (hivemind's threads, its DHT and averager processes, p2pd). "CPU/
 trainer thread's CPU time inside forward + backward per sample over the same figure alone (the
 lower of the two limit runs): above 1 the trainer does less per CPU-second than alone. "preempt/s"
 is how often the trainer thread was pushed off its core (involuntary context switches).
+"x bracket" is each point against the mean of the limit runs just before and just after it:
+a shared machine's speed can drift by a third within one run, and this cancels a steady drift
+where the faster-of-two limit ("x limit", the conservative figure) cannot. --bracket measures
+the limit again after every point, so each point has its own pair (one more limit run per point).
 The held-out loss after the same number of global epochs is a sanity check; benchmarks/
 convergence.py trains long enough to compare codecs.
 
@@ -53,9 +57,7 @@ def main() -> int:
     points: list[dict] = []
     try:
         with WanEmulation(hosts=args.agents) as wan:
-            compute = _run(wan, args, "alone")
-            points.append(compute)
-            _progress(compute, args)
+            _measure_limit(wan, args, points)
             for rate in args.rates:
                 wan.set_rate(rate)
                 baselines = [("hivemind", "float16", "float16")] * (not args.skip_hivemind)
@@ -64,15 +66,22 @@ def main() -> int:
                     point = _run(wan, args, mode, rate, gradients, state)
                     points.append(point)
                     _progress(point, args)
-            again = _run(wan, args, "alone")  # shared machines drift: the limit is the faster of two
-            points.append(again)
-            _progress(again, args)
+                    if args.bracket:
+                        _measure_limit(wan, args, points)
+            if not args.bracket:
+                _measure_limit(wan, args, points)  # shared machines drift: the limit is the faster of two
     except WanEmulationError as error:
         print(f"wan_scaling: {error}", file=sys.stderr)
         return 2
     figures = _figures(points, args)
     print(json.dumps(figures) if args.json else _table(figures))
     return 0
+
+
+def _measure_limit(wan: WanEmulation, args: argparse.Namespace, points: list[dict]) -> None:
+    limit = _run(wan, args, "alone")
+    points.append(limit)
+    _progress(limit, args)
 
 
 def _parse() -> argparse.Namespace:
@@ -96,6 +105,8 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true", help="do not pin each agent to its own core")
     parser.add_argument("--skip-ddp", action="store_true")
     parser.add_argument("--skip-hivemind", action="store_true")
+    parser.add_argument("--bracket", action="store_true",
+                        help="measure the compute limit again after every point (x bracket: its own pair)")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     return parser.parse_args()
 
@@ -156,10 +167,11 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
     limit = max(limits) if limits else None
     alone_cpu = [p["compute_cpu_ms_per_sample"] for p in alone]
     rows = []
-    for point in points:
+    for position, point in enumerate(points):
         if point["mode"] == "alone" or "error" in point:
             rows.append(point)
             continue
+        bracket = _bracketing_limit(points, position)
         same_link = [p for p in points if p["rate_mbit"] == point["rate_mbit"] and "error" not in p]
         hivemind = next((p for p in same_link if p["mode"] == "hivemind"), None)
         ddp = next((p for p in same_link if p["mode"] == "ddp"), None)
@@ -167,6 +179,7 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
                       and p["state"] == "none"), None)
         rate = point["samples_per_second"]
         row = dict(point, vs_compute_limit=rate / limit if limit else None,
+                   vs_bracketing_limits=rate / bracket if bracket else None,
                    vs_hivemind=rate / hivemind["samples_per_second"] if hivemind else None,
                    vs_ddp=rate / ddp["samples_per_second"] if ddp else None,
                    loss_vs_uncompressed=point["eval_loss"] / plain["eval_loss"]
@@ -179,6 +192,15 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
             "batch_size": args.batch, "warmup_epochs": args.warmup, "epochs": args.epochs,
             "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits, "points": rows,
             "alone_points": alone}
+
+
+def _bracketing_limit(points: list[dict], position: int) -> float | None:
+    """The mean of the limit runs nearest before and after points[position] (either alone at the ends)."""
+    def nearest(candidates):
+        return next((p["samples_per_second"] for p in candidates if p["mode"] == "alone" and "error" not in p), None)
+
+    pair = [value for value in (nearest(reversed(points[:position])), nearest(points[position + 1:])) if value]
+    return sum(pair) / len(pair) if pair else None
 
 
 def _name(point: dict) -> str:
@@ -200,7 +222,8 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def _table(figures: dict) -> str:
-    header = (f"{'link':>10}  {'configuration':<36}{'samples/s':>10}{'x limit':>9}{'x hivemind':>11}{'x DDP':>8}"
+    header = (f"{'link':>10}  {'configuration':<36}{'samples/s':>10}{'x limit':>9}{'x bracket':>10}{'x hivemind':>11}"
+              f"{'x DDP':>8}"
               f"{'loss':>8}{'loss/none':>10}{'MB/ag/ep':>9}{'train CPU':>10}{'bg CPU':>8}{'CPU/sample':>11}"
               f"{'preempt/s':>10}")
     limit = _fmt(figures["compute_limit_samples_per_second"], "{:.1f}")
@@ -209,7 +232,7 @@ def _table(figures: dict) -> str:
              f"{figures['epochs']} epochs measured after {figures['warmup_epochs']}")
     alone = figures["alone_points"]
     lines = [title,
-             f"compute limit (agents alone, no communication; the faster of {measured}): {limit} samples/s",
+             f"compute limit (agents alone, no communication; the fastest of {measured}, in order): {limit} samples/s",
              "alone: " + "; ".join(f"{_fmt(p.get('compute_cpu_ms_per_sample'), '{:.1f}')} CPU ms/sample, "
                                    f"{_fmt(p.get('trainer_preemptions_per_second'), '{:.1f}')} preemptions/s"
                                    for p in alone), "",
@@ -222,7 +245,8 @@ def _table(figures: dict) -> str:
             lines.append(f"{link:>10}  {_name(row):<36}{'FAILED: ' + row['error'].splitlines()[0]}")
             continue
         lines.append(f"{link:>10}  {_name(row):<36}{row['samples_per_second']:>10.1f}"
-                     f"{_fmt(row['vs_compute_limit'], '{:.2f}'):>9}{_fmt(row['vs_hivemind'], '{:.2f}'):>11}"
+                     f"{_fmt(row['vs_compute_limit'], '{:.2f}'):>9}{_fmt(row['vs_bracketing_limits'], '{:.2f}'):>10}"
+                     f"{_fmt(row['vs_hivemind'], '{:.2f}'):>11}"
                      f"{_fmt(row['vs_ddp'], '{:.1f}'):>8}{_fmt(row['eval_loss'], '{:.3f}'):>8}"
                      f"{_fmt(row['loss_vs_uncompressed'], '{:.3f}'):>10}"
                      f"{_fmt(row.get('mb_sent_per_agent_epoch'), '{:.2f}'):>9}"

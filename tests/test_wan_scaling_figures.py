@@ -1,0 +1,40 @@
+"""wan_scaling's ratios against the compute limit, on made-up measurements (no agents run)."""
+
+import argparse
+
+from benchmarks.wan_scaling import _figures
+
+
+def alone(rate):
+    return {"mode": "alone", "rate_mbit": None, "gradients": "-", "state": "-", "samples_per_second": rate,
+            "compute_cpu_ms_per_sample": 1000 / rate}
+
+
+def failed_limit():
+    return {"mode": "alone", "rate_mbit": None, "gradients": "-", "state": "-", "error": "agent 0 failed (exit 1)"}
+
+
+def swarm(rate):
+    return {"mode": "spotrain", "rate_mbit": 50.0, "gradients": "blockwise8", "state": "blockwise8",
+            "samples_per_second": rate, "eval_loss": 3.0, "compute_cpu_ms_per_sample": 1000 / rate}
+
+
+ARGS = argparse.Namespace(task="t", no_delayed_updates=False, agents=2, target_batch=512, batch=8, warmup=1, epochs=4)
+
+
+def ratios(points):
+    rows = [row for row in _figures(points, ARGS)["points"] if row["mode"] == "spotrain"]
+    return [(round(row["vs_compute_limit"], 3), round(row["vs_bracketing_limits"], 3)) for row in rows]
+
+
+def test_a_steady_drift_cancels_against_the_bracketing_limits_but_not_the_fastest():
+    # the machine slows by 2 samples/s per run; the swarm always reaches 0.9 of the limit of its moment
+    points = [alone(20), swarm(0.9 * 19), alone(18), swarm(0.9 * 17), alone(16)]
+    assert ratios(points) == [(0.855, 0.9), (0.765, 0.9)]
+
+
+def test_without_a_limit_after_it_a_point_uses_the_nearest_one_and_failed_runs_are_skipped():
+    points = [alone(20), swarm(18), failed_limit()]
+    assert ratios(points) == [(0.9, 0.9)]
+    points = [alone(20), swarm(18), failed_limit(), alone(16)]
+    assert ratios(points) == [(0.9, 1.0)]
