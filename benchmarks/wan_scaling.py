@@ -5,7 +5,7 @@ Agents (one torch thread each) train the example task (default: tiny_gpt's 3.3M-
 whose links are shaped with tc tbf (benchmarks/wan_emulation.py). Measured in the same run:
 
   compute limit   the same agents training alone, no communication at all (measured first and
-                  last; the faster is the limit, since shared machines drift)
+                  last, or after every point with --bracket; the fastest run is the limit)
   hivemind        hivemind.Optimizer as it comes: Float16Compression, no delayed updates
   ddp             torch DistributedDataParallel (gloo) over the same links
   spotrain G/S    hivemind.Optimizer with spotrain's gradient codec G and state codec S
@@ -18,11 +18,11 @@ agent put into averaged gradients; "blocked" is the share of time spent inside o
 "train CPU" is the trainer thread's CPU time over the wall time, "bg CPU" that of everything else
 the agent runs (hivemind's threads, its DHT and averager processes, p2pd). "CPU/sample" is the
 trainer thread's CPU time inside forward + backward per sample over the same figure alone (the
-lower of the two limit runs): above 1 the trainer does less per CPU-second than alone. "preempt/s"
+lowest of the limit runs): above 1 the trainer does less per CPU-second than alone. "preempt/s"
 is how often the trainer thread was pushed off its core (involuntary context switches).
 "x bracket" is each point against the mean of the limit runs just before and just after it:
 a shared machine's speed can drift by a third within one run, and this cancels a steady drift
-where the faster-of-two limit ("x limit", the conservative figure) cannot. --bracket measures
+where the fastest limit run ("x limit", the conservative figure) cannot. --bracket measures
 the limit again after every point, so each point has its own pair (one more limit run per point).
 The held-out loss after the same number of global epochs is a sanity check; benchmarks/
 convergence.py trains long enough to compare codecs.

@@ -127,44 +127,57 @@ def fresh(numel: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized CPU tensor; a large one is backed by huge pages where the kernel allows."""
     tensor = torch.empty(numel, dtype=dtype)
     library = load()
-    nbytes = numel * tensor.element_size()
-    if library is not None and nbytes >= HUGE_PAGES_FROM_BYTES:
-        library.spotrain_advise_huge_pages(tensor.data_ptr(), nbytes)
+    if library is not None:
+        _advise_huge_pages(library, tensor.data_ptr(), numel * tensor.element_size())
     return tensor
+
+
+def _advise_huge_pages(library: ctypes.CDLL, address: int, nbytes: int) -> None:
+    if nbytes >= HUGE_PAGES_FROM_BYTES:
+        library.spotrain_advise_huge_pages(address, nbytes)
+
+
+def _library_for(flat: torch.Tensor) -> ctypes.CDLL | None:
+    """The library, where it can quantize `flat`: a contiguous float32 CPU tensor."""
+    library = load()
+    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
+        return None
+    return library
+
+
+def _quantize_into(library: ctypes.CDLL, flat: torch.Tensor, bits: int, block_size: int,
+                   residual: torch.Tensor | None, codes, absmax) -> int:
+    return library.spotrain_quantize(
+        _pointer(flat, _F32), None if residual is None else _pointer(residual, _F32), flat.numel(), bits, block_size,
+        codes, absmax, torch.get_num_threads())
 
 
 def quantize(flat: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None,
              codes: torch.Tensor, absmax: torch.Tensor) -> int | None:
     """Fill `codes` and `absmax` from a contiguous float32 CPU tensor; the count of non-finite
     inputs, or None where this path does not apply (the caller then uses the reference)."""
-    library = load()
-    if library is None or flat.dtype != torch.float32 or not flat.is_contiguous():
+    library = _library_for(flat)
+    if library is None:
         return None
-    return library.spotrain_quantize(
-        _pointer(flat, _F32), None if residual is None else _pointer(residual, _F32), flat.numel(), bits, block_size,
-        _pointer(codes, _U8), _pointer(absmax, _F32), torch.get_num_threads())
+    return _quantize_into(library, flat, bits, block_size, residual, _pointer(codes, _U8), _pointer(absmax, _F32))
 
 
 def quantize_to_bytes(flat: torch.Tensor, bits: int, block_size: int, residual: torch.Tensor | None,
                       header: bytes, blocks: int, code_bytes: int) -> tuple[bytes, int] | None:
     """`header | absmax | codes` as one new bytes object, the kernel writing straight into it,
     and the count of non-finite inputs; None where this path does not apply."""
-    library = load()
-    if library is None or flat.device.type != "cpu" or flat.dtype != torch.float32 or not flat.is_contiguous():
+    library = _library_for(flat)
+    if library is None:
         return None
     if len(header) < 2:
         raise ValueError("a payload needs its header: CPython shares its 0- and 1-byte objects, never fill those")
     payload = _unfilled_bytes(None, len(header) + 4 * blocks + code_bytes)
     address = _bytes_address(payload)
-    if len(payload) >= HUGE_PAGES_FROM_BYTES:
-        library.spotrain_advise_huge_pages(address, len(payload))
+    _advise_huge_pages(library, address, len(payload))
     ctypes.memmove(address, header, len(header))
     absmax = ctypes.cast(address + len(header), _F32)  # 4-byte aligned: bytes data is 8-aligned, the header 20 bytes
     codes = ctypes.cast(address + len(header) + 4 * blocks, _U8)
-    nonfinite = library.spotrain_quantize(
-        _pointer(flat, _F32), None if residual is None else _pointer(residual, _F32), flat.numel(), bits, block_size,
-        codes, absmax, torch.get_num_threads())
-    return payload, nonfinite
+    return payload, _quantize_into(library, flat, bits, block_size, residual, codes, absmax)
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, numel: int, bits: int, block_size: int,
