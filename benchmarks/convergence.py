@@ -43,8 +43,7 @@ def main() -> int:
         losses = [_train(args, *codec.split("/")) for _ in range(args.repeats)]
         row = {"codec": codec, "losses": losses, "loss": sum(losses) / len(losses)}
         rows.append(row)
-        if not args.json:
-            print(f"  {codec}: loss {row['loss']:.4f}", file=sys.stderr, flush=True)
+        print(f"  {codec}: loss {row['loss']:.4f}", file=sys.stderr, flush=True)  # stderr: --json keeps stdout
     baseline = rows[0]["loss"]
     for row in rows:
         row["loss_vs_uncompressed"] = row["loss"] / baseline

@@ -65,7 +65,7 @@ def main() -> int:
                 for mode, gradients, state in baselines + [("spotrain", *c.split("/")) for c in args.codecs]:
                     point = _run(wan, args, mode, rate, gradients, state)
                     points.append(point)
-                    _progress(point, args)
+                    _progress(point)
                     if args.bracket:
                         _measure_limit(wan, args, points)
             if not args.bracket:
@@ -81,7 +81,7 @@ def main() -> int:
 def _measure_limit(wan: WanEmulation, args: argparse.Namespace, points: list[dict]) -> None:
     limit = _run(wan, args, "alone")
     points.append(limit)
-    _progress(limit, args)
+    _progress(limit)
 
 
 def _parse() -> argparse.Namespace:
@@ -209,9 +209,8 @@ def _name(point: dict) -> str:
     return {"alone": "compute limit", "hivemind": "hivemind as it comes", "ddp": "torch DDP (gloo)"}[point["mode"]]
 
 
-def _progress(point: dict, args: argparse.Namespace) -> None:
-    if args.json:
-        return
+def _progress(point: dict) -> None:
+    """One line per measured point on stderr, --json too: a full run takes the better part of an hour."""
     rate = "-" if point["rate_mbit"] is None else f"{point['rate_mbit']:g} Mbit/s"
     value = point.get("error", "").splitlines()[0] if "error" in point else f"{point['samples_per_second']:.1f} samples/s"
     print(f"  measured {_name(point)} @ {rate}: {value}", file=sys.stderr, flush=True)
