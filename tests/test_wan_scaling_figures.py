@@ -2,7 +2,7 @@
 
 import argparse
 
-from benchmarks.wan_scaling import _figures
+from benchmarks.wan_scaling import _figures, _table
 
 
 def alone(rate):
@@ -38,3 +38,9 @@ def test_without_a_limit_after_it_a_point_uses_the_nearest_one_and_failed_runs_a
     assert ratios(points) == [(0.9, 0.9)]
     points = [alone(20), swarm(18), failed_limit(), alone(16)]
     assert ratios(points) == [(0.9, 1.0)]
+
+
+def test_the_epoch_length_is_the_target_batch_at_the_fastest_limit():
+    assert _figures([alone(16), swarm(15), alone(20)], ARGS)["epoch_seconds_at_limit"] == 512 / 20
+    assert _figures([failed_limit(), swarm(15)], ARGS)["epoch_seconds_at_limit"] is None
+    assert "20.0 samples/s, an epoch every 25.6 s" in _table(_figures([alone(16), swarm(15), alone(20)], ARGS))
