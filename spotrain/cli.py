@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
 from spotrain.errors import SpotrainError
+
+if TYPE_CHECKING:
+    from spotrain.config import ClusterSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
@@ -23,6 +27,20 @@ def fail(message: str) -> None:
 
 def say(message: str) -> None:
     console.print(f"[dim]{__import__('time').strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
+
+
+def load_checked_spec(config: Path) -> ClusterSpec:
+    """The spec, its policy name checked against the registry (config.py imports no policy)."""
+    from spotrain.config import load_spec
+    from spotrain.errors import SpecError
+    from spotrain.policies import check_policy_name
+
+    spec = load_spec(config)
+    try:
+        check_policy_name(spec.placement.policy)
+    except ValueError as error:
+        raise SpecError(f"{config}: placement.policy: {error}") from None
+    return spec
 
 
 @app.callback()
@@ -41,11 +59,10 @@ def launch(
     report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
-    from spotrain.config import load_spec
     from spotrain.providers.base import ProviderError
 
     try:
-        spec = load_spec(config)
+        spec = load_checked_spec(config)
         if budget is not None:
             spec = spec.with_budget(budget)
         for flag, value in (("--duration", duration), ("--tick", tick)):
@@ -182,12 +199,11 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
          as_json: bool = typer.Option(False, "--json"), tick: float = typer.Option(2.0, "--tick")) -> None:
     """Dry run: offers, placement, $/h, samples/s, $/1M samples, hours the budget pays for."""
     from spotrain import plan as planning
-    from spotrain.config import load_spec
     from spotrain.provider_factory import make_provider
 
     try:
-        spec = load_spec(config)
-        offers = planning.offers_for(spec, make_provider(spec).offers())
+        spec = load_checked_spec(config)
+        offers = planning.offers_for(spec, make_provider(spec), say=lambda line: print(line, file=sys.stderr))
         planning.check_budget_covers_a_tick(spec, offers, tick)
         data = planning.plan(spec, offers)
     except SpotrainError as error:
@@ -220,8 +236,7 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Replay real spot traces: every policy on the same job, with the real controller code."""
     from spotrain import plan as planning
-    from spotrain.config import load_spec
-    from spotrain.planner import policy_names
+    from spotrain.policies import policy_names
     from spotrain.sim.engine import compare, default_job
     from spotrain.sim.traces import load_traces
 
@@ -231,7 +246,7 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
         for name in names:
             if name not in valid:
                 raise SpotrainError(f"--policy: unknown policy {name!r}; valid: {', '.join(sorted(valid))}")
-        spec = load_spec(config)
+        spec = load_checked_spec(config)
         traces = load_traces(trace)
         job = default_job(spec, traces)
         from spotrain.sim.market import SimClock, SimProvider

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import (
@@ -18,6 +19,9 @@ from pydantic import (
 )
 
 from spotrain.errors import SpecError
+
+if TYPE_CHECKING:
+    from spotrain.providers.base import Offer
 
 CLUSTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 # spotrain.kernels.codecs.SPEC_CODECS names the same codecs (kept apart: the spec imports no hivemind)
@@ -67,7 +71,8 @@ class Training(_Frozen):
     target_samples: int | None = Field(default=None, gt=0, description="end the run after this many samples")
     t4_samples_per_second: float = Field(default=100.0, gt=0, description="one T4's samples/s on this task")
     throughput: dict[str, float] = Field(default_factory=dict, description="samples/s per GPU type, overrides")
-    model_parameters: int = Field(default=125_000_000, gt=0, description="parameters averaged each step")
+    model_parameters: int | None = Field(
+        default=None, gt=0, description="parameters averaged each step; None = counted from the task's model")
     compression: Compression = Compression()
     matchmaking_time: float = Field(default=3.0, gt=0)
     delayed_updates: bool = Field(
@@ -84,20 +89,12 @@ class Training(_Frozen):
 
 
 class Placement(_Frozen):
+    # checked against spotrain.policies by the CLI: the spec imports no policy
     policy: str = "spotrain"
     workers: int = Field(default=2, gt=0)
     backups: int = Field(default=0, ge=0)
     gpu: tuple[str, ...] = ()
     locations: tuple[str, ...] | None = None
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, value: str) -> str:
-        from spotrain.planner import policy_names
-
-        if value not in policy_names():
-            raise ValueError(f"unknown policy {value!r}; valid: {', '.join(policy_names())}")
-        return value
 
 
 class Checkpoint(_Frozen):
@@ -283,6 +280,13 @@ class ClusterSpec(_Frozen):
             return True
         provider, _, zone = location.partition(":")
         return provider in ("aws", "gcp") and f"{provider}:{region_of_zone(provider, zone)}" in allowed
+
+    def usable_offers(self, offers: Iterable[Offer]) -> tuple[Offer, ...]:
+        """The offers the loop may use, for plan, launch and simulate alike: in an allowed location
+        (a region allows its zones) and of a wanted GPU type (local CPU workers always qualify)."""
+        gpus = set(self.placement.gpu)
+        return tuple(o for o in offers
+                     if self.allows(o.location) and (not gpus or o.gpu in gpus or o.provider == "local"))
 
     def with_budget(self, total_usd: float) -> ClusterSpec:
         if total_usd <= 0:

@@ -25,7 +25,7 @@ from spotrain.controller import (
     reconcile,
 )
 from spotrain.ledger import LIVE_STATES, Ledger, Run
-from spotrain.planner import PlacementPolicy, get_policy
+from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
 from spotrain.throughput import TaskProfile
 from spotrain.swarm_records import AgentStatus
@@ -50,12 +50,10 @@ class ControlLoop:
                  policy: PlacementPolicy | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
         self.settings, self.say, self.clock = settings, say, clock
-        self.policy = policy or get_policy(spec.placement.policy, task_profile(spec))
+        self.policy = policy or get_policy(spec.placement.policy, TaskProfile.from_spec(spec))
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
-        gpus = set(spec.placement.gpu)
-        self.offers = tuple(o for o in provider.offers()
-                            if spec.allows(o.location) and (not gpus or o.gpu in gpus or o.provider == "local"))
+        self.offers = spec.usable_offers(provider.offers())
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
@@ -291,10 +289,3 @@ class ControlLoop:
                  f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")
 
-
-def task_profile(spec: ClusterSpec) -> TaskProfile:
-    training = spec.training
-    ratio = {"none": 1.0, "float16": 0.5}.get(training.compression.gradients, 0.25)
-    return TaskProfile(t4_samples_per_second=training.t4_samples_per_second,
-                       model_bytes=4.0 * training.model_parameters, target_batch_size=training.target_batch_size,
-                       compression_ratio=ratio, per_gpu=dict(training.throughput))

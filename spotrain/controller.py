@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from spotrain.budget import BudgetGuard
-from spotrain.planner import FleetMember, PlacementContext, PlacementPolicy
+from spotrain.policies import FleetMember, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
 
 LIVE = ("requested", "running")

@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from spotrain.config import ClusterSpec
-from spotrain.control_loop import task_profile
 from spotrain.errors import SpecError
 from spotrain.market import Location, catalog_offers
-from spotrain.planner import FleetMember, PlacementContext, get_policy
-from spotrain.providers.base import Offer
-from spotrain.throughput import Worker, estimate
+from spotrain.policies import FleetMember, PlacementContext, get_policy
+from spotrain.providers.base import AuthError, Offer
+from spotrain.providers.multi import MultiProvider
+from spotrain.throughput import TaskProfile, Worker, estimate
 
 
-def offers_for(spec: ClusterSpec, provider_offers: list[Offer]) -> list[Offer]:
-    """Offers in the spec's locations and GPU types: the provider's, else the catalog's."""
-    allowed = set(spec.allowed_locations())
-    gpus = set(spec.placement.gpu)
-    pool = provider_offers + [o for o in catalog_offers("spot") + catalog_offers("on-demand")
-                              if o.location not in {p.location for p in provider_offers}]
-    return [o for o in pool if o.location in allowed and (not gpus or o.gpu in gpus or o.provider == "local")]
+def offers_for(spec: ClusterSpec, provider: MultiProvider, say: Callable[[str], None]) -> list[Offer]:
+    """The offers launch would use: each enabled provider's, in the spec's locations and GPU types.
+
+    The catalog stands in for a provider that is not enabled (to plan where the spec could
+    go) or that cannot price without credentials (a dry run needs none)."""
+    live: list[Offer] = []
+    priced: set[str] = set()
+    for name, member in provider.providers.items():
+        try:
+            live += member.offers()
+        except AuthError as error:
+            say(f"{error}; planning with the catalog's prices")
+            continue
+        priced.add(name)
+    catalog = [o for o in catalog_offers("spot") + catalog_offers("on-demand") if o.provider not in priced]
+    return list(spec.usable_offers(live + catalog))
 
 
 def check_budget_covers_a_tick(spec: ClusterSpec, offers: list[Offer], tick_seconds: float) -> None:
@@ -33,7 +43,7 @@ def check_budget_covers_a_tick(spec: ClusterSpec, offers: list[Offer], tick_seco
 
 
 def plan(spec: ClusterSpec, offers: list[Offer], now: float = 0.0) -> dict:
-    profile = task_profile(spec)
+    profile = TaskProfile.from_spec(spec)
     policy = get_policy(spec.placement.policy, profile)
     ctx = PlacementContext(now=now, workers=spec.placement.workers, allowed=tuple(spec.allowed_locations()))
     chosen: list[Offer] = []

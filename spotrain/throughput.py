@@ -4,15 +4,21 @@ time per optimizer step).
 
 Per-GPU rates are relative to one T4 and scaled by the task's T4 rate; the spec may override
 them (`training.throughput`), and agents' reported samples/s correct them at run time.
+`TaskProfile.from_spec` is the one way a spec becomes a profile, for plan, launch and simulate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from typing import TYPE_CHECKING
 
+from spotrain.kernels.table import nominal_ratio
 from spotrain.market import Location, egress_usd_per_gb
+
+if TYPE_CHECKING:
+    from spotrain.config import ClusterSpec
 
 # Training speed relative to one T4 (mixed precision, transformer-like models); public benchmark ratios.
 RELATIVE_GPU_SPEED = {"T4": 1.0, "K80": 0.35, "L4": 2.0, "A10G": 2.2, "V100": 2.6, "A100": 6.0, "H100": 12.0}
@@ -22,6 +28,8 @@ CPU_SPEED = 0.3  # a CPU-only VM (and the local provider's processes), relative 
 BANDWIDTH_BPS = {"same-zone": 5e9, "same-region": 2e9, "same-continent": 5e8, "cross-provider": 3e8,
                  "intercontinental": 6.5e7}
 EPOCH_OVERHEAD_SECONDS = 2.0  # matchmaking and bookkeeping per averaging round
+# Wire share of a codec whose size depends on the model's shapes (PowerSGD): a rough estimate.
+MODEL_DEPENDENT_WIRE_RATIO = 0.25
 
 
 def relation(a: Location, b: Location) -> str:
@@ -47,11 +55,35 @@ class TaskProfile:
     compression_ratio: float = 1.0  # bytes on the wire / fp32 bytes
     per_gpu: dict[str, float] = field(default_factory=dict)  # samples/s overrides by GPU type
 
+    @classmethod
+    def from_spec(cls, spec: ClusterSpec) -> TaskProfile:
+        """The spec's task as planning sees it: its parameters (the spec's count, else counted
+        from the task's model) and its gradient codec's wire share from the codec table."""
+        training = spec.training
+        parameters = training.model_parameters or counted_parameters(training.task)
+        return cls(t4_samples_per_second=training.t4_samples_per_second, model_bytes=4.0 * parameters,
+                   target_batch_size=training.target_batch_size,
+                   compression_ratio=wire_ratio(training.compression.gradients), per_gpu=dict(training.throughput))
+
     def rate(self, gpu: str | None, gpu_count: int = 1) -> float:
         if gpu in self.per_gpu:
             return self.per_gpu[gpu] * max(1, gpu_count)
         speed = RELATIVE_GPU_SPEED.get(gpu or "", CPU_SPEED)
         return self.t4_samples_per_second * speed * max(1, gpu_count)
+
+
+def wire_ratio(codec: str) -> float:
+    """Bytes on the wire per fp32 byte of a gradient codec."""
+    fp32_bytes_per_wire_byte = nominal_ratio(codec)
+    return MODEL_DEPENDENT_WIRE_RATIO if fp32_bytes_per_wire_byte is None else 1.0 / fp32_bytes_per_wire_byte
+
+
+@lru_cache(maxsize=16)
+def counted_parameters(task: str) -> int:
+    """Parameters of the task's model, built once per task (this imports torch and the user's code)."""
+    from spotrain.task import load_task
+
+    return sum(p.numel() for p in load_task(task).build_model().parameters())
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from spotrain.providers.base import Offer
 
 from spotrain.budget import BudgetGuard
 from spotrain.controller import Desired, EndRun, Launch, Observed, ObservedInstance, Terminate, reconcile
-from spotrain.planner import SpreadCheapest
+from spotrain.policies.spread import SpreadCheapest
 
 TICK = 2.0
 LAG = 13.0

@@ -88,3 +88,19 @@ def test_cli_rejects_negative_budget_flag(tmp_path):
     assert result.returncode == 2
     assert "--budget" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not home.exists()
+
+
+@pytest.mark.parametrize("command", [("launch",), ("plan",), ("simulate", "--trace", "TRACE")])
+def test_cli_rejects_an_unknown_policy_in_one_line_naming_the_valid_ones(tmp_path, command):
+    home = tmp_path / "home"
+    path = write(tmp_path, GOOD + "placement: {policy: magic}\n")
+    trace = tmp_path / "us-east-1a_v100_1.json"
+    trace.write_text('{"metadata": {"gap_seconds": 600}, "data": [1, 1, 1]}')
+    args = [str(trace) if arg == "TRACE" else arg for arg in command]
+    result = run_cli(args[0], str(path), *args[1:], home=home, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{path}: placement.policy: unknown policy 'magic'; valid: eager-next-region, on-demand" in lines[0]
+    assert "spotrain, spread-cheapest, uniform-progress" in lines[0]
+    assert not home.exists()

@@ -13,7 +13,7 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
-from spotrain.planner import SpreadCheapest
+from spotrain.policies.spread import SpreadCheapest
 
 A = Offer("local", "local:zone-a", "local.cpu", None, 0.92)
 B = Offer("local", "local:zone-b", "local.cpu", None, 0.19)

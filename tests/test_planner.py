@@ -1,7 +1,8 @@
 from dataclasses import replace
 
-from spotrain.baselines import EagerNextRegion, OnDemandOneRegion, UniformProgress
-from spotrain.planner import CostPerSamplePlanner, FleetMember, PlacementContext, get_policy, policy_names
+from spotrain.policies import FleetMember, PlacementContext, get_policy, policy_names
+from spotrain.policies.baselines import EagerNextRegion, OnDemandOneRegion, UniformProgress
+from spotrain.policies.cost_per_sample import CostPerSamplePlanner
 from spotrain.providers.base import Offer
 from spotrain.throughput import TaskProfile
 

@@ -16,7 +16,7 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     (wheel,) = dist.glob("spotrain-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for path in ("spotrain/providers/local.py", "spotrain/agents/daemon.py", "spotrain/kernels/codecs.py",
-                 "spotrain/kernels/native_blockwise.c",
+                 "spotrain/kernels/native_blockwise.c", "spotrain/policies/cost_per_sample.py",
                  "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE", "spotrain/providers/aws.py",
                  "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service"):
         assert path in names

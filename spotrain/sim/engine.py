@@ -7,11 +7,12 @@ import json
 from dataclasses import asdict, dataclass
 
 from spotrain.config import ClusterSpec
-from spotrain.control_loop import ControlLoop, LoopSettings, task_profile
+from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
-from spotrain.planner import get_policy
+from spotrain.policies import get_policy
 from spotrain.sim.market import SimClock, SimProvider, SimSwarm
 from spotrain.sim.traces import LocationTrace
+from spotrain.throughput import TaskProfile, Worker, estimate
 
 STARTUP_SECONDS = 360.0  # boot, install, load state from peers or a checkpoint
 
@@ -43,11 +44,10 @@ def fleet_pace(spec: ClusterSpec, traces: list[LocationTrace], workers: int | No
     """Samples/s of the wanted workers (or `workers`) in one zone of the traces' GPU: the job's
     nominal pace."""
     from spotrain.market import Location
-    from spotrain.throughput import Worker, estimate
 
     count = spec.placement.workers if workers is None else workers
     fleet = [Worker(Location.parse(traces[0].location), traces[0].gpu)] * count
-    return estimate(fleet, task_profile(spec)).samples_per_second
+    return estimate(fleet, TaskProfile.from_spec(spec)).samples_per_second
 
 
 def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
@@ -72,7 +72,7 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         "budget": spec.budget.model_copy(update={"deadline_hours": job.deadline_hours}),
         "placement": spec.placement.model_copy(update={"locations": locations, "gpu": ()}),
     })
-    profile = task_profile(sim_spec)
+    profile = TaskProfile.from_spec(sim_spec)
     swarm = SimSwarm(provider, profile, clock, startup_seconds)
     ledger = Ledger(":memory:")
     run = ledger.open_run(spec.budget.total_usd, json.loads(sim_spec.model_dump_json()), clock.now())

@@ -1,9 +1,5 @@
-"""Placement policies: which offer the next worker gets, and which workers to retire.
-
-Every policy sees the same PlacementContext (the fleet, preemptions and capacity failures per
-location, progress against the deadline) and is registered by name. `spotrain`, the default
-for clouds, minimizes the expected cost per sample of the whole placement, egress included;
-`spread-cheapest` is the simple spread used for the local provider.
+"""`spotrain`, the default policy for clouds: the offer that minimizes the expected cost per
+sample of the whole placement, egress included.
 
 Placement is revised while the run goes on, make before break: `migrate` proposes extra workers
 (a cheaper place, or one that holds the whole fleet when the current one cannot), and `retire`
@@ -13,99 +9,20 @@ drops the workers they replace only once the newcomers train, so a move never st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Mapping, Protocol, Sequence
+from collections.abc import Sequence
+from dataclasses import replace
 
 from spotrain.market import Location
+from spotrain.policies.base import RESTART_HOURS, FleetMember, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
 from spotrain.throughput import TaskProfile, Worker, estimate
 
-CAPACITY_COOLDOWN_SECONDS = 600.0  # a location that just refused capacity is skipped this long,
-MAX_COOLDOWN_SECONDS = 3600.0  # doubling with each refusal in a row, up to this
-RESTART_HOURS = 0.1  # boot, install, load state: what each preemption costs a worker
 PRIOR_PREEMPTIONS_PER_HOUR = 0.05
 PRIOR_HOURS = 5.0  # weight of the prior against observed hours in a location
 MOVE_MARGIN = 0.02  # a move must gain this share of cost (or time) after paying for itself
 DEFAULT_HORIZON_HOURS = 24.0  # work assumed left when the spec sets no target
 WAIT_PREMIUM = 0.05  # with slack, a place dearer per sample than the cheapest by more than this waits
 WAIT_SLACK_SHARE = 0.25  # ... while the slack exceeds this share of the time left
-
-
-@dataclass(frozen=True)
-class FleetMember:
-    request_id: str
-    location: str
-    price_usd_per_hour: float
-    gpu: str | None = None
-    gpu_count: int = 1
-    market: str = "spot"
-    training: bool = False  # its agent reports training (not starting, not yet launched)
-
-    @classmethod
-    def from_offer(cls, request_id: str, offer: Offer) -> FleetMember:
-        """The member an offer becomes once launched (not yet training)."""
-        return cls(request_id, offer.location, offer.spot_usd_per_hour, offer.gpu, offer.gpu_count, offer.market)
-
-
-@dataclass(frozen=True)
-class PlacementContext:
-    now: float
-    fleet: tuple[FleetMember, ...] = ()
-    preemptions: Mapping[str, int] = field(default_factory=dict)
-    hours_observed: Mapping[str, float] = field(default_factory=dict)  # instance-hours run per location
-    failed_at: Mapping[str, tuple[float, int]] = field(default_factory=dict)  # last refusal, refusals in a row
-    workers: int = 1
-    backups: int = 0
-    samples_done: float = 0.0
-    target_samples: float | None = None
-    deadline: float | None = None  # wall-clock time the work must be done by
-    samples_per_second: float = 0.0  # what the fleet achieves now
-    allowed: tuple[str, ...] = ()  # the spec's locations, in the user's order
-
-    def cooling_down(self, location: str) -> bool:
-        if location not in self.failed_at:
-            return False
-        last, in_a_row = self.failed_at[location]
-        cooldown = min(MAX_COOLDOWN_SECONDS, CAPACITY_COOLDOWN_SECONDS * 2 ** (in_a_row - 1))
-        return self.now - last < cooldown
-
-
-class PlacementPolicy(Protocol):
-    def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
-        """The offer for one more worker, or None to launch nothing."""
-        ...
-
-    def retire(self, ctx: PlacementContext) -> list[str]:
-        """Request ids of workers to terminate now (a policy changing its mind)."""
-        ...
-
-    def migrate(self, offers: Sequence[Offer], ctx: PlacementContext) -> list[Offer]:
-        """Offers for extra workers beyond the wanted fleet, to replace part of it (make before break)."""
-        ...
-
-
-class SteadyPolicy:
-    """A policy that never revises a placement it made."""
-
-    def retire(self, ctx: PlacementContext) -> list[str]:
-        return []
-
-    def migrate(self, offers: Sequence[Offer], ctx: PlacementContext) -> list[Offer]:
-        return []
-
-
-class SpreadCheapest(SteadyPolicy):
-    """Spot only: fewest live workers first (failure domains), then price, then fewest preemptions."""
-
-    def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
-        live: dict[str, int] = {}
-        for member in ctx.fleet:
-            live[member.location] = live.get(member.location, 0) + 1
-        usable = [o for o in offers if o.market == "spot" and not ctx.cooling_down(o.location)]
-        if not usable:
-            return None
-        return min(usable, key=lambda o: (live.get(o.location, 0), o.spot_usd_per_hour,
-                                          ctx.preemptions.get(o.location, 0), o.location))
 
 
 def preemption_rate(location: str, ctx: PlacementContext) -> float:
@@ -136,7 +53,7 @@ def has_slack(ctx: PlacementContext, full_speed_samples_per_second: float,
     return hours_left - work_hours > share * hours_left
 
 
-class CostPerSamplePlanner:
+class CostPerSamplePlanner(PlacementPolicy, name="spotrain"):
     """Pick the offer that minimizes the expected cost per sample of the fleet it joins.
 
     Expected cost per sample = (instance prices + egress) / (samples/s x (1 - preemption rate x
@@ -146,6 +63,10 @@ class CostPerSamplePlanner:
 
     def __init__(self, profile: TaskProfile | None = None):
         self.profile = profile or TaskProfile()
+
+    @classmethod
+    def for_task(cls, profile: TaskProfile) -> CostPerSamplePlanner:
+        return cls(profile)
 
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         full_speed = self.full_speed(offers, ctx.workers)
@@ -291,7 +212,8 @@ class CostPerSamplePlanner:
         return min(candidates, key=lambda fleet: (-len(fleet), self.fleet_score(fleet, ctx)[0]))
 
     def _greedy(self, pool: list[FleetMember], size: int, ctx: PlacementContext) -> list[FleetMember]:
-        pool, chosen = list(pool), []
+        pool = list(pool)
+        chosen: list[FleetMember] = []
         while pool and len(chosen) < size:
             best = min(pool, key=lambda m: self.fleet_score(chosen + [m], ctx)[0])  # newest wins ties
             chosen.append(best)
@@ -338,23 +260,3 @@ def _match(plan: Sequence[Offer], fleet: Sequence[FleetMember]) -> tuple[list[Fl
 def _region_of(offer: Offer) -> tuple[str, str]:
     location = Location.parse(offer.location)
     return (location.provider, location.region)
-
-
-def _registry() -> dict[str, type]:
-    from spotrain import baselines
-
-    return {"spotrain": CostPerSamplePlanner, "spread-cheapest": SpreadCheapest,
-            "on-demand": baselines.OnDemandOneRegion, "uniform-progress": baselines.UniformProgress,
-            "eager-next-region": baselines.EagerNextRegion}
-
-
-def policy_names() -> list[str]:
-    return sorted(_registry())
-
-
-def get_policy(name: str, profile: TaskProfile | None = None) -> PlacementPolicy:
-    registry = _registry()
-    if name not in registry:
-        raise ValueError(f"unknown placement policy {name!r}; valid: {', '.join(sorted(registry))}")
-    cls = registry[name]
-    return cls(profile) if cls is CostPerSamplePlanner else cls()

@@ -10,10 +10,10 @@ compares them on the same traces with the same controller, clock and budget code
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from spotrain.market import Location
-from spotrain.planner import RESTART_HOURS, PlacementContext, SteadyPolicy
+from spotrain.policies.base import RESTART_HOURS, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
 
 
@@ -21,7 +21,7 @@ def _first(offers: Sequence[Offer], ctx: PlacementContext) -> str:
     return ctx.allowed[0] if ctx.allowed else min(o.location for o in offers)
 
 
-class OnDemandOneRegion(SteadyPolicy):
+class OnDemandOneRegion(PlacementPolicy, name="on-demand"):
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         region = Location.parse(_first(offers, ctx)).region
         same = [o for o in offers if o.market == "on-demand" and Location.parse(o.location).region == region]
@@ -40,7 +40,7 @@ def _behind_uniform_line(ctx: PlacementContext, started_at: float) -> bool:
     return _progress_gap(ctx, started_at) < 0
 
 
-class UniformProgress(SteadyPolicy):
+class UniformProgress(PlacementPolicy, name="uniform-progress"):
     def __init__(self) -> None:
         self.started_at: float | None = None
 
@@ -67,7 +67,7 @@ class UniformProgress(SteadyPolicy):
         return [m.request_id for m in ctx.fleet if m.market == "on-demand"]
 
 
-class EagerNextRegion(SteadyPolicy):
+class EagerNextRegion(PlacementPolicy, name="eager-next-region"):
     def __init__(self) -> None:
         self.index = 0
         self.seen_preemptions = 0
