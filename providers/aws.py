@@ -28,6 +28,8 @@ from spotrain.providers.base import (
 )
 from spotrain.providers.bootstrap import agent_config, render_cloud_init
 
+from spotrain.contracts.states import EndReason, InstanceState
+
 NAME = "aws"
 TAG_CLUSTER, TAG_REQUEST, TAG_ROLE, TAG_PRICE = "spotrain:cluster", "spotrain:request-id", "spotrain:role", "spotrain:price"
 DEFAULT_IMAGE_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
@@ -43,6 +45,7 @@ INTERRUPTED_STATUSES = {"instance-terminated-by-price", "instance-terminated-no-
                         "instance-terminated-capacity-oversubscribed", "instance-terminated-launch-group-constraint",
                         "marked-for-termination"}
 SPOT_TERMINATION_REASON = "Server.SpotInstanceTermination"
+USER_SHUTDOWN_REASON = "Client.UserInitiatedShutdown"
 GPU_BY_FAMILY = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "p3": "V100", "p4d": "A100", "p5": "H100", "g4ad": "V520"}
 
 
@@ -271,7 +274,7 @@ class AwsProvider:
 
     def _interrupted_requests(self, region: str, described: list[dict]) -> set[str]:
         """Spot request ids of ended instances whose request status says the cloud took them back."""
-        settled = {SPOT_TERMINATION_REASON, "Client.UserInitiatedShutdown"}  # the reason already tells
+        settled = {SPOT_TERMINATION_REASON, USER_SHUTDOWN_REASON}  # the reason already tells
         ids = [d["SpotInstanceRequestId"] for d in described
                if d.get("SpotInstanceRequestId") and d["State"]["Name"] not in ("pending", "running")
                and d.get("StateReason", {}).get("Code") not in settled]
@@ -287,17 +290,20 @@ class AwsProvider:
         reason = described.get("StateReason", {}).get("Code", "")
         preempted = reason == SPOT_TERMINATION_REASON or described.get("SpotInstanceRequestId") in interrupted
         if state in ("pending", "running") or (state in ("shutting-down", "stopping") and not preempted):
-            status, end_reason = "running", None  # still there, still billed
-        elif preempted:
-            status, end_reason = "preempted", "spot interruption"
+            status, end_reason, detail = InstanceState.RUNNING, None, ""  # still there, still billed
+        elif preempted:  # after the two-minute interruption notice
+            status, end_reason, detail = InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION, ""
+        elif reason == USER_SHUTDOWN_REASON:
+            status, end_reason, detail = InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST, ""
         else:
-            status, end_reason = "terminated", reason or state
+            status, end_reason, detail = InstanceState.TERMINATED, EndReason.ENDED_BY_PROVIDER, reason or state
         self._regions_by_instance[described["InstanceId"]] = region
         return Instance(
             instance_id=described["InstanceId"], request_id=tags.get(TAG_REQUEST, described.get("ClientToken", "")),
             cluster=tags.get(TAG_CLUSTER, ""), location=f"{NAME}:{described['Placement']['AvailabilityZone']}",
             price_usd_per_hour=float(tags.get(TAG_PRICE, "0") or 0), state=status,
             launched_at=described["LaunchTime"].timestamp(), ended_at=None, end_reason=end_reason,
+            end_detail=detail,
         )
 
     def terminate(self, instance_id: str) -> None:

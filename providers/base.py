@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from spotrain.contracts.states import EndReason, InstanceState
+
 
 class ProviderError(Exception):
     """Base of the typed cloud errors."""
@@ -57,10 +59,11 @@ class Instance:
     cluster: str
     location: str
     price_usd_per_hour: float
-    state: str  # running | preempted | terminated
+    state: InstanceState  # running | preempted | terminated
     launched_at: float
     ended_at: float | None = None
-    end_reason: str | None = None
+    end_reason: EndReason | None = None  # set once it has ended
+    end_detail: str = ""  # the provider's own words: an exit code, a status
     addresses: tuple[str, ...] = field(default=())  # swarm multiaddrs the agent listens on
 
 

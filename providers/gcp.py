@@ -33,6 +33,8 @@ from spotrain.providers.base import (
 from spotrain.providers.bootstrap import agent_config, infra_text, render_cloud_init
 from spotrain.providers.gcp_prices import gpu_of, spot_price
 
+from spotrain.contracts.states import EndReason, InstanceState
+
 NAME = "gcp"
 SCOPES = ["https://www.googleapis.com/auth/compute"]
 LABEL_CLUSTER, LABEL_ROLE, LABEL_REQUEST = "spotrain-cluster", "spotrain-role", "spotrain-request"
@@ -292,8 +294,8 @@ class GcpProvider:
                     found[described.name] = self._instance(zone, described, preempted)
                 for name, seen in list(self._seen.items()):  # deleted after a preemption: known only from here
                     if name in preempted and name not in found and seen.cluster == cluster:
-                        found[name] = replace(seen, state="preempted", ended_at=preempted[name],
-                                              end_reason="spot preemption")
+                        found[name] = replace(seen, state=InstanceState.PREEMPTED, ended_at=preempted[name],
+                                              end_reason=EndReason.SPOT_PREEMPTION)
         except sdk_errors() as error:
             raise typed_error(error, "list") from None
         return list(found.values())
@@ -310,16 +312,18 @@ class GcpProvider:
         if preempted is None:
             preempted = {}
         if described.name in preempted and status not in ("PROVISIONING", "STAGING", "RUNNING"):
-            state, ended_at, reason = "preempted", preempted[described.name], "spot preemption"
+            state, ended_at, reason = (InstanceState.PREEMPTED, preempted[described.name],
+                                       EndReason.SPOT_PREEMPTION)
         elif status in RUNNING_STATUSES:
-            state, ended_at, reason = "running", None, None  # still there, still billed
+            state, ended_at, reason = InstanceState.RUNNING, None, None  # still there, still billed
         else:
-            state, ended_at, reason = "terminated", None, status.lower()
+            state, ended_at, reason = InstanceState.TERMINATED, None, EndReason.ENDED_BY_PROVIDER
         instance = Instance(
             instance_id=described.name, request_id=metadata.get(META_REQUEST, ""),
             cluster=described.labels.get(LABEL_CLUSTER, ""), location=f"{NAME}:{zone}",
             price_usd_per_hour=float(metadata.get(META_PRICE, "0") or 0), state=state,
             launched_at=_timestamp(described.creation_timestamp), ended_at=ended_at, end_reason=reason,
+            end_detail=status.lower() if reason is EndReason.ENDED_BY_PROVIDER else "",
         )
         self._zone_of[described.name] = zone
         self._seen[described.name] = instance

@@ -21,6 +21,8 @@ from spotrain.providers.base import Instance, LaunchRequest, Offer
 from spotrain.providers.local_schedule import claim_lifetime
 from spotrain.providers.local_vm import write_json_atomic
 
+from spotrain.contracts.states import EndReason, InstanceState
+
 NAME = "local"
 
 
@@ -37,6 +39,17 @@ def _pid_runs(pid: int, vm_dir: Path) -> bool:
         return False
     zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
     return not zombie and str(vm_dir).encode() in cmdline
+
+
+def _end_reason(state: dict) -> tuple[EndReason | None, str]:
+    """A supervisor's end reason and detail; one started by an older spotrain wrote other words."""
+    text, detail = state.get("end_reason"), state.get("end_detail", "")
+    if text is None:
+        return None, detail
+    try:
+        return EndReason(text), detail
+    except ValueError:
+        return EndReason.ENDED_BY_PROVIDER, text
 
 
 class LocalProvider:
@@ -107,12 +120,14 @@ class LocalProvider:
     def _instance(self, vm_dir: Path) -> Instance:
         vm = json.loads((vm_dir / "vm.json").read_text())
         state = json.loads((vm_dir / "state.json").read_text())
-        status, ended_at, reason = state["state"], state.get("ended_at"), state.get("end_reason")
-        if status == "running" and not _pid_runs(state["pid"], vm_dir):
-            status, ended_at, reason = "terminated", (vm_dir / "state.json").stat().st_mtime, "vm lost"
+        status, ended_at = InstanceState(state["state"]), state.get("ended_at")
+        reason, detail = _end_reason(state)
+        if status == InstanceState.RUNNING and not _pid_runs(state["pid"], vm_dir):
+            status, ended_at = InstanceState.TERMINATED, (vm_dir / "state.json").stat().st_mtime
+            reason, detail = EndReason.VM_LOST, ""
         addresses: tuple[str, ...] = ()
         address_file = vm_dir / "work" / "swarm-addresses.json"
-        if status == "running" and address_file.exists():
+        if status == InstanceState.RUNNING and address_file.exists():
             try:
                 addresses = tuple(json.loads(address_file.read_text()))
             except (json.JSONDecodeError, OSError):
@@ -120,7 +135,8 @@ class LocalProvider:
         return Instance(
             instance_id=vm["instance_id"], request_id=vm["request_id"], cluster=vm["cluster"],
             location=vm["location"], price_usd_per_hour=vm["price_usd_per_hour"], state=status,
-            launched_at=vm["launched_at"], ended_at=ended_at, end_reason=reason, addresses=addresses,
+            launched_at=vm["launched_at"], ended_at=ended_at, end_reason=reason, end_detail=detail,
+            addresses=addresses,
         )
 
     def list_instances(self, cluster: str) -> list[Instance]:
@@ -139,7 +155,7 @@ class LocalProvider:
             state = json.loads((vm_dir / "state.json").read_text())
         except FileNotFoundError:
             return
-        if state["state"] == "running" and _pid_runs(state["pid"], vm_dir):
+        if state["state"] == InstanceState.RUNNING and _pid_runs(state["pid"], vm_dir):
             try:
                 os.kill(state["pid"], signal.SIGTERM)
             except ProcessLookupError:

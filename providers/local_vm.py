@@ -19,6 +19,8 @@ from pathlib import Path
 
 from spotrain.providers.imds import MetadataServer, MetadataState
 
+from spotrain.contracts.states import EndReason, InstanceState
+
 POLL_SECONDS = 0.2
 MAX_AGENT_RESTARTS = 3
 
@@ -38,13 +40,14 @@ class Supervisor:
         self.agent: subprocess.Popen | None = None
         self.terminate_requested = False
         self.deadline: float | None = None
-        self.end_state = "terminated"
-        self.end_reason = ""
+        self.end_state = InstanceState.TERMINATED
+        self.end_reason = EndReason.TERMINATED_BY_REQUEST
+        self.end_detail = ""
 
     def log(self, message: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} vm {self.vm['instance_id']}: {message}", flush=True)
 
-    def write_state(self, state: str, **extra) -> None:
+    def write_state(self, state: InstanceState, **extra) -> None:
         write_json_atomic(self.vm_dir / "state.json",
                           {"state": state, "pid": os.getpid(), "imds_url": self.server.url, **extra})
 
@@ -71,7 +74,7 @@ class Supervisor:
             pass
         self.agent.wait()
 
-    def post_notice(self, terminate_at: float, state: str, reason: str) -> None:
+    def post_notice(self, terminate_at: float, state: InstanceState, reason: EndReason) -> None:
         if self.deadline is not None:
             return
         self.state.post_notice(terminate_at)
@@ -82,7 +85,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "terminate_requested", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is not the cloud's business
         self.server.start_background()
-        self.write_state("running", launched_at=self.vm["launched_at"])
+        self.write_state(InstanceState.RUNNING, launched_at=self.vm["launched_at"])
         self.start_agent()
         preempt_at, announced = self.vm.get("preempt_at"), self.vm.get("announced", True)
         notice_s = float(self.vm["notice_seconds"])
@@ -90,11 +93,12 @@ class Supervisor:
         while True:
             now = time.time()
             if self.terminate_requested:
-                self.post_notice(now + notice_s, "terminated", "terminated by request")
+                self.post_notice(now + notice_s, InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST)
             if preempt_at is not None and announced and now >= preempt_at - notice_s:
-                self.post_notice(max(preempt_at, now), "preempted", "spot preemption")
+                self.post_notice(max(preempt_at, now), InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION)
             if preempt_at is not None and not announced and now >= preempt_at and self.deadline is None:
-                self.end_state, self.end_reason = "preempted", "spot preemption without notice"
+                self.end_state = InstanceState.PREEMPTED
+                self.end_reason = EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE
                 self.log("preempted without notice")
                 break
             if self.deadline is not None and now >= self.deadline:
@@ -104,7 +108,7 @@ class Supervisor:
             code = self.agent.poll()
             if code is not None:
                 if self.deadline is not None:
-                    if self.end_state == "terminated":
+                    if self.end_state == InstanceState.TERMINATED:
                         self.log(f"agent drained (exit {code})")
                         break
                     # a drained spot VM still exists until the cloud reclaims it
@@ -114,13 +118,14 @@ class Supervisor:
                     time.sleep(1.0)
                     self.start_agent()
                 else:
-                    self.end_state, self.end_reason = "terminated", f"agent failed (exit {code})"
+                    self.end_state, self.end_reason = InstanceState.TERMINATED, EndReason.AGENT_FAILED
+                    self.end_detail = f"exit {code}"
                     break
             time.sleep(POLL_SECONDS)
         self.kill_agent_group()
         self.write_state(self.end_state, launched_at=self.vm["launched_at"], ended_at=time.time(),
-                         end_reason=self.end_reason)
-        self.log(f"{self.end_state}: {self.end_reason}")
+                         end_reason=self.end_reason, end_detail=self.end_detail)
+        self.log(f"{self.end_state}: {self.end_reason}" + (f" ({self.end_detail})" if self.end_detail else ""))
         self.server.shutdown()
 
 

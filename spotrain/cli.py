@@ -249,7 +249,8 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
         spec = load_checked_spec(config)
         traces = load_traces(trace)
         job = default_job(spec, traces)
-        from spotrain.sim.market import SimClock, SimProvider
+        from spotrain.sim.clock import SimClock
+        from spotrain.sim.provider import SimProvider
 
         planning.check_budget_covers_a_tick(spec, SimProvider(traces, SimClock()).offers(), tick)
         results = compare(spec, traces, names, job, tick, progress=lambda m: print(m, file=sys.stderr))

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from spotrain.config import ClusterSpec
+from spotrain.contracts.states import LIVE_STATES, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import ControllerRunning, SpotrainError
 from spotrain.home import cluster_dir, existing_cluster, ledger_path
@@ -94,7 +95,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         if duration is not None:
             ledger.set_meta(end_key, now + duration)
         end_at = ledger.meta(end_key)  # a restarted controller keeps the first one's deadline
-        running = [i for i in provider.list_instances(spec.name) if i.state == "running"]
+        running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
         swarm = SwarmView(spec.name, [a for i in running for a in i.addresses])
@@ -154,9 +155,9 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
             spec = ClusterSpec.model_validate(run.spec)
             provider = make_provider(spec)
             loop = ControlLoop(spec, ledger, run, provider, swarm=None, settings=LoopSettings(), say=say)
-            if run.ended_at is None or any(i.state == "running" for i in provider.list_instances(name)):
+            if run.ended_at is None or any(i.state == InstanceState.RUNNING for i in provider.list_instances(name)):
                 loop.finish("down")
-            left = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]
+            left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
             if left:
                 raise SpotrainError(f"instances still running after down: {', '.join(left)}")
         finally:
@@ -178,7 +179,7 @@ def status(name: str | None) -> dict:
         for m in ledger.metrics(run.id):
             latest[m["instance_id"]] = dict(m)
         workers = []
-        for row in ledger.instances(states=("requested", "running"), run_id=run.id):
+        for row in ledger.instances(states=LIVE_STATES, run_id=run.id):
             m = latest.get(row.instance_id or "", {})
             workers.append({"instance_id": row.instance_id, "location": row.location, "state": row.state,
                             "price_usd_per_hour": row.price_usd_per_hour, "agent_state": m.get("state"),

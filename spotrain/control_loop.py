@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
+from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.controller import (
     AssignDuty,
     Desired,
@@ -24,7 +25,7 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
-from spotrain.ledger import LIVE_STATES, Ledger, Run
+from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
 from spotrain.throughput import TaskProfile
@@ -78,26 +79,30 @@ class ControlLoop:
         seen = {i.request_id: i for i in self.provider.list_instances(self.spec.name)}
         known = {row.request_id for row in self.ledger.instances()}
         for request, instance in seen.items():
-            if request not in known and instance.state == "running":
+            if request not in known and instance.state == InstanceState.RUNNING:
                 self.ledger.record_request(self.run.id, request, instance.location.split(":", 1)[0], instance.location,
-                                           instance.price_usd_per_hour, instance.launched_at, reason="adopted")
+                                           instance.price_usd_per_hour, instance.launched_at,
+                                           reason=LaunchReason.ADOPTED)
         for row in self.ledger.instances(states=LIVE_STATES):
             instance = seen.get(row.request_id)
             if instance is None:
-                if row.state == "requested" and reissue:
+                if row.state == InstanceState.REQUESTED and reissue:
                     offer = self._offer_of(row.location, row.instance_type, row.market)
                     self._launch(row.request_id, offer, row.reason, reissue=True, location=row.location)
-                elif row.state == "requested":
-                    self.ledger.mark_ended(row.request_id, "failed", now, "never launched", self.run.id)
+                elif row.state == InstanceState.REQUESTED:
+                    self.ledger.mark_ended(row.request_id, InstanceState.FAILED, now, EndReason.NEVER_LAUNCHED,
+                                           self.run.id)
                 else:
-                    self.ledger.mark_ended(row.request_id, "terminated", now, "vanished from provider", self.run.id)
+                    self.ledger.mark_ended(row.request_id, InstanceState.TERMINATED, now, EndReason.VANISHED,
+                                           self.run.id)
                 continue
-            if row.state == "requested":
+            if row.state == InstanceState.REQUESTED:
                 self.ledger.mark_running(row.request_id, instance.instance_id, instance.launched_at)
-            if instance.state != "running":
-                self.ledger.mark_ended(row.request_id, instance.state, instance.ended_at or now,
-                                       instance.end_reason or instance.state, self.run.id)
-                self.say(f"{instance.instance_id} in {instance.location}: {instance.state} ({instance.end_reason})")
+            if instance.state != InstanceState.RUNNING:
+                reason = instance.end_reason or EndReason.ENDED_BY_PROVIDER
+                self.ledger.mark_ended(row.request_id, instance.state, instance.ended_at or now, reason, self.run.id,
+                                       instance.end_detail)
+                self.say(f"{instance.instance_id} in {instance.location}: {instance.state} ({reason})")
         return seen
 
     def observe(self, now: float) -> Observed:
@@ -107,7 +112,7 @@ class ControlLoop:
             self.statuses = self.swarm.statuses()
         except Exception as error:  # the DHT is best effort; the ledger and provider are the truth
             self.say(f"swarm read failed: {type(error).__name__}: {error}")
-        ours = {row.instance_id for row in self.ledger.instances(states=("running",))}
+        ours = {row.instance_id for row in self.ledger.instances(states=(InstanceState.RUNNING,))}
         fresh = [s for s in self.statuses.values() if s.instance_id in ours and now - s.time < STATUS_FRESH_SECONDS]
         self.ledger.record_metrics(self.run.id, now, [s.to_record() for s in fresh])
         self.max_epoch = max([self.max_epoch] + [s.epoch for s in fresh])
@@ -121,7 +126,7 @@ class ControlLoop:
         preemptions: dict[str, int] = {}
         hours: dict[str, float] = {}
         for row in run_rows:
-            if row.state == "preempted":
+            if row.state == InstanceState.PREEMPTED:
                 preemptions[row.location] = preemptions.get(row.location, 0) + 1
             if row.launched_at is not None:
                 end = row.ended_at if row.ended_at is not None else now
@@ -135,7 +140,7 @@ class ControlLoop:
             spent_usd=self.ledger.spent(self.run.id), global_epoch=self.max_epoch, preemptions=preemptions,
             launches=self.ledger.launch_count(), duty=self.duty,
             samples=float(sum(self.samples_by_instance.values())),
-            samples_per_second=sum(s.samples_per_second for s in fresh if s.state == "training"),
+            samples_per_second=sum(s.samples_per_second for s in fresh if s.state == AgentState.TRAINING),
             hours_observed=hours, failed_at=dict(self.failed_at),
         )
 
@@ -190,7 +195,7 @@ class ControlLoop:
                     continue  # the same place just said no: the next pass plans elsewhere
                 self._launch(action.request_id, action.offer, action.reason)
             elif isinstance(action, Terminate):
-                if action.reason.startswith("retired"):
+                if action.reason == EndReason.RETIRED:
                     self.say(f"retiring {action.instance_id}: {action.reason}")
                 self.provider.terminate(action.instance_id)
             elif isinstance(action, AssignDuty):
@@ -203,11 +208,11 @@ class ControlLoop:
         return next((o for o in self.offers if o.location == location and o.market == market
                      and (instance_type is None or o.instance_type == instance_type)), None)
 
-    def _launch(self, request_id: str, offer: Offer | None, reason: str, reissue: bool = False,
+    def _launch(self, request_id: str, offer: Offer | None, reason: LaunchReason, reissue: bool = False,
                 location: str = "") -> None:
         now = self.clock()
         if offer is None:
-            self.ledger.mark_ended(request_id, "failed", now, f"no offer in {location}", self.run.id)
+            self.ledger.mark_ended(request_id, InstanceState.FAILED, now, EndReason.NO_OFFER, self.run.id, location)
             return
         if not reissue:
             self.ledger.record_request(self.run.id, request_id, offer.provider, offer.location,
@@ -220,7 +225,8 @@ class ControlLoop:
                 in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
                 self.failed_at[offer.location] = (now, in_a_row)  # the planner moves on to the next offer
                 self.refused_this_tick = True
-            self.ledger.mark_ended(request_id, "failed", now, f"{type(error).__name__}: {error}", self.run.id)
+            self.ledger.mark_ended(request_id, InstanceState.FAILED, now, EndReason.LAUNCH_FAILED, self.run.id,
+                                   f"{type(error).__name__}: {error}")
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
@@ -241,7 +247,7 @@ class ControlLoop:
     def user_data(self) -> dict:
         """What a new agent needs to join: everything but secrets."""
         training = self.spec.training
-        agent_peers = [a for s in self.statuses.values() if s.state == "training" for a in s.addresses][:4]
+        agent_peers = [a for s in self.statuses.values() if s.state == AgentState.TRAINING for a in s.addresses][:4]
         return {
             "cluster": self.spec.name,
             "initial_peers": self.swarm.addresses() + agent_peers,
@@ -261,7 +267,7 @@ class ControlLoop:
         self.say(f"ending the run: {reason}")
         deadline = self.clock() + self.provider.termination_lag_seconds + self.settings.settle_timeout_seconds
         while True:
-            live = [i for i in self.provider.list_instances(self.spec.name) if i.state == "running"]
+            live = [i for i in self.provider.list_instances(self.spec.name) if i.state == InstanceState.RUNNING]
             for instance in live:
                 self.provider.terminate(instance.instance_id)
             if not live or self.clock() > deadline:
@@ -277,9 +283,9 @@ class ControlLoop:
         if now - self._last_line < 5.0:
             return
         self._last_line = now
-        running = [i for i in observed.instances if i.state == "running"]
-        draining = [i for i in running if i.agent_state == "draining"]
-        training = [s for s in self.statuses.values() if s.state == "training"]
+        running = [i for i in observed.instances if i.state == InstanceState.RUNNING]
+        draining = [i for i in running if i.agent_state == AgentState.DRAINING]
+        training = [s for s in self.statuses.values() if s.state == AgentState.TRAINING]
         rate = sum(s.samples_per_second for s in training)
         losses = [s.loss for s in training if s.loss is not None]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from spotrain.budget import BudgetGuard
+from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.policies import FleetMember, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
-
-LIVE = ("requested", "running")
 
 
 @dataclass(frozen=True)
@@ -21,8 +20,8 @@ class ObservedInstance:
     instance_id: str | None
     location: str
     price_usd_per_hour: float
-    state: str  # requested | running | preempted | terminated | failed
-    agent_state: str | None = None  # from the DHT: starting | training | draining; None = not heard from
+    state: InstanceState
+    agent_state: AgentState | None = None  # from the DHT; None = not heard from
     gpu: str | None = None
     gpu_count: int = 1
     market: str = "spot"
@@ -63,14 +62,14 @@ class Desired:
 class Launch:
     request_id: str
     offer: Offer
-    reason: str  # initial | replacement | migration
+    reason: LaunchReason  # initial | replacement | migration
 
 
 @dataclass(frozen=True)
 class Terminate:
     request_id: str
     instance_id: str
-    reason: str
+    reason: EndReason  # RETIRED or RUN_ENDED
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def request_id(cluster: str, sequence: int) -> str:
 
 
 def burn_usd_per_hour(instances: tuple[ObservedInstance, ...]) -> float:
-    return sum(i.price_usd_per_hour for i in instances if i.state in LIVE)
+    return sum(i.price_usd_per_hour for i in instances if i.state in LIVE_STATES)
 
 
 def end_reason(observed: Observed, desired: Desired, now: float) -> str | None:
@@ -112,20 +111,20 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
     reason = end_reason(observed, desired, now)
     if reason is not None:
         actions: list[Action] = [EndRun(reason)]
-        actions += [Terminate(i.request_id, i.instance_id, reason)
-                    for i in observed.instances if i.state == "running" and i.instance_id]
+        actions += [Terminate(i.request_id, i.instance_id, EndReason.RUN_ENDED)
+                    for i in observed.instances if i.state == InstanceState.RUNNING and i.instance_id]
         return actions
 
     actions: list[Action] = []
-    running = [i for i in observed.instances if i.state == "running"]
+    running = [i for i in observed.instances if i.state == InstanceState.RUNNING]
     # A draining worker is already lost: replace it now, not when the cloud reclaims it.
-    serving = [i for i in running if i.agent_state != "draining"]
-    pending = [i for i in observed.instances if i.state == "requested"]
+    serving = [i for i in running if i.agent_state != AgentState.DRAINING]
+    pending = [i for i in observed.instances if i.state == InstanceState.REQUESTED]
     ctx = placement_context(observed, desired, now, serving + pending)
     retired = set(policy.retire(ctx))
     for instance in serving:
         if instance.request_id in retired and instance.instance_id:
-            actions.append(Terminate(instance.request_id, instance.instance_id, "retired by the placement policy"))
+            actions.append(Terminate(instance.request_id, instance.instance_id, EndReason.RETIRED))
     serving = [i for i in serving if i.request_id not in retired]
     ctx = placement_context(observed, desired, now, serving + pending)
     burn = burn_usd_per_hour(observed.instances)
@@ -138,7 +137,7 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
         if offer is None:
             break
         actions.append(Launch(request_id(desired.cluster, sequence), offer,
-                              "replacement" if desired.initial_fleet_launched else "initial"))
+                              LaunchReason.REPLACEMENT if desired.initial_fleet_launched else LaunchReason.INITIAL))
         sequence += 1
         burn += offer.spot_usd_per_hour
         member = FleetMember.from_offer(request_id(desired.cluster, sequence - 1), offer)
@@ -147,7 +146,7 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
         for offer in policy.migrate(desired.offers, ctx):
             if not desired.guard.can_launch(observed.spent_usd, burn, offer.spot_usd_per_hour):
                 break
-            actions.append(Launch(request_id(desired.cluster, sequence), offer, "migration"))
+            actions.append(Launch(request_id(desired.cluster, sequence), offer, LaunchReason.MIGRATION))
             sequence += 1
             burn += offer.spot_usd_per_hour
 
@@ -163,7 +162,7 @@ def placement_context(observed: Observed, desired: Desired, now: float,
     return PlacementContext(
         now=now,
         fleet=tuple(FleetMember(i.request_id, i.location, i.price_usd_per_hour, i.gpu, i.gpu_count, i.market,
-                                training=i.state == "running" and i.agent_state == "training")
+                                training=i.state == InstanceState.RUNNING and i.agent_state == AgentState.TRAINING)
                     for i in fleet),
         preemptions=preemptions, hours_observed=observed.hours_observed, failed_at=observed.failed_at,
         workers=desired.workers, backups=desired.backups, samples_done=observed.samples,
@@ -174,7 +173,7 @@ def placement_context(observed: Observed, desired: Desired, now: float,
 
 def choose_duty_holders(serving: list[ObservedInstance], current: tuple[str, ...], replicas: int) -> tuple[str, ...]:
     """Keep holders that still serve; fill up from other locations first (distinct failure domains)."""
-    training = [i for i in serving if i.agent_state == "training" and i.instance_id]
+    training = [i for i in serving if i.agent_state == AgentState.TRAINING and i.instance_id]
     by_id = {i.instance_id: i for i in training}
     holders = [by_id[h] for h in current if h in by_id][:replicas]
     for distinct_location_only in (True, False):

@@ -15,3 +15,7 @@ class ClusterNotFound(SpotrainError):
 
 class ControllerRunning(SpotrainError):
     """Another controller process already drives this cluster."""
+
+
+class LedgerTooNew(SpotrainError):
+    """A ledger written by a newer spotrain, with a schema this code does not know."""

@@ -3,6 +3,8 @@
 Every write is one transaction, so a controller killed with SIGKILL loses nothing it had
 committed. Launch requests are written before the provider is called (write-ahead), so a
 restarted controller re-issues them with the same idempotency token instead of launching twice.
+States and reasons are stored as their enums' values; the schema and its migrations are in
+spotrain/ledger_schema.py.
 """
 
 from __future__ import annotations
@@ -14,33 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    id INTEGER PRIMARY KEY, started_at REAL NOT NULL, ended_at REAL, end_reason TEXT,
-    budget_usd REAL NOT NULL, spec TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS instances (
-    request_id TEXT PRIMARY KEY, run_id INTEGER NOT NULL, instance_id TEXT, provider TEXT NOT NULL,
-    location TEXT NOT NULL, price_usd_per_hour REAL NOT NULL, state TEXT NOT NULL,
-    requested_at REAL NOT NULL, reason TEXT NOT NULL DEFAULT 'initial', launched_at REAL, ended_at REAL, end_reason TEXT,
-    charged_until REAL, instance_type TEXT, gpu TEXT, gpu_count INTEGER NOT NULL DEFAULT 1,
-    market TEXT NOT NULL DEFAULT 'spot');
-CREATE TABLE IF NOT EXISTS spend (
-    id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, request_id TEXT NOT NULL, location TEXT NOT NULL,
-    t_start REAL NOT NULL, t_end REAL NOT NULL, usd REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY, run_id INTEGER, t REAL NOT NULL, kind TEXT NOT NULL,
-    request_id TEXT, detail TEXT NOT NULL DEFAULT '');
-CREATE TABLE IF NOT EXISTS metrics (
-    id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, t REAL NOT NULL, instance_id TEXT NOT NULL,
-    state TEXT NOT NULL, epoch INTEGER NOT NULL, samples INTEGER NOT NULL,
-    samples_per_second REAL NOT NULL, loss REAL, bytes_sent INTEGER NOT NULL,
-    bytes_received INTEGER NOT NULL, checkpoint_epoch INTEGER);
-CREATE INDEX IF NOT EXISTS metrics_run ON metrics (run_id, t);
-CREATE INDEX IF NOT EXISTS spend_run ON spend (run_id);
-"""
-
-LIVE_STATES = ("requested", "running")
+from spotrain.contracts.states import LIVE_STATES, EndReason, InstanceState, LaunchReason
+from spotrain.ledger_schema import migrate
 
 
 @dataclass(frozen=True)
@@ -51,17 +28,18 @@ class InstanceRow:
     provider: str
     location: str
     price_usd_per_hour: float
-    state: str  # requested | running | preempted | terminated | failed
+    state: InstanceState
     requested_at: float
     launched_at: float | None
     ended_at: float | None
-    end_reason: str | None
+    end_reason: EndReason | None
     charged_until: float | None
-    reason: str = "initial"
+    reason: LaunchReason = LaunchReason.INITIAL
     instance_type: str | None = None
     gpu: str | None = None
     gpu_count: int = 1
     market: str = "spot"
+    end_detail: str = ""  # the end reason's particulars: an error's message, an exit code
 
 
 @dataclass(frozen=True)
@@ -81,7 +59,7 @@ class Ledger:
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        migrate(self._db, str(path))
 
     @classmethod
     def create(cls, path: Path) -> Ledger:
@@ -149,14 +127,16 @@ class Ledger:
 
     # instances --------------------------------------------------------------------------
     def record_request(self, run_id: int, request_id: str, provider: str, location: str,
-                       price: float, now: float, reason: str = "initial", instance_type: str | None = None,
-                       gpu: str | None = None, gpu_count: int = 1, market: str = "spot") -> None:
+                       price: float, now: float, reason: LaunchReason = LaunchReason.INITIAL,
+                       instance_type: str | None = None, gpu: str | None = None, gpu_count: int = 1,
+                       market: str = "spot") -> None:
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO instances (request_id, run_id, provider, location, price_usd_per_hour,"
                 " state, requested_at, reason, instance_type, gpu, gpu_count, market)"
-                " VALUES (?, ?, ?, ?, ?, 'requested', ?, ?, ?, ?, ?, ?)",
-                (request_id, run_id, provider, location, price, now, reason, instance_type, gpu, gpu_count, market),
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (request_id, run_id, provider, location, price, InstanceState.REQUESTED, now, reason, instance_type,
+                 gpu, gpu_count, market),
             )
             db.execute("INSERT INTO events (run_id, t, kind, request_id, detail) VALUES (?, ?, 'launch', ?, ?)",
                        (run_id, now, request_id, f"{location} ({reason})"))
@@ -164,31 +144,34 @@ class Ledger:
     def mark_running(self, request_id: str, instance_id: str, launched_at: float) -> None:
         with self.transaction() as db:
             db.execute(
-                "UPDATE instances SET instance_id = ?, state = 'running', launched_at = ?,"
-                " charged_until = COALESCE(charged_until, ?) WHERE request_id = ? AND state = 'requested'",
-                (instance_id, launched_at, launched_at, request_id),
+                "UPDATE instances SET instance_id = ?, state = ?, launched_at = ?,"
+                " charged_until = COALESCE(charged_until, ?) WHERE request_id = ? AND state = ?",
+                (instance_id, InstanceState.RUNNING, launched_at, launched_at, request_id, InstanceState.REQUESTED),
             )
 
-    def mark_ended(self, request_id: str, state: str, ended_at: float, reason: str, run_id: int) -> None:
+    def mark_ended(self, request_id: str, state: InstanceState, ended_at: float, reason: EndReason, run_id: int,
+                   detail: str = "") -> None:
         with self.transaction() as db:
             changed = db.execute(
-                "UPDATE instances SET state = ?, ended_at = ?, end_reason = ? "
-                "WHERE request_id = ? AND state IN ('requested', 'running')",
-                (state, ended_at, reason, request_id),
+                "UPDATE instances SET state = ?, ended_at = ?, end_reason = ?, end_detail = ? "
+                f"WHERE request_id = ? AND state IN ({','.join('?' * len(LIVE_STATES))})",
+                (state, ended_at, reason, detail, request_id, *LIVE_STATES),
             ).rowcount
             if changed:
                 db.execute("INSERT INTO events (run_id, t, kind, request_id, detail) VALUES (?, ?, ?, ?, ?)",
-                           (run_id, ended_at, state, request_id, reason))
+                           (run_id, ended_at, state, request_id, f"{reason}: {detail}" if detail else reason))
 
-    def instances(self, states: tuple[str, ...] | None = None, run_id: int | None = None) -> list[InstanceRow]:
-        query, args = "SELECT * FROM instances WHERE 1=1", []
+    def instances(self, states: tuple[InstanceState, ...] | None = None,
+                  run_id: int | None = None) -> list[InstanceRow]:
+        query = "SELECT * FROM instances WHERE 1=1"
+        args: list[object] = []
         if states:
             query += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
         if run_id is not None:
             query += " AND run_id = ?"
             args.append(run_id)
-        return [InstanceRow(**dict(row)) for row in self._db.execute(query + " ORDER BY requested_at", args)]
+        return [_instance_row(row) for row in self._db.execute(query + " ORDER BY requested_at", args)]
 
     def launch_count(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
@@ -230,7 +213,8 @@ class Ledger:
                        (run_id, now, kind, request_id, detail))
 
     def events(self, run_id: int, kinds: tuple[str, ...] | None = None) -> list[sqlite3.Row]:
-        query, args = "SELECT * FROM events WHERE run_id = ?", [run_id]
+        query = "SELECT * FROM events WHERE run_id = ?"
+        args: list[object] = [run_id]
         if kinds:
             query += f" AND kind IN ({','.join('?' * len(kinds))})"
             args.extend(kinds)
@@ -256,3 +240,11 @@ def _run(row: sqlite3.Row) -> Run:
     data = dict(row)
     data["spec"] = json.loads(data["spec"])
     return Run(**data)
+
+
+def _instance_row(row: sqlite3.Row) -> InstanceRow:
+    data = dict(row)
+    data["state"] = InstanceState(data["state"])
+    data["reason"] = LaunchReason(data["reason"])
+    data["end_reason"] = EndReason(data["end_reason"]) if data["end_reason"] is not None else None
+    return InstanceRow(**data)

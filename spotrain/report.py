@@ -7,6 +7,7 @@ from collections import defaultdict
 from rich.console import Console
 from rich.table import Table
 
+from spotrain.contracts.states import AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.ledger import Ledger, Run
 
 
@@ -18,14 +19,15 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
     for m in metrics:
         samples_by_worker[m["instance_id"]] = max(samples_by_worker[m["instance_id"]], m["samples"])
         traffic[m["instance_id"]] = (m["bytes_sent"], m["bytes_received"])
-        if m["loss"] is not None and m["state"] == "training":
+        if m["loss"] is not None and m["state"] == AgentState.TRAINING:
             losses_by_time[m["t"]].append(m["loss"])
     samples = sum(samples_by_worker.values())
     span = (metrics[-1]["t"] - metrics[0]["t"]) if len(metrics) > 1 else 0.0
     loss_times = sorted(losses_by_time)
     spent = ledger.spent(run.id)
     instances = ledger.instances(run_id=run.id)
-    preempted = [i for i in instances if i.state == "preempted"]
+    preempted = [i for i in instances if i.state == InstanceState.PREEMPTED]
+    launched = [i for i in instances if i.state != InstanceState.FAILED]
     return {
         "cluster": cluster,
         "run": run.id,
@@ -37,10 +39,11 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "epochs": max((m["epoch"] for m in metrics), default=0),
         "samples_per_second": samples / span if span > 0 else 0.0,
         "cost_per_million_samples_usd": spent / samples * 1e6 if samples else None,
-        "workers_launched": len([i for i in instances if i.state != "failed"]),
+        "workers_launched": len(launched),
         "preemptions": len(preempted),
-        "preemptions_without_notice": len([i for i in preempted if "without notice" in (i.end_reason or "")]),
-        "replacements": len([i for i in instances if i.reason == "replacement" and i.state != "failed"]),
+        "preemptions_without_notice": len([i for i in preempted
+                                           if i.end_reason == EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE]),
+        "replacements": len([i for i in launched if i.reason == LaunchReason.REPLACEMENT]),
         "loss_first": _mean(losses_by_time[loss_times[0]]) if loss_times else None,
         "loss_last": _mean(losses_by_time[loss_times[-1]]) if loss_times else None,
         "spend_by_location": ledger.spend_by_location(run.id),

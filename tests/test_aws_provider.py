@@ -11,6 +11,7 @@ from spotrain.providers.aws import AwsProvider, client_token
 from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, PriceError, QuotaError
 
 from spotrain.config import AwsProvider as AwsConfig
+from spotrain.contracts.states import EndReason, InstanceState
 
 USER_DATA = {"cluster": "c1", "initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/Qm"], "task": "m:t"}
 
@@ -80,7 +81,7 @@ def test_preempted_and_terminated_are_told_apart(aws):
     p.terminate(ended.instance_id)  # idempotent
     p.terminate("i-0123456789abcdef0")  # unknown here: nothing happens
     states = {i.instance_id: (i.state, i.end_reason) for i in provider().list_instances("c1")}
-    assert states[lost.instance_id] == ("preempted", "spot interruption")
+    assert states[lost.instance_id] == (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION)
     assert states[ended.instance_id][0] == "terminated"
 
 

@@ -1,13 +1,17 @@
 """The control loop against a real ledger and the real local provider (tiny workloads)."""
 
 import sys
+from dataclasses import replace
 
 import pytest
+from spotrain.providers.base import CapacityError, Instance, Offer
+from spotrain.providers.local import LocalProvider
 
 from spotrain.config import ClusterSpec
+from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
-from spotrain.providers.local import LocalProvider
+from spotrain.policies.spread import SpreadCheapest
 
 WORKLOAD = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -60,3 +64,59 @@ def test_a_running_instance_unknown_to_the_ledger_is_adopted(loop, tmp_path):
     rows = {r.request_id: r for r in loop.ledger.instances()}
     assert rows["c-r00042"].state == "running" and rows["c-r00042"].reason == "adopted"
     assert len(loop.provider.list_instances("c")) == 2
+
+
+class ScriptedCloud:
+    """A provider in memory: zone-a refuses every launch, zone-b launches at once."""
+
+    name, termination_lag_seconds = "local", 0.0
+
+    def __init__(self):
+        self.instances: dict[str, Instance] = {}
+
+    def offers(self):
+        return [Offer("local", "local:zone-a", "local.cpu", None, 0.1),
+                Offer("local", "local:zone-b", "local.cpu", None, 0.2)]
+
+    def launch(self, request):
+        if request.offer.location == "local:zone-a":
+            raise CapacityError("zone-a is full")
+        instance = Instance(f"i-{request.request_id}", request.request_id, request.cluster, request.offer.location,
+                            request.offer.spot_usd_per_hour, InstanceState.RUNNING, 0.0)
+        self.instances[request.request_id] = instance
+        return instance
+
+    def list_instances(self, cluster):
+        return list(self.instances.values())
+
+    def terminate(self, instance_id):
+        for request_id, i in self.instances.items():
+            if i.instance_id == instance_id and i.state == InstanceState.RUNNING:
+                self.instances[request_id] = replace(i, state=InstanceState.TERMINATED, ended_at=1.0,
+                                                     end_reason=EndReason.TERMINATED_BY_REQUEST)
+
+
+class RetiresWorkersInZoneB(SpreadCheapest):
+    def retire(self, ctx):
+        return [m.request_id for m in ctx.fleet if m.location == "local:zone-b"]
+
+
+def test_refusals_and_retirements_are_typed_and_told(tmp_path):
+    spec = ClusterSpec.model_validate({"name": "c", "budget": {"total_usd": 5.0},
+                                       "placement": {"workers": 1, "backups": 0}})
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    said: list[str] = []
+    run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=0.0)
+    loop = ControlLoop(spec, ledger, run, ScriptedCloud(), QuietSwarm(), LoopSettings(), say=said.append,
+                       clock=lambda: 0.0, policy=RetiresWorkersInZoneB())
+    loop.tick()  # zone-a refuses c-r00000; c-r00001 runs in zone-b
+    loop.tick()  # the policy retires it
+    rows = {r.request_id: r for r in ledger.instances()}
+    refused = rows["c-r00000"]
+    assert (refused.state, refused.end_reason) == (InstanceState.FAILED, EndReason.LAUNCH_FAILED)
+    assert refused.end_detail == "CapacityError: zone-a is full"
+    assert "retiring i-c-r00001: retired by the placement policy" in said
+    loop.tick()
+    retired = {r.request_id: r for r in ledger.instances()}["c-r00001"]
+    assert (retired.state, retired.end_reason) == (InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST)
+    ledger.close()

@@ -3,6 +3,7 @@
 from spotrain.providers.base import Offer
 
 from spotrain.budget import BudgetGuard
+from spotrain.contracts.states import EndReason
 from spotrain.controller import (
     AssignDuty,
     Desired,
@@ -93,7 +94,19 @@ def test_end_conditions_terminate_everything():
         actions = run(obs, des, now)
         assert actions[0] == EndRun(reason)
         assert {a.instance_id for a in actions[1:] if isinstance(a, Terminate)} == {"i-0", "i-1"}
+        assert {a.reason for a in actions[1:] if isinstance(a, Terminate)} == {EndReason.RUN_ENDED}
         assert not [a for a in actions if isinstance(a, Launch)]
+
+
+class _RetiresZoneA(SpreadCheapest):
+    def retire(self, ctx):
+        return [m.request_id for m in ctx.fleet if m.location == "local:zone-a"]
+
+
+def test_a_retired_worker_is_terminated_for_that_reason():
+    fleet = [inst(0, "local:zone-a"), inst(1, "local:zone-b")]
+    actions = reconcile(observed(*fleet), desired(workers=2, backups=0), 0.0, _RetiresZoneA())
+    assert [a for a in actions if isinstance(a, Terminate)] == [Terminate("c-r00000", "i-0", EndReason.RETIRED)]
 
 
 def test_no_launch_the_money_left_cannot_pay():

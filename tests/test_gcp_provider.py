@@ -12,6 +12,7 @@ from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, Quo
 from spotrain.providers.gcp import GcpProvider, instance_name, request_uuid
 
 from spotrain.config import GcpProvider as GcpConfig
+from spotrain.contracts.states import EndReason, InstanceState
 
 USER_DATA = {"cluster": "c2", "initial_peers": [], "task": "m:t"}
 
@@ -91,7 +92,7 @@ def test_preemption_is_seen_before_and_after_the_vm_is_deleted(gce):
         time.sleep(0.1)
     assert lost.instance_id not in gce.state.instances["us-central1-a"]  # termination action DELETE
     states = {i.instance_id: (i.state, i.end_reason) for i in p.list_instances("c2")}
-    assert states[lost.instance_id] == ("preempted", "spot preemption")
+    assert states[lost.instance_id] == (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION)
 
 
 def test_terminate_is_idempotent_and_leaves_nothing_running(gce):

@@ -12,6 +12,7 @@ from spotrain.providers.local import LocalProvider
 
 from spotrain.config import LocalLocation
 from spotrain.config import LocalProvider as LocalConfig
+from spotrain.contracts.states import EndReason, InstanceState
 
 WATCHER = """
 import os, sys, time
@@ -61,7 +62,7 @@ def test_trace_preemption_posts_a_notice_then_the_vm_ends(tmp_path):
     work = tmp_path / "vms" / instance.instance_id / "work"
     wait_for(lambda: (work / "notice").exists())
     ended = wait_for(lambda: (i := state_of(p, instance.instance_id)).state != "running" and i)
-    assert ended.state == "preempted" and ended.end_reason == "spot preemption"
+    assert ended.state == InstanceState.PREEMPTED and ended.end_reason == EndReason.SPOT_PREEMPTION
     vm = json.loads((tmp_path / "vms" / instance.instance_id / "vm.json").read_text())
     assert ended.ended_at >= vm["preempt_at"] - 0.5  # the VM lives until the cloud reclaims it
     wait_for(lambda: processes_under(tmp_path / "vms" / instance.instance_id) == [])
@@ -73,7 +74,7 @@ def test_unannounced_preemption_kills_the_workload_without_notice(tmp_path):
     work = tmp_path / "vms" / instance.instance_id / "work"
     pid = int(wait_for(lambda: (work / "started").exists() and (work / "started").read_text()))
     ended = wait_for(lambda: (i := state_of(p, instance.instance_id)).state != "running" and i)
-    assert ended.state == "preempted" and "without notice" in ended.end_reason
+    assert ended.state == InstanceState.PREEMPTED and ended.end_reason == EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE
     assert not (work / "notice").exists()
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
 
@@ -87,7 +88,7 @@ def test_terminate_drains_then_ends(tmp_path):
     p.terminate(instance.instance_id)  # idempotent
     wait_for(lambda: (work / "notice").exists())
     ended = wait_for(lambda: (i := state_of(p, instance.instance_id)).state != "running" and i)
-    assert ended.state == "terminated" and ended.end_reason == "terminated by request"
+    assert ended.state == InstanceState.TERMINATED and ended.end_reason == EndReason.TERMINATED_BY_REQUEST
     assert ended.ended_at - ended.launched_at < 10  # it drained early; no need to wait out the window
     wait_for(lambda: processes_under(tmp_path / "vms" / instance.instance_id) == [])
 
@@ -98,7 +99,8 @@ def test_a_crashing_workload_is_restarted_then_the_vm_gives_up(tmp_path):
     p = provider(tmp_path, [sys.executable, "-c", crash])
     instance = p.launch(request(2))
     ended = wait_for(lambda: (i := state_of(p, instance.instance_id)).state != "running" and i, timeout=60)
-    assert ended.state == "terminated" and ended.end_reason == "agent failed (exit 3)"
+    assert ended.state == InstanceState.TERMINATED and ended.end_reason == EndReason.AGENT_FAILED
+    assert ended.end_detail == "exit 3"
     assert (tmp_path / "vms" / instance.instance_id / "work" / "runs").read_text() == "xxxx"  # 1 + 3 restarts
 
 
@@ -110,7 +112,7 @@ def test_a_killed_supervisor_shows_as_lost(tmp_path):
     state = json.loads((tmp_path / "vms" / instance.instance_id / "state.json").read_text())
     os.kill(state["pid"], 9)
     ended = wait_for(lambda: (i := state_of(p, instance.instance_id)).state != "running" and i)
-    assert ended.end_reason == "vm lost"
+    assert ended.end_reason == EndReason.VM_LOST
     # with its metadata service gone, the workload fails its next poll and ends
     wait_for(lambda: not Path(f"/proc/{workload_pid}/cmdline").exists()
              or Path(f"/proc/{workload_pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z")

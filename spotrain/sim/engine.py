@@ -7,10 +7,13 @@ import json
 from dataclasses import asdict, dataclass
 
 from spotrain.config import ClusterSpec
+from spotrain.contracts.states import InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
 from spotrain.policies import get_policy
-from spotrain.sim.market import SimClock, SimProvider, SimSwarm
+from spotrain.sim.clock import SimClock
+from spotrain.sim.provider import SimProvider
+from spotrain.sim.swarm import SimSwarm
 from spotrain.sim.traces import LocationTrace
 from spotrain.throughput import TaskProfile, Worker, estimate
 
@@ -91,7 +94,7 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
     if not loop.ended.is_set():
         loop.finish("trace ended")
     spent = ledger.spent(run.id)
-    preemptions = len(ledger.instances(states=("preempted",), run_id=run.id))
+    preemptions = len(ledger.instances(states=(InstanceState.PREEMPTED,), run_id=run.id))
     ledger.close()
     end = finished_at if finished_at is not None else clock.now()
     finished = finished_at is not None

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spotrain.market import Location
-from spotrain.sim.market import catalog_prices
+from spotrain.sim.provider import catalog_prices
 from spotrain.sim.traces import LocationTrace
 from spotrain.throughput import TaskProfile, Worker, estimate
 
