@@ -17,14 +17,8 @@ import struct
 import numpy as np
 import torch
 from spotrain.kernels import native
-from spotrain.kernels.blockwise import (
-    Quantized,
-    check_quantize_arguments,
-    code_bytes,
-    dequantize,
-    num_blocks,
-    quantize,
-)
+from spotrain.kernels.blockwise import check_quantize_arguments, dequantize, quantize
+from spotrain.kernels.format import Quantized, code_bytes, num_blocks
 
 MAGIC = b"SPTC"
 WIRE_VERSION = 1
