@@ -217,9 +217,6 @@ def install_codecs() -> None:
             table[key] = CountingCodec(codec, traffic)
 
 
-install_byte_counters = install_codecs  # the name the foundation used
-
-
 def codec_table_fingerprint(gradients: str, state: str) -> str:
     """What two peers must share to average together: wire format, codec table, chosen codecs.
 

@@ -145,6 +145,3 @@ class LocalProvider:
             except ProcessLookupError:
                 pass
 
-
-def make_provider(config, root: Path) -> LocalProvider:
-    return LocalProvider(config, root)

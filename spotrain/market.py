@@ -58,9 +58,6 @@ class Location:
         prefix = region.split("-")[0]
         return _CONTINENT_PREFIXES.get(prefix, prefix)
 
-    def failure_domains(self) -> tuple[str, str, str]:
-        return (self.provider, f"{self.provider}:{self.region}", str(self))
-
 
 @dataclass(frozen=True)
 class CatalogRow:
