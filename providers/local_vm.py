@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from spotrain.providers.imds import MetadataServer, MetadataState
+from spotrain.providers.imds_server import MetadataServer, MetadataState
 
 POLL_SECONDS = 0.2
 MAX_AGENT_RESTARTS = 3
