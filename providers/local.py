@@ -50,6 +50,9 @@ class LocalProvider:
         # notice window, then the supervisor's poll and exit
         self.termination_lag_seconds = config.notice_seconds + 3.0
 
+    def check_credentials(self) -> None:
+        """Nothing to check: the local cloud is this machine."""
+
     def offers(self) -> list[Offer]:
         return [
             Offer(NAME, f"{NAME}:{zone}", "local.cpu", None, location.price_usd_per_hour)

@@ -20,6 +20,7 @@ from spotrain.errors import ControllerRunning, SpotrainError
 from spotrain.home import cluster_dir, existing_cluster, ledger_path
 from spotrain.ledger import Ledger
 from spotrain.provider_factory import make_provider
+from spotrain.swarm import NoSwarm
 
 
 @contextmanager
@@ -153,7 +154,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
                 return name
             spec = ClusterSpec.model_validate(run.spec)
             provider = make_provider(spec)
-            loop = ControlLoop(spec, ledger, run, provider, swarm=None, settings=LoopSettings(), say=say)
+            loop = ControlLoop(spec, ledger, run, provider, NoSwarm(), LoopSettings(), say=say)
             if run.ended_at is None or any(i.state == "running" for i in provider.list_instances(name)):
                 loop.finish("down")
             left = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]

@@ -26,7 +26,17 @@ from spotrain.controller import (
 )
 from spotrain.ledger import LIVE_STATES, Ledger, Run
 from spotrain.planner import PlacementPolicy, get_policy
-from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
+from spotrain.providers.base import (
+    CapacityError,
+    Instance,
+    LaunchRequest,
+    Offer,
+    PriceError,
+    Provider,
+    ProviderError,
+    QuotaError,
+)
+from spotrain.swarm import Swarm
 from spotrain.throughput import TaskProfile
 from spotrain.swarm_records import AgentStatus
 
@@ -45,8 +55,8 @@ class LoopSettings:
 
 
 class ControlLoop:
-    def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider, swarm, settings: LoopSettings,
-                 say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
+    def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider: Provider, swarm: Swarm,
+                 settings: LoopSettings, say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
                  policy: PlacementPolicy | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
         self.settings, self.say, self.clock = settings, say, clock
