@@ -15,7 +15,6 @@ from collections.abc import Set as AbstractSet
 from datetime import datetime, timezone
 from typing import Any
 
-from spotrain.providers import faults
 from spotrain.providers.base import (
     AuthError,
     CapacityError,
@@ -173,7 +172,6 @@ class AwsProvider:
             response = ec2.run_instances(**self._run_arguments(request, zone, group))
         except sdk_errors() as error:
             raise typed_error(error, f"launch in {zone}") from None
-        faults.after_launch_call(request.request_id)
         return self._instance(region, response["Instances"][0])
 
     def _run_arguments(self, request: LaunchRequest, zone: str, group: str) -> dict:

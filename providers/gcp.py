@@ -20,7 +20,6 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from spotrain.providers import faults
 from spotrain.providers.base import (
     AuthError,
     CapacityError,
@@ -199,7 +198,6 @@ class GcpProvider:
                 if getattr(error, "code", None) != 409:  # already exists: a re-issue after a lost response
                     raise
                 operation = None
-            faults.after_launch_call(request.request_id)
             if operation is not None:
                 failed = operation_error(self._wait(zone, operation), f"launch in {zone}")
                 if failed is not None:
