@@ -7,7 +7,7 @@ matches error strings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class ProviderError(Exception):
@@ -47,7 +47,7 @@ class LaunchRequest:
     request_id: str  # the idempotency token: the same id never makes two instances
     cluster: str
     offer: Offer
-    user_data: dict
+    user_data: dict[str, Any]
 
 
 @dataclass(frozen=True)

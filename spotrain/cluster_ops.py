@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 from spotrain.config import ClusterSpec
 from spotrain.control_loop import ControlLoop, LoopSettings
@@ -94,7 +95,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         end_key = f"run-{run.id}-end-at"
         if duration is not None:
             ledger.set_meta(end_key, now + duration)
-        end_at = ledger.meta(end_key)  # a restarted controller keeps the first one's deadline
+        end_at = cast("float | None", ledger.meta(end_key))  # a restarted controller keeps the first one's deadline
         running = [i for i in provider.list_instances(spec.name) if i.state == "running"]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
@@ -176,8 +177,8 @@ def status(name: str | None) -> dict:
             raise SpotrainError(f"cluster {name!r} has no run")
         report = build_report(ledger, run, name)
         latest: dict[str, dict] = {}
-        for m in ledger.metrics(run.id):
-            latest[m["instance_id"]] = dict(m)
+        for metric in ledger.metrics(run.id):
+            latest[metric["instance_id"]] = dict(metric)
         workers = []
         for row in ledger.instances(states=("requested", "running"), run_id=run.id):
             m = latest.get(row.instance_id or "", {})

@@ -89,10 +89,10 @@ class ControlLoop:
         (the controller died between the two), or, when ending, marked failed."""
         seen = {i.request_id: i for i in self.provider.list_instances(self.spec.name)}
         known = {row.request_id for row in self.ledger.instances()}
-        for request, instance in seen.items():
-            if request not in known and instance.state == "running":
-                self.ledger.record_request(self.run.id, request, instance.location.split(":", 1)[0], instance.location,
-                                           instance.price_usd_per_hour, instance.launched_at, reason="adopted")
+        for request, found in seen.items():
+            if request not in known and found.state == "running":
+                self.ledger.record_request(self.run.id, request, found.location.split(":", 1)[0], found.location,
+                                           found.price_usd_per_hour, found.launched_at, reason="adopted")
         for row in self.ledger.instances(states=LIVE_STATES):
             instance = seen.get(row.request_id)
             if instance is None:

@@ -116,7 +116,7 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
                     for i in observed.instances if i.state == "running" and i.instance_id]
         return actions
 
-    actions: list[Action] = []
+    actions = []
     running = [i for i in observed.instances if i.state == "running"]
     # A draining worker is already lost: replace it now, not when the cloud reclaims it.
     serving = [i for i in running if i.agent_state != "draining"]

@@ -181,7 +181,8 @@ class Ledger:
                            (run_id, ended_at, state, request_id, reason))
 
     def instances(self, states: tuple[str, ...] | None = None, run_id: int | None = None) -> list[InstanceRow]:
-        query, args = "SELECT * FROM instances WHERE 1=1", []
+        query = "SELECT * FROM instances WHERE 1=1"
+        args: list[object] = []
         if states:
             query += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
@@ -230,7 +231,8 @@ class Ledger:
                        (run_id, now, kind, request_id, detail))
 
     def events(self, run_id: int, kinds: tuple[str, ...] | None = None) -> list[sqlite3.Row]:
-        query, args = "SELECT * FROM events WHERE run_id = ?", [run_id]
+        query = "SELECT * FROM events WHERE run_id = ?"
+        args: list[object] = [run_id]
         if kinds:
             query += f" AND kind IN ({','.join('?' * len(kinds))})"
             args.extend(kinds)

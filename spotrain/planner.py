@@ -291,7 +291,8 @@ class CostPerSamplePlanner:
         return min(candidates, key=lambda fleet: (-len(fleet), self.fleet_score(fleet, ctx)[0]))
 
     def _greedy(self, pool: list[FleetMember], size: int, ctx: PlacementContext) -> list[FleetMember]:
-        pool, chosen = list(pool), []
+        pool = list(pool)
+        chosen: list[FleetMember] = []
         while pool and len(chosen) < size:
             best = min(pool, key=lambda m: self.fleet_score(chosen + [m], ctx)[0])  # newest wins ties
             chosen.append(best)
