@@ -176,7 +176,8 @@ def _table(figures: dict) -> str:
                      f"{ratio['fraction_of_copy_into_preallocated']:>10.2f}"
                      f"{'-' if ratio['error_vs_uniform8'] is None else format(ratio['error_vs_uniform8'], '.2f'):>18}")
     lines.append("")
-    lines += [f"{name:<40}{fraction:.2f} of copy_" for name, fraction in figures["kernels_alone_fraction_of_copy"].items()]
+    lines += [f"{name:<40}{fraction:.2f} of copy_"
+              for name, fraction in figures["kernels_alone_fraction_of_copy"].items()]
     return "\n".join(lines)
 
 

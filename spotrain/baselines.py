@@ -10,7 +10,7 @@ compares them on the same traces with the same controller, clock and budget code
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from spotrain.market import Location
 from spotrain.planner import RESTART_HOURS, PlacementContext, SteadyPolicy

@@ -75,7 +75,7 @@ class CatalogRow:
 def catalog() -> tuple[CatalogRow, ...]:
     rows = []
     text = (resources.files("spotrain") / "data" / "catalog.csv").read_text()
-    for line in csv.reader(l for l in text.splitlines() if l and not l.startswith("#")):
+    for line in csv.reader(row for row in text.splitlines() if row and not row.startswith("#")):
         provider, region, zones, itype, gpu, count, on_demand, spot = line
         rows.append(CatalogRow(provider, region, tuple(zones.split()), itype, gpu or None, int(count),
                                float(on_demand), float(spot)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
 
 from spotrain.market import Location, egress_usd_per_gb
 

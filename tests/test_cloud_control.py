@@ -74,8 +74,8 @@ def test_user_data_refuses_credentials_and_carries_the_agent_config():
 
 def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_path):
     s = ClusterSpec.model_validate({"name": "cc", "budget": {"total_usd": 1}, "providers": {
-        "local": {"time_compression": 0.001, "notice_seconds": 1}, "gcp": {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": gce.url,
-                                                      "machine_types": ["n1-standard-4"]}}})
+        "local": {"time_compression": 0.001, "notice_seconds": 1},
+        "gcp": {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": gce.url, "machine_types": ["n1-standard-4"]}}})
     local = LocalProvider(s.providers.local, tmp_path / "cloud", workload=WORKLOAD)
     multi = MultiProvider([local, GcpProvider(s.providers.gcp)])
     assert multi.termination_lag_seconds == max(local.termination_lag_seconds, 90.0)

@@ -80,7 +80,8 @@ def test_the_worker_side_imports_only_the_contracts_of_the_control_plane():
 
 
 def test_no_import_cycle():
-    graph = {module: {name for name in names if name in IMPORTS and name != module} for module, names in IMPORTS.items()}
+    graph = {module: {name for name in names if name in IMPORTS and name != module}
+             for module, names in IMPORTS.items()}
     found = sorted(" <-> ".join(sorted(cycle)) for cycle in cycles(graph))
     assert not found, "import cycles between:\n" + "\n".join(found)
 
