@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from spotrain.agents.memory import keep_freed_memory
 from spotrain.kernels import native
 
@@ -52,6 +53,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from hivemind.compression import CompressionInfo, Float16Compression, Uniform8BitQuantization
+
     from spotrain.kernels.blockwise import dequantize, quantize
     from spotrain.kernels.codecs import BlockwiseCodec
     from spotrain.kernels.table import BLOCK_SIZES

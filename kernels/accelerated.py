@@ -11,6 +11,7 @@ from functools import lru_cache
 from types import ModuleType
 
 import torch
+
 from spotrain.kernels.format import Quantized
 
 

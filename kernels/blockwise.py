@@ -18,6 +18,7 @@ and the count is reported, so the caller can log it and skip the step.
 from __future__ import annotations
 
 import torch
+
 from spotrain.kernels import native
 from spotrain.kernels.format import BITS, QMAX, Quantized, code_bytes, num_blocks
 

@@ -34,6 +34,7 @@ from hivemind.compression import (
     serialization,
 )
 from hivemind.proto import runtime_pb2
+
 from spotrain.kernels import native, wire
 from spotrain.kernels.table import (
     BLOCK_SIZES,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from spotrain.kernels.format import QMAX, Quantized, code_bytes, num_blocks
 
 

@@ -16,6 +16,7 @@ import struct
 
 import numpy as np
 import torch
+
 from spotrain.kernels import native
 from spotrain.kernels.blockwise import check_quantize_arguments, dequantize, quantize
 from spotrain.kernels.format import Quantized, code_bytes, num_blocks

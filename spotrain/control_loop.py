@@ -37,8 +37,8 @@ from spotrain.providers.base import (
     QuotaError,
 )
 from spotrain.swarm import Swarm
-from spotrain.throughput import TaskProfile
 from spotrain.swarm_records import AgentStatus
+from spotrain.throughput import TaskProfile
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10

@@ -13,9 +13,9 @@ drops the workers they replace only once the newcomers train, so a move never st
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
-from collections.abc import Mapping, Sequence
 
 from spotrain.market import Location
 from spotrain.providers.base import Offer

@@ -8,9 +8,9 @@ them (`training.throughput`), and agents' reported samples/s correct them at run
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from collections.abc import Sequence
 
 from spotrain.market import Location, egress_usd_per_gb
 

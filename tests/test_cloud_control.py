@@ -7,17 +7,17 @@ import json
 import pytest
 import yaml
 from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
-from spotrain.providers.base import LaunchRequest
-from spotrain.providers.bootstrap import render_cloud_init
-from spotrain.providers.gcp import GcpProvider
-from spotrain.providers.local import LocalProvider
-from spotrain.providers.multi import MultiProvider
 from test_control_loop import WORKLOAD, QuietSwarm
 
 from spotrain.config import ClusterSpec
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
 from spotrain.provider_factory import make_provider
+from spotrain.providers.base import LaunchRequest
+from spotrain.providers.bootstrap import render_cloud_init
+from spotrain.providers.gcp import GcpProvider
+from spotrain.providers.local import LocalProvider
+from spotrain.providers.multi import MultiProvider
 
 
 def spec(server, **placement) -> ClusterSpec:

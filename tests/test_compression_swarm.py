@@ -10,9 +10,9 @@ import pytest
 import torch
 from averaging_peer import peer_tensors
 from conftest import wait_for
+
 from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH
 from spotrain.kernels.table import nominal_ratio
-
 from spotrain.swarm_view import SwarmView
 
 HERE = Path(__file__).resolve().parent

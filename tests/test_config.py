@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 from conftest import ROOT, run_cli
+from pydantic import ValidationError
 
 from spotrain.config import load_spec
 from spotrain.errors import SpecError

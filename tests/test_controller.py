@@ -1,7 +1,5 @@
 """reconcile() is pure: plain values in, actions out."""
 
-from spotrain.providers.base import Offer
-
 from spotrain.budget import BudgetGuard
 from spotrain.controller import (
     AssignDuty,
@@ -14,6 +12,7 @@ from spotrain.controller import (
     reconcile,
 )
 from spotrain.planner import SpreadCheapest
+from spotrain.providers.base import Offer
 
 A = Offer("local", "local:zone-a", "local.cpu", None, 0.92)
 B = Offer("local", "local:zone-b", "local.cpu", None, 0.19)

@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from spotrain.agents.daemon import Agent
 from spotrain.agents.metadata_watch import (
     GceMetadataClient,

@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from spotrain.agents.metadata_watch import ImdsV2Client, NoticeWatcher
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 

@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 from conftest import processes_under, wait_for
-from spotrain.providers.base import LaunchRequest, Offer
-from spotrain.providers.local import LocalProvider
 
 from spotrain.config import LocalLocation
 from spotrain.config import LocalProvider as LocalConfig
+from spotrain.providers.base import LaunchRequest, Offer
+from spotrain.providers.local import LocalProvider
 
 WATCHER = """
 import os, sys, time
