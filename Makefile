@@ -1,11 +1,16 @@
 # make demo: a local spot cluster on this machine, end to end, then its report.
-# make test: the full test suite. Both create .venv when it is missing.
+# make test: lint, then the full test suite. Both create .venv when it is missing.
+# make lint: ruff, and mypy over the installed package's layout (see TYPECHECK_TREE).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_HOME := $(CURDIR)/.demo
+# mypy cannot follow the editable install's import hook, so it reads the package through links laid
+# out as pyproject's package-dir installs it (agents/ as spotrain/agents, ...).
+TYPECHECK_TREE := build/typecheck
+MAPPED_DIRS := agents kernels providers infra
 
-.PHONY: venv demo test test-slow clean
+.PHONY: venv demo lint test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,7 +27,15 @@ demo: venv
 	SPOTRAIN_HOME=$(DEMO_HOME) $(VENV)/bin/spotrain launch examples/local.yaml --duration 150
 	SPOTRAIN_HOME=$(DEMO_HOME) $(PY) examples/check_demo.py
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/spotrain
+	ln -s $(CURDIR)/spotrain/* $(TYPECHECK_TREE)/spotrain/
+	for dir in $(MAPPED_DIRS); do ln -s $(CURDIR)/$$dir $(TYPECHECK_TREE)/spotrain/$$dir; done
+	cd $(TYPECHECK_TREE) && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		--cache-dir $(CURDIR)/.mypy_cache -p spotrain
+
+test: lint
 	$(PY) -m pytest -q -m "not slow"
 
 test-slow: venv

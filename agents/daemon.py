@@ -21,7 +21,6 @@ from pathlib import Path
 
 from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.agents.metadata_watch import Notice, make_client, make_watcher, watcher_settings
-
 from spotrain.swarm_records import AgentStatus
 
 DRAIN_MARGIN_SECONDS = 1.5  # exit this long before the notice's termination time
@@ -118,12 +117,12 @@ class Agent:
     def run(self) -> int:
         import hivemind
         import torch
+
         from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
         from spotrain.agents.memory import keep_freed_memory
         from spotrain.agents.status import StatusPublisher
         from spotrain.kernels import SwarmOptimizer, codec_table_fingerprint, install_codecs, optimizer_options
         from spotrain.kernels.guards import gradients_finite
-
         from spotrain.task import load_task
 
         cfg = self.config

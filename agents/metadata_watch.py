@@ -127,7 +127,8 @@ class GceMetadataClient:
             time.sleep(self.backoff * (2 ** attempt))
         return None
 
-    def preempted(self, last_etag: str | None = None, wait: bool = False, timeout_sec: float = 60.0) -> tuple[bool, str]:
+    def preempted(self, last_etag: str | None = None, wait: bool = False,
+                  timeout_sec: float = 60.0) -> tuple[bool, str]:
         answer = self.get("instance/preempted", wait=wait, last_etag=last_etag, timeout_sec=timeout_sec)
         return (answer is not None and answer[0].strip().upper() == "TRUE"), (answer[1] if answer else "")
 

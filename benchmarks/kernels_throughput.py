@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import torch
+
 from spotrain.agents.memory import keep_freed_memory
 from spotrain.kernels import native
 
@@ -52,6 +53,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
 
     from hivemind.compression import CompressionInfo, Float16Compression, Uniform8BitQuantization
+
     from spotrain.kernels.blockwise import dequantize, quantize
     from spotrain.kernels.codecs import BlockwiseCodec
     from spotrain.kernels.table import BLOCK_SIZES
@@ -176,7 +178,8 @@ def _table(figures: dict) -> str:
                      f"{ratio['fraction_of_copy_into_preallocated']:>10.2f}"
                      f"{'-' if ratio['error_vs_uniform8'] is None else format(ratio['error_vs_uniform8'], '.2f'):>18}")
     lines.append("")
-    lines += [f"{name:<40}{fraction:.2f} of copy_" for name, fraction in figures["kernels_alone_fraction_of_copy"].items()]
+    lines += [f"{name:<40}{fraction:.2f} of copy_"
+              for name, fraction in figures["kernels_alone_fraction_of_copy"].items()]
     return "\n".join(lines)
 
 

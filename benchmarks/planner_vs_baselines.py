@@ -177,7 +177,8 @@ def run_set(entry: dict, tick: float, offset_hours: float = 0.0) -> dict | None:
 def planning_time(offers_wanted: int = 10_000, workers: int = 8, repeats: int = 5) -> dict:
     base = [o for o in catalog_offers("spot") if o.gpu]
     rng = random.Random(0)
-    offers = [Offer(o.provider, o.location, f"{o.instance_type}-{i}", o.gpu, o.spot_usd_per_hour * rng.uniform(0.5, 1.5))
+    offers = [Offer(o.provider, o.location, f"{o.instance_type}-{i}", o.gpu,
+                    o.spot_usd_per_hour * rng.uniform(0.5, 1.5))
               for i in range(offers_wanted // len(base) + 1) for o in base][:offers_wanted]
     policy = get_policy("spotrain")
     spec = spec_for(workers)

@@ -124,7 +124,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
         for index, host in enumerate(wan.hosts):
             argv = [sys.executable, str(WORKER), "--mode", mode, "--index", str(index), "--world", str(args.agents),
                     "--host", host.address, "--peers", f"{work}/peers", "--out", f"{work}/out{index}.json",
-                    "--gradients", gradients, "--state", state, "--task", args.task, "--target-batch", str(args.target_batch),
+                    "--gradients", gradients, "--state", state, "--task", args.task,
+                    "--target-batch", str(args.target_batch),
                     "--batch", str(args.batch), "--warmup", str(args.warmup), "--epochs", str(args.epochs),
                     "--tuning", args.tuning]
             if args.no_delayed_updates:
@@ -193,7 +194,8 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
                    compute_cpu_vs_alone=point["compute_cpu_ms_per_sample"] / min(alone_cpu)
                    if alone_cpu and "compute_cpu_ms_per_sample" in point else None)
         rows.append(row)
-    return {"benchmark": "wan_scaling", "task": args.task, "delayed_updates": not args.no_delayed_updates, "agents": args.agents, "target_batch_size": args.target_batch,
+    return {"benchmark": "wan_scaling", "task": args.task, "delayed_updates": not args.no_delayed_updates,
+            "agents": args.agents, "target_batch_size": args.target_batch,
             "batch_size": args.batch, "warmup_epochs": args.warmup, "epochs": args.epochs,
             "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits,
             # hivemind's foreground averaging costs seconds per epoch: its ratio depends on this
@@ -219,7 +221,8 @@ def _name(point: dict) -> str:
 def _progress(point: dict) -> None:
     """One line per measured point on stderr, --json too: a full run takes the better part of an hour."""
     rate = "-" if point["rate_mbit"] is None else f"{point['rate_mbit']:g} Mbit/s"
-    value = point.get("error", "").splitlines()[0] if "error" in point else f"{point['samples_per_second']:.1f} samples/s"
+    value = (point.get("error", "").splitlines()[0] if "error" in point
+             else f"{point['samples_per_second']:.1f} samples/s")
     print(f"  measured {_name(point)} @ {rate}: {value}", file=sys.stderr, flush=True)
 
 
@@ -234,7 +237,8 @@ def _table(figures: dict) -> str:
               f"{'preempt/s':>10}")
     limit = _fmt(figures["compute_limit_samples_per_second"], "{:.1f}")
     measured = ", ".join(f"{value:.1f}" for value in figures["compute_limit_measurements"])
-    title = (f"wan_scaling: {figures['task']}, {figures['agents']} agents, target batch {figures['target_batch_size']}, "
+    title = (f"wan_scaling: {figures['task']}, {figures['agents']} agents, "
+             f"target batch {figures['target_batch_size']}, "
              f"{figures['epochs']} epochs measured after {figures['warmup_epochs']}")
     alone = figures["alone_points"]
     lines = [title,
@@ -257,7 +261,8 @@ def _table(figures: dict) -> str:
                      f"{_fmt(row['vs_ddp'], '{:.1f}'):>8}{_fmt(row['eval_loss'], '{:.3f}'):>8}"
                      f"{_fmt(row['loss_vs_uncompressed'], '{:.3f}'):>10}"
                      f"{_fmt(row.get('mb_sent_per_agent_epoch'), '{:.2f}'):>9}"
-                     f"{_fmt(row.get('trainer_cpu_share'), '{:.2f}'):>10}{_fmt(row.get('background_cpu_share'), '{:.2f}'):>8}"
+                     f"{_fmt(row.get('trainer_cpu_share'), '{:.2f}'):>10}"
+                     f"{_fmt(row.get('background_cpu_share'), '{:.2f}'):>8}"
                      f"{_fmt(row.get('compute_cpu_vs_alone'), '{:.3f}'):>11}"
                      f"{_fmt(row.get('trainer_preemptions_per_second'), '{:.1f}'):>10}")
     return "\n".join(lines)

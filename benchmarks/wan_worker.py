@@ -207,6 +207,7 @@ def _wait_for_peers(path: str, timeout: float = 120.0) -> list[str]:
 def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     import hivemind
     from hivemind.compression import Float16Compression
+
     from spotrain.kernels import SwarmOptimizer, install_codecs, optimizer_options, traffic
 
     install_codecs()  # also counts bytes for the hivemind baseline

@@ -10,16 +10,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "Quantized": "blockwise", "quantize": "blockwise", "dequantize": "blockwise",
+    "Quantized": "format", "quantize": "blockwise", "dequantize": "blockwise",
     "BlockwiseCodec": "codecs", "codec_table_fingerprint": "codecs", "get_codec": "codecs",
-    "install_byte_counters": "codecs", "install_codecs": "codecs", "traffic": "codecs",
-    "optimizer_options": "swarm_options", "SwarmOptimizer": "paced_progress",
+    "install_codecs": "codecs", "traffic": "codecs",
+    "optimizer_options": "optimizer_arguments", "SwarmOptimizer": "paced_progress",
     "nominal_ratio": "table", "validate_codec_name": "table",
     "CodecMismatchError": "wire", "CorruptPayloadError": "wire",
 }
 __all__ = [
-    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "SwarmOptimizer", "codec_table_fingerprint",
-    "dequantize", "get_codec", "install_byte_counters", "install_codecs", "nominal_ratio", "optimizer_options",
+    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "SwarmOptimizer",
+    "codec_table_fingerprint", "dequantize", "get_codec", "install_codecs", "nominal_ratio", "optimizer_options",
     "quantize", "traffic", "validate_codec_name",
 ]
 

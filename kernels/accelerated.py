@@ -11,7 +11,8 @@ from functools import lru_cache
 from types import ModuleType
 
 import torch
-from spotrain.kernels.blockwise import Quantized
+
+from spotrain.kernels.format import Quantized
 
 
 @lru_cache(maxsize=1)

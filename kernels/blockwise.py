@@ -1,13 +1,9 @@
-"""Blockwise absmax quantization to 8 or 4 bits: the format, the dispatch, and the torch reference.
+"""Blockwise absmax quantization to 8 or 4 bits: the dispatch and the torch reference.
 
 `quantize` / `dequantize` hand CUDA tensors to the Triton path (`accelerated.py`) and CPU
 float32 tensors to the fused C path (`native.py`); everything else, and everything where those
-are missing, runs the vectorized torch reference below (`reference_quantize` forces it).
-
-A flat tensor is cut into blocks of `block_size` values; each block is stored as its absolute
-maximum (fp32) and one signed code per value, round(x / absmax * qmax) with qmax 127 (8 bits,
-one int8 per value) or 7 (4 bits, two values per byte, low nibble first). The last block may be
-short: nothing is padded, so a 192-value bias costs 192 bytes, not a whole block.
+are missing, runs the vectorized torch reference below (`reference_quantize` forces it). The
+format all paths share is in `format.py`.
 
 The reference works in chunks of whole blocks that fit in the L2 cache, so every pass after the first
 read of a chunk hits the cache instead of memory; this, not clever arithmetic, is what makes
@@ -21,36 +17,14 @@ and the count is reported, so the caller can log it and skip the step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from spotrain.kernels import native
 
-BITS = (8, 4)
-QMAX = {8: 127, 4: 7}
+from spotrain.kernels import native
+from spotrain.kernels.format import BITS, QMAX, Quantized, code_bytes, num_blocks
+
 CHUNK_VALUES = 1 << 18  # values per cache-resident chunk (1 MiB of fp32)
 _MAGIC = 12582912.0  # 1.5 * 2**23
 _MAGIC_TENSOR = torch.tensor(_MAGIC)
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """Codes and per-block absmax of one flat tensor."""
-
-    codes: torch.Tensor  # uint8: numel bytes (8 bits) or ceil(numel / 2) bytes (4 bits)
-    absmax: torch.Tensor  # float32, one per block
-    numel: int
-    bits: int
-    block_size: int
-    nonfinite: int  # non-finite inputs that were encoded as 0
-
-
-def code_bytes(numel: int, bits: int) -> int:
-    return numel if bits == 8 else (numel + 1) // 2
-
-
-def num_blocks(numel: int, block_size: int) -> int:
-    return -(-numel // block_size)
 
 
 def _check(bits: int, block_size: int) -> None:

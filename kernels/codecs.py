@@ -34,6 +34,7 @@ from hivemind.compression import (
     serialization,
 )
 from hivemind.proto import runtime_pb2
+
 from spotrain.kernels import native, wire
 from spotrain.kernels.table import (
     BLOCK_SIZES,
@@ -215,9 +216,6 @@ def install_codecs() -> None:
     for key, codec in list(table.items()):
         if not isinstance(codec, CountingCodec):
             table[key] = CountingCodec(codec, traffic)
-
-
-install_byte_counters = install_codecs  # the name the foundation used
 
 
 def codec_table_fingerprint(gradients: str, state: str) -> str:

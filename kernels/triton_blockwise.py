@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from spotrain.kernels.blockwise import QMAX, Quantized, code_bytes, num_blocks
+
+from spotrain.kernels.format import QMAX, Quantized, code_bytes, num_blocks
 
 
 @triton.jit

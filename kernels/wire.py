@@ -16,15 +16,10 @@ import struct
 
 import numpy as np
 import torch
+
 from spotrain.kernels import native
-from spotrain.kernels.blockwise import (
-    Quantized,
-    check_quantize_arguments,
-    code_bytes,
-    dequantize,
-    num_blocks,
-    quantize,
-)
+from spotrain.kernels.blockwise import check_quantize_arguments, dequantize, quantize
+from spotrain.kernels.format import Quantized, code_bytes, num_blocks
 
 MAGIC = b"SPTC"
 WIRE_VERSION = 1
@@ -65,13 +60,13 @@ def quantize_and_pack(tensor: torch.Tensor, bits: int, block_size: int, residual
 
 def pack_quantized(q: Quantized, codec_id: int) -> bytes:
     header = HEADER.pack(MAGIC, WIRE_VERSION, codec_id, q.bits, q.block_size, q.numel)
-    return b"".join((header, memoryview(q.absmax.numpy()), memoryview(q.codes.numpy())))
+    return b"".join((header, q.absmax.numpy().data, q.codes.numpy().data))
 
 
 def pack_raw(tensor: torch.Tensor) -> bytes:
     flat = tensor.detach().reshape(-1).contiguous()
     header = HEADER.pack(MAGIC, WIRE_VERSION, CODEC_IDS["raw"], 0, 0, flat.numel())
-    return b"".join((header, memoryview(flat.view(torch.uint8).numpy())))
+    return b"".join((header, flat.view(torch.uint8).numpy().data))
 
 
 def unpack(buffer: bytes, dtype_name: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections.abc import Set as AbstractSet
 from datetime import datetime, timezone
 from typing import Any
 
-from spotrain.providers import faults
+from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import (
     AuthError,
     CapacityError,
@@ -28,10 +28,9 @@ from spotrain.providers.base import (
 )
 from spotrain.providers.bootstrap import agent_config, render_cloud_init
 
-from spotrain.contracts.states import EndReason, InstanceState
-
 NAME = "aws"
-TAG_CLUSTER, TAG_REQUEST, TAG_ROLE, TAG_PRICE = "spotrain:cluster", "spotrain:request-id", "spotrain:role", "spotrain:price"
+TAG_CLUSTER, TAG_REQUEST = "spotrain:cluster", "spotrain:request-id"
+TAG_ROLE, TAG_PRICE = "spotrain:role", "spotrain:price"
 DEFAULT_IMAGE_PARAMETER = "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 
 CAPACITY_CODES = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
@@ -133,7 +132,8 @@ class AwsProvider:
     # -- offers ----------------------------------------------------------------------------
     def zones(self, region: str) -> list[str]:
         response = self.ec2(region).describe_availability_zones(
-            Filters=[{"Name": "state", "Values": ["available"]}, {"Name": "zone-type", "Values": ["availability-zone"]}])
+            Filters=[{"Name": "state", "Values": ["available"]},
+                     {"Name": "zone-type", "Values": ["availability-zone"]}])
         names = [zone["ZoneName"] for zone in response["AvailabilityZones"]]
         wanted = self.config.zones
         return [name for name in names if wanted is None or name in wanted]
@@ -176,7 +176,6 @@ class AwsProvider:
             response = ec2.run_instances(**self._run_arguments(request, zone, group))
         except sdk_errors() as error:
             raise typed_error(error, f"launch in {zone}") from None
-        faults.after_launch_call(request.request_id)
         return self._instance(region, response["Instances"][0])
 
     def _run_arguments(self, request: LaunchRequest, zone: str, group: str) -> dict:
@@ -232,10 +231,12 @@ class AwsProvider:
         else:
             group = ec2.create_security_group(
                 GroupName=name, Description=f"spotrain cluster {cluster}: swarm port", VpcId=vpc,
-                TagSpecifications=[{"ResourceType": "security-group", "Tags": [{"Key": TAG_CLUSTER, "Value": cluster}]}],
+                TagSpecifications=[{"ResourceType": "security-group",
+                                    "Tags": [{"Key": TAG_CLUSTER, "Value": cluster}]}],
             )["GroupId"]
             port = self.config.swarm_port
-            rules = [{"IpProtocol": protocol, "FromPort": port, "ToPort": port, "UserIdGroupPairs": [{"GroupId": group}],
+            rules = [{"IpProtocol": protocol, "FromPort": port, "ToPort": port,
+                      "UserIdGroupPairs": [{"GroupId": group}],
                       **({"IpRanges": [{"CidrIp": self.config.controller_cidr, "Description": "controller"}]}
                          if self.config.controller_cidr else {})}
                      for protocol in ("tcp", "udp")]

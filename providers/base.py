@@ -7,7 +7,7 @@ matches error strings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from spotrain.contracts.states import EndReason, InstanceState
 
@@ -49,7 +49,7 @@ class LaunchRequest:
     request_id: str  # the idempotency token: the same id never makes two instances
     cluster: str
     offer: Offer
-    user_data: dict
+    user_data: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,7 @@ class Provider(Protocol):
     def list_instances(self, cluster: str) -> list[Instance]: ...
 
     def terminate(self, instance_id: str) -> None: ...
+
+    def check_credentials(self) -> None:
+        """Raise AuthError, naming the provider, when its credentials are missing or refused."""
+        ...

@@ -20,7 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from spotrain.providers import faults
+from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import (
     AuthError,
     CapacityError,
@@ -33,15 +33,13 @@ from spotrain.providers.base import (
 from spotrain.providers.bootstrap import agent_config, infra_text, render_cloud_init
 from spotrain.providers.gcp_prices import gpu_of, spot_price
 
-from spotrain.contracts.states import EndReason, InstanceState
-
 NAME = "gcp"
 SCOPES = ["https://www.googleapis.com/auth/compute"]
 LABEL_CLUSTER, LABEL_ROLE, LABEL_REQUEST = "spotrain-cluster", "spotrain-role", "spotrain-request"
 META_REQUEST, META_PRICE = "spotrain-request-id", "spotrain-price"
 REQUEST_NAMESPACE = uuid.UUID("5f0c6f1e-52a4-4c59-9b3e-3d1f0c7a2b11")  # fixed: the same id gives the same UUID
-CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS", "RESOURCE_POOL_EXHAUSTED",
-                  "RESOURCE_NOT_FOUND_IN_ZONE"}
+CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
+                  "RESOURCE_POOL_EXHAUSTED", "RESOURCE_NOT_FOUND_IN_ZONE"}
 QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded", "rateLimitExceeded"}
 RUNNING_STATUSES = {"PROVISIONING", "STAGING", "RUNNING", "REPAIRING", "STOPPING", "SUSPENDING"}
 OPERATION_WAIT_SECONDS = 300.0
@@ -201,7 +199,6 @@ class GcpProvider:
                 if getattr(error, "code", None) != 409:  # already exists: a re-issue after a lost response
                     raise
                 operation = None
-            faults.after_launch_call(request.request_id)
             if operation is not None:
                 failed = operation_error(self._wait(zone, operation), f"launch in {zone}")
                 if failed is not None:
@@ -240,8 +237,9 @@ class GcpProvider:
             scheduling=compute.Scheduling(provisioning_model="SPOT", instance_termination_action="DELETE",
                                           automatic_restart=False, on_host_maintenance="TERMINATE"),
             metadata=compute.Metadata(items=[compute.Items(key=k, value=v) for k, v in metadata.items()]),
-            disks=[compute.AttachedDisk(boot=True, auto_delete=True, initialize_params=compute.AttachedDiskInitializeParams(
-                source_image=config.image, disk_size_gb=100))],
+            disks=[compute.AttachedDisk(boot=True, auto_delete=True,
+                                        initialize_params=compute.AttachedDiskInitializeParams(
+                                            source_image=config.image, disk_size_gb=100))],
             network_interfaces=[compute.NetworkInterface(network=config.network, access_configs=[
                 compute.AccessConfig(name="External NAT", type_="ONE_TO_ONE_NAT")])],
         )

@@ -17,11 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import Instance, LaunchRequest, Offer
 from spotrain.providers.local_schedule import claim_lifetime
 from spotrain.providers.local_vm import write_json_atomic
-
-from spotrain.contracts.states import EndReason, InstanceState
 
 NAME = "local"
 
@@ -62,6 +61,9 @@ class LocalProvider:
         self.vms = root / "vms"
         # notice window, then the supervisor's poll and exit
         self.termination_lag_seconds = config.notice_seconds + 3.0
+
+    def check_credentials(self) -> None:
+        """Nothing to check: the local cloud is this machine."""
 
     def offers(self) -> list[Offer]:
         return [
@@ -161,6 +163,3 @@ class LocalProvider:
             except ProcessLookupError:
                 pass
 
-
-def make_provider(config, root: Path) -> LocalProvider:
-    return LocalProvider(config, root)

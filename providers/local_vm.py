@@ -17,9 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from spotrain.providers.imds import MetadataServer, MetadataState
-
 from spotrain.contracts.states import EndReason, InstanceState
+from spotrain.providers.imds_server import MetadataServer, MetadataState
 
 POLL_SECONDS = 0.2
 MAX_AGENT_RESTARTS = 3

@@ -30,9 +30,7 @@ class MultiProvider:
 
     def check_credentials(self) -> None:
         for provider in self.providers.values():
-            check = getattr(provider, "check_credentials", None)
-            if check is not None:
-                check()
+            provider.check_credentials()
 
     def offers(self) -> list[Offer]:
         return [offer for provider in self.providers.values() for offer in provider.offers()]

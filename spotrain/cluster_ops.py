@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 from spotrain.config import ClusterSpec
 from spotrain.contracts.states import LIVE_STATES, InstanceState
@@ -21,6 +22,7 @@ from spotrain.errors import ControllerRunning, SpotrainError
 from spotrain.home import cluster_dir, existing_cluster, ledger_path
 from spotrain.ledger import Ledger
 from spotrain.provider_factory import make_provider
+from spotrain.swarm import NoSwarm
 
 
 @contextmanager
@@ -94,7 +96,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         end_key = f"run-{run.id}-end-at"
         if duration is not None:
             ledger.set_meta(end_key, now + duration)
-        end_at = ledger.meta(end_key)  # a restarted controller keeps the first one's deadline
+        end_at = cast("float | None", ledger.meta(end_key))  # a restarted controller keeps the first one's deadline
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
@@ -154,7 +156,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
                 return name
             spec = ClusterSpec.model_validate(run.spec)
             provider = make_provider(spec)
-            loop = ControlLoop(spec, ledger, run, provider, swarm=None, settings=LoopSettings(), say=say)
+            loop = ControlLoop(spec, ledger, run, provider, NoSwarm(), LoopSettings(), say=say)
             if run.ended_at is None or any(i.state == InstanceState.RUNNING for i in provider.list_instances(name)):
                 loop.finish("down")
             left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
@@ -176,8 +178,8 @@ def status(name: str | None) -> dict:
             raise SpotrainError(f"cluster {name!r} has no run")
         report = build_report(ledger, run, name)
         latest: dict[str, dict] = {}
-        for m in ledger.metrics(run.id):
-            latest[m["instance_id"]] = dict(m)
+        for metric in ledger.metrics(run.id):
+            latest[metric["instance_id"]] = dict(metric)
         workers = []
         for row in ledger.instances(states=LIVE_STATES, run_id=run.id):
             m = latest.get(row.instance_id or "", {})

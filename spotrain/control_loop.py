@@ -27,9 +27,19 @@ from spotrain.controller import (
 )
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
-from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
-from spotrain.throughput import TaskProfile
+from spotrain.providers.base import (
+    CapacityError,
+    Instance,
+    LaunchRequest,
+    Offer,
+    PriceError,
+    Provider,
+    ProviderError,
+    QuotaError,
+)
+from spotrain.swarm import Swarm
 from spotrain.swarm_records import AgentStatus
+from spotrain.throughput import TaskProfile
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
@@ -46,8 +56,8 @@ class LoopSettings:
 
 
 class ControlLoop:
-    def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider, swarm, settings: LoopSettings,
-                 say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
+    def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider: Provider, swarm: Swarm,
+                 settings: LoopSettings, say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
                  policy: PlacementPolicy | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
         self.settings, self.say, self.clock = settings, say, clock
@@ -78,11 +88,10 @@ class ControlLoop:
         (the controller died between the two), or, when ending, marked failed."""
         seen = {i.request_id: i for i in self.provider.list_instances(self.spec.name)}
         known = {row.request_id for row in self.ledger.instances()}
-        for request, instance in seen.items():
-            if request not in known and instance.state == InstanceState.RUNNING:
-                self.ledger.record_request(self.run.id, request, instance.location.split(":", 1)[0], instance.location,
-                                           instance.price_usd_per_hour, instance.launched_at,
-                                           reason=LaunchReason.ADOPTED)
+        for request, found in seen.items():
+            if request not in known and found.state == InstanceState.RUNNING:
+                self.ledger.record_request(self.run.id, request, found.location.split(":", 1)[0], found.location,
+                                           found.price_usd_per_hour, found.launched_at, reason=LaunchReason.ADOPTED)
         for row in self.ledger.instances(states=LIVE_STATES):
             instance = seen.get(row.request_id)
             if instance is None:

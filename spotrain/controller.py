@@ -110,10 +110,10 @@ def end_reason(observed: Observed, desired: Desired, now: float) -> str | None:
 def reconcile(observed: Observed, desired: Desired, now: float, policy: PlacementPolicy) -> list[Action]:
     reason = end_reason(observed, desired, now)
     if reason is not None:
-        actions: list[Action] = [EndRun(reason)]
-        actions += [Terminate(i.request_id, i.instance_id, EndReason.RUN_ENDED)
-                    for i in observed.instances if i.state == InstanceState.RUNNING and i.instance_id]
-        return actions
+        ending: list[Action] = [EndRun(reason)]
+        ending += [Terminate(i.request_id, i.instance_id, EndReason.RUN_ENDED)
+                   for i in observed.instances if i.state == InstanceState.RUNNING and i.instance_id]
+        return ending
 
     actions: list[Action] = []
     running = [i for i in observed.instances if i.state == InstanceState.RUNNING]

@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS instances (
     request_id TEXT PRIMARY KEY, run_id INTEGER NOT NULL, instance_id TEXT, provider TEXT NOT NULL,
     location TEXT NOT NULL, price_usd_per_hour REAL NOT NULL, state TEXT NOT NULL,
-    requested_at REAL NOT NULL, reason TEXT NOT NULL DEFAULT 'initial', launched_at REAL, ended_at REAL, end_reason TEXT,
+    requested_at REAL NOT NULL, reason TEXT NOT NULL DEFAULT 'initial',
+    launched_at REAL, ended_at REAL, end_reason TEXT,
     charged_until REAL, instance_type TEXT, gpu TEXT, gpu_count INTEGER NOT NULL DEFAULT 1,
     market TEXT NOT NULL DEFAULT 'spot');
 CREATE TABLE IF NOT EXISTS spend (

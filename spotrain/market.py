@@ -58,9 +58,6 @@ class Location:
         prefix = region.split("-")[0]
         return _CONTINENT_PREFIXES.get(prefix, prefix)
 
-    def failure_domains(self) -> tuple[str, str, str]:
-        return (self.provider, f"{self.provider}:{self.region}", str(self))
-
 
 @dataclass(frozen=True)
 class CatalogRow:
@@ -78,7 +75,7 @@ class CatalogRow:
 def catalog() -> tuple[CatalogRow, ...]:
     rows = []
     text = (resources.files("spotrain") / "data" / "catalog.csv").read_text()
-    for line in csv.reader(l for l in text.splitlines() if l and not l.startswith("#")):
+    for line in csv.reader(row for row in text.splitlines() if row and not row.startswith("#")):
         provider, region, zones, itype, gpu, count, on_demand, spot = line
         rows.append(CatalogRow(provider, region, tuple(zones.split()), itype, gpu or None, int(count),
                                float(on_demand), float(spot)))
@@ -111,8 +108,8 @@ def _aws_table() -> dict[tuple[str, str], float]:
 
 INTERNET = "internet"
 # Published rules (USD/GB) for GCP and Azure; AWS comes from the Skyplane table.
-_GCP = {"same-continent": {"na": 0.01, "eu": 0.02, "asia": 0.05}, "intercontinental": 0.08,
-        "oceania": 0.15, "internet": 0.12}
+_GCP = {"intercontinental": 0.08, "oceania": 0.15, "internet": 0.12}
+_GCP_SAME_CONTINENT = {"na": 0.01, "eu": 0.02, "asia": 0.05}
 _AZURE = {"same-continent": 0.02, "intercontinental": 0.05, "internet": 0.0875}
 _AWS_CROSS_ZONE = 0.01  # each direction, within a region
 _AWS_DEFAULT_INTER_REGION = 0.02
@@ -139,7 +136,7 @@ def egress_usd_per_gb(src: Location, dst: Location | str) -> float:
         if "oceania" in (src.continent, dst.continent):
             return _GCP["oceania"]
         if src.continent == dst.continent:
-            return _GCP["same-continent"].get(src.continent, 0.08)
+            return _GCP_SAME_CONTINENT.get(src.continent, 0.08)
         return _GCP["intercontinental"]
     if src.provider == "azure":
         return _AZURE["same-continent"] if src.continent == dst.continent else _AZURE["intercontinental"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from spotrain.config import ClusterSpec
 from spotrain.home import local_cloud_dir
+from spotrain.providers.base import Provider
+from spotrain.providers.multi import MultiProvider
 
 
-def make_provider(spec: ClusterSpec):
-    from spotrain.providers.multi import MultiProvider
-
-    providers = []
+def make_provider(spec: ClusterSpec) -> MultiProvider:
+    providers: list[Provider] = []
     enabled = spec.providers.enabled()
     if "local" in enabled:
         from spotrain.providers.local import LocalProvider

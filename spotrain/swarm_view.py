@@ -37,7 +37,8 @@ class SwarmView:
             return newest
         for entry in found.value.values():
             status = AgentStatus.from_record(entry.value)
-            if status is not None and (status.instance_id not in newest or status.time > newest[status.instance_id].time):
+            if status is not None and (status.instance_id not in newest
+                                       or status.time > newest[status.instance_id].time):
                 newest[status.instance_id] = status
         return newest
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import hivemind
 import torch
 from hivemind.averaging import DecentralizedAverager
+
 from spotrain.kernels import get_codec, install_codecs, traffic
 
 

@@ -54,7 +54,8 @@ def parse_filter(text: str) -> list[tuple[str, str, str]]:
     for part in re.split(r"\)\s*(?:AND\s*)?\(|\s+AND\s+", text.strip()):
         match = TERM_RE.match(part.strip().strip("()"))
         if not match:
-            raise ApiError(400, "invalid", f"Invalid value for field 'filter': '{text}'. Invalid list filter expression.")
+            raise ApiError(400, "invalid",
+                           f"Invalid value for field 'filter': '{text}'. Invalid list filter expression.")
         terms.append((match[1], match[2], match[4] if match[4] is not None else match[5]))
     return terms
 
@@ -218,7 +219,8 @@ class GceState:
             self.request_ids[request_id] = (zone, op["name"])
         if fault is None:
             self.instances[zone][name] = instance
-            self._finish(zone, op, then=lambda: instance.update(status="RUNNING", lastStartTimestamp=rfc3339(time.time())))
+            self._finish(zone, op,
+                         then=lambda: instance.update(status="RUNNING", lastStartTimestamp=rfc3339(time.time())))
         return op
 
     def get_instance(self, zone: str, name: str) -> dict:
@@ -249,8 +251,8 @@ class GceState:
         if name in self.firewalls:
             raise ApiError(409, "alreadyExists", f"The resource 'projects/{self.project}/global/firewalls/{name}' "
                                                  "already exists")
-        firewall = dict(body, kind="compute#firewall", id=str(next(self.ids)), selfLink=self.link("global", "firewalls", name),
-                        creationTimestamp=rfc3339(time.time()))
+        firewall = dict(body, kind="compute#firewall", id=str(next(self.ids)),
+                        selfLink=self.link("global", "firewalls", name), creationTimestamp=rfc3339(time.time()))
         self.firewalls[name] = firewall
         op = self._operation("global", "insert", firewall, done=False)
         if request_id:
@@ -418,7 +420,8 @@ class GceFakeServer(ThreadingHTTPServer):
         claims = self.verified_claims(form["assertion"][0])
         # google-auth signs for Google's token audience whatever the key file's token_uri says
         if claims is None or claims.get("aud") not in (f"{self.url}/token", GOOGLE_TOKEN_AUDIENCE):
-            raise ApiError(400, "invalid_grant", "Invalid JWT: unknown issuer, bad signature, wrong audience or expired")
+            raise ApiError(400, "invalid_grant",
+                           "Invalid JWT: unknown issuer, bad signature, wrong audience or expired")
         token = "ya29.fake-" + secrets.token_urlsafe(24)
         self.state.tokens.add(token)
         return {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}

@@ -7,9 +7,9 @@ import json
 import sys
 
 import hivemind
+from conftest import wait_for
 from hivemind.utils.timed_storage import get_dht_time
 
-from conftest import wait_for
 from spotrain.kernels.paced_progress import PacedProgressTracker
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from conftest import wait_for
-from spotrain.agents.checkpoints import LocalDirStore
-from spotrain.providers.imds import MetadataServer, MetadataState
 
+from spotrain.agents.checkpoints import LocalDirStore
+from spotrain.providers.imds_server import MetadataServer, MetadataState
 from spotrain.swarm_records import status_key
 from spotrain.swarm_view import SwarmView
 

@@ -6,11 +6,11 @@ the exact integral of price over instance lifetime, including the drain after te
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spotrain.providers.base import Offer
 
 from spotrain.budget import BudgetGuard
 from spotrain.controller import Desired, EndRun, Launch, Observed, ObservedInstance, Terminate, reconcile
 from spotrain.policies.spread import SpreadCheapest
+from spotrain.providers.base import Offer
 
 TICK = 2.0
 LAG = 13.0

@@ -1,4 +1,5 @@
 import torch
+
 from spotrain.agents.checkpoints import LocalDirStore
 
 

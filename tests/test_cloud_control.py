@@ -7,17 +7,17 @@ import json
 import pytest
 import yaml
 from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
-from spotrain.providers.base import LaunchRequest
-from spotrain.providers.bootstrap import render_cloud_init
-from spotrain.providers.gcp import GcpProvider
-from spotrain.providers.local import LocalProvider
-from spotrain.providers.multi import MultiProvider
 from test_control_loop import WORKLOAD, QuietSwarm
 
 from spotrain.config import ClusterSpec
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
 from spotrain.provider_factory import make_provider
+from spotrain.providers.base import LaunchRequest
+from spotrain.providers.bootstrap import render_cloud_init
+from spotrain.providers.gcp import GcpProvider
+from spotrain.providers.local import LocalProvider
+from spotrain.providers.multi import MultiProvider
 
 
 def spec(server, **placement) -> ClusterSpec:
@@ -74,8 +74,8 @@ def test_user_data_refuses_credentials_and_carries_the_agent_config():
 
 def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_path):
     s = ClusterSpec.model_validate({"name": "cc", "budget": {"total_usd": 1}, "providers": {
-        "local": {"time_compression": 0.001, "notice_seconds": 1}, "gcp": {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": gce.url,
-                                                      "machine_types": ["n1-standard-4"]}}})
+        "local": {"time_compression": 0.001, "notice_seconds": 1},
+        "gcp": {"project": PROJECT, "zones": GCE_ZONES, "api_endpoint": gce.url, "machine_types": ["n1-standard-4"]}}})
     local = LocalProvider(s.providers.local, tmp_path / "cloud", workload=WORKLOAD)
     multi = MultiProvider([local, GcpProvider(s.providers.gcp)])
     assert multi.termination_lag_seconds == max(local.termination_lag_seconds, 90.0)

@@ -13,7 +13,6 @@ from pathlib import Path
 import yaml
 from clouds import AWS_IMAGE, PROJECT, aws_instances, preempt_aws
 from conftest import ROOT, processes_under, run_cli, wait_for
-from spotrain.providers.faults import ENV as HANG_ENV
 
 
 def write_spec(tmp_path: Path, gce_url: str, name: str, aws_zones: list[str], gce_zones: list[str], wanted: int,
@@ -34,10 +33,13 @@ def write_spec(tmp_path: Path, gce_url: str, name: str, aws_zones: list[str], gc
     return path
 
 
-def start_controller(path: Path, home: Path, **extra_env: str) -> subprocess.Popen:
-    env = dict(os.environ, SPOTRAIN_HOME=str(home), **extra_env)
+def start_controller(path: Path, home: Path, hang_markers: Path | None = None) -> subprocess.Popen:
+    """`spotrain launch`; with `hang_markers`, one whose launches never return (tests/hang_after_launch.py)."""
+    env = dict(os.environ, SPOTRAIN_HOME=str(home))
     log = open(home.parent / f"controller-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen([sys.executable, "-m", "spotrain", "launch", str(path), "--tick", "1", "--duration", "900",
+    cli = ["-m", "spotrain"] if hang_markers is None else [str(Path(__file__).with_name("hang_after_launch.py")),
+                                                           str(hang_markers)]
+    return subprocess.Popen([sys.executable, *cli, "launch", str(path), "--tick", "1", "--duration", "900",
                              "--no-report"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
@@ -110,7 +112,7 @@ def test_a_controller_killed_mid_launch_never_launches_twice(aws, gce, home, tmp
     path = write_spec(tmp_path, gce.url, "killed", ["us-east-1a"], ["us-central1-a"], 3, gcp_price=1e-6)
     markers = tmp_path / "launched"
     for cloud, count in (("gcp", 1), ("aws", 2)):
-        controller = start_controller(path, home, **{HANG_ENV: str(markers)})
+        controller = start_controller(path, home, hang_markers=markers)
         try:  # hangs once the cloud accepted the launch, before the ledger hears of it: kill it there
             wait_for(lambda n=count: len(list(markers.glob("*.launched"))) == n, 120, f"a launch accepted by {cloud}")
         finally:

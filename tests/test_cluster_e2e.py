@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 from conftest import processes_under, run_cli, wait_for
-from spotrain.providers.local import LocalProvider
 
 from spotrain.config import LocalProvider as LocalConfig
+from spotrain.providers.local import LocalProvider
 
 
 def spec_file(tmp_path: Path, **overrides) -> Path:

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from averaging_peer import peer_tensors
 from conftest import wait_for
+
 from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH
 from spotrain.kernels.table import nominal_ratio
-
 from spotrain.swarm_view import SwarmView
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from averaging_peer import peer_tensors
 
 
 # Excluded from `make test` (run it with `make test-slow`): on a loaded machine 1 run in 3 gave an

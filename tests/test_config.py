@@ -1,8 +1,8 @@
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 from conftest import ROOT, run_cli
+from pydantic import ValidationError
 
 from spotrain.config import load_spec
 from spotrain.errors import SpecError
@@ -42,7 +42,8 @@ def test_defaults_enable_the_local_provider(tmp_path):
         (GOOD + "placement: {workers: 2, colour: red}\n", "placement.colour: unknown key"),
         (GOOD.replace("1.0", "-5"), "budget.total_usd: Input should be greater than 0 (got -5"),
         (GOOD.replace("tiny_gpt:task", "nope:task"), "training.task: cannot import 'spotrain.examples.nope'"),
-        (GOOD.replace("tiny_gpt:task", "tiny_gpt:missing"), "training.task: module 'spotrain.examples.tiny_gpt' has no"),
+        (GOOD.replace("tiny_gpt:task", "tiny_gpt:missing"),
+         "training.task: module 'spotrain.examples.tiny_gpt' has no"),
         (GOOD + "placement: {locations: [aws:mars-1]}\n", "placement.locations.0: unknown location 'aws:mars-1'"),
         (GOOD + "training: [\n", "YAML syntax error"),
         (GOOD + "checkpoint: {stores: ['s3://bucket/run']}\n", "checkpoint.stores: unsupported store"),

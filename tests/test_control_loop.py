@@ -4,14 +4,14 @@ import sys
 from dataclasses import replace
 
 import pytest
-from spotrain.providers.base import CapacityError, Instance, Offer
-from spotrain.providers.local import LocalProvider
 
 from spotrain.config import ClusterSpec
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
 from spotrain.policies.spread import SpreadCheapest
+from spotrain.providers.base import CapacityError, Instance, Offer
+from spotrain.providers.local import LocalProvider
 
 WORKLOAD = [sys.executable, "-c", "import time; time.sleep(600)"]
 

@@ -1,7 +1,5 @@
 """reconcile() is pure: plain values in, actions out."""
 
-from spotrain.providers.base import Offer
-
 from spotrain.budget import BudgetGuard
 from spotrain.contracts.states import EndReason
 from spotrain.controller import (
@@ -15,6 +13,7 @@ from spotrain.controller import (
     reconcile,
 )
 from spotrain.policies.spread import SpreadCheapest
+from spotrain.providers.base import Offer
 
 A = Offer("local", "local:zone-a", "local.cpu", None, 0.92)
 B = Offer("local", "local:zone-b", "local.cpu", None, 0.19)

@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from spotrain.agents.daemon import Agent
 from spotrain.agents.metadata_watch import (
     GceMetadataClient,
@@ -15,8 +16,8 @@ from spotrain.agents.metadata_watch import (
     make_watcher,
     watcher_settings,
 )
-from spotrain.providers.gce_metadata import GceMetadataServer, GceMetadataState
-from spotrain.providers.imds import MetadataServer, MetadataState
+from spotrain.providers.gce_metadata_server import GceMetadataServer, GceMetadataState
+from spotrain.providers.imds_server import MetadataServer, MetadataState
 
 
 @pytest.fixture

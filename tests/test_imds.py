@@ -7,8 +7,9 @@ import urllib.error
 import urllib.request
 
 import pytest
+
 from spotrain.agents.metadata_watch import ImdsV2Client, NoticeWatcher
-from spotrain.providers.imds import MetadataServer, MetadataState
+from spotrain.providers.imds_server import MetadataServer, MetadataState
 
 
 @pytest.fixture

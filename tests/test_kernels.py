@@ -9,6 +9,8 @@ import torch
 from hivemind.compression import CompressionInfo, TensorRole, deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.compression.serialization import _BASE_COMPRESSION_TYPES
 from hivemind.proto import runtime_pb2
+
+from spotrain.config import GRADIENT_CODECS
 from spotrain.kernels import (
     BlockwiseCodec,
     CodecMismatchError,
@@ -29,8 +31,6 @@ from spotrain.kernels.blockwise import reference_dequantize, reference_quantize
 from spotrain.kernels.codecs import CountingCodec
 from spotrain.kernels.guards import gradients_finite
 from spotrain.kernels.table import SPEC_CODECS
-
-from spotrain.config import GRADIENT_CODECS
 
 QMAX = {8: 127, 4: 7}
 

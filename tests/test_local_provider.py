@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 
 from conftest import processes_under, wait_for
-from spotrain.providers.base import LaunchRequest, Offer
-from spotrain.providers.local import LocalProvider
 
 from spotrain.config import LocalLocation
 from spotrain.config import LocalProvider as LocalConfig
 from spotrain.contracts.states import EndReason, InstanceState
+from spotrain.providers.base import LaunchRequest, Offer
+from spotrain.providers.local import LocalProvider
 
 WATCHER = """
 import os, sys, time

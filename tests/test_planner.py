@@ -46,7 +46,8 @@ def test_backups_go_to_other_failure_domains():
 
 
 def test_preemptions_and_refusals_steer_away():
-    ctx = PlacementContext(now=1000, workers=1, preemptions={"aws:eu-west-1a": 40}, hours_observed={"aws:eu-west-1a": 2})
+    ctx = PlacementContext(now=1000, workers=1, preemptions={"aws:eu-west-1a": 40},
+                           hours_observed={"aws:eu-west-1a": 2})
     assert place(CostPerSamplePlanner(), ctx, 1)[0].location != "aws:eu-west-1a"
     ctx = PlacementContext(now=1000, workers=1, failed_at={"aws:eu-west-1a": (900.0, 1)})
     assert place(CostPerSamplePlanner(), ctx, 1)[0].location != "aws:eu-west-1a"

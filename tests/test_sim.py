@@ -4,14 +4,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, run_cli
 
 from spotrain.config import ClusterSpec
 from spotrain.sim.engine import STARTUP_SECONDS, Job, compare, simulate
 from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import TraceError, load_trace, load_traces
 from spotrain.throughput import TaskProfile
-
-from conftest import ROOT, run_cli
 
 DATA = ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="the shared trace data is not beside this checkout")

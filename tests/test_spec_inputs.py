@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from conftest import ROOT, run_cli
 
 from spotrain.config import ClusterSpec, load_spec
 from spotrain.kernels.table import nominal_ratio
@@ -14,8 +15,6 @@ from spotrain.providers.base import AuthError
 from spotrain.providers.multi import MultiProvider
 from spotrain.task import load_task
 from spotrain.throughput import TaskProfile
-
-from conftest import ROOT, run_cli
 
 CLOUDS = ROOT / "examples" / "clouds.yaml"
 NAMED_REGIONS = ("aws:us-east-1", "gcp:us-central1")

@@ -57,6 +57,8 @@ class Block(nn.Module):
 
 
 class TinyGPT(nn.Module):
+    mask: torch.Tensor  # a buffer, registered in __init__
+
     def __init__(self, width: int = 192, depth: int = 3, heads: int = 4, context: int = CONTEXT):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, width)

@@ -58,7 +58,7 @@ def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
     deadline, and half of that as the work of the wanted workers at their nominal pace."""
     horizon = min(t.horizon for t in traces)
     deadline = spec.budget.deadline_hours or min(horizon / 3600.0 / 2, 168.0)
-    target = spec.training.target_samples
+    target: float | None = spec.training.target_samples
     if target is None:
         target = fleet_pace(spec, traces) * deadline * 3600.0 / 2
     return Job(float(target), float(deadline))

@@ -42,7 +42,7 @@ def oracle_cost(traces: list[LocationTrace], samples_per_worker_second: float, t
     without it, k x `samples_per_worker_second`."""
     ticks = int(deadline_hours * 3600 // tick)
     per_tick = samples_per_worker_second * tick
-    spot = [(catalog_prices(t.location, t.gpu)[1] if t.price_at(start_offset) is None else t.price_at(start_offset))
+    spot = [catalog_prices(t.location, t.gpu)[1] if (price := t.price_at(start_offset)) is None else price
             for t in traces]
     on_demand = min(catalog_prices(t.location, t.gpu)[2] for t in traces)
     capacity = [_availability(t, ticks, tick, start_offset) for t in traces]
@@ -69,7 +69,7 @@ def _exact(capacity: list[np.ndarray], spot: list[float], on_demand: float, work
     idle = np.full(work + 1, inf)
     idle[0] = 0.0
     warm = [np.full(work + 1, inf) for _ in range(modes)]
-    arriving: dict[int, list[np.ndarray]] = {}
+    arriving: dict[int, list[np.ndarray | None]] = {}
     best_done = (inf, inf)
     for t in range(ticks):
         for m, array in enumerate(arriving.pop(t, [])):
@@ -81,8 +81,8 @@ def _exact(capacity: list[np.ndarray], spot: list[float], on_demand: float, work
         for m in range(modes):  # start mode m now: `startup` paid ticks, then warm
             if startup == 0 or run[m][t] >= startup:
                 slot = arriving.setdefault(t + startup, [None] * modes)
-                candidate = any_state + prices[m] * startup
-                slot[m] = candidate if slot[m] is None else np.minimum(slot[m], candidate)
+                candidate, earlier = any_state + prices[m] * startup, slot[m]
+                slot[m] = candidate if earlier is None else np.minimum(earlier, candidate)
         idle = any_state
         new_warm = []
         for m in range(modes):  # run one productive tick where the mode is available

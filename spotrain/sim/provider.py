@@ -54,6 +54,9 @@ class SimProvider:
             self._offers.append(Offer(provider, trace.location, itype, trace.gpu, on_demand,
                                       on_demand_usd_per_hour=on_demand, market="on-demand"))
 
+    def check_credentials(self) -> None:
+        """Nothing to check: the simulated clouds need none."""
+
     def offers(self) -> list[Offer]:
         return list(self._offers)
 

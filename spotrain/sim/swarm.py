@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from spotrain.contracts.states import AgentState, InstanceState
 from spotrain.market import Location
 from spotrain.sim.clock import SimClock
@@ -57,5 +59,5 @@ class SimSwarm:
     def addresses(self) -> list[str]:
         return []
 
-    def assign_duty(self, instance_ids: tuple[str, ...]) -> None:
+    def assign_duty(self, instance_ids: Sequence[str]) -> None:
         pass

@@ -84,7 +84,8 @@ def _steps(points: list[tuple[float, int]], path: Path) -> tuple[tuple[float, ..
         raise TraceError(f"{path}: empty trace")
     points.sort(key=lambda p: p[0])
     start = points[0][0]
-    times, values = [], []
+    times: list[float] = []
+    values: list[int] = []
     for t, v in points:
         if times and t - start == times[-1]:
             values[-1] = v  # several events at one time: the last count holds

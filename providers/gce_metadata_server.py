@@ -1,4 +1,4 @@
-"""A local metadata server that speaks the Compute Engine protocol (the GCE twin of imds.py).
+"""A local metadata server that speaks the Compute Engine protocol (the GCE twin of imds_server.py).
 
 `GET /computeMetadata/v1/<path>` needs `Metadata-Flavor: Google` (403 without it, and 403 for
 any request that carries `X-Forwarded-For`); answers carry `Metadata-Flavor: Google` and an
@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from spotrain.providers.background_http import BackgroundHTTPServer
 
 PREFIX = "/computeMetadata/v1/"
 MAX_WAIT_SECONDS = 300.0
@@ -118,19 +120,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, value, etag_of(value))
 
 
-class GceMetadataServer(ThreadingHTTPServer):
-    daemon_threads = True
+class GceMetadataServer(BackgroundHTTPServer):
+    thread_name = "gce-metadata"
 
     def __init__(self, state: GceMetadataState, host: str = "127.0.0.1", port: int = 0):
         super().__init__((host, port), _Handler)
         self.state = state
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host!s}:{port}"
-
-    def start_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="gce-metadata", daemon=True)
-        thread.start()
-        return thread

@@ -16,7 +16,9 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from spotrain.providers.background_http import BackgroundHTTPServer
 
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
@@ -122,19 +124,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(404, "Not Found")
 
 
-class MetadataServer(ThreadingHTTPServer):
-    daemon_threads = True
+class MetadataServer(BackgroundHTTPServer):
+    thread_name = "imds"
 
     def __init__(self, state: MetadataState, host: str = "127.0.0.1", port: int = 0):
         super().__init__((host, port), _Handler)
         self.state = state
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="imds", daemon=True)
-        thread.start()
-        return thread
