@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from spotrain.contracts.agent_config import AgentConfig
+
 
 class ProviderError(Exception):
     """Base of the typed cloud errors."""
@@ -47,7 +49,7 @@ class LaunchRequest:
     request_id: str  # the idempotency token: the same id never makes two instances
     cluster: str
     offer: Offer
-    user_data: dict
+    user_data: AgentConfig  # the agent's config as the controller built it; the provider completes it
 
 
 @dataclass(frozen=True)

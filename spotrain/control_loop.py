@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
+from spotrain.contracts.agent_config import AgentConfig, CheckpointSettings, CompressionSettings, TrainingSettings
+from spotrain.contracts.records import AgentStatus
+from spotrain.contracts.states import AgentState
 from spotrain.controller import (
     AssignDuty,
     Desired,
@@ -28,7 +31,6 @@ from spotrain.ledger import LIVE_STATES, Ledger, Run
 from spotrain.planner import PlacementPolicy, get_policy
 from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
 from spotrain.throughput import TaskProfile
-from spotrain.swarm_records import AgentStatus
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
@@ -216,7 +218,7 @@ class ControlLoop:
                                        offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
                                        offer.gpu_count, offer.market)
         try:
-            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.user_data()))
+            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.agent_config()))
         except ProviderError as error:
             if isinstance(error, (CapacityError, QuotaError, PriceError)) and offer.market == "spot":
                 in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
@@ -240,23 +242,25 @@ class ControlLoop:
         except Exception as error:
             self.say(f"duty record not stored: {type(error).__name__}: {error}")
 
-    def user_data(self) -> dict:
-        """What a new agent needs to join: everything but secrets."""
+    def agent_config(self) -> AgentConfig:
+        """What a new agent needs to join, no secrets; its provider adds what only it knows (`AgentConfig.for_vm`)."""
         training = self.spec.training
-        agent_peers = [a for s in self.statuses.values() if s.state == "training" for a in s.addresses][:4]
-        return {
-            "cluster": self.spec.name,
-            "initial_peers": self.swarm.addresses() + agent_peers,
-            "task": training.task,
-            "training": {
-                "batch_size": training.batch_size, "target_batch_size": training.target_batch_size,
-                "compression": training.compression.model_dump(),
-                "matchmaking_time": training.matchmaking_time, "averaging_timeout": training.averaging_timeout,
-                "delayed_updates": training.delayed_updates,
-            },
-            "checkpoint": {"store": self.settings.checkpoint_store, "every_epochs": self.spec.checkpoint.every_epochs},
-            "torch_threads": 1,
-        }
+        agent_peers = [a for s in self.statuses.values() if s.state == AgentState.TRAINING for a in s.addresses][:4]
+        return AgentConfig(
+            cluster=self.spec.name,
+            initial_peers=tuple(self.swarm.addresses() + agent_peers),
+            task=training.task,
+            training=TrainingSettings(
+                batch_size=training.batch_size, target_batch_size=training.target_batch_size,
+                compression=CompressionSettings(gradients=training.compression.gradients,
+                                                state=training.compression.state),
+                matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
+                delayed_updates=training.delayed_updates,
+            ),
+            checkpoint=CheckpointSettings(store=self.settings.checkpoint_store,
+                                          every_epochs=self.spec.checkpoint.every_epochs),
+            torch_threads=1,
+        )
 
     def finish(self, reason: str) -> None:
         """Terminate everything (agents holding duty write a final checkpoint), settle, close the run."""

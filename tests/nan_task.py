@@ -5,7 +5,7 @@ loss as it is and turns p's gradient into NaN: what an overflow in a backward pa
 """
 
 from spotrain.examples import tiny_gpt
-from spotrain.task import SimpleTask
+from spotrain.contracts.task import SimpleTask
 
 _calls = 0
 

@@ -13,7 +13,7 @@ from conftest import wait_for
 from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.providers.imds import MetadataServer, MetadataState
 
-from spotrain.swarm_records import status_key
+from spotrain.contracts.records import status_key
 from spotrain.swarm_view import SwarmView
 
 

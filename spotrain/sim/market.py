@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spotrain.contracts.records import AgentStatus
 from spotrain.market import Location, catalog
 from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer
 from spotrain.sim.traces import LocationTrace, TraceError
-from spotrain.swarm_records import AgentStatus
 from spotrain.throughput import TaskProfile, Worker, estimate
 
 
