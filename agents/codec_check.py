@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hivemind import DHT
 
-from spotrain.swarm_records import AgentStatus, status_key
+from spotrain.contracts.records import newest_statuses, status_key
 
 EXIT_CODEC_MISMATCH = 78  # sysexits' EX_CONFIG: restarting will not help
 
@@ -21,15 +21,8 @@ class CodecTableMismatch(RuntimeError):
 
 def peer_codec_tables(dht: DHT, cluster: str) -> dict[str, str]:
     """instance id -> codec table of every agent whose status record is live."""
-    found = dht.get(status_key(cluster), latest=True)
-    tables: dict[str, tuple[float, str]] = {}
-    if found is None or not isinstance(found.value, dict):
-        return {}
-    for entry in found.value.values():
-        status = AgentStatus.from_record(entry.value)
-        if status is not None and (status.instance_id not in tables or status.time > tables[status.instance_id][0]):
-            tables[status.instance_id] = (status.time, status.codec_table)
-    return {instance: table for instance, (_, table) in tables.items()}
+    statuses = newest_statuses(dht.get(status_key(cluster), latest=True))
+    return {instance: status.codec_table for instance, status in statuses.items()}
 
 
 def check_codec_table(dht: DHT, cluster: str, instance_id: str, ours: str) -> None:

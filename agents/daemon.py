@@ -1,16 +1,14 @@
 """`spotrain agent`: the worker daemon started on every VM.
 
-It reads its user-data (cluster, bootstrap peers, task, checkpoint store), joins the swarm,
-resumes from the newest valid checkpoint (peers that are further ahead win: hivemind then
-downloads their state), trains with hivemind.Optimizer, publishes its status, writes
-checkpoints while it holds duty, and drains on a preemption notice.
+The lifecycle of one agent: read its user-data (`AgentConfig`), join the swarm's DHT, publish its
+status, refuse peers with another codec table, start its role (`roles.DataParallelRole`: train and
+checkpoint), watch the metadata service for a preemption notice, drain, and end every process it
+started before it exits.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import signal
 import sys
@@ -18,36 +16,44 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from spotrain.agents.checkpoints import LocalDirStore
+from spotrain.agents.log import log
 from spotrain.agents.metadata_watch import Notice, make_client, make_watcher, watcher_settings
-from spotrain.swarm_records import AgentStatus
+from spotrain.agents.process_tree import end_descendants
+from spotrain.agents.progress import Progress
+from spotrain.agents.roles.base import Role, RoleContext
+from spotrain.agents.roles.data_parallel import DataParallelRole
+from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
+from spotrain.contracts.records import AgentStatus
+from spotrain.contracts.states import AgentState
+
+if TYPE_CHECKING:
+    from hivemind import DHT
+
+    from spotrain.agents.status import StatusPublisher
 
 DRAIN_MARGIN_SECONDS = 1.5  # exit this long before the notice's termination time
-
-
-def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} agent: {message}", flush=True)
+CHILDREN_GRACE_SECONDS = 0.5  # from SIGTERM to SIGKILL for the processes the agent started
+EXIT_BAD_CONFIG = 78  # sysexits' EX_CONFIG: restarting will not help
 
 
 class Agent:
-    def __init__(self, config: dict):
+    def __init__(self, config: AgentConfig, role: Role | None = None):
         self.config = config
         self.metadata = watcher_settings(config)  # (kind, url) of the VM's metadata service, or None
         # the local provider and GCE name the instance in user-data; on EC2 only the VM knows its id
-        self.instance_id = config.get("instance_id") or self._instance_id_from_metadata()
-        self.cluster = config["cluster"]
-        self.state = "starting"
-        self.leaving = False  # past the training loop: flushing duty, shutting hivemind down
+        self.instance_id = config.instance_id or self._instance_id_from_metadata()
+        self.cluster = config.cluster
+        self.role: Role = role or DataParallelRole()
+        self.state = AgentState.STARTING
+        self.leaving = False  # past the role's work: flushing duty, shutting hivemind down
         self.stop = threading.Event()
-        self.samples = 0
-        self.epoch = 0
-        self.checkpoint_epoch: int | None = None
-        self._recent: list[tuple[float, int, float]] = []  # (time, samples, loss) of recent steps
-        self._lock = threading.Lock()
+        self.checkpoint_soon = threading.Event()  # a rebalance recommendation: write the next checkpoint now
+        self.progress = Progress()
         self.addresses: tuple[str, ...] = ()
         self.codec_table = ""
-        self.save_soon = False  # a rebalance recommendation: write the next checkpoint now
+        self.publisher: StatusPublisher | None = None
 
     def _instance_id_from_metadata(self) -> str:
         if self.metadata is None:
@@ -57,165 +63,121 @@ class Agent:
     # -- notices ------------------------------------------------------------------------
     def on_advisory(self, notice: Notice) -> None:
         log(f"advisory from the cloud: {notice.action} at {notice.time}; checkpointing early if on duty")
-        self.save_soon = True
+        self.checkpoint_soon.set()
 
     def on_notice(self, notice: Notice | None) -> None:
         if notice is None:
             log("metadata service gone: the VM is gone, exiting now")
-            os._exit(1)
-        log(f"preemption notice: {notice.action} at {notice.time}; draining")
-        self.begin_drain(_seconds_until(notice.time))
+            _exit_now(1)
+        else:
+            log(f"preemption notice: {notice.action} at {notice.time}; draining")
+            self.begin_drain(_seconds_until(notice.time))
 
     def begin_drain(self, seconds_left: float) -> None:
         if self.stop.is_set():
             return
-        self.state = "draining"
+        # A step blocked in averaging cannot be interrupted; abandon it before the hard kill. The
+        # timer starts first: publishing may wait on unresponsive peers.
+        timer = threading.Timer(max(0.5, seconds_left - DRAIN_MARGIN_SECONDS), self._abandon)
+        timer.daemon = True
+        timer.start()
+        self.state = AgentState.DRAINING
         self.stop.set()
         try:
-            self.publisher.publish_now()
-        except Exception:
-            pass
-        # A step blocked in averaging cannot be interrupted; abandon it before the hard kill.
-        self._abandon_timer = threading.Timer(max(0.5, seconds_left - DRAIN_MARGIN_SECONDS), self._abandon)
-        self._abandon_timer.daemon = True
-        self._abandon_timer.start()
+            if self.publisher is not None:
+                self.publisher.publish_now()
+        except Exception as error:  # the controller also learns of the drain when the record expires
+            log(f"draining status not published: {type(error).__name__}: {error}")
 
     def _abandon(self) -> None:
         if self.leaving:
             log("drain window ending while hivemind shuts down: exiting now (the checkpoint is flushed)")
         else:
             log("drain window ending with a step still in flight: abandoning it")
-        os._exit(0)
+        _exit_now(0)
 
     # -- status -------------------------------------------------------------------------
-    def record_step(self, samples: int, loss: float) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self.samples += samples
-            self._recent.append((now, samples, loss))
-            self._recent = [r for r in self._recent if now - r[0] <= 20.0]
-
     def snapshot(self) -> AgentStatus:
         from spotrain.kernels import traffic
 
-        with self._lock:
-            recent = list(self._recent)
-        rate, loss = 0.0, None
-        if recent:
-            span = max(time.monotonic() - recent[0][0], 1e-3)
-            rate = sum(r[1] for r in recent) / span if len(recent) > 1 else 0.0
-            finite = [r[2] for r in recent if math.isfinite(r[2])]
-            loss = sum(finite) / len(finite) if finite else None
+        rate, loss = self.progress.rate_and_loss()
         return AgentStatus(
-            instance_id=self.instance_id, state=self.state, epoch=self.epoch, samples=self.samples,
+            instance_id=self.instance_id, state=self.state, epoch=self.progress.epoch, samples=self.progress.samples,
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
-            checkpoint_epoch=self.checkpoint_epoch, addresses=self.addresses, time=time.time(),
+            checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
             codec_table=self.codec_table,
         )
 
-    # -- main ---------------------------------------------------------------------------
+    # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
-        import hivemind
         import torch
 
-        from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
         from spotrain.agents.memory import keep_freed_memory
-        from spotrain.agents.status import StatusPublisher
-        from spotrain.kernels import SwarmOptimizer, codec_table_fingerprint, install_codecs, optimizer_options
-        from spotrain.kernels.guards import gradients_finite
-        from spotrain.task import load_task
+        from spotrain.kernels import codec_table_fingerprint, install_codecs
 
-        cfg = self.config
         keep_freed_memory()  # before training allocates: steps reuse their buffers instead of faulting them in
-        torch.set_num_threads(int(cfg.get("torch_threads", 1)))
-        task = load_task(cfg["task"])
+        torch.set_num_threads(self.config.torch_threads)
         install_codecs()
-        compression = cfg["training"]["compression"]
-        self.codec_table = codec_table_fingerprint(compression["gradients"], compression["state"])
+        compression = self.config.training.compression
+        self.codec_table = codec_table_fingerprint(compression.gradients, compression.state)
+        try:
+            dht = self._join()
+            return self._serve(dht)
+        finally:
+            end_descendants(CHILDREN_GRACE_SECONDS)  # whatever hivemind left: nothing outlives the agent
 
-        listen = f"/ip4/{cfg.get('host', '127.0.0.1')}/tcp/{int(cfg.get('port', 0))}"  # port 0: any free port
-        dht = hivemind.DHT(initial_peers=cfg["initial_peers"], host_maddrs=[listen], start=True)
+    def _join(self) -> DHT:
+        import hivemind
+
+        listen = f"/ip4/{self.config.host}/tcp/{self.config.port}"  # port 0: any free port
+        dht = hivemind.DHT(initial_peers=list(self.config.initial_peers), host_maddrs=[listen], start=True)
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
+        # the local provider reports these addresses as the instance's (providers/local.py)
         Path("swarm-addresses.json").write_text(json.dumps(list(self.addresses)))
         log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
-        self.publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
-        self.publisher.publish_now()  # our codec table is visible before we check theirs
+        return dht
+
+    def _serve(self, dht: DHT) -> int:
+        from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
+        from spotrain.agents.status import StatusPublisher
+
+        self.publisher = publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
+        publisher.publish_now()  # our codec table is visible before we check theirs
         try:
             check_codec_table(dht, self.cluster, self.instance_id, self.codec_table)
         except CodecTableMismatch as error:
             log(f"refusing to train: {error}")
             dht.shutdown()
             return EXIT_CODEC_MISMATCH
-        self.publisher.start()
+        publisher.start()
+        self.role.start(RoleContext(self.config, self.instance_id, dht, self.progress,
+                                    has_duty=lambda: publisher.has_duty, checkpoint_soon=self.checkpoint_soon))
+        self._watch_notices()
+        self.state = AgentState.TRAINING
+        self.role.run_until(self.stop)
+        return self._drain(dht, publisher)
 
-        model = task.build_model()
-        store = LocalDirStore.from_url(cfg["checkpoint"]["store"])
-        checkpoint = store.load_newest()
-        if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
-        training = cfg["training"]
-        optimizer = SwarmOptimizer(
-            dht=dht, run_id=self.cluster, params=model.parameters(), optimizer=task.make_optimizer,
-            batch_size_per_step=training["batch_size"], target_batch_size=training["target_batch_size"],
-            **optimizer_options(compression["gradients"], compression["state"], group_size=training.get("group_size"),
-                                delayed_updates=bool(training.get("delayed_updates", False))),
-            matchmaking_time=training["matchmaking_time"], averaging_timeout=training["averaging_timeout"],
-            verbose=False,
-        )
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            self.checkpoint_epoch = checkpoint["epoch"]
-            log(f"resumed from checkpoint epoch {checkpoint['epoch']}")
-        self.epoch = optimizer.local_epoch
-
+    def _watch_notices(self) -> None:
         if self.metadata is not None:
             make_watcher(*self.metadata, self.on_notice, on_advisory=self.on_advisory).start()
-        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain(float(cfg.get("sigterm_grace_seconds", 10))))
+        grace = self.config.sigterm_grace_seconds
+        signal.signal(signal.SIGTERM, lambda *_: self.begin_drain(grace))
 
-        every = int(cfg["checkpoint"]["every_epochs"])
-        seed = int(hashlib.sha256(f"{self.instance_id}:{os.getpid()}".encode()).hexdigest()[:8], 16)
-        batches = task.batches(seed, training["batch_size"])
-        self.state = "training"
-        while not self.stop.is_set():
-            loss = task.loss(model, next(batches))
-            if not torch.isfinite(loss):
-                log(f"non-finite loss {loss.item()}: step skipped")
-                optimizer.zero_grad()
-                continue
-            loss.backward()
-            if not gradients_finite(model.parameters()):
-                log("non-finite gradients: step skipped, nothing sent to peers")
-                optimizer.zero_grad()
-                continue
-            optimizer.step()
-            optimizer.zero_grad()
-            self.record_step(training["batch_size"], loss.item())
-            if optimizer.local_epoch != self.epoch:
-                self.epoch = optimizer.local_epoch
-                due = self.epoch % every == 0 or self.save_soon
-                if self.publisher.has_duty and due and not self.stop.is_set():
-                    self.save_soon = False
-                    self._save(store, model, optimizer)
-
+    def _drain(self, dht: DHT, publisher: StatusPublisher) -> int:
         log("leaving the swarm")
         self.leaving = True
-        if self.publisher.has_duty and self.epoch != self.checkpoint_epoch:
-            self._save(store, model, optimizer)  # flush the checkpoint duty before we go
-        self.publisher.stop()
-        optimizer.shutdown()
+        self.role.flush_duty()  # the checkpoint duty is written before we go
+        publisher.stop()
+        self.role.shutdown()
         dht.shutdown()
         log("drained")
         return 0
 
-    def _save(self, store: LocalDirStore, model, optimizer) -> None:
-        started = time.monotonic()
-        # with delayed updates an optimizer step may still run in the background: finish and apply
-        # it first, so the checkpoint's parameters and optimizer state belong to the same step
-        optimizer.state_averager.step(wait_for_delayed_updates=True)
-        store.save(self.epoch, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-        store.prune(keep=3)
-        self.checkpoint_epoch = self.epoch
-        log(f"checkpoint epoch {self.epoch} written in {time.monotonic() - started:.2f}s")
+
+def _exit_now(code: int) -> None:
+    """Leave at once, from any thread, ending the processes this agent started first."""
+    end_descendants(CHILDREN_GRACE_SECONDS)
+    os._exit(code)
 
 
 def _seconds_until(iso_time: str) -> float:
@@ -227,8 +189,16 @@ def _seconds_until(iso_time: str) -> float:
 
 
 def main(user_data: Path) -> int:
-    config = json.loads(user_data.read_text())
-    return Agent(config).run()
+    try:
+        config = AgentConfig.from_json(user_data.read_text(), source=user_data)
+    except OSError as error:
+        config_error = f"{user_data}: cannot read: {error.strerror}"
+    except AgentConfigError as error:
+        config_error = str(error)
+    else:
+        return Agent(config).run()
+    print(f"agent: {config_error}", file=sys.stderr, flush=True)
+    return EXIT_BAD_CONFIG
 
 
 if __name__ == "__main__":

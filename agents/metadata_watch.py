@@ -21,10 +21,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import get_args
+
+from spotrain.contracts.agent_config import AgentConfig, MetadataKind
 
 TOKEN_TTL_SECONDS = 21600
 GCE_NOTICE_SECONDS = 30.0  # a GCE spot VM gets ~30 s between the preemption notice and the stop
-KINDS = ("aws-imdsv2", "gce")
+KINDS: tuple[str, ...] = get_args(MetadataKind)
 
 
 @dataclass(frozen=True)
@@ -238,14 +241,14 @@ class GceNoticeWatcher(_Watcher):
         return None
 
 
-def watcher_settings(config: dict, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
+def watcher_settings(config: AgentConfig, environ: Mapping[str, str] | None = None) -> tuple[str, str] | None:
     """(kind, url) of the VM's metadata service: the environment first (systemd, the local
     provider), then the user-data's `metadata`; None when there is none to watch."""
     if environ is None:
         environ = os.environ
-    metadata = config.get("metadata") or {}
-    url = environ.get("SPOTRAIN_METADATA_URL") or metadata.get("url") or config.get("metadata_url")
-    kind = environ.get("SPOTRAIN_METADATA_KIND") or metadata.get("kind") or "aws-imdsv2"
+    metadata = config.metadata
+    url = environ.get("SPOTRAIN_METADATA_URL") or (metadata.url if metadata else None)
+    kind = environ.get("SPOTRAIN_METADATA_KIND") or (metadata.kind if metadata else "aws-imdsv2")
     if kind not in KINDS:
         raise ValueError(f"unknown metadata kind {kind!r}; valid: {', '.join(KINDS)}")
     return (kind, url) if url else None

@@ -10,7 +10,7 @@ from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.timed_storage import get_dht_time
 
-from spotrain.swarm_records import DUTY_TTL_SECONDS, STATUS_TTL_SECONDS, AgentStatus, duty_key, status_key
+from spotrain.contracts.records import STATUS_TTL_SECONDS, AgentStatus, duty_holders, duty_key, status_key
 
 
 class StatusPublisher:
@@ -43,9 +43,7 @@ class StatusPublisher:
                        expiration_time=get_dht_time() + STATUS_TTL_SECONDS)
 
     def refresh_duty(self) -> None:
-        found = self.dht.get(duty_key(self.cluster), latest=True)
-        holders = found.value if found is not None and isinstance(found.value, list) else []
-        self.has_duty = self.instance_id in holders
+        self.has_duty = self.instance_id in duty_holders(self.dht.get(duty_key(self.cluster), latest=True))
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -58,4 +56,4 @@ class StatusPublisher:
             self._stop.wait(max(0.0, self.period - (time.monotonic() - started)))
 
 
-__all__ = ["DUTY_TTL_SECONDS", "StatusPublisher"]
+__all__ = ["StatusPublisher"]

@@ -37,7 +37,7 @@ def main() -> int:
 
         keep_freed_memory()
     torch.set_num_threads(1)
-    from spotrain.task import load_task
+    from spotrain.contracts.task import load_task
 
     task = load_task(args.task)
     model = task.build_model()

@@ -26,7 +26,7 @@ from spotrain.providers.base import (
     ProviderError,
     QuotaError,
 )
-from spotrain.providers.bootstrap import agent_config, render_cloud_init
+from spotrain.providers.bootstrap import METADATA, render_cloud_init
 
 NAME = "aws"
 TAG_CLUSTER, TAG_REQUEST = "spotrain:cluster", "spotrain:request-id"
@@ -187,8 +187,8 @@ class AwsProvider:
                 {"Key": TAG_REQUEST, "Value": request.request_id},
                 {"Key": TAG_PRICE, "Value": repr(request.offer.spot_usd_per_hour)}]
         user_data = render_cloud_init(
-            agent_config(request.user_data, NAME, location=request.offer.location, port=config.swarm_port,
-                         host="0.0.0.0"),
+            request.user_data.for_vm(location=request.offer.location, metadata=METADATA[NAME], host="0.0.0.0",
+                                     port=config.swarm_port),
             NAME, config.worker_image)
         arguments: dict[str, Any] = {
             "ImageId": config.image_id or self._default_image(region_of(zone)),

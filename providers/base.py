@@ -7,8 +7,9 @@ matches error strings.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from spotrain.contracts.agent_config import AgentConfig
 from spotrain.contracts.states import EndReason, InstanceState
 
 
@@ -49,7 +50,7 @@ class LaunchRequest:
     request_id: str  # the idempotency token: the same id never makes two instances
     cluster: str
     offer: Offer
-    user_data: dict[str, Any]
+    user_data: AgentConfig  # the agent's config as the controller built it; the provider completes it
 
 
 @dataclass(frozen=True)

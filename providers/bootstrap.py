@@ -1,25 +1,26 @@
 """Renders a cloud VM's user-data from infra/: cloud-init that installs and starts the agent.
 
-The agent's config goes in as JSON (see infra/README.md); nothing secret may be in it, and
-`render_cloud_init` refuses keys that look like credentials.
+The agent's config (`spotrain.contracts.agent_config.AgentConfig`) goes in as JSON (see
+infra/README.md); nothing secret may be in it, and `render_cloud_init` refuses keys that look
+like credentials.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import re
 import shlex
 from importlib import resources
 from string import Template
 
 from spotrain import __version__
+from spotrain.contracts.agent_config import AgentConfig, MetadataEndpoint
 
 SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|private_key|access_key", re.IGNORECASE)
 AGENT_CONFIG_PATH = "/etc/spotrain/user-data.json"
 METADATA = {  # where each cloud's agent finds its metadata service
-    "aws": ("aws-imdsv2", "http://169.254.169.254"),
-    "gcp": ("gce", "http://metadata.google.internal"),
+    "aws": MetadataEndpoint(kind="aws-imdsv2", url="http://169.254.169.254"),
+    "gcp": MetadataEndpoint(kind="gce", url="http://metadata.google.internal"),
 }
 
 
@@ -42,17 +43,12 @@ def secret_keys(value: object, path: str = "") -> list[str]:
     return found
 
 
-def agent_config(user_data: dict, cloud: str, **extra: object) -> dict:
-    kind, url = METADATA[cloud]
-    return dict(user_data, metadata={"kind": kind, "url": url}, **extra)
-
-
-def render_cloud_init(config: dict, cloud: str, worker_image: str | None = None) -> str:
+def render_cloud_init(config: AgentConfig, cloud: str, worker_image: str | None = None) -> str:
     """The #cloud-config for one worker; `worker_image` runs the agent in Docker, else pip installs it."""
-    leaked = secret_keys(config)
+    leaked = secret_keys(config.wire())
     if leaked:
         raise ValueError(f"refusing to put credential-like keys in user-data: {', '.join(leaked)}")
-    kind, url = METADATA[cloud]
+    metadata = METADATA[cloud]
     if worker_image:
         install = f"docker pull {shlex.quote(worker_image)}"
         exec_start = (f"/usr/bin/docker run --rm --name spotrain-agent --network host --gpus all "
@@ -65,10 +61,9 @@ def render_cloud_init(config: dict, cloud: str, worker_image: str | None = None)
         exec_start = f"/opt/spotrain/bin/spotrain agent --user-data {AGENT_CONFIG_PATH}"
         groups = ""
     unit = Template(infra_text("spotrain-agent.service")).substitute(
-        metadata_kind=kind, metadata_url=url, exec_start=exec_start, groups=groups)
-    agent_json = json.dumps(config, sort_keys=True)
+        metadata_kind=metadata.kind, metadata_url=metadata.url, exec_start=exec_start, groups=groups)
     return Template(infra_text("cloud-init.yaml.tmpl")).substitute(
-        agent_json_b64=base64.b64encode(agent_json.encode()).decode(),
+        agent_json_b64=base64.b64encode(config.to_json().encode()).decode(),
         unit_b64=base64.b64encode(unit.encode()).decode(),
         install_command=install.replace('"', '\\"'),
     )

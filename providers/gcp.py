@@ -30,7 +30,7 @@ from spotrain.providers.base import (
     ProviderError,
     QuotaError,
 )
-from spotrain.providers.bootstrap import agent_config, infra_text, render_cloud_init
+from spotrain.providers.bootstrap import METADATA, infra_text, render_cloud_init
 from spotrain.providers.gcp_prices import gpu_of, spot_price
 
 NAME = "gcp"
@@ -224,8 +224,8 @@ class GcpProvider:
     def _resource(self, request: LaunchRequest, zone: str, name: str) -> Any:
         compute, config = self.compute(), self.config
         user_data = render_cloud_init(
-            agent_config(request.user_data, NAME, instance_id=name, location=request.offer.location,
-                         port=config.swarm_port, host="0.0.0.0"),
+            request.user_data.for_vm(location=request.offer.location, instance_id=name, metadata=METADATA[NAME],
+                                     host="0.0.0.0", port=config.swarm_port),
             NAME, config.worker_image)
         metadata = {"user-data": user_data, "startup-script": infra_text("gce-startup.sh"),
                     META_REQUEST: request.request_id, META_PRICE: repr(request.offer.spot_usd_per_hour)}

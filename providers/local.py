@@ -90,8 +90,9 @@ class LocalProvider:
             location.trace_offset_hours * 3600.0, self.config.unannounced_every,
         )
         vm_dir.mkdir(parents=True, exist_ok=True)
-        user_data = dict(request.user_data, instance_id=instance_id, location=request.offer.location)
-        write_json_atomic(vm_dir / "user-data.json", user_data)
+        # the supervisor gives the agent its metadata service through the environment
+        user_data = request.user_data.for_vm(location=request.offer.location, instance_id=instance_id)
+        write_json_atomic(vm_dir / "user-data.json", user_data.wire())
         vm = {
             "instance_id": instance_id, "request_id": request.request_id, "cluster": request.cluster,
             "location": request.offer.location, "zone": zone, "price_usd_per_hour": request.offer.spot_usd_per_hour,

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from spotrain.contracts.errors import validation_error_line
 from spotrain.errors import SpecError
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class Training(_Frozen):
     @field_validator("task")
     @classmethod
     def _task_imports(cls, value: str) -> str:
-        from spotrain.task import load_task  # imports user code: only after the shape checks
+        from spotrain.contracts.task import load_task  # imports user code: only after the shape checks
 
         load_task(value)
         return value
@@ -295,24 +296,13 @@ class ClusterSpec(_Frozen):
         return self.model_copy(update={"budget": budget})
 
 
-def _error_line(path: Path, error: ValidationError) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"])
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif "input" in first and not isinstance(first["input"], (dict, list)):
-        message = f"{message} (got {first['input']!r})"
-    return f"{path}: {key}: {message}" if key else f"{path}: {message}"
-
-
 def parse_spec(data: object, path: Path) -> ClusterSpec:
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping")
     try:
         return ClusterSpec.model_validate(data)
     except ValidationError as error:
-        raise SpecError(_error_line(path, error)) from None
+        raise SpecError(validation_error_line(path, error)) from None
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
+from spotrain.contracts.agent_config import AgentConfig, CheckpointSettings, CompressionSettings, TrainingSettings
+from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.controller import (
     AssignDuty,
@@ -38,7 +40,6 @@ from spotrain.providers.base import (
     QuotaError,
 )
 from spotrain.swarm import Swarm
-from spotrain.swarm_records import AgentStatus
 from spotrain.throughput import TaskProfile
 
 STATUS_FRESH_SECONDS = 20.0
@@ -228,7 +229,7 @@ class ControlLoop:
                                        offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
                                        offer.gpu_count, offer.market)
         try:
-            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.user_data()))
+            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.agent_config()))
         except ProviderError as error:
             if isinstance(error, (CapacityError, QuotaError, PriceError)) and offer.market == "spot":
                 in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
@@ -253,23 +254,25 @@ class ControlLoop:
         except Exception as error:
             self.say(f"duty record not stored: {type(error).__name__}: {error}")
 
-    def user_data(self) -> dict:
-        """What a new agent needs to join: everything but secrets."""
+    def agent_config(self) -> AgentConfig:
+        """What a new agent needs to join, no secrets; its provider adds what only it knows (`AgentConfig.for_vm`)."""
         training = self.spec.training
         agent_peers = [a for s in self.statuses.values() if s.state == AgentState.TRAINING for a in s.addresses][:4]
-        return {
-            "cluster": self.spec.name,
-            "initial_peers": self.swarm.addresses() + agent_peers,
-            "task": training.task,
-            "training": {
-                "batch_size": training.batch_size, "target_batch_size": training.target_batch_size,
-                "compression": training.compression.model_dump(),
-                "matchmaking_time": training.matchmaking_time, "averaging_timeout": training.averaging_timeout,
-                "delayed_updates": training.delayed_updates,
-            },
-            "checkpoint": {"store": self.settings.checkpoint_store, "every_epochs": self.spec.checkpoint.every_epochs},
-            "torch_threads": 1,
-        }
+        return AgentConfig(
+            cluster=self.spec.name,
+            initial_peers=tuple(self.swarm.addresses() + agent_peers),
+            task=training.task,
+            training=TrainingSettings(
+                batch_size=training.batch_size, target_batch_size=training.target_batch_size,
+                compression=CompressionSettings(gradients=training.compression.gradients,
+                                                state=training.compression.state),
+                matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
+                delayed_updates=training.delayed_updates,
+            ),
+            checkpoint=CheckpointSettings(store=self.settings.checkpoint_store,
+                                          every_epochs=self.spec.checkpoint.every_epochs),
+            torch_threads=1,
+        )
 
     def finish(self, reason: str) -> None:
         """Terminate everything (agents holding duty write a final checkpoint), settle, close the run."""

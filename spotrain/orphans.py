@@ -10,19 +10,10 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from pathlib import Path
+
+from spotrain.agents.process_tree import children_of
 
 PR_SET_PDEATHSIG = 1
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
 
 
 def _kill_children_and_exit(*_: object) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from spotrain.swarm_records import AgentStatus
+from spotrain.contracts.records import AgentStatus
 
 
 class Swarm(Protocol):

@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from spotrain.contracts.records import (
+    DUTY_TTL_SECONDS,
+    AgentStatus,
+    duty_key,
+    duty_record,
+    newest_statuses,
+    status_key,
+)
 from spotrain.orphans import die_with_parent
-from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, status_key
 
 # Read when hivemind is first imported. Its futures share a few bytes with the DHT's process; the
 # default "file_system" strategy routes that through torch's shm manager daemon, which the
@@ -31,21 +38,12 @@ class SwarmView:
 
     def statuses(self) -> dict[str, AgentStatus]:
         """The newest status of every agent whose record has not expired."""
-        found = self.dht.get(status_key(self.cluster), latest=True)
-        newest: dict[str, AgentStatus] = {}
-        if found is None or not isinstance(found.value, dict):
-            return newest
-        for entry in found.value.values():
-            status = AgentStatus.from_record(entry.value)
-            if status is not None and (status.instance_id not in newest
-                                       or status.time > newest[status.instance_id].time):
-                newest[status.instance_id] = status
-        return newest
+        return newest_statuses(self.dht.get(status_key(self.cluster), latest=True))
 
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         from hivemind.utils.timed_storage import get_dht_time
 
-        self.dht.store(duty_key(self.cluster), list(instance_ids), get_dht_time() + DUTY_TTL_SECONDS)
+        self.dht.store(duty_key(self.cluster), duty_record(instance_ids), get_dht_time() + DUTY_TTL_SECONDS)
 
     def shutdown(self) -> None:
         self.dht.shutdown()

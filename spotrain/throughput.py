@@ -81,7 +81,7 @@ def wire_ratio(codec: str) -> float:
 @lru_cache(maxsize=16)
 def counted_parameters(task: str) -> int:
     """Parameters of the task's model, built once per task (this imports torch and the user's code)."""
-    from spotrain.task import load_task
+    from spotrain.contracts.task import load_task
 
     return sum(p.numel() for p in load_task(task).build_model().parameters())
 

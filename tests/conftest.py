@@ -32,6 +32,19 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "the condition", ever
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def agent_config(cluster: str = "c", **changes: object):
+    """A complete AgentConfig, as a controller builds it, with top-level `changes`."""
+    from spotrain.contracts.agent_config import AgentConfig
+
+    data: dict[str, object] = {
+        "cluster": cluster, "initial_peers": [], "task": "spotrain.examples.tiny_gpt:task",
+        "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": "float16", "state": "none"},
+                     "matchmaking_time": 2.0, "averaging_timeout": 15.0},
+        "checkpoint": {"store": "checkpoints", "every_epochs": 2},
+    }
+    return AgentConfig.model_validate({**data, **changes})
+
+
 def run_cli(*args: str, home: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, SPOTRAIN_HOME=str(home))
     result = subprocess.run([sys.executable, "-m", "spotrain", *args], env=env, capture_output=True, text=True,

@@ -4,8 +4,8 @@ d sqrt(u)/du is infinite at u = 0 and du/dp is 0 there, so adding sqrt(0 * p.sum
 loss as it is and turns p's gradient into NaN: what an overflow in a backward pass looks like.
 """
 
+from spotrain.contracts.task import SimpleTask
 from spotrain.examples import tiny_gpt
-from spotrain.task import SimpleTask
 
 _calls = 0
 

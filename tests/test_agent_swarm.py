@@ -12,8 +12,8 @@ import pytest
 from conftest import wait_for
 
 from spotrain.agents.checkpoints import LocalDirStore
+from spotrain.contracts.records import status_key
 from spotrain.providers.imds_server import MetadataServer, MetadataState
-from spotrain.swarm_records import status_key
 from spotrain.swarm_view import SwarmView
 
 

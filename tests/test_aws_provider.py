@@ -7,13 +7,14 @@ import boto3
 import pytest
 import yaml
 from clouds import AWS_IMAGE, AWS_REGION, aws_instances, preempt_aws
+from conftest import agent_config
 
 from spotrain.config import AwsProvider as AwsConfig
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.aws import AwsProvider, client_token
 from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, PriceError, QuotaError
 
-USER_DATA = {"cluster": "c1", "initial_peers": ["/ip4/127.0.0.1/tcp/1/p2p/Qm"], "task": "m:t"}
+USER_DATA = agent_config("c1", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/Qm"], task="m:t")
 
 
 def provider(**overrides) -> AwsProvider:

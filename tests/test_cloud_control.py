@@ -7,6 +7,7 @@ import json
 import pytest
 import yaml
 from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
+from conftest import agent_config
 from test_control_loop import WORKLOAD, QuietSwarm
 
 from spotrain.config import ClusterSpec
@@ -62,11 +63,21 @@ def test_bad_cloud_sections_are_one_line_errors(tmp_path, providers, message):
 
 
 def test_user_data_refuses_credentials_and_carries_the_agent_config():
+    from spotrain.contracts.agent_config import AgentConfig, TrainingSettings
+
+    class LeakyTraining(TrainingSettings):  # a field added carelessly to the contract
+        aws_secret_access_key: str = "x"
+
+    class LeakyConfig(AgentConfig):
+        training: LeakyTraining
+
     with pytest.raises(ValueError, match="training.aws_secret_access_key"):
-        render_cloud_init({"cluster": "c", "training": {"aws_secret_access_key": "x"}}, "aws")
-    rendered = yaml.safe_load(render_cloud_init({"cluster": "c"}, "gcp", worker_image="registry/w:1"))
+        render_cloud_init(LeakyConfig.model_validate(agent_config().wire()), "aws")
+    config = agent_config()
+    rendered = yaml.safe_load(render_cloud_init(config, "gcp", worker_image="registry/w:1"))
     files = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}
-    assert json.loads(files["/etc/spotrain/user-data.json"]) == {"cluster": "c"}
+    assert json.loads(files["/etc/spotrain/user-data.json"]) == config.wire()
+    assert AgentConfig.from_json(files["/etc/spotrain/user-data.json"]) == config
     unit = files["/etc/systemd/system/spotrain-agent.service"]
     assert "docker run" in unit and "SPOTRAIN_METADATA_KIND=gce" in unit and "Restart=on-failure" in unit
     assert rendered["runcmd"][-1] == ["systemctl", "enable", "--now", "spotrain-agent.service"]
@@ -80,8 +91,8 @@ def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_pat
     multi = MultiProvider([local, GcpProvider(s.providers.gcp)])
     assert multi.termination_lag_seconds == max(local.termination_lag_seconds, 90.0)
     offers = {o.location: o for o in multi.offers()}
-    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"], {}))
-    on_local = multi.launch(LaunchRequest("cc-r00001", "cc", offers["local:zone-a"], {}))
+    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"], agent_config("cc")))
+    on_local = multi.launch(LaunchRequest("cc-r00001", "cc", offers["local:zone-a"], agent_config("cc")))
     assert {i.instance_id: i.location for i in multi.list_instances("cc")} == {
         on_gcp.instance_id: "gcp:us-central1-b", on_local.instance_id: "local:zone-a"}
     assert len(gce.state.all_instances()) == 1
@@ -168,7 +179,7 @@ def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image
 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    rendered = yaml.safe_load(render_cloud_init({"cluster": "c"}, "aws", worker_image=worker_image))
+    rendered = yaml.safe_load(render_cloud_init(agent_config(), "aws", worker_image=worker_image))
     unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
         "/etc/systemd/system/spotrain-agent.service"]
     # the command exists on the VM, not here: verify everything else with a stand-in

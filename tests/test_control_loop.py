@@ -4,6 +4,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+from conftest import agent_config
 
 from spotrain.config import ClusterSpec
 from spotrain.contracts.states import EndReason, InstanceState
@@ -59,7 +60,7 @@ def test_a_running_instance_unknown_to_the_ledger_is_adopted(loop, tmp_path):
     from spotrain.providers.base import LaunchRequest
 
     (offer,) = [o for o in loop.offers if o.location == "local:zone-a"]
-    loop.provider.launch(LaunchRequest("c-r00042", "c", offer, {}))
+    loop.provider.launch(LaunchRequest("c-r00042", "c", offer, agent_config()))
     loop.tick()
     rows = {r.request_id: r for r in loop.ledger.instances()}
     assert rows["c-r00042"].state == "running" and rows["c-r00042"].reason == "adopted"

@@ -1,11 +1,13 @@
 """The local GCE metadata server follows the protocol; the agent's GCE and AWS watchers use them."""
 
+import json
 import threading
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+from conftest import agent_config
 
 from spotrain.agents.daemon import Agent
 from spotrain.agents.metadata_watch import (
@@ -16,6 +18,7 @@ from spotrain.agents.metadata_watch import (
     make_watcher,
     watcher_settings,
 )
+from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
 from spotrain.providers.gce_metadata_server import GceMetadataServer, GceMetadataState
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 
@@ -130,14 +133,16 @@ def test_aws_watcher_passes_on_a_rebalance_recommendation_then_the_notice():
 
 
 def test_the_agent_picks_its_watcher_and_instance_id_from_config_or_environment(gce_md):
-    config = {"metadata": {"kind": "gce", "url": gce_md.url}}
+    config = agent_config(metadata={"kind": "gce", "url": gce_md.url})
     assert watcher_settings(config, environ={}) == ("gce", gce_md.url)
     assert watcher_settings(config, environ={"SPOTRAIN_METADATA_KIND": "aws-imdsv2",
                                              "SPOTRAIN_METADATA_URL": "http://x"}) == ("aws-imdsv2", "http://x")
-    assert watcher_settings({}, environ={}) is None
+    assert watcher_settings(agent_config(), environ={}) is None
     with pytest.raises(ValueError, match="unknown metadata kind 'azure'"):
-        watcher_settings({"metadata": {"kind": "azure", "url": "http://x"}}, environ={})
+        watcher_settings(agent_config(), environ={"SPOTRAIN_METADATA_KIND": "azure", "SPOTRAIN_METADATA_URL": "http://x"})
+    with pytest.raises(AgentConfigError, match="metadata.kind"):
+        AgentConfig.from_json(json.dumps({**config.wire(), "metadata": {"kind": "azure", "url": "http://x"}}))
     assert isinstance(make_watcher("gce", gce_md.url, print), GceNoticeWatcher)
     assert isinstance(make_watcher("aws-imdsv2", gce_md.url, print), NoticeWatcher)
-    agent = Agent({"cluster": "c", **config})  # no instance_id in user-data: GCE's metadata names it
+    agent = Agent(config)  # no instance_id in user-data: GCE's metadata names it
     assert agent.instance_id == "sp-abc"

@@ -8,13 +8,14 @@ import uuid
 import pytest
 import yaml
 from clouds import GCE_ZONES, PROJECT
+from conftest import agent_config
 
 from spotrain.config import GcpProvider as GcpConfig
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, QuotaError
 from spotrain.providers.gcp import GcpProvider, instance_name, request_uuid
 
-USER_DATA = {"cluster": "c2", "initial_peers": [], "task": "m:t"}
+USER_DATA = agent_config("c2", task="m:t")
 
 
 def provider(server, **overrides) -> GcpProvider:

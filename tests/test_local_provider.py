@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from conftest import processes_under, wait_for
+from conftest import agent_config, processes_under, wait_for
 
 from spotrain.config import LocalLocation
 from spotrain.config import LocalProvider as LocalConfig
@@ -37,7 +37,7 @@ def provider(root: Path, workload, **config) -> LocalProvider:
 
 
 def request(n: int) -> LaunchRequest:
-    return LaunchRequest(f"c-r{n:05d}", "c", Offer("local", "local:zone-a", "local.cpu", None, 0.5), {})
+    return LaunchRequest(f"c-r{n:05d}", "c", Offer("local", "local:zone-a", "local.cpu", None, 0.5), agent_config())
 
 
 def state_of(p: LocalProvider, instance_id: str):

@@ -8,12 +8,12 @@ import pytest
 from conftest import ROOT, run_cli
 
 from spotrain.config import ClusterSpec, load_spec
+from spotrain.contracts.task import load_task
 from spotrain.kernels.table import nominal_ratio
 from spotrain.market import catalog_offers
 from spotrain.plan import offers_for
 from spotrain.providers.base import AuthError
 from spotrain.providers.multi import MultiProvider
-from spotrain.task import load_task
 from spotrain.throughput import TaskProfile
 
 CLOUDS = ROOT / "examples" / "clouds.yaml"

@@ -19,7 +19,8 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
                  "spotrain/kernels/native_blockwise.c", "spotrain/policies/cost_per_sample.py",
                  "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE", "spotrain/providers/aws.py",
                  "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service",
-                 "spotrain/contracts/states.py", "spotrain/sim/provider.py", "spotrain/sim/swarm.py"):
+                 "spotrain/contracts/states.py", "spotrain/sim/provider.py", "spotrain/sim/swarm.py",
+                 "spotrain/contracts/agent_config.py", "spotrain/agents/roles/data_parallel.py"):
         assert path in names
     assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "infra/", "tests/"))]
 
@@ -34,7 +35,12 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
             "from spotrain.providers.bootstrap import render_cloud_init; "
             "print(spotrain.__file__); print(len(trace_nodes('bamboo-p3')[0])); print(k.get_codec('float16')); "
             "from spotrain.kernels import native; print(native.SOURCE.exists()); "
-            "print(render_cloud_init({'cluster': 'c'}, 'aws').splitlines()[0])")
+            "from spotrain.contracts.agent_config import AgentConfig; "
+            "config = AgentConfig.model_validate({'cluster': 'c', 'initial_peers': [], 'task': 'm:t', "
+            "'training': {'batch_size': 8, 'target_batch_size': 64, "
+            "'compression': {'gradients': 'none', 'state': 'none'}, "
+            "'matchmaking_time': 2.0, 'averaging_timeout': 15.0}, 'checkpoint': {'store': 'c', 'every_epochs': 1}}); "
+            "print(render_cloud_init(config, 'aws').splitlines()[0])")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.splitlines()
     assert out[0].startswith(str(venv))

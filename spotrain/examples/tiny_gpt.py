@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spotrain.task import SimpleTask
+from spotrain.contracts.task import SimpleTask
 
 VOCAB = 256  # bytes
 CONTEXT = 64

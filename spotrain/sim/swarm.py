@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import AgentState, InstanceState
 from spotrain.market import Location
 from spotrain.sim.clock import SimClock
 from spotrain.sim.provider import SimInstance, SimProvider
-from spotrain.swarm_records import AgentStatus
 from spotrain.throughput import TaskProfile, Worker, estimate
 
 

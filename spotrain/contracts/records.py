@@ -7,7 +7,11 @@ instance ids the controller asks to write checkpoints.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
+from typing import Any
+
+from spotrain.contracts.states import AgentState
 
 STATUS_TTL_SECONDS = 30.0
 DUTY_TTL_SECONDS = 60.0
@@ -24,7 +28,7 @@ def duty_key(cluster: str) -> str:
 @dataclass(frozen=True)
 class AgentStatus:
     instance_id: str
-    state: str  # starting | training | draining
+    state: AgentState
     epoch: int
     samples: int  # samples this agent has processed since it started
     samples_per_second: float
@@ -36,14 +40,15 @@ class AgentStatus:
     time: float
     codec_table: str = ""  # spotrain.kernels.codec_table_fingerprint; peers that differ cannot average
 
-    def to_record(self) -> dict:
+    def to_record(self) -> dict[str, Any]:
         data = asdict(self)
+        data["state"] = AgentState(self.state).value
         data["addresses"] = list(self.addresses)
         return data
 
     @classmethod
     def from_record(cls, data: object) -> AgentStatus | None:
-        """Parse a record; None for anything malformed (an old or foreign peer)."""
+        """Parse a record; None for anything malformed (an old or foreign peer, a state we do not know)."""
         if not isinstance(data, dict):
             return None
         names = {f.name for f in fields(cls)}
@@ -52,7 +57,33 @@ class AgentStatus:
             return None
         try:
             values = {name: data[name] for name in names & set(data)}
+            values["state"] = AgentState(values["state"])
             values["addresses"] = tuple(str(a) for a in values["addresses"])
             return cls(**values)
         except (TypeError, ValueError):
             return None
+
+
+def newest_statuses(found: Any) -> dict[str, AgentStatus]:
+    """instance id -> its newest status, from what `DHT.get(status_key(cluster), latest=True)`
+    returned: None, or a value whose `.value` maps each subkey to an entry with a `.value` record."""
+    entries = getattr(found, "value", None)
+    if not isinstance(entries, dict):
+        return {}
+    newest: dict[str, AgentStatus] = {}
+    for entry in entries.values():
+        status = AgentStatus.from_record(getattr(entry, "value", None))
+        if status is not None and (status.instance_id not in newest or status.time > newest[status.instance_id].time):
+            newest[status.instance_id] = status
+    return newest
+
+
+def duty_record(instance_ids: Iterable[str]) -> list[str]:
+    """The value stored under `duty_key`: the instance ids on checkpoint duty."""
+    return [str(i) for i in instance_ids]
+
+
+def duty_holders(found: Any) -> Sequence[str]:
+    """The instance ids on duty, from what `DHT.get(duty_key(cluster), latest=True)` returned."""
+    value = getattr(found, "value", None)
+    return tuple(str(i) for i in value) if isinstance(value, list) else ()

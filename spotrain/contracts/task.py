@@ -52,7 +52,7 @@ def load_task(reference: str) -> TrainingTask:
         target = getattr(module, attr)
     except AttributeError:
         raise TaskImportError(f"module {module_name!r} has no attribute {attr!r}") from None
-    task = target() if callable(target) and not _is_task(target) else target
+    task: TrainingTask = target() if callable(target) and not _is_task(target) else target
     missing = [name for name in _REQUIRED if not callable(getattr(task, name, None))]
     if missing:
         raise TaskImportError(f"{reference} is not a TrainingTask (missing {', '.join(missing)})")

@@ -1,0 +1,105 @@
+"""The agent's input: the user-data every VM is started with (documented in infra/README.md).
+
+The controller builds one `AgentConfig` per launch (`ControlLoop.agent_config`); a provider only
+completes what it alone knows (`AgentConfig.for_vm`); the agent parses it once
+(`AgentConfig.from_json`). It is frozen, rejects unknown keys, and carries a version, so an agent
+older than its controller refuses a config it cannot read instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spotrain.contracts.errors import validation_error_line
+
+CONFIG_VERSION = 1  # raise when a field changes meaning or a required one is added
+
+MetadataKind = Literal["aws-imdsv2", "gce"]
+
+
+class AgentConfigError(ValueError):
+    """User-data the agent cannot use: one line naming the file and the key."""
+
+
+class _Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CompressionSettings(_Contract):
+    gradients: str  # a codec of spotrain.kernels.table
+    state: str
+
+
+class TrainingSettings(_Contract):
+    batch_size: int = Field(gt=0)  # samples per local step
+    target_batch_size: int = Field(gt=0)  # samples per global epoch
+    compression: CompressionSettings
+    matchmaking_time: float = Field(gt=0)
+    averaging_timeout: float = Field(gt=0)
+    delayed_updates: bool = False
+    group_size: int | None = Field(default=None, gt=0)  # the swarm's expected size, for averaging groups
+
+
+class CheckpointSettings(_Contract):
+    store: str  # a local directory
+    every_epochs: int = Field(gt=0)
+
+
+class MetadataEndpoint(_Contract):
+    """Where the VM's metadata service answers (the environment may override it)."""
+
+    kind: MetadataKind
+    url: str
+
+
+class AgentConfig(_Contract):
+    version: int = Field(default=CONFIG_VERSION, ge=1)
+    cluster: str  # also the hivemind run_id and the prefix of the swarm's DHT records
+    initial_peers: tuple[str, ...]  # multiaddrs of the controller's DHT peer and running agents
+    task: str  # "module:attr" of a TrainingTask
+    training: TrainingSettings
+    checkpoint: CheckpointSettings
+    torch_threads: int = Field(default=1, gt=0)
+    sigterm_grace_seconds: float = Field(default=10.0, gt=0)  # a user's termination: drain this long
+    # completed by the provider
+    instance_id: str | None = None  # None on EC2: only the VM knows its id, the agent asks IMDS
+    location: str | None = None
+    metadata: MetadataEndpoint | None = None
+    host: str = "127.0.0.1"  # where the agent's swarm peer listens; port 0: any free port
+    port: int = Field(default=0, ge=0, le=65535)
+
+    def for_vm(self, *, location: str, instance_id: str | None = None, metadata: MetadataEndpoint | None = None,
+               host: str | None = None, port: int | None = None) -> AgentConfig:
+        """This config completed with what only the provider knows; fields left None stay as they are."""
+        update: dict[str, Any] = {"location": location, "instance_id": instance_id, "metadata": metadata,
+                                  "host": host, "port": port}
+        return self.model_copy(update={k: v for k, v in update.items() if v is not None})
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON document a VM gets (absent optional fields are left out)."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.wire(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, source: object = "user-data") -> AgentConfig:
+        """Parse user-data; AgentConfigError (one line, naming `source` and the key) when it is unusable."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise AgentConfigError(f"{source}: not JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise AgentConfigError(f"{source}: user-data must be a JSON object")
+        version = data.get("version", CONFIG_VERSION)
+        # before the fields: a newer config may have keys this agent would call unknown
+        if isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_VERSION:
+            raise AgentConfigError(f"{source}: user-data version {version} is newer than this agent "
+                                   f"understands ({CONFIG_VERSION}): upgrade spotrain on the VM")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise AgentConfigError(validation_error_line(source, error)) from None

@@ -1,0 +1,41 @@
+"""The swarm's DHT records: tolerant parsing, the newest status per instance, the duty record."""
+
+from types import SimpleNamespace
+
+from spotrain.contracts.records import AgentStatus, duty_holders, duty_record, newest_statuses
+from spotrain.contracts.states import AgentState
+
+
+def status(instance_id: str, at: float, state: AgentState = AgentState.TRAINING) -> AgentStatus:
+    return AgentStatus(instance_id, state, epoch=3, samples=10, samples_per_second=1.5, loss=None, bytes_sent=1,
+                       bytes_received=2, checkpoint_epoch=None, addresses=("/ip4/1.2.3.4/tcp/1",), time=at)
+
+
+def found(*records: object) -> SimpleNamespace:
+    """What DHT.get(key, latest=True) returns for a key with subkeys."""
+    return SimpleNamespace(value={f"subkey{i}": SimpleNamespace(value=r) for i, r in enumerate(records)})
+
+
+def test_a_status_round_trips_with_its_state_as_plain_text():
+    record = status("i-a", 5.0, AgentState.DRAINING).to_record()
+    assert record["state"] == "draining" and type(record["state"]) is str
+    parsed = AgentStatus.from_record(record)
+    assert parsed == status("i-a", 5.0, AgentState.DRAINING) and parsed.state is AgentState.DRAINING
+
+
+def test_unknown_states_and_malformed_records_are_skipped():
+    assert AgentStatus.from_record({**status("i-a", 1.0).to_record(), "state": "hibernating"}) is None
+    assert AgentStatus.from_record({"instance_id": "i-a"}) is None
+    assert AgentStatus.from_record("garbage") is None
+
+
+def test_the_newest_status_of_each_instance_wins():
+    older, newer, other = status("i-a", 1.0), status("i-a", 2.0, AgentState.DRAINING), status("i-b", 1.5)
+    got = newest_statuses(found(newer.to_record(), older.to_record(), other.to_record(), {"bad": 1}))
+    assert got == {"i-a": newer, "i-b": other}
+    assert newest_statuses(None) == {} and newest_statuses(SimpleNamespace(value=[1])) == {}
+
+
+def test_the_duty_record_round_trips():
+    assert duty_holders(SimpleNamespace(value=duty_record(("i-a", "i-b")))) == ("i-a", "i-b")
+    assert duty_holders(None) == () and duty_holders(SimpleNamespace(value="i-a")) == ()
