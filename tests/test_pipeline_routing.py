@@ -46,6 +46,15 @@ def test_banned_excluded_and_full_peers_are_skipped_and_none_is_said_when_nothin
     assert choose_peer(loads, banned, 4.9, POLICY, exclude={"b"}) is None
 
 
+def test_a_backward_goes_back_to_its_forward_peer_while_it_is_usable():
+    loads = [PeerLoad("a", 10.0, 3, in_flight=3), PeerLoad("b", 10.0, 0)]
+    assert choose_peer(loads, {}, 0.0, POLICY) == "b"
+    assert choose_peer(loads, {}, 0.0, POLICY, prefer="a") == "a"
+    assert choose_peer(loads, {"a": PeerHealth(1, 9.0)}, 0.0, POLICY, prefer="a") == "b"
+    assert choose_peer(loads, {}, 0.0, POLICY, exclude={"a"}, prefer="a") == "b"
+    assert choose_peer(loads, {}, 0.0, POLICY, prefer="gone") == "b"
+
+
 def test_bans_double_with_each_failure_in_a_row_up_to_the_cap():
     health, bans = PeerHealth(), []
     for now in range(6):

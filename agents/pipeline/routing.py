@@ -55,8 +55,12 @@ def expected_finish(load: PeerLoad, assumed_speed: float) -> float:
 
 
 def choose_peer(loads: Sequence[PeerLoad], health: Mapping[str, PeerHealth], now: float,
-                policy: RoutingPolicy, exclude: Collection[str] = ()) -> str | None:
-    """The usable peer that would finish a microbatch first; None if every one is banned or full."""
+                policy: RoutingPolicy, exclude: Collection[str] = (), prefer: str | None = None) -> str | None:
+    """The usable peer that would finish a microbatch first; None if every one is banned or full.
+
+    `prefer` wins whenever it is usable: a backward goes back to the peer whose parameters made
+    the forward, and the load it adds was weighed when that forward was routed.
+    """
     measured = [load.samples_per_second for load in loads if load.samples_per_second > 0]
     assumed = statistics.median(measured) if measured else 1.0
     usable = [load for load in loads
@@ -64,6 +68,8 @@ def choose_peer(loads: Sequence[PeerLoad], health: Mapping[str, PeerHealth], now
               and health.get(load.peer_id, PeerHealth()).banned_until <= now]
     if not usable:
         return None
+    if any(load.peer_id == prefer for load in usable):
+        return prefer
     return min(usable, key=lambda load: (expected_finish(load, assumed), load.peer_id)).peer_id
 
 
@@ -81,9 +87,10 @@ class RouteTable:
     in_flight: dict[str, int] = field(default_factory=dict)
     health: dict[str, PeerHealth] = field(default_factory=dict)
 
-    def choose(self, peers: Sequence[str], now: float, exclude: Collection[str] = ()) -> str | None:
+    def choose(self, peers: Sequence[str], now: float, exclude: Collection[str] = (),
+               prefer: str | None = None) -> str | None:
         loads = [self.load(peer) for peer in peers]
-        return choose_peer(loads, self.health, now, self.policy, exclude)
+        return choose_peer(loads, self.health, now, self.policy, exclude, prefer)
 
     def load(self, peer: str) -> PeerLoad:
         known = self.reported.get(peer, PeerLoad(peer, 0.0, 0))
