@@ -9,8 +9,17 @@ from collections.abc import Iterator
 import pytest
 import torch
 from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from spotrain.agents.pipeline.protocol import (
+    StageOp,
+    StageReply,
+    StageUnavailable,
+    parse_reply,
+    reply_message,
+)
 from spotrain.agents.pipeline.routing import RouteTable, RoutingPolicy
-from spotrain.agents.pipeline.stage_server import StageServer
+from spotrain.agents.pipeline.stage_server import StageServer, ThroughputMeter
 from spotrain.agents.pipeline.trainer import PipelineTrainer
 from spotrain.kernels import install_codecs
 
@@ -29,6 +38,25 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def test_a_stage_peer_measures_forward_and_backward_together():
+    meter = ThroughputMeter(alpha=0.5)
+    meter.add(StageOp.FORWARD, samples=10, seconds=1.0)
+    assert meter.samples_per_second(tail=False) == 0.0  # no backward measured yet
+    meter.add(StageOp.BACKWARD, samples=10, seconds=3.0)
+    assert meter.samples_per_second(tail=False) == pytest.approx(2.5)  # 0.1 + 0.3 s per sample
+    meter.add(StageOp.FORWARD, samples=10, seconds=3.0)  # the average moves halfway to 0.3
+    assert meter.samples_per_second(tail=False) == pytest.approx(2.0)
+    assert meter.samples_per_second(tail=True) == 0.0
+
+
+def test_replies_carry_the_load_and_a_malformed_one_is_refused():
+    reply = StageReply(tensors=(), queued=3, samples_per_second=12.5, loss=2.25)
+    assert parse_reply(reply_message(reply)) == reply
+    for metadata in (b"", MSGPackSerializer.dumps([1]), MSGPackSerializer.dumps({"queued": 1})):
+        with pytest.raises(StageUnavailable):
+            parse_reply(runtime_pb2.ExpertResponse(metadata=metadata))
 
 
 async def start_servers(per_stage: int) -> list[StageServer]:
