@@ -147,11 +147,12 @@ class StageServer:
         source, targets = _two(inputs)
         source.requires_grad_(source.is_floating_point())
         loss = self.task.loss(self.module(source), targets)
-        if not math.isfinite(loss.item()):
+        value = loss.item()
+        if not math.isfinite(value):
             raise StageUnavailable(f"non-finite loss at stage {self.stage}: the microbatch is not applied")
         loss.backward()
         self._step()
-        return ([source.grad] if source.grad is not None else []), loss.item()
+        return ([source.grad] if source.grad is not None else []), value
 
     def _step(self) -> None:
         self.optimizer.step()
