@@ -16,11 +16,12 @@ _EXPORTS = {
     "optimizer_options": "optimizer_arguments", "SwarmOptimizer": "paced_progress",
     "nominal_ratio": "table", "validate_codec_name": "table",
     "CodecMismatchError": "wire", "CorruptPayloadError": "wire",
+    "activation_codec": "activations", "decode_activation": "activations", "encode_activation": "activations",
 }
 __all__ = [
-    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "SwarmOptimizer",
-    "codec_table_fingerprint", "dequantize", "get_codec", "install_codecs", "nominal_ratio", "optimizer_options",
-    "quantize", "traffic", "validate_codec_name",
+    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "SwarmOptimizer", "activation_codec",
+    "codec_table_fingerprint", "decode_activation", "dequantize", "encode_activation", "get_codec",
+    "install_codecs", "nominal_ratio", "optimizer_options", "quantize", "traffic", "validate_codec_name",
 ]
 
 

@@ -218,13 +218,18 @@ def install_codecs() -> None:
             table[key] = CountingCodec(codec, traffic)
 
 
-def codec_table_fingerprint(gradients: str, state: str) -> str:
+def codec_table_fingerprint(gradients: str, state: str, activations: str | None = None) -> str:
     """What two peers must share to average together: wire format, codec table, chosen codecs.
 
     Chosen codecs matter too: hivemind cuts tensors into parts by each codec's compression
-    ratio, so peers with different codecs would disagree on where parts begin.
+    ratio, so peers with different codecs would disagree on where parts begin. SWARM peers also
+    exchange activations: their codec joins the fingerprint (data-parallel ones' stays as it was).
     """
     description = {"wire": wire.WIRE_VERSION, "ids": wire.CODEC_IDS, "slots": SLOTS, "blocks": BLOCK_SIZES,
                    "raw_below": RAW_BELOW, "gradients": gradients, "state": state}
+    chosen = f"{gradients}:{state}"
+    if activations is not None:
+        description["activations"] = activations
+        chosen += f":{activations}"
     digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
-    return f"w{wire.WIRE_VERSION}:{gradients}:{state}:{digest}"
+    return f"w{wire.WIRE_VERSION}:{chosen}:{digest}"

@@ -7,6 +7,7 @@ is a wire change: bump `wire.WIRE_VERSION` with it.
 from __future__ import annotations
 
 SPEC_CODECS = ("none", "float16", "uniform8", "blockwise8", "blockwise4", "powersgd:RANK")
+ACTIVATION_CODECS = SPEC_CODECS[:-1]  # a low-rank factorization fits weight gradients, not activations
 BLOCK_SIZES = {8: 1024, 4: 256}  # default values per block of blockwise8 / blockwise4
 RAW_BELOW = 16  # tensors smaller than this travel raw (a step counter must stay exact)
 SLOTS = {8: "BLOCKWISE_8BIT", 4: "QUANTILE_8BIT"}  # the hivemind enum slots our envelopes take

@@ -1,0 +1,117 @@
+"""Who serves which stage: rebalancing as a pure function over the stage records.
+
+A pipeline trains as fast as its slowest stage, and a stage serves as fast as its peers together,
+so the predicted pipeline throughput is the minimum over stages of the sum of their peers'
+samples/s. A newcomer joins the stage that limits it. A serving peer moves to that stage when
+the move raises the prediction by at least `min_gain` (Petals moves servers at 1 / 0.75) and its
+own stage keeps two serving peers.
+
+Every peer runs the same function on the same records, and it names one best move for the
+whole swarm, so peers that rebalance at about the same time agree on who moves instead of all
+leaving the same stage; the caller's jittered period (`rebalance_delay`) spreads the checks so
+each sees the records the last move left.
+
+A peer's samples/s is measured on its own stage; on another stage it is predicted by the ratio
+of the stages' costs (compute per sample, e.g. from parameter counts; equal by default).
+Starting peers count towards throughput (with their own estimate) so that newcomers do not pile
+onto one stage, but neither move nor count as a stage's remaining peers; draining ones count
+for nothing. Where two stages tie as the slowest, no single move gains: newcomers, which join the
+slowest stage, and the controller's launches fill them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from spotrain.contracts.stage_records import StageRecord
+from spotrain.contracts.states import AgentState
+
+MIN_PEERS_PER_STAGE = 2
+PETALS_MIN_GAIN = 1 / 0.75
+
+
+@dataclass(frozen=True)
+class Move:
+    peer_id: str
+    source: int
+    target: int
+    throughput_before: float  # predicted pipeline samples/s
+    throughput_after: float
+
+
+def stage_throughputs(records: Sequence[StageRecord], num_stages: int) -> list[float]:
+    """Samples/s per stage: the sum over its starting and serving peers.
+
+    fsum is exact, so peers that read the records in another order compute the same numbers.
+    """
+    speeds: list[list[float]] = [[] for _ in range(num_stages)]
+    for record in records:
+        if record.state != AgentState.DRAINING and record.stage < num_stages:
+            speeds[record.stage].append(record.samples_per_second)
+    return [math.fsum(stage) for stage in speeds]
+
+
+def pipeline_throughput(records: Sequence[StageRecord], num_stages: int) -> float:
+    return min(stage_throughputs(records, num_stages))
+
+
+def stage_for_newcomer(records: Sequence[StageRecord], num_stages: int) -> int:
+    """The stage that limits the pipeline; among equals the one with the fewest peers, then the first."""
+    totals = stage_throughputs(records, num_stages)
+    peers = [0] * num_stages
+    for record in records:
+        if record.state != AgentState.DRAINING and record.stage < num_stages:
+            peers[record.stage] += 1
+    return min(range(num_stages), key=lambda stage: (totals[stage], peers[stage], stage))
+
+
+def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: float = PETALS_MIN_GAIN,
+              stage_costs: Sequence[float] | None = None) -> Move | None:
+    """The one move that raises the predicted throughput most, if by at least `min_gain`."""
+    if min_gain < 1:
+        raise ValueError(f"min_gain must be at least 1, got {min_gain}")
+    costs = list(stage_costs) if stage_costs is not None else [1.0] * num_stages
+    if len(costs) != num_stages or min(costs) <= 0:
+        raise ValueError(f"need {num_stages} positive stage costs, got {costs}")
+    totals = stage_throughputs(records, num_stages)
+    before = min(totals)
+    target = totals.index(before)
+    serving = [0] * num_stages
+    for record in records:
+        if record.state == AgentState.TRAINING and record.stage < num_stages:
+            serving[record.stage] += 1
+    candidates: list[tuple[float, float, float, str, Move]] = []
+    for record in records:
+        source = record.stage
+        if record.state != AgentState.TRAINING or source == target or source >= num_stages:
+            continue
+        if serving[source] - 1 < MIN_PEERS_PER_STAGE:
+            continue
+        after_totals = list(totals)
+        after_totals[source] -= record.samples_per_second
+        after_totals[target] += record.samples_per_second * costs[source] / costs[target]
+        after = min(after_totals)
+        move = Move(record.peer_id, source, target, before, after)
+        # best prediction first; then leave the least-loaded stage, move the slower peer, by id
+        candidates.append((-after, -totals[source], record.samples_per_second, record.peer_id, move))
+    if not candidates:
+        return None
+    move = min(candidates, key=lambda c: c[:4])[4]
+    gained = move.throughput_after > before and move.throughput_after >= before * min_gain
+    return move if gained else None
+
+
+def should_move(records: Sequence[StageRecord], num_stages: int, peer_id: str, *,
+                min_gain: float = PETALS_MIN_GAIN, stage_costs: Sequence[float] | None = None) -> Move | None:
+    """The swarm's best move if it is this peer's to make."""
+    move = best_move(records, num_stages, min_gain=min_gain, stage_costs=stage_costs)
+    return move if move is not None and move.peer_id == peer_id else None
+
+
+def rebalance_delay(period: float, jitter: float, draw: float) -> float:
+    """Seconds to the next check: `period` spread by +-`jitter` of itself, `draw` uniform in [0, 1)."""
+    if not 0 <= jitter < 1 or not 0 <= draw < 1:
+        raise ValueError(f"jitter and draw must lie in [0, 1), got {jitter}, {draw}")
+    return period * (1 + jitter * (2 * draw - 1))

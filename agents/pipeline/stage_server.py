@@ -1,0 +1,165 @@
+"""One stage of a PipelineTask, served to SWARM trainers over hivemind's P2P.
+
+Why own handlers and not hivemind.moe's Server: the moe server runs each connection handler in a
+forked process beside a batching runtime thread and fixed tensor schemas, its client neither
+routes nor retries, and its experts map inputs to outputs, where SWARM's tail computes a loss
+from targets. Three unary handlers on the agent's own P2P do what SWARM needs, in one process.
+
+Microbatches run one at a time on one compute thread, so the event loop keeps answering and a
+backward never interleaves with another microbatch's optimizer step. A backward recomputes its
+forward (nothing is kept between calls: a trainer may send the backward to another peer of the
+stage when this one fails) and steps the stage's optimizer. Draining refuses new microbatches
+at once, so trainers retry elsewhere, and finishes those already queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2P, P2PContext
+from hivemind.proto import runtime_pb2
+
+from spotrain.agents.pipeline.protocol import (
+    StageOp,
+    StageReply,
+    StageUnavailable,
+    handler_name,
+    reply_message,
+)
+from spotrain.contracts.pipeline import PipelineTask
+from spotrain.contracts.stage_records import StageRecord
+from spotrain.contracts.states import AgentState
+from spotrain.kernels.activations import activation_codec, decode_activation, encode_activation
+
+logger = logging.getLogger("spotrain.agents.pipeline")
+
+Job = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], float | None]]
+
+
+@dataclass
+class ThroughputMeter:
+    """Seconds per sample of each operation, each a moving average weighted `alpha` on the newest."""
+
+    alpha: float = 0.2
+    seconds_per_sample: dict[StageOp, float] = field(default_factory=dict)
+
+    def add(self, op: StageOp, samples: int, seconds: float) -> None:
+        value = seconds / max(samples, 1)
+        old = self.seconds_per_sample.get(op)
+        self.seconds_per_sample[op] = value if old is None else old + self.alpha * (value - old)
+
+    def samples_per_second(self, tail: bool) -> float:
+        """Samples through forward and backward per second; 0 until both were measured."""
+        ops = (StageOp.TAIL,) if tail else (StageOp.FORWARD, StageOp.BACKWARD)
+        if any(op not in self.seconds_per_sample for op in ops):
+            return 0.0
+        return 1.0 / max(sum(self.seconds_per_sample[op] for op in ops), 1e-9)
+
+
+class StageServer:
+    def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8"):
+        self.p2p, self.task, self.stage, self.cluster = p2p, task, stage, cluster
+        self.tail = task.is_tail(stage)
+        self.module = task.build_stage(stage)
+        self.optimizer = task.make_optimizer(stage, self.module.parameters())
+        self.codec = activation_codec(activations)
+        self.meter = ThroughputMeter()
+        self.state = AgentState.STARTING
+        self.queued = 0
+        self.served = 0  # microbatch calls answered
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}")
+        self._ops: tuple[StageOp, ...] = (StageOp.TAIL,) if self.tail else (StageOp.FORWARD, StageOp.BACKWARD)
+
+    async def start(self) -> None:
+        jobs: dict[StageOp, Job] = {StageOp.FORWARD: self._forward, StageOp.BACKWARD: self._backward,
+                                    StageOp.TAIL: self._forward_loss_backward}
+        for op in self._ops:
+            await self.p2p.add_protobuf_handler(handler_name(self.cluster, self.stage, op),
+                                                self._handler(op, jobs[op]), runtime_pb2.ExpertRequest)
+        self.state = AgentState.TRAINING
+
+    def drain(self) -> None:
+        self.state = AgentState.DRAINING
+
+    async def stop(self) -> None:
+        """Refuse new microbatches, finish the queued ones, unregister (from a P2P still alive)."""
+        self.drain()
+        while self.queued:
+            await asyncio.sleep(0.01)
+        if self.p2p.is_alive:
+            for op in self._ops:
+                await self.p2p.remove_protobuf_handler(handler_name(self.cluster, self.stage, op))
+        self._executor.shutdown(wait=True)
+
+    def record(self, instance_id: str, now: float) -> StageRecord:
+        return StageRecord(stage=self.stage, peer_id=str(self.p2p.peer_id), instance_id=instance_id,
+                           samples_per_second=self.meter.samples_per_second(self.tail), queue=self.queued,
+                           state=self.state, time=now)
+
+    def _handler(self, op: StageOp, job: Job) -> Callable[[runtime_pb2.ExpertRequest, P2PContext],
+                                                          Awaitable[runtime_pb2.ExpertResponse]]:
+        async def handle(request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+            if self.state != AgentState.TRAINING:
+                raise StageUnavailable(f"stage {self.stage} peer is {self.state.value}")
+            self.queued += 1
+            try:
+                loop = asyncio.get_running_loop()
+                tensors, loss = await loop.run_in_executor(self._executor, self._run, op, job, request)
+            finally:
+                self.queued -= 1
+            self.served += 1
+            return reply_message(StageReply(tensors=tuple(tensors), queued=self.queued, loss=loss,
+                                            samples_per_second=self.meter.samples_per_second(self.tail)))
+
+        return handle
+
+    def _run(self, op: StageOp, job: Job,
+             request: runtime_pb2.ExpertRequest) -> tuple[list[runtime_pb2.Tensor], float | None]:
+        """Decode, compute, encode: all on the compute thread."""
+        started = time.perf_counter()
+        inputs = [decode_activation(message) for message in request.tensors]
+        if not inputs:
+            raise StageUnavailable("a stage request without tensors")
+        outputs, loss = job(inputs)
+        encoded = [encode_activation(tensor, self.codec) for tensor in outputs]
+        self.meter.add(op, inputs[0].shape[0], time.perf_counter() - started)
+        return encoded, loss
+
+    def _forward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
+        with torch.no_grad():
+            return [self.module(inputs[0])], None
+
+    def _backward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
+        source, output_grad = _two(inputs)
+        source.requires_grad_(source.is_floating_point())
+        self.module(source).backward(output_grad)
+        self._step()
+        return ([source.grad] if source.grad is not None else []), None
+
+    def _forward_loss_backward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
+        source, targets = _two(inputs)
+        source.requires_grad_(source.is_floating_point())
+        loss = self.task.loss(self.module(source), targets)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise StageUnavailable(f"non-finite loss at stage {self.stage}: the microbatch is not applied")
+        loss.backward()
+        self._step()
+        return ([source.grad] if source.grad is not None else []), value
+
+    def _step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _two(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(inputs) != 2:
+        raise StageUnavailable(f"expected 2 tensors, got {len(inputs)}")
+    return inputs[0], inputs[1]

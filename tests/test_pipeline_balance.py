@@ -1,0 +1,175 @@
+"""Stage rebalancing (pure): properties over random swarms, and the cases that name the rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spotrain.agents.pipeline.balance import (
+    MIN_PEERS_PER_STAGE,
+    PETALS_MIN_GAIN,
+    Move,
+    best_move,
+    pipeline_throughput,
+    rebalance_delay,
+    should_move,
+    stage_for_newcomer,
+    stage_throughputs,
+)
+from spotrain.contracts.stage_records import StageRecord, latest_records
+from spotrain.contracts.states import AgentState
+
+NOW = 1000.0
+
+
+def record(stage: int, peer: str, speed: float, state: AgentState = AgentState.TRAINING,
+           time: float = NOW) -> StageRecord:
+    return StageRecord(stage=stage, peer_id=peer, instance_id=f"i-{peer}", samples_per_second=speed, queue=0,
+                       state=state, time=time)
+
+
+@st.composite
+def swarms(draw: st.DrawFn) -> tuple[list[StageRecord], int, list[float]]:
+    stages = draw(st.integers(2, 5))
+    states = st.sampled_from([AgentState.TRAINING] * 4 + [AgentState.STARTING, AgentState.DRAINING])
+    records = []
+    for stage in range(stages):
+        for index in range(draw(st.integers(0, 6))):
+            records.append(record(stage, f"p{stage}-{index}", draw(st.floats(0.1, 100.0)), draw(states)))
+    costs = draw(st.lists(st.floats(0.25, 4.0), min_size=stages, max_size=stages))
+    return records, stages, costs
+
+
+def apply(records: list[StageRecord], move: Move, costs: list[float]) -> list[StageRecord]:
+    """The records after a move, the peer's speed predicted by the stage costs as balance does."""
+    moved = []
+    for r in records:
+        if r.peer_id == move.peer_id:
+            speed = r.samples_per_second * costs[move.source] / costs[move.target]
+            r = dataclasses.replace(r, stage=move.target, samples_per_second=speed)
+        moved.append(r)
+    return moved
+
+
+def training_peers(records: list[StageRecord], stage: int) -> int:
+    return sum(1 for r in records if r.stage == stage and r.state == AgentState.TRAINING)
+
+
+@settings(max_examples=400, deadline=None)
+@given(swarms(), st.floats(1.0, 2.0))
+def test_a_move_gains_at_least_min_gain_and_keeps_two_peers_on_its_stage(swarm, min_gain):
+    records, stages, costs = swarm
+    move = best_move(records, stages, min_gain=min_gain, stage_costs=costs)
+    if move is None:
+        return
+    after = apply(records, move, costs)
+    assert move.throughput_before == pipeline_throughput(records, stages)
+    assert move.throughput_after == pytest.approx(pipeline_throughput(after, stages))
+    assert move.throughput_after > move.throughput_before
+    assert move.throughput_after >= move.throughput_before * min_gain
+    assert training_peers(after, move.source) >= MIN_PEERS_PER_STAGE
+    mover = next(r for r in records if r.peer_id == move.peer_id)
+    assert mover.state == AgentState.TRAINING and mover.stage == move.source != move.target
+
+
+@settings(max_examples=200, deadline=None)
+@given(swarms(), st.randoms(use_true_random=False))
+def test_every_peer_reading_the_same_records_agrees_on_one_mover(swarm, rng):
+    records, stages, costs = swarm
+    shuffled = list(records)
+    rng.shuffle(shuffled)
+    move = best_move(records, stages, stage_costs=costs)
+    assert best_move(shuffled, stages, stage_costs=costs) == move
+    movers = [r.peer_id for r in records if should_move(shuffled, stages, r.peer_id, stage_costs=costs)]
+    assert movers == ([move.peer_id] if move else [])
+
+
+@settings(max_examples=200, deadline=None)
+@given(swarms())
+def test_repeated_rebalancing_settles(swarm):
+    records, stages, costs = swarm
+    for _ in range(64):  # each move multiplies the throughput by at least 4/3: few can follow
+        move = best_move(records, stages, stage_costs=costs)
+        if move is None:
+            return
+        records = apply(records, move, costs)
+    raise AssertionError("rebalancing did not settle")
+
+
+@settings(max_examples=300, deadline=None)
+@given(swarms(), st.floats(0.1, 100.0))
+def test_a_newcomer_joins_where_it_raises_the_throughput_most(swarm, speed):
+    records, stages, _ = swarm
+    chosen = stage_for_newcomer(records, stages)
+    def with_newcomer(stage: int) -> float:
+        return pipeline_throughput([*records, record(stage, "new", speed)], stages)
+    assert all(with_newcomer(chosen) >= with_newcomer(stage) for stage in range(stages))
+    assert stage_throughputs(records, stages)[chosen] == min(stage_throughputs(records, stages))
+
+
+def test_a_peer_of_the_least_loaded_stage_moves_to_the_slowest():
+    records = [record(0, f"a{i}", 10.0) for i in range(4)] + [record(1, f"b{i}", 10.0) for i in range(2)]
+    move = best_move(records, 2)
+    assert move == Move(peer_id="a0", source=0, target=1, throughput_before=20.0, throughput_after=30.0)
+    assert should_move(records, 2, "a0") == move and should_move(records, 2, "a1") is None
+
+
+def test_no_move_below_the_gain_threshold():
+    # moving one 5/s peer lifts the slowest stage from 20 to 25: x1.25, under Petals' x1.33
+    records = [record(0, f"a{i}", 5.0) for i in range(6)] + [record(1, "b0", 10.0), record(1, "b1", 10.0)]
+    assert best_move(records, 2) is None
+    assert best_move(records, 2, min_gain=1.2) is not None
+    assert PETALS_MIN_GAIN == pytest.approx(1 / 0.75)
+
+
+def test_a_stage_never_loses_its_second_to_last_serving_peer():
+    records = [record(0, "a0", 100.0), record(0, "a1", 100.0), record(1, "b0", 1.0), record(1, "b1", 1.0)]
+    assert best_move(records, 2) is None
+    starting = [*records, record(0, "a2", 100.0, AgentState.STARTING)]  # not serving yet: cannot stand in
+    assert best_move(starting, 2) is None
+    assert best_move([*records, record(0, "a2", 100.0)], 2) is not None
+
+
+def test_draining_peers_count_for_nothing_and_an_empty_stage_is_filled_first():
+    records = [record(0, f"a{i}", 5.0) for i in range(3)] + [record(1, "b0", 5.0, AgentState.DRAINING)]
+    assert stage_throughputs(records, 2) == [15.0, 0.0]
+    assert stage_for_newcomer(records, 2) == 1
+    move = best_move(records, 2)
+    assert move is not None and move.target == 1 and move.throughput_before == 0.0
+
+
+def test_stage_costs_predict_a_peer_on_another_stage():
+    # the tail costs twice the head per sample: a head peer serves half as many samples there
+    records = [record(0, f"a{i}", 20.0) for i in range(4)] + [record(1, f"b{i}", 5.0) for i in range(2)]
+    move = best_move(records, 2, stage_costs=[1.0, 2.0])
+    assert move is not None and move.throughput_after == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="positive stage costs"):
+        best_move(records, 2, stage_costs=[1.0])
+
+
+def test_rebalance_delay_spreads_the_period_by_the_callers_draw():
+    assert rebalance_delay(60.0, 0.25, 0.0) == 45.0
+    assert rebalance_delay(60.0, 0.25, 0.5) == 60.0
+    delays = [rebalance_delay(60.0, 0.25, random.Random(seed).random()) for seed in range(200)]
+    assert 45.0 <= min(delays) < 50.0 and 70.0 < max(delays) < 75.0
+    with pytest.raises(ValueError):
+        rebalance_delay(60.0, 1.5, 0.5)
+
+
+def test_latest_records_keep_each_peers_newest_unexpired_one():
+    old, new = record(0, "a", 1.0, time=NOW - 5), record(1, "a", 2.0, time=NOW - 1)
+    stale = record(0, "b", 1.0, time=NOW - 31)
+    assert latest_records([new, stale, old], NOW) == [new]
+
+
+def test_stage_records_round_trip_and_malformed_ones_are_refused():
+    original = record(2, "p", 3.5, AgentState.DRAINING)
+    data = original.to_record()
+    assert data["state"] == "draining" and StageRecord.from_record(data) == original
+    for bad in (None, [], {**data, "state": "bogus"}, {**data, "samples_per_second": float("nan")},
+                {**data, "queue": -1}, {k: v for k, v in data.items() if k != "stage"}):
+        assert StageRecord.from_record(bad) is None

@@ -1,0 +1,103 @@
+"""The trainer's choice of a stage peer (pure): busy time over throughput, bans, bounded calls."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from spotrain.agents.pipeline.routing import (
+    PeerHealth,
+    PeerLoad,
+    RouteTable,
+    RoutingPolicy,
+    after_failure,
+    choose_peer,
+    expected_finish,
+)
+
+POLICY = RoutingPolicy(max_in_flight=4, ban_seconds=1.0, max_ban_seconds=8.0)
+
+
+def test_the_peer_that_would_finish_first_is_chosen():
+    fast_busy = PeerLoad("fast", samples_per_second=30.0, queued=2)  # 3 / 30 = 0.1
+    slow_idle = PeerLoad("slow", samples_per_second=5.0, queued=0)  # 1 / 5 = 0.2
+    assert choose_peer([slow_idle, fast_busy], {}, 0.0, POLICY) == "fast"
+    fast_busier = PeerLoad("fast", samples_per_second=30.0, queued=6)  # 7 / 30 > 0.2
+    assert choose_peer([slow_idle, fast_busier], {}, 0.0, POLICY) == "slow"
+
+
+def test_an_unmeasured_peer_is_assumed_as_fast_as_its_stage():
+    loads = [PeerLoad("a", 10.0, 1), PeerLoad("b", 30.0, 3), PeerLoad("new", 0.0, 0)]
+    assert expected_finish(loads[2], 20.0) == pytest.approx(0.05)
+    assert choose_peer(loads, {}, 0.0, POLICY) == "new"
+    assert choose_peer([PeerLoad("x", 0.0, 1), PeerLoad("y", 0.0, 0)], {}, 0.0, POLICY) == "y"
+
+
+def test_ties_go_to_the_same_peer_whatever_the_order():
+    loads = [PeerLoad("b", 10.0, 0), PeerLoad("a", 10.0, 0)]
+    assert choose_peer(loads, {}, 0.0, POLICY) == choose_peer(loads[::-1], {}, 0.0, POLICY) == "a"
+
+
+def test_banned_excluded_and_full_peers_are_skipped_and_none_is_said_when_nothing_is_left():
+    loads = [PeerLoad("a", 50.0, 0), PeerLoad("b", 10.0, 0), PeerLoad("c", 10.0, 9, in_flight=4)]
+    banned = {"a": PeerHealth(failures=1, banned_until=5.0)}
+    assert choose_peer(loads, banned, 4.9, POLICY) == "b"
+    assert choose_peer(loads, banned, 5.0, POLICY) == "a"  # the ban is over
+    assert choose_peer(loads, banned, 4.9, POLICY, exclude={"b"}) is None
+
+
+def test_a_backward_goes_back_to_its_forward_peer_while_it_is_usable():
+    loads = [PeerLoad("a", 10.0, 3, in_flight=3), PeerLoad("b", 10.0, 0)]
+    assert choose_peer(loads, {}, 0.0, POLICY) == "b"
+    assert choose_peer(loads, {}, 0.0, POLICY, prefer="a") == "a"
+    assert choose_peer(loads, {"a": PeerHealth(1, 9.0)}, 0.0, POLICY, prefer="a") == "b"
+    assert choose_peer(loads, {}, 0.0, POLICY, exclude={"a"}, prefer="a") == "b"
+    assert choose_peer(loads, {}, 0.0, POLICY, prefer="gone") == "b"
+
+
+def test_bans_double_with_each_failure_in_a_row_up_to_the_cap():
+    health, bans = PeerHealth(), []
+    for now in range(6):
+        health = after_failure(health, float(now), POLICY)
+        bans.append(health.banned_until - now)
+    assert bans == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0] and health.failures == 6
+
+
+def test_route_table_spreads_work_by_throughput_and_bounds_calls_per_peer():
+    table = RouteTable(POLICY)
+    table.succeeded("fast", 30.0, 0)
+    table.succeeded("slow", 10.0, 0)
+    picks = collections.Counter()
+    for _ in range(8):  # nothing returns: each pick raises that peer's queue
+        peer = table.choose(["fast", "slow"], 0.0)
+        assert peer is not None
+        table.sent(peer)
+        picks[peer] += 1
+    assert picks == {"fast": 4, "slow": 4}  # fast would take more but holds at most 4 of ours
+    assert table.choose(["fast", "slow"], 0.0) is None
+    table.succeeded("fast", 30.0, 3)
+    assert table.load("fast") == PeerLoad("fast", 30.0, queued=3, in_flight=3)
+    assert table.choose(["fast", "slow"], 0.0) == "fast"
+
+
+def test_route_table_bans_a_failed_peer_until_a_success_clears_it():
+    table = RouteTable(POLICY)
+    table.sent("a")
+    table.failed("a", now=10.0)
+    assert table.in_flight["a"] == 0
+    assert table.choose(["a", "b"], 10.5) == "b"
+    assert table.choose(["a"], 11.0) == "a"
+    table.sent("a")
+    table.failed("a", now=11.0)
+    assert table.choose(["a"], 12.5) is None  # banned twice as long
+    table.sent("a")
+    table.succeeded("a", 5.0, 0)
+    assert table.health == {} and table.choose(["a"], 12.5) == "a"
+
+
+def test_an_invalid_policy_is_refused():
+    with pytest.raises(ValueError):
+        RoutingPolicy(max_in_flight=0)
+    with pytest.raises(ValueError):
+        RoutingPolicy(ban_seconds=10.0, max_ban_seconds=1.0)

@@ -1,0 +1,126 @@
+"""SWARM on loopback: 3 stages x 2 stage servers and a trainer, each on its own hivemind P2P."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from hivemind.p2p import P2P, PeerID
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+
+from spotrain.agents.pipeline.protocol import (
+    StageOp,
+    StageReply,
+    StageUnavailable,
+    parse_reply,
+    reply_message,
+)
+from spotrain.agents.pipeline.routing import RouteTable, RoutingPolicy
+from spotrain.agents.pipeline.stage_server import StageServer, ThroughputMeter
+from spotrain.agents.pipeline.trainer import PipelineTrainer
+from spotrain.contracts.states import AgentState
+from spotrain.examples import tiny_gpt_pipeline
+from spotrain.kernels import install_codecs
+
+CLUSTER = "test-swarm"
+MICROBATCH = 8
+LOOPBACK = {"nat_port_map": False, "auto_nat": False, "use_relay": False}  # nothing to traverse on 127.0.0.1
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Seven peers share this process and two cores: one intra-op thread keeps them from thrashing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_stage_peer_measures_forward_and_backward_together():
+    meter = ThroughputMeter(alpha=0.5)
+    meter.add(StageOp.FORWARD, samples=10, seconds=1.0)
+    assert meter.samples_per_second(tail=False) == 0.0  # no backward measured yet
+    meter.add(StageOp.BACKWARD, samples=10, seconds=3.0)
+    assert meter.samples_per_second(tail=False) == pytest.approx(2.5)  # 0.1 + 0.3 s per sample
+    meter.add(StageOp.FORWARD, samples=10, seconds=3.0)  # the average moves halfway to 0.3
+    assert meter.samples_per_second(tail=False) == pytest.approx(2.0)
+    assert meter.samples_per_second(tail=True) == 0.0
+
+
+def test_replies_carry_the_load_and_a_malformed_one_is_refused():
+    reply = StageReply(tensors=(), queued=3, samples_per_second=12.5, loss=2.25)
+    assert parse_reply(reply_message(reply)) == reply
+    for metadata in (b"", MSGPackSerializer.dumps([1]), MSGPackSerializer.dumps({"queued": 1})):
+        with pytest.raises(StageUnavailable):
+            parse_reply(runtime_pb2.ExpertResponse(metadata=metadata))
+
+
+async def start_servers(per_stage: int) -> list[StageServer]:
+    task = tiny_gpt_pipeline.task
+    p2ps = await asyncio.gather(*(P2P.create(**LOOPBACK) for _ in range(task.num_stages * per_stage)))
+    servers = [StageServer(p2p, task, index // per_stage, cluster=CLUSTER) for index, p2p in enumerate(p2ps)]
+    await asyncio.gather(*(server.start() for server in servers))
+    return servers
+
+
+async def start_trainer(servers: list[StageServer]) -> PipelineTrainer:
+    maddrs = [maddr for server in servers for maddr in await server.p2p.get_visible_maddrs()]
+    p2p = await P2P.create(initial_peers=maddrs, **LOOPBACK)
+    directory: dict[int, list[PeerID]] = {}
+    for server in servers:
+        directory.setdefault(server.stage, []).append(server.p2p.peer_id)
+    routes = RouteTable(RoutingPolicy(max_in_flight=2, ban_seconds=0.5, max_ban_seconds=4.0))
+    return PipelineTrainer(p2p, tiny_gpt_pipeline.task, lambda stage: directory[stage], cluster=CLUSTER,
+                           routes=routes, max_in_flight=2, call_timeout=10.0)
+
+
+async def shutdown(servers: list[StageServer], trainer: PipelineTrainer) -> None:
+    for server in servers:
+        await server.stop()
+        await server.p2p.shutdown()
+    await trainer.p2p.shutdown()
+
+
+def test_training_survives_draining_and_lost_stage_peers_and_counts_what_it_drops(one_torch_thread):
+    """One swarm through four phases (a swarm's seven p2p daemons take seconds to start)."""
+    install_codecs()
+
+    async def scenario() -> None:
+        servers = await start_servers(per_stage=2)
+        trainer = await start_trainer(servers)
+        batches = tiny_gpt_pipeline.task.batches(0, MICROBATCH)
+        try:
+            stats = await trainer.train(batches, 10)  # 1. all peers serve
+            assert stats.completed == 10 and all(server.served > 0 for server in servers)
+
+            draining, tail_mate = servers[4], servers[5]  # 2. a tail peer drains: its mate takes over
+            draining.drain()
+            served = draining.served, tail_mate.served
+            stats = await trainer.train(batches, 10)
+            assert stats.completed == 20 and draining.served == served[0] and tail_mate.served == served[1] + 10
+
+            lost, survivor = servers[2], servers[3]  # 3. a middle peer vanishes without notice
+            served = survivor.served
+            await lost.p2p.shutdown()
+            stats = await trainer.train(batches, 20)
+            assert stats.started == stats.completed == 40 and stats.dropped == 0
+            assert trainer.routes.health[str(lost.p2p.peer_id)].failures >= 1, "the lost peer was tried"
+            assert survivor.served > served
+            early, late = sum(stats.losses[:8]) / 8, sum(stats.losses[-8:]) / 8
+            assert late < early - 0.3, f"loss fell from {early:.3f} to only {late:.3f}"
+            records = [server.record("i", time.time()) for server in (servers[0], survivor, tail_mate)]
+            assert all(r.samples_per_second > 0 and r.state == AgentState.TRAINING for r in records)
+            assert draining.record("i", 0.0).state == AgentState.DRAINING
+
+            await survivor.p2p.shutdown()  # 4. the middle stage has no peer left: microbatches are dropped
+            trainer.call_timeout = 1.0
+            stats = await trainer.train(batches, 2)
+            assert stats.started == 42 and stats.completed == 40 and stats.dropped == 2, "no microbatch is lost"
+        finally:
+            await shutdown(servers, trainer)
+
+    asyncio.run(scenario())
