@@ -22,6 +22,7 @@ ALLOWED = {  # a package: the parts of spotrain its modules may import
     "spotrain.kernels": ("spotrain.contracts", "spotrain.kernels"),
     "spotrain.contracts": ("spotrain.contracts",),
 }
+MAX_FUNCTION_LINES = 59  # the house rule: every function of the package under 60 lines
 
 
 def source_files() -> dict[str, Path]:
@@ -91,3 +92,12 @@ def test_the_rules_see_lazy_and_relative_imports(tmp_path):
     path.write_text("from . import a\n\ndef f():\n    from ..b import c\n    import d.e\n")
     assert imported("p.q", path, {"p.q.a", "p.b.c"}) == {"p.q.a", "p.b.c", "d.e"}
     assert "spotrain.kernels.accelerated" in IMPORTS["spotrain.kernels.blockwise"]  # inside a function
+
+
+def test_every_function_of_the_package_is_under_60_lines():
+    long = [f"{module}.{node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for module, path in sorted(FILES.items())
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and (node.end_lineno or node.lineno) - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not long, "\n".join(long)
