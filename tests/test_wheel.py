@@ -18,9 +18,10 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     for path in ("spotrain/providers/local.py", "spotrain/agents/daemon.py", "spotrain/kernels/codecs.py",
                  "spotrain/kernels/native_blockwise.c",
                  "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE", "spotrain/providers/aws.py",
-                 "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service"):
+                 "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service",
+                 "spotrain/stores/s3.py", "spotrain/stores/gcs.py", "spotrain/stores/local.py"):
         assert path in names
-    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "infra/", "tests/"))]
+    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "infra/", "stores/", "tests/"))]
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -33,10 +34,12 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
             "from spotrain.providers.bootstrap import render_cloud_init; "
             "print(spotrain.__file__); print(len(trace_nodes('bamboo-p3')[0])); print(k.get_codec('float16')); "
             "from spotrain.kernels import native; print(native.SOURCE.exists()); "
-            "print(render_cloud_init({'cluster': 'c'}, 'aws').splitlines()[0])")
+            "print(render_cloud_init({'cluster': 'c'}, 'aws').splitlines()[0]); "
+            "from spotrain.stores import open_store; print(open_store('s3://bucket/run').url)")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.splitlines()
     assert out[0].startswith(str(venv))
     assert out[1] == "177"
     assert out[3] == "True"  # the C source of the fused codec path ships beside its loader
     assert out[4] == "#cloud-config"  # infra/ templates ship as package data
+    assert out[5] == "s3://bucket/run"  # the stores wing, with its schemes
