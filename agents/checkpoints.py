@@ -8,18 +8,27 @@ agent moves to when it is rewired onto the stores directly.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
 from pathlib import Path
 from typing import Any
 
+import torch
 from spotrain.stores import Manifest, ReplicatedStore, open_store
 
 
 def default_writer() -> str:
     """Names this process's checkpoints apart from other holders' writing the same store."""
     return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:100]
+
+
+def additive_mask(path: str, tensor: torch.Tensor) -> bool:
+    """A model tensor of only 0 and -inf: an attention-mask buffer, whose infinities are meant.
+    The daemon hands this adapter state dicts, not its model, so it cannot name the buffers as
+    a CheckpointWriter's caller does (`named_constants` over `model.named_buffers()`)."""
+    return path.startswith("model.") and bool(((tensor == 0) | (tensor == -math.inf)).all())
 
 
 class AgentCheckpoints:
@@ -33,14 +42,14 @@ class AgentCheckpoints:
         return cls(url)
 
     def save(self, epoch: int, state: dict[str, Any]) -> list[Manifest]:
-        return self.replicas.save_state(epoch, state, self.writer)
+        return self.replicas.save_state(epoch, state, self.writer, additive_mask)
 
     def epochs(self) -> list[int]:
         return sorted({manifest.epoch for manifest in self.store.manifests()}, reverse=True)
 
     def load_newest(self) -> dict[str, Any] | None:
         """The newest checkpoint that verifies, its state parts plus "epoch", or None."""
-        loaded = self.replicas.load_newest()
+        loaded = self.replicas.load_newest(additive_mask)
         return None if loaded is None else dict(loaded.state, epoch=loaded.epoch)
 
     def prune(self, keep: int) -> None:

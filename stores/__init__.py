@@ -17,12 +17,13 @@ from spotrain.stores.base import (
     UnsafePayload,
 )
 from spotrain.stores.open import open_store
-from spotrain.stores.payload import decode_state, encode_state
+from spotrain.stores.payload import Constants, decode_state, encode_state, named_constants, no_constants
 from spotrain.stores.replicated import LoadedCheckpoint, ReplicaAudit, ReplicatedStore
 from spotrain.stores.writer import CheckpointWriter
 
 __all__ = [
-    "CheckpointStore", "CheckpointWriter", "CorruptCheckpoint", "LoadedCheckpoint", "Manifest",
+    "CheckpointStore", "CheckpointWriter", "Constants", "CorruptCheckpoint", "LoadedCheckpoint", "Manifest",
     "MissingObject", "NonFiniteState", "ReplicaAudit", "ReplicatedStore", "StoreError", "StoreURLError",
-    "StoreUnavailable", "UnsafePayload", "decode_state", "encode_state", "open_store",
+    "StoreUnavailable", "UnsafePayload", "decode_state", "encode_state", "named_constants", "no_constants",
+    "open_store",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 
 from spotrain.stores.base import CheckpointStore, Manifest, StoreError, StoreUnavailable
 from spotrain.stores.open import open_store
-from spotrain.stores.payload import decode_state, encode_state
+from spotrain.stores.payload import Constants, decode_state, encode_state, no_constants
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,10 @@ class ReplicatedStore:
     def from_urls(cls, urls: Sequence[str]) -> ReplicatedStore:
         return cls([open_store(url) for url in urls])
 
-    def save_state(self, epoch: int, state: Mapping[str, Any], writer: str) -> list[Manifest]:
+    def save_state(self, epoch: int, state: Mapping[str, Any], writer: str,
+                   constants: Constants = no_constants) -> list[Manifest]:
         """Encode `state` (refusing a non-finite one) and write it to every store."""
-        return self.write(epoch, encode_state(state), writer)
+        return self.write(epoch, encode_state(state, constants), writer)
 
     def write(self, epoch: int, files: Mapping[str, bytes], writer: str) -> list[Manifest]:
         """Write to every store; StoreUnavailable after trying them all if any failed (the
@@ -99,12 +100,12 @@ class ReplicatedStore:
         found.sort(key=lambda item: (item[0], item[1], -item[3].created_at))
         return [(store, manifest) for _, _, store, manifest in found]
 
-    def load_newest(self) -> LoadedCheckpoint | None:
+    def load_newest(self, constants: Constants = no_constants) -> LoadedCheckpoint | None:
         """The newest checkpoint that verifies and loads safely, or None; every one refused on
         the way (torn, corrupt, unsafe, non-finite, unreachable) is logged and skipped."""
         for store, manifest in self.candidates():
             try:
-                state = decode_state(store.read(manifest))
+                state = decode_state(store.read(manifest), constants)
             except StoreError as error:
                 log.warning("%s: skipping checkpoint %s: %s", store.url, manifest.name, error)
                 continue

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from spotrain.stores.payload import Constants, no_constants
 from spotrain.stores.replicated import ReplicatedStore
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,14 @@ class _Job:
 
 
 class CheckpointWriter:
-    def __init__(self, target: ReplicatedStore, writer: str, keep: int = 3):
+    def __init__(self, target: ReplicatedStore, writer: str, keep: int = 3,
+                 constants: Constants = no_constants):
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         self.target = target
         self.writer = writer
         self.keep = keep
+        self.constants = constants  # the model's buffers: see spotrain.stores.payload
         self.written = 0  # uploads that reached every store
         self.failed = 0  # uploads refused (non-finite state) or not written everywhere
         self.superseded = 0  # snapshots replaced by a newer one before their upload began
@@ -106,7 +109,7 @@ class CheckpointWriter:
     def _upload(self, job: _Job) -> None:
         started = time.monotonic()
         try:
-            self.target.save_state(job.epoch, job.state, self.writer)
+            self.target.save_state(job.epoch, job.state, self.writer, self.constants)
         except Exception as error:  # noqa: BLE001 - the upload thread must outlive any failed upload
             self.failed += 1
             self.last_error = f"epoch {job.epoch}: {error}"

@@ -1,7 +1,11 @@
 """The agent's checkpoint calls (agents/checkpoints.py), served by spotrain.stores."""
 
+import math
+
+import pytest
 import torch
 from spotrain.agents.checkpoints import AgentCheckpoints, LocalDirStore
+from spotrain.stores import NonFiniteState
 from spotrain.stores.local import LocalDirStore as DirectoryStore
 
 
@@ -42,6 +46,30 @@ def test_holders_sharing_a_store_keep_their_own_copies(tmp_path):
     second.save(3, {"model": {"w": torch.zeros(1)}})
     assert first.epochs() == [3] and len(first.store.manifests()) == 2
     assert first.load_newest()["epoch"] == 3
+
+
+class _Masked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+        self.register_buffer("mask", torch.triu(torch.full((4, 4), -math.inf), diagonal=1))
+
+
+def test_an_attention_mask_may_hold_infinities_a_parameter_may_not(tmp_path):
+    store = AgentCheckpoints(tmp_path, writer="vm-1")
+    model = _Masked()
+    store.save(1, {"model": model.state_dict()})
+    assert torch.equal(store.load_newest()["model"]["mask"], model.mask)
+    with torch.no_grad():
+        model.linear.bias[0] = math.inf
+    with pytest.raises(NonFiniteState, match="model.linear.bias"):
+        store.save(2, {"model": model.state_dict()})
+    with torch.no_grad():
+        model.linear.bias[0] = 0.0
+        model.mask[3, 3] = math.nan
+    with pytest.raises(NonFiniteState, match="model.mask: non-finite values .NaN."):
+        store.save(2, {"model": model.state_dict()})
+    assert store.epochs() == [1]
 
 
 def test_store_urls(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -16,6 +17,7 @@ from spotrain.stores import (
     StoreUnavailable,
     decode_state,
     encode_state,
+    named_constants,
 )
 from spotrain.stores.local import LocalDirStore
 
@@ -62,8 +64,21 @@ def test_a_hivemind_optimizer_state_loads_weights_only():
 def test_states_refuse_unsafe_part_names_and_non_finite_values():
     with pytest.raises(ValueError, match="safe file name"):
         encode_state({"../model": {}})
-    with pytest.raises(NonFiniteState, match=r"optimizer\.state\.0\.exp_avg"):
+    with pytest.raises(NonFiniteState, match=r"optimizer\.state\.0\.exp_avg: non-finite values \(NaN\)"):
         encode_state({"optimizer": {"state": {0: {"exp_avg": torch.tensor([1.0, float("nan")])}}}})
+    # a constant the caller names (a model's buffer) may hold infinities, never a NaN
+    masked = {"model": {"mask": torch.tensor([0.0, -math.inf]), "weight": torch.tensor([math.inf])}}
+    constants = named_constants(["model.mask"])
+    with pytest.raises(NonFiniteState, match=r"model\.weight: non-finite values \(infinity\)"):
+        encode_state(masked, constants)
+    masked["model"]["weight"] = torch.ones(1)
+    files = encode_state(masked, constants)
+    assert torch.equal(decode_state(files, constants)["model"]["mask"], masked["model"]["mask"])
+    with pytest.raises(NonFiniteState, match=r"model\.mask"):
+        decode_state(files)
+    masked["model"]["mask"][0] = math.nan
+    with pytest.raises(NonFiniteState, match="NaN"):
+        encode_state(masked, constants)
     plain = {"ints": torch.arange(3), "x": [1.5, "a", None]}
     assert decode_state(encode_state(plain))["x"] == [1.5, "a", None]
 
@@ -150,10 +165,10 @@ class _GatedReplicas(ReplicatedStore):
         self.gate = threading.Event()
         self.started = threading.Event()
 
-    def save_state(self, epoch, state, writer):
+    def save_state(self, epoch, state, writer, constants):
         self.started.set()
         assert self.gate.wait(30)
-        return super().save_state(epoch, state, writer)
+        return super().save_state(epoch, state, writer, constants)
 
 
 def test_the_writer_uploads_a_snapshot_isolated_from_later_updates(tmp_path):
