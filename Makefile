@@ -8,7 +8,8 @@ DEMO_HOME := $(CURDIR)/.demo
 # mypy cannot follow the editable install's import hook, so it reads the package through links laid
 # out as pyproject's package-dir installs it (agents/ as spotrain/agents, ...).
 TYPECHECK_TREE := build/typecheck
-MAPPED_DIRS := agents kernels providers infra
+# the folders pyproject's package-dir maps into spotrain (agents/ as spotrain/agents, ...), read from it
+MAPPED_DIRS = $(shell $(PY) -c 'import sys; tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); d = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; print(" ".join(v for k, v in d.items() if k != "spotrain"))')
 
 .PHONY: venv demo lint test test-slow clean
 

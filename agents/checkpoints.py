@@ -1,76 +1,60 @@
-"""Checkpoint stores: atomic writes, and the newest checkpoint that verifies.
+"""The agent's checkpoint calls (`save`, `load_newest`, `prune`, `epochs`), served by
+`spotrain.stores`: any store `open_store` knows (a directory, s3://, gs://), manifests written
+last, SHA-256 verified, weights-only loads, non-finite states refused.
 
-A checkpoint is `ckpt-<epoch>.pt` (model, optimizer, epoch) beside `ckpt-<epoch>.json` holding
-its SHA-256. Both are written to temporary names and renamed, the manifest last, so a crash
-mid-write leaves either a whole checkpoint or none; a file that fails its hash is skipped.
+Writes here are synchronous; `spotrain.stores.CheckpointWriter` is the background writer the
+agent moves to when it is rewired onto the stores directly.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
+import math
 import os
 import re
+import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 
-_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+from spotrain.stores import Manifest, ReplicatedStore, open_store
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def default_writer() -> str:
+    """Names this process's checkpoints apart from other holders' writing the same store."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{socket.gethostname()}-{os.getpid()}")[:100]
 
 
-class LocalDirStore:
-    def __init__(self, root: Path):
-        self.root = root
+def additive_mask(path: str, tensor: torch.Tensor) -> bool:
+    """A model tensor of only 0 and -inf: an attention-mask buffer, whose infinities are meant.
+    The daemon hands this adapter state dicts, not its model, so it cannot name the buffers as
+    a CheckpointWriter's caller does (`named_constants` over `model.named_buffers()`)."""
+    return path.startswith("model.") and bool(((tensor == 0) | (tensor == -math.inf)).all())
+
+
+class AgentCheckpoints:
+    def __init__(self, url: str | Path, writer: str | None = None):
+        self.store = open_store(str(url))
+        self.replicas = ReplicatedStore([self.store])
+        self.writer = writer or default_writer()
 
     @classmethod
-    def from_url(cls, url: str) -> LocalDirStore:
-        if url.startswith("file://"):
-            return cls(Path(url[len("file://"):]))
-        if "://" in url:
-            raise ValueError(f"unsupported checkpoint store {url!r}: only local directories so far")
-        return cls(Path(url))
+    def from_url(cls, url: str) -> AgentCheckpoints:
+        return cls(url)
 
-    def save(self, epoch: int, state: dict) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(dict(state, epoch=epoch), buffer)
-        data = buffer.getvalue()
-        path = self.root / f"ckpt-{epoch:08d}.pt"
-        _fsync_write(path, data)
-        manifest = {"epoch": epoch, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        _fsync_write(path.with_suffix(".json"), json.dumps(manifest).encode())
-        return path
+    def save(self, epoch: int, state: dict[str, Any]) -> list[Manifest]:
+        return self.replicas.save_state(epoch, state, self.writer, additive_mask)
 
     def epochs(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        return sorted((int(m.group(1)) for p in self.root.iterdir() if (m := _NAME.match(p.name))), reverse=True)
+        return sorted({manifest.epoch for manifest in self.store.manifests()}, reverse=True)
 
-    def load_newest(self) -> dict | None:
-        """The newest checkpoint whose bytes match its manifest, or None."""
-        for epoch in self.epochs():
-            path = self.root / f"ckpt-{epoch:08d}.pt"
-            try:
-                manifest = json.loads(path.with_suffix(".json").read_text())
-                data = path.read_bytes()
-            except (OSError, json.JSONDecodeError):
-                continue
-            if hashlib.sha256(data).hexdigest() != manifest.get("sha256"):
-                continue
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-        return None
+    def load_newest(self) -> dict[str, Any] | None:
+        """The newest checkpoint that verifies, its state parts plus "epoch", or None."""
+        loaded = self.replicas.load_newest(additive_mask)
+        return None if loaded is None else dict(loaded.state, epoch=loaded.epoch)
 
     def prune(self, keep: int) -> None:
-        for epoch in self.epochs()[keep:]:
-            for suffix in (".json", ".pt"):
-                (self.root / f"ckpt-{epoch:08d}{suffix}").unlink(missing_ok=True)
+        self.replicas.prune(keep)
+
+
+LocalDirStore = AgentCheckpoints  # the name agents/daemon.py imports until it calls spotrain.stores itself

@@ -20,9 +20,10 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
                  "spotrain/data/traces/bamboo-p3.csv", "spotrain/data/NOTICE", "spotrain/providers/aws.py",
                  "spotrain/infra/cloud-init.yaml.tmpl", "spotrain/infra/spotrain-agent.service",
                  "spotrain/contracts/states.py", "spotrain/sim/provider.py", "spotrain/sim/swarm.py",
-                 "spotrain/contracts/agent_config.py", "spotrain/agents/roles/data_parallel.py"):
+                 "spotrain/contracts/agent_config.py", "spotrain/agents/roles/data_parallel.py",
+                 "spotrain/stores/s3.py", "spotrain/stores/gcs.py", "spotrain/stores/local.py"):
         assert path in names
-    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "infra/", "tests/"))]
+    assert not [n for n in names if n.startswith(("providers/", "agents/", "kernels/", "infra/", "stores/", "tests/"))]
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -40,10 +41,12 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
             "'training': {'batch_size': 8, 'target_batch_size': 64, "
             "'compression': {'gradients': 'none', 'state': 'none'}, "
             "'matchmaking_time': 2.0, 'averaging_timeout': 15.0}, 'checkpoint': {'store': 'c', 'every_epochs': 1}}); "
-            "print(render_cloud_init(config, 'aws').splitlines()[0])")
+            "print(render_cloud_init(config, 'aws').splitlines()[0]); "
+            "from spotrain.stores import open_store; print(open_store('s3://bucket/run').url)")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
                          cwd=tmp_path).stdout.splitlines()
     assert out[0].startswith(str(venv))
     assert out[1] == "177"
     assert out[3] == "True"  # the C source of the fused codec path ships beside its loader
     assert out[4] == "#cloud-config"  # infra/ templates ship as package data
+    assert out[5] == "s3://bucket/run"  # the stores wing, with its schemes

@@ -1,0 +1,94 @@
+"""A checkpoint store in an S3 bucket (or anything that speaks S3: moto, MinIO, R2).
+
+`s3://bucket/prefix?endpoint=URL&region=NAME`. Without `endpoint`, boto3 reads
+`AWS_ENDPOINT_URL` and its usual configuration; credentials come from its usual chain (on a VM,
+the instance role). boto3 is imported when a store is opened: `pip install 'spotrain[aws]'`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from spotrain.stores.base import MissingObject, StoreUnavailable
+from spotrain.stores.blob_store import BlobStore
+from spotrain.stores.urls import join_key, parse_bucket_url
+
+_TIMEOUTS = {"connect_timeout": 10, "read_timeout": 120}
+_DELETE_BATCH = 1000  # DeleteObjects' limit
+
+
+class S3Store(BlobStore):
+    scheme: ClassVar[str] = "s3"
+
+    def __init__(self, bucket: str, prefix: str = "", *,
+                 endpoint: str | None = None, region: str | None = None):
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StoreUnavailable("s3:// checkpoint stores need boto3: "
+                                   "pip install 'spotrain[aws]'") from None
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, **_TIMEOUTS)
+        self.client: Any = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+
+    @classmethod
+    def from_url(cls, url: str) -> S3Store:
+        parsed = parse_bucket_url(url, cls.scheme, frozenset({"endpoint", "region"}))
+        return cls(parsed.bucket, parsed.prefix, endpoint=parsed.options.get("endpoint"),
+                   region=parsed.options.get("region"))
+
+    def _put(self, key: str, data: bytes) -> None:
+        with _S3Errors(self.url, key):
+            self.client.put_object(Bucket=self.bucket, Key=join_key(self.prefix, key), Body=data)
+
+    def _get(self, key: str) -> bytes:
+        with _S3Errors(self.url, key):
+            reply = self.client.get_object(Bucket=self.bucket, Key=join_key(self.prefix, key))
+            return bytes(reply["Body"].read())
+
+    def _list(self) -> dict[str, int]:
+        root = join_key(self.prefix, "")
+        sizes: dict[str, int] = {}
+        with _S3Errors(self.url, "(list)"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=root)
+            for item in (item for page in pages for item in page.get("Contents", ())):
+                sizes[item["Key"][len(root):]] = int(item["Size"])
+        return sizes
+
+    def _delete(self, keys: Iterable[str]) -> None:
+        objects = [{"Key": join_key(self.prefix, key)} for key in keys]
+        for start in range(0, len(objects), _DELETE_BATCH):
+            with _S3Errors(self.url, "(delete)"):
+                reply = self.client.delete_objects(Bucket=self.bucket,
+                                                   Delete={"Objects": objects[start:start + _DELETE_BATCH],
+                                                           "Quiet": True})
+            if reply.get("Errors"):
+                first = reply["Errors"][0]
+                raise StoreUnavailable(f"{self.url}: cannot delete {first.get('Key')}: {first.get('Code')}")
+
+
+class _S3Errors:
+    """Turns botocore's errors into the store's: a missing key is MissingObject, the rest
+    (network, credentials, a missing bucket, throttling past the retries) StoreUnavailable."""
+
+    def __init__(self, url: str, key: str):
+        self.url, self.key = url, key
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
+        # never swallows: it raises the store's error in place of the SDK's, or lets others through
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(error, ClientError):
+            code = error.response.get("Error", {}).get("Code", "")
+            if code in ("NoSuchKey", "404"):
+                raise MissingObject(f"{self.url}/{self.key}: no such object") from None
+            raise StoreUnavailable(f"{self.url}: {self.key}: {code or error}") from None
+        if isinstance(error, BotoCoreError):
+            raise StoreUnavailable(f"{self.url}: {self.key}: {error}") from None
