@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 
+# The end_reason prefix of an instance whose provider gave up on its agent after it failed several
+# times in a row (the local VM's supervisor; systemd on a cloud VM keeps restarting instead).
+AGENT_FAILED = "agent failed"
+
+
 class ProviderError(Exception):
     """Base of the typed cloud errors."""
 
@@ -76,3 +81,10 @@ class Provider(Protocol):
     def list_instances(self, cluster: str) -> list[Instance]: ...
 
     def terminate(self, instance_id: str) -> None: ...
+
+
+@runtime_checkable
+class ConsoleProvider(Protocol):
+    """A provider that shows an instance's console, where its agent's output goes (local, AWS, GCP)."""
+
+    def console_output(self, instance_id: str, location: str) -> str: ...

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from spotrain.providers.base import AGENT_FAILED
 from spotrain.providers.imds import MetadataServer, MetadataState
 
 POLL_SECONDS = 0.2
@@ -52,6 +53,9 @@ class Supervisor:
         work = self.vm_dir / "work"
         work.mkdir(exist_ok=True)
         env = dict(os.environ, SPOTRAIN_METADATA_URL=self.server.url)
+        python_path = [*self.vm.get("python_path", []), *filter(None, [env.get("PYTHONPATH")])]
+        if python_path:
+            env["PYTHONPATH"] = os.pathsep.join(python_path)
         with open(self.vm_dir / "agent.log", "ab") as log:
             command = self.vm.get("workload") or [
                 sys.executable, "-m", "spotrain", "agent", "--user-data", str(self.vm_dir / "user-data.json")]
@@ -114,7 +118,7 @@ class Supervisor:
                     time.sleep(1.0)
                     self.start_agent()
                 else:
-                    self.end_state, self.end_reason = "terminated", f"agent failed (exit {code})"
+                    self.end_state, self.end_reason = "terminated", f"{AGENT_FAILED} (exit {code})"
                     break
             time.sleep(POLL_SECONDS)
         self.kill_agent_group()

@@ -51,6 +51,10 @@ class MultiProvider:
                 found.append(instance)
         return found
 
+    def console_output(self, instance_id: str, location: str) -> str:
+        """The agent's console of an instance in `location`, from the provider that serves it."""
+        return self.provider_for(location).console_output(instance_id, location)
+
     def terminate(self, instance_id: str) -> None:
         owner = self._owner.get(instance_id)
         for provider in [self.providers[owner]] if owner else list(self.providers.values()):

@@ -65,9 +65,12 @@ def launch(
                 args += [flag, str(value)] if value is not None else []
             pid = cluster_ops.launch_detached(config.resolve(), args, spec.name)
             console.print(f"controller of {spec.name} started in the background (pid {pid}); "
-                          f"follow with `spotrain status {spec.name}`")
+                          f"follow with `spotrain status {spec.name}` and `spotrain logs {spec.name} -f`")
             return
-        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
+        from spotrain.logs import teed
+
+        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick,
+                                    say=teed(say, spec.name))
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
@@ -184,15 +187,19 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
     from spotrain import plan as planning
     from spotrain.config import load_spec
     from spotrain.provider_factory import make_provider
+    from spotrain.providers.base import ProviderError
 
     try:
         spec = load_spec(config)
+        notes = planning.check_plannable(spec)
         offers = planning.offers_for(spec, make_provider(spec).offers())
         planning.check_budget_covers_a_tick(spec, offers, tick)
         data = planning.plan(spec, offers)
-    except SpotrainError as error:
+    except (SpotrainError, ProviderError) as error:  # e.g. no AWS credentials for live prices: one line
         fail(str(error))
         return
+    for note in notes:
+        print(f"spotrain: note: {note}", file=sys.stderr)
     if as_json:
         print(json.dumps(data))
         return
@@ -258,6 +265,63 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
                       "-" if r["cost_per_million_samples_usd"] is None else f"{r['cost_per_million_samples_usd']:.3f}",
                       str(r["preemptions"]))
     console.print(table)
+
+
+@app.command()
+def init(folder: Path = typer.Argument(Path("."), help="folder to write into (created when missing)"),
+         name: str | None = typer.Option(None, "--name", help="cluster name (default: the folder's)")) -> None:
+    """Write a task of your own (my_task.py: model, data, loss, optimizer) and a spec that trains it."""
+    from spotrain.scaffold import write_skeleton
+
+    try:
+        written = write_skeleton(folder, name)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+    where = "" if folder.resolve() == Path.cwd() else f"cd {folder} && "
+    console.print(f"next: {where}spotrain launch {written[-1].name} --duration 120", highlight=False)
+
+
+@app.command()
+def export(cluster: str = typer.Argument(..., help="cluster name"),
+           out: Path = typer.Argument(..., help="file to write, e.g. model.pt")) -> None:
+    """Write the newest checkpoint's model weights (a state_dict that torch.load(weights_only=True) reads)."""
+    from spotrain.export import export_model
+
+    try:
+        exported = export_model(cluster, out)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    console.print(f"{exported.cluster}: model of epoch {exported.epoch} (from {exported.checkpoint_dir}) "
+                  f"written to {exported.path}", highlight=False)
+
+
+@app.command()
+def logs(cluster: str | None = typer.Argument(None, help="cluster name; may be left out when there is one"),
+         instance: str | None = typer.Argument(None, help="one instance's log only"),
+         follow: bool = typer.Option(False, "-f", "--follow", help="keep printing what is added"),
+         controller: bool = typer.Option(False, "--controller", help="the controller's log only"),
+         lines: int = typer.Option(100, "-n", "--lines", help="last lines of each log; 0: all")) -> None:
+    """The controller's log and each agent's (local VM files, EC2 console output, GCE serial port)."""
+    from spotrain import logs as cluster_logs
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        sources = cluster_logs.log_sources(cluster, instance, controller)
+        if not follow:
+            cluster_logs.show(sources, lines, write)
+            return
+        cluster_logs.follow(lambda: cluster_logs.log_sources(cluster, instance, controller), lines, write)
+    except SpotrainError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

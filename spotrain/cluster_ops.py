@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-from spotrain.config import ClusterSpec
+from spotrain.config import ClusterSpec, stored_spec
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import ControllerRunning, SpotrainError
 from spotrain.home import cluster_dir, existing_cluster, ledger_path
@@ -66,9 +66,12 @@ def checkpoint_store(spec: ClusterSpec) -> str:
 
 
 def checked_provider(spec: ClusterSpec):
-    """The spec's provider, once every enabled cloud's credentials work: before anything is launched."""
+    """The spec's provider, once every location is served and every enabled cloud's credentials work:
+    before anything is launched."""
+    from spotrain.plan import check_launchable
     from spotrain.providers.base import AuthError
 
+    check_launchable(spec)
     provider = make_provider(spec)
     try:
         provider.check_credentials()
@@ -151,7 +154,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
             run = ledger.current_run()
             if run is None:
                 return name
-            spec = ClusterSpec.model_validate(run.spec)
+            spec = stored_spec(run.spec)  # never the task's code: down must work when it is gone
             provider = make_provider(spec)
             loop = ControlLoop(spec, ledger, run, provider, swarm=None, settings=LoopSettings(), say=say)
             if run.ended_at is None or any(i.state == "running" for i in provider.list_instances(name)):

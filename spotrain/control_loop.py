@@ -26,7 +26,17 @@ from spotrain.controller import (
 )
 from spotrain.ledger import LIVE_STATES, Ledger, Run
 from spotrain.planner import PlacementPolicy, get_policy
-from spotrain.providers.base import CapacityError, Instance, LaunchRequest, Offer, PriceError, ProviderError, QuotaError
+from spotrain.providers.base import (
+    AGENT_FAILED,
+    CapacityError,
+    ConsoleProvider,
+    Instance,
+    LaunchRequest,
+    Offer,
+    PriceError,
+    ProviderError,
+    QuotaError,
+)
 from spotrain.throughput import TaskProfile
 from spotrain.swarm_records import AgentStatus
 
@@ -70,6 +80,7 @@ class ControlLoop:
         self._last_line = 0.0
         self.failures = 0
         self.refused_this_tick = False
+        self.failed_agent: Instance | None = None  # an instance whose provider gave up on its agent
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -100,6 +111,8 @@ class ControlLoop:
                 self.ledger.mark_ended(row.request_id, instance.state, instance.ended_at or now,
                                        instance.end_reason or instance.state, self.run.id)
                 self.say(f"{instance.instance_id} in {instance.location}: {instance.state} ({instance.end_reason})")
+                if (instance.end_reason or "").startswith(AGENT_FAILED):
+                    self.failed_agent = instance
         return seen
 
     def observe(self, now: float) -> Observed:
@@ -183,6 +196,9 @@ class ControlLoop:
 
     def _reconcile_and_apply(self, now: float) -> Observed:
         observed = self.observe(now)
+        if self.failed_agent is not None:  # a task that crashes its agents would crash every replacement too
+            self.end_reason = self._agent_failure(self.failed_agent)
+            return observed
         refused_before = set(self.failed_at)
         for action in reconcile(observed, self.desired(), now, self.policy):
             if isinstance(action, Launch):
@@ -200,6 +216,24 @@ class ControlLoop:
             elif isinstance(action, EndRun):
                 self.end_reason = action.reason
         return observed
+
+    def _agent_failure(self, instance: Instance) -> str:
+        """The end reason for an agent that kept failing, after its log's last error lines."""
+        lines: list[str] = []
+        if isinstance(self.provider, ConsoleProvider):
+            from spotrain.logs import last_error_lines
+
+            try:
+                log = self.provider.console_output(instance.instance_id, instance.location)
+                lines = last_error_lines(log)
+            except ProviderError as error:
+                lines = [f"(its log cannot be read: {error})"]
+        self.say(f"the agent on {instance.instance_id} kept failing ({instance.end_reason}); its last lines:")
+        for line in lines:
+            self.say(f"  {line}")
+        self.say(f"see `spotrain logs {self.spec.name} {instance.instance_id}`")
+        last = f": {lines[-1].strip()}" if lines else ""
+        return f"{instance.end_reason} on {instance.instance_id}{last}"
 
     def _offer_of(self, location: str, instance_type: str | None, market: str) -> Offer | None:
         return next((o for o in self.offers if o.location == location and o.market == market
@@ -281,12 +315,16 @@ class ControlLoop:
         self._last_line = now
         running = [i for i in observed.instances if i.state == "running"]
         draining = [i for i in running if i.agent_state == "draining"]
-        training = [s for s in self.statuses.values() if s.state == "training"]
+        starting = [i for i in running if i.agent_state not in ("training", "draining")]
+        ours = {i.instance_id for i in running}
+        training = [s for s in self.statuses.values() if s.state == "training" and s.instance_id in ours
+                    and now - s.time < STATUS_FRESH_SECONDS]
         rate = sum(s.samples_per_second for s in training)
         losses = [s.loss for s in training if s.loss is not None]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         wanted = self.spec.placement.workers + self.spec.placement.backups
-        self.say(f"workers {len(running) - len(draining)}/{wanted}"
+        self.say(f"workers {len(training)}/{wanted}"  # agents that train, not VMs that merely run
+                 + (f" (+{len(starting)} starting)" if starting else "")
                  + (f" (+{len(draining)} draining)" if draining else "") + "  "
                  f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")
