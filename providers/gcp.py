@@ -327,10 +327,10 @@ class GcpProvider:
 
     def console_output(self, instance_id: str, location: str) -> str:
         """Serial port 1 (boot, the startup script, the agent's unit); "" once the VM is deleted."""
-        zone = location.split(":", 1)[1]
+        read = self.compute().GetSerialPortOutputInstanceRequest(
+            project=self.config.project, zone=location.split(":", 1)[1], instance=instance_id, port=1)
         try:
-            output = self.client("InstancesClient").get_serial_port_output(
-                project=self.config.project, zone=zone, instance=instance_id, port=1, timeout=CALL_TIMEOUT)
+            output = self.client("InstancesClient").get_serial_port_output(request=read, timeout=CALL_TIMEOUT)
         except sdk_errors() as error:
             if not_found(error):
                 return ""  # a preempted spot VM is deleted, its console with it
