@@ -124,31 +124,48 @@ def down(cluster: str | None = typer.Argument(None)) -> None:
     say(f"{name}: every worker terminated")
 
 
-def _print_report(cluster: str | None, as_json: bool) -> None:
+def _print_report(cluster: str | None, as_json: bool, run_number: int | None = None,
+                  html_path: Path | None = None, csv_dir: Path | None = None) -> None:
     from spotrain.home import existing_cluster, ledger_path
     from spotrain.ledger import Ledger
     from spotrain.report import build_report, print_report
+    from spotrain.report_data import select_run, series
 
     name = existing_cluster(cluster)
     ledger = Ledger.open_existing(ledger_path(name))
+    written = []
     try:
-        run = ledger.current_run()
-        if run is None:
-            raise SpotrainError(f"cluster {name!r} has no run")
+        run = select_run(ledger, name, run_number)
         data = build_report(ledger, run, name)
+        if csv_dir is not None:
+            from spotrain.report_csv import write_csv
+
+            written += write_csv(ledger, run, csv_dir)
+        if html_path is not None:
+            from spotrain.report_html import write_html
+
+            write_html(data, series(ledger, run), html_path)
+            written.append(html_path)
     finally:
         ledger.close()
     if as_json:
         print(json.dumps(data))
     else:
         print_report(data, console)
+    for path in written:  # on stderr: stdout stays one JSON object under --json
+        print(f"wrote {path}", file=sys.stderr)
 
 
 @app.command()
-def report(cluster: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Cost and throughput of the cluster's latest run."""
+def report(cluster: str | None = typer.Argument(None, help="cluster name; may be left out when there is one"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+           run_number: int | None = typer.Option(None, "--run", help="an older run (1 is the first); default: latest"),
+           html_path: Path | None = typer.Option(None, "--html", help="also write a self-contained page with plots"),
+           csv_dir: Path | None = typer.Option(None, "--csv", help="also write the run's ledger as CSV files here"),
+           ) -> None:
+    """Cost and throughput of a run of the cluster (the latest by default)."""
     try:
-        _print_report(cluster, as_json)
+        _print_report(cluster, as_json, run_number, html_path, csv_dir)
     except SpotrainError as error:
         fail(str(error))
 

@@ -55,7 +55,7 @@ def test_a_stored_spec_is_read_without_importing_its_task(tmp_path):
 
 def test_init_writes_a_task_and_a_spec_that_loads_and_never_overwrites(tmp_path, clean_import_path):
     folder = tmp_path / "My Model_2"
-    task_path, spec_path = write_skeleton(folder)
+    _, spec_path = write_skeleton(folder)
     spec = load_spec(spec_path)
     assert spec.name == cluster_name_for(folder) == "my-model-2"
     assert spec.training.task == "my_task:task" and spec.training.code_dir == str(folder)
