@@ -80,35 +80,34 @@ def launch(
 
 
 @app.command()
-def status(cluster: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Workers, locations, budget, throughput of a cluster."""
-    from rich.table import Table
-
-    from spotrain import cluster_ops
+def status(cluster: str | None = typer.Argument(None, help="cluster name; without: the only one, or a list"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+           watch: bool = typer.Option(False, "--watch", help="redraw every 2 s until the run ends or Ctrl-C"),
+           ) -> None:
+    """Workers, locations, budget, burn rate, time left and throughput of a cluster."""
+    from spotrain import cluster_ops, status_view
+    from spotrain.home import cluster_names
 
     try:
+        if watch and as_json:
+            raise SpotrainError("--watch and --json: choose one")
+        if cluster is None and len(cluster_names()) > 1:
+            rows = status_view.cluster_rows()
+            print(json.dumps(rows)) if as_json else console.print(status_view.clusters_table(rows))
+            return
+        if watch:
+            status_view.watch(lambda: cluster_ops.status(cluster), console)
+            return
         data = cluster_ops.status(cluster)
     except SpotrainError as error:
         fail(str(error))
         return
+    except KeyboardInterrupt:
+        return
     if as_json:
         print(json.dumps(data))
         return
-    share = min(1.0, data["spent_usd"] / data["budget_usd"]) if data["budget_usd"] else 0.0
-    bar = "#" * round(30 * share) + "." * (30 - round(30 * share))
-    controller = f"controller pid {data['controller_pid']}" if data["controller_pid"] else "no controller running"
-    console.print(f"[bold]{data['cluster']}[/bold] run {data['run']} ({data['state']}, {controller})")
-    console.print(f"budget [{bar}] ${data['spent_usd']:.4f} of ${data['budget_usd']:.2f}   "
-                  f"epoch {data['epoch']}   samples {data['samples']:,}", markup=False)
-    table = Table()
-    for column in ("instance", "location", "state", "agent", "epoch", "samples/s", "loss", "$/h"):
-        table.add_column(column)
-    for w in data["workers"]:
-        table.add_row(w["instance_id"] or "-", w["location"], w["state"], w["agent_state"] or "-",
-                      str(w["epoch"] if w["epoch"] is not None else "-"),
-                      f"{w['samples_per_second']:.1f}" if w["samples_per_second"] is not None else "-",
-                      f"{w['loss']:.3f}" if w["loss"] is not None else "-", f"{w['price_usd_per_hour']:.3f}")
-    console.print(table)
+    console.print(status_view.render(data))
 
 
 @app.command()
@@ -159,9 +158,9 @@ def _print_report(cluster: str | None, as_json: bool, run_number: int | None = N
 @app.command()
 def report(cluster: str | None = typer.Argument(None, help="cluster name; may be left out when there is one"),
            as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
-           run_number: int | None = typer.Option(None, "--run", help="an older run (1 is the first); default: latest"),
-           html_path: Path | None = typer.Option(None, "--html", help="also write a self-contained page with plots"),
-           csv_dir: Path | None = typer.Option(None, "--csv", help="also write the run's ledger as CSV files here"),
+           run_number: int | None = typer.Option(None, "--run", help="an older run (1 is the first)"),
+           html_path: Path | None = typer.Option(None, "--html", help="also write a page with plots"),
+           csv_dir: Path | None = typer.Option(None, "--csv", help="also write the run's ledger as CSV here"),
            ) -> None:
     """Cost and throughput of a run of the cluster (the latest by default)."""
     try:
@@ -286,7 +285,8 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
 
 @app.command()
 def init(folder: Path = typer.Argument(Path("."), help="folder to write into (created when missing)"),
-         name: str | None = typer.Option(None, "--name", help="cluster name (default: the folder's)")) -> None:
+         name: str | None = typer.Option(None, "--name", help="cluster name (default: the folder's)"),
+         ) -> None:
     """Write a task of your own (my_task.py: model, data, loss, optimizer) and a spec that trains it."""
     from spotrain.scaffold import write_skeleton
 

@@ -169,6 +169,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
 
 def status(name: str | None) -> dict:
     from spotrain.report import build_report
+    from spotrain.status_view import live_figures
 
     name = existing_cluster(name)
     ledger = Ledger.open_existing(ledger_path(name))
@@ -190,6 +191,7 @@ def status(name: str | None) -> dict:
         pid = controller_pid(name)
         return {"cluster": name, "run": run.id, "state": report["state"], "controller_pid": pid,
                 "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"], "epoch": report["epochs"],
-                "samples": report["samples"], "workers": workers}
+                "samples": report["samples"], "workers": workers,
+                **live_figures(ledger, run, report, workers)}
     finally:
         ledger.close()
