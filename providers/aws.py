@@ -307,6 +307,25 @@ class AwsProvider:
             end_detail=detail,
         )
 
+    def console_output(self, instance_id: str, location: str) -> str:
+        """The instance's serial console as EC2 keeps it (boot, cloud-init, the agent); "" when gone."""
+        from botocore.exceptions import ClientError
+
+        ec2 = self.ec2(region_of(location.split(":", 1)[1]))
+        try:
+            try:
+                response = ec2.get_console_output(InstanceId=instance_id, Latest=True)
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") != "UnsupportedOperation":
+                    raise
+                response = ec2.get_console_output(InstanceId=instance_id)  # Xen types: the buffered output
+        except sdk_errors() as error:
+            if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code", "").startswith(
+                    "InvalidInstanceID"):
+                return ""
+            raise typed_error(error, f"console output of {instance_id}") from None
+        return response.get("Output") or ""
+
     def terminate(self, instance_id: str) -> None:
         """Idempotent: an instance that is gone, or unknown here, is left alone."""
         from botocore.exceptions import BotoCoreError, ClientError

@@ -84,3 +84,10 @@ class Provider(Protocol):
     def check_credentials(self) -> None:
         """Raise AuthError, naming the provider, when its credentials are missing or refused."""
         ...
+
+
+@runtime_checkable
+class ConsoleProvider(Protocol):
+    """A provider that shows an instance's console, where its agent's output goes (local, AWS, GCP)."""
+
+    def console_output(self, instance_id: str, location: str) -> str: ...

@@ -327,6 +327,18 @@ class GcpProvider:
         self._seen[described.name] = instance
         return instance
 
+    def console_output(self, instance_id: str, location: str) -> str:
+        """Serial port 1 (boot, the startup script, the agent's unit); "" once the VM is deleted."""
+        read = self.compute().GetSerialPortOutputInstanceRequest(
+            project=self.config.project, zone=location.split(":", 1)[1], instance=instance_id, port=1)
+        try:
+            output = self.client("InstancesClient").get_serial_port_output(request=read, timeout=CALL_TIMEOUT)
+        except sdk_errors() as error:
+            if not_found(error):
+                return ""  # a preempted spot VM is deleted, its console with it
+            raise typed_error(error, f"console output of {instance_id}") from None
+        return output.contents
+
     def terminate(self, instance_id: str) -> None:
         """Idempotent: deleting what is already gone (or not ours to know) is a no-op."""
         instances = self.client("InstancesClient")

@@ -54,10 +54,13 @@ def _end_reason(state: dict) -> tuple[EndReason | None, str]:
 class LocalProvider:
     name = NAME
 
-    def __init__(self, config, root: Path, workload: list[str] | None = None):
+    def __init__(self, config, root: Path, workload: list[str] | None = None,
+                 python_path: tuple[str, ...] = ()):
         self.config = config  # spotrain.config.LocalProvider
         self.root = root
         self.workload = workload  # what a VM runs; None: `spotrain agent` with the request's user-data
+        # folders put first on the agents' PYTHONPATH (the spec's code_dir): agents run in their VM folder
+        self.python_path = python_path
         self.vms = root / "vms"
         # notice window, then the supervisor's poll and exit
         self.termination_lag_seconds = config.notice_seconds + 3.0
@@ -99,7 +102,7 @@ class LocalProvider:
             "launched_at": now, "notice_seconds": self.config.notice_seconds,
             "preempt_at": None if claim.lifetime_wall_s is None else now + claim.lifetime_wall_s,
             "announced": claim.announced, "trace": location.trace, "trace_node": claim.trace_node,
-            "workload": self.workload,
+            "workload": self.workload, "python_path": list(self.python_path),
         }
         with open(vm_dir / "supervisor.log", "ab") as log:
             process = subprocess.Popen(
@@ -164,3 +167,9 @@ class LocalProvider:
             except ProcessLookupError:
                 pass
 
+    def console_output(self, instance_id: str, location: str = "") -> str:
+        """The VM's agent log: what a cloud VM's serial console shows of its agent."""
+        try:
+            return (self.vms / instance_id / "agent.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""

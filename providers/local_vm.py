@@ -54,6 +54,9 @@ class Supervisor:
         work = self.vm_dir / "work"
         work.mkdir(exist_ok=True)
         env = dict(os.environ, SPOTRAIN_METADATA_URL=self.server.url)
+        python_path = [*self.vm.get("python_path", []), *filter(None, [env.get("PYTHONPATH")])]
+        if python_path:
+            env["PYTHONPATH"] = os.pathsep.join(python_path)
         with open(self.vm_dir / "agent.log", "ab") as log:
             command = self.vm.get("workload") or [
                 sys.executable, "-m", "spotrain", "agent", "--user-data", str(self.vm_dir / "user-data.json")]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spotrain.providers.base import Instance, LaunchRequest, Offer, Provider, ProviderError
+from spotrain.providers.base import ConsoleProvider, Instance, LaunchRequest, Offer, Provider, ProviderError
 
 
 class MultiProvider:
@@ -48,6 +48,13 @@ class MultiProvider:
                 self._owner[instance.instance_id] = provider.name
                 found.append(instance)
         return found
+
+    def console_output(self, instance_id: str, location: str) -> str:
+        """The agent's console of an instance in `location`, from the provider that serves it."""
+        provider = self.provider_for(location)
+        if not isinstance(provider, ConsoleProvider):
+            raise ProviderError(f"{provider.name} shows no instance console")
+        return provider.console_output(instance_id, location)
 
     def terminate(self, instance_id: str) -> None:
         owner = self._owner.get(instance_id)

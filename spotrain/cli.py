@@ -82,9 +82,12 @@ def launch(
                 args += [flag, str(value)] if value is not None else []
             pid = cluster_ops.launch_detached(config.resolve(), args, spec.name)
             console.print(f"controller of {spec.name} started in the background (pid {pid}); "
-                          f"follow with `spotrain status {spec.name}`")
+                          f"follow with `spotrain status {spec.name}` and `spotrain logs {spec.name} -f`")
             return
-        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
+        from spotrain.logs import teed
+
+        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick,
+                                    say=teed(say, spec.name))
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
@@ -94,35 +97,34 @@ def launch(
 
 
 @app.command()
-def status(cluster: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Workers, locations, budget, throughput of a cluster."""
-    from rich.table import Table
-
-    from spotrain import cluster_ops
+def status(cluster: str | None = typer.Argument(None, help="cluster name; without: the only one, or a list"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+           watch: bool = typer.Option(False, "--watch", help="redraw every 2 s until the run ends or Ctrl-C"),
+           ) -> None:
+    """Workers, locations, budget, burn rate, time left and throughput of a cluster."""
+    from spotrain import cluster_ops, status_view
+    from spotrain.home import cluster_names
 
     try:
+        if watch and as_json:
+            raise SpotrainError("--watch and --json: choose one")
+        if cluster is None and len(cluster_names()) > 1:
+            rows = status_view.cluster_rows()
+            print(json.dumps(rows)) if as_json else console.print(status_view.clusters_table(rows))
+            return
+        if watch:
+            status_view.watch(lambda: cluster_ops.status(cluster), console)
+            return
         data = cluster_ops.status(cluster)
     except SpotrainError as error:
         fail(str(error))
         return
+    except KeyboardInterrupt:
+        return
     if as_json:
         print(json.dumps(data))
         return
-    share = min(1.0, data["spent_usd"] / data["budget_usd"]) if data["budget_usd"] else 0.0
-    bar = "#" * round(30 * share) + "." * (30 - round(30 * share))
-    controller = f"controller pid {data['controller_pid']}" if data["controller_pid"] else "no controller running"
-    console.print(f"[bold]{data['cluster']}[/bold] run {data['run']} ({data['state']}, {controller})")
-    console.print(f"budget [{bar}] ${data['spent_usd']:.4f} of ${data['budget_usd']:.2f}   "
-                  f"epoch {data['epoch']}   samples {data['samples']:,}", markup=False)
-    table = Table()
-    for column in ("instance", "location", "state", "agent", "epoch", "samples/s", "loss", "$/h"):
-        table.add_column(column)
-    for w in data["workers"]:
-        table.add_row(w["instance_id"] or "-", w["location"], w["state"], w["agent_state"] or "-",
-                      str(w["epoch"] if w["epoch"] is not None else "-"),
-                      f"{w['samples_per_second']:.1f}" if w["samples_per_second"] is not None else "-",
-                      f"{w['loss']:.3f}" if w["loss"] is not None else "-", f"{w['price_usd_per_hour']:.3f}")
-    console.print(table)
+    console.print(status_view.render(data))
 
 
 @app.command()
@@ -138,31 +140,48 @@ def down(cluster: str | None = typer.Argument(None)) -> None:
     say(f"{name}: every worker terminated")
 
 
-def _print_report(cluster: str | None, as_json: bool) -> None:
+def _print_report(cluster: str | None, as_json: bool, run_number: int | None = None,
+                  html_path: Path | None = None, csv_dir: Path | None = None) -> None:
     from spotrain.home import existing_cluster, ledger_path
     from spotrain.ledger import Ledger
     from spotrain.report import build_report, print_report
+    from spotrain.report_data import select_run, series
 
     name = existing_cluster(cluster)
     ledger = Ledger.open_existing(ledger_path(name))
+    written = []
     try:
-        run = ledger.current_run()
-        if run is None:
-            raise SpotrainError(f"cluster {name!r} has no run")
+        run = select_run(ledger, name, run_number)
         data = build_report(ledger, run, name)
+        if csv_dir is not None:
+            from spotrain.report_csv import write_csv
+
+            written += write_csv(ledger, run, csv_dir)
+        if html_path is not None:
+            from spotrain.report_html import write_html
+
+            write_html(data, series(ledger, run), html_path)
+            written.append(html_path)
     finally:
         ledger.close()
     if as_json:
         print(json.dumps(data))
     else:
         print_report(data, console)
+    for path in written:  # on stderr: stdout stays one JSON object under --json
+        print(f"wrote {path}", file=sys.stderr)
 
 
 @app.command()
-def report(cluster: str | None = typer.Argument(None), as_json: bool = typer.Option(False, "--json")) -> None:
-    """Cost and throughput of the cluster's latest run."""
+def report(cluster: str | None = typer.Argument(None, help="cluster name; may be left out when there is one"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+           run_number: int | None = typer.Option(None, "--run", help="an older run (1 is the first)"),
+           html_path: Path | None = typer.Option(None, "--html", help="also write a page with plots"),
+           csv_dir: Path | None = typer.Option(None, "--csv", help="also write the run's ledger as CSV here"),
+           ) -> None:
+    """Cost and throughput of a run of the cluster (the latest by default)."""
     try:
-        _print_report(cluster, as_json)
+        _print_report(cluster, as_json, run_number, html_path, csv_dir)
     except SpotrainError as error:
         fail(str(error))
 
@@ -200,15 +219,19 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
     """Dry run: offers, placement, $/h, samples/s, $/1M samples, hours the budget pays for."""
     from spotrain import plan as planning
     from spotrain.provider_factory import make_provider
+    from spotrain.providers.base import ProviderError
 
     try:
         spec = load_checked_spec(config)
+        notes = planning.check_plannable(spec)
         offers = planning.offers_for(spec, make_provider(spec), say=lambda line: print(line, file=sys.stderr))
         planning.check_budget_covers_a_tick(spec, offers, tick)
         data = planning.plan(spec, offers)
-    except SpotrainError as error:
+    except (SpotrainError, ProviderError) as error:  # e.g. no AWS credentials for live prices: one line
         fail(str(error))
         return
+    for note in notes:
+        print(f"spotrain: note: {note}", file=sys.stderr)
     if as_json:
         print(json.dumps(data))
         return
@@ -274,6 +297,64 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
                       "-" if r["cost_per_million_samples_usd"] is None else f"{r['cost_per_million_samples_usd']:.3f}",
                       str(r["preemptions"]))
     console.print(table)
+
+
+@app.command()
+def init(folder: Path = typer.Argument(Path("."), help="folder to write into (created when missing)"),
+         name: str | None = typer.Option(None, "--name", help="cluster name (default: the folder's)"),
+         ) -> None:
+    """Write a task of your own (my_task.py: model, data, loss, optimizer) and a spec that trains it."""
+    from spotrain.scaffold import write_skeleton
+
+    try:
+        written = write_skeleton(folder, name)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+    where = "" if folder.resolve() == Path.cwd() else f"cd {folder} && "
+    console.print(f"next: {where}spotrain launch {written[-1].name} --duration 120", highlight=False)
+
+
+@app.command()
+def export(cluster: str = typer.Argument(..., help="cluster name"),
+           out: Path = typer.Argument(..., help="file to write, e.g. model.pt")) -> None:
+    """Write the newest checkpoint's model weights (a state_dict that torch.load(weights_only=True) reads)."""
+    from spotrain.export import export_model
+
+    try:
+        exported = export_model(cluster, out)
+    except SpotrainError as error:
+        fail(str(error))
+        return
+    console.print(f"{exported.cluster}: model of epoch {exported.epoch} (from {exported.checkpoint_dir}) "
+                  f"written to {exported.path}", highlight=False)
+
+
+@app.command()
+def logs(cluster: str | None = typer.Argument(None, help="cluster name; may be left out when there is one"),
+         instance: str | None = typer.Argument(None, help="one instance's log only"),
+         follow: bool = typer.Option(False, "-f", "--follow", help="keep printing what is added"),
+         controller: bool = typer.Option(False, "--controller", help="the controller's log only"),
+         lines: int = typer.Option(100, "-n", "--lines", help="last lines of each log; 0: all")) -> None:
+    """The controller's log and each agent's (local VM files, EC2 console output, GCE serial port)."""
+    from spotrain import logs as cluster_logs
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    try:
+        sources = cluster_logs.log_sources(cluster, instance, controller)
+        if not follow:
+            cluster_logs.show(sources, lines, write)
+            return
+        cluster_logs.follow(lambda: cluster_logs.log_sources(cluster, instance, controller), lines, write)
+    except SpotrainError as error:
+        fail(str(error))
+    except KeyboardInterrupt:
+        pass
 
 
 @app.command()

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import cast
 
-from spotrain.config import ClusterSpec
+from spotrain.config import ClusterSpec, stored_spec
 from spotrain.contracts.states import LIVE_STATES, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import ControllerRunning, SpotrainError
@@ -69,9 +69,12 @@ def checkpoint_store(spec: ClusterSpec) -> str:
 
 
 def checked_provider(spec: ClusterSpec):
-    """The spec's provider, once every enabled cloud's credentials work: before anything is launched."""
+    """The spec's provider, once every location is served and every enabled cloud's credentials work:
+    before anything is launched."""
+    from spotrain.plan import check_launchable
     from spotrain.providers.base import AuthError
 
+    check_launchable(spec)
     provider = make_provider(spec)
     try:
         provider.check_credentials()
@@ -154,7 +157,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
             run = ledger.current_run()
             if run is None:
                 return name
-            spec = ClusterSpec.model_validate(run.spec)
+            spec = stored_spec(run.spec)  # never the task's code: down must work when it is gone
             provider = make_provider(spec)
             loop = ControlLoop(spec, ledger, run, provider, NoSwarm(), LoopSettings(), say=say)
             if run.ended_at is None or any(i.state == InstanceState.RUNNING for i in provider.list_instances(name)):
@@ -169,6 +172,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
 
 def status(name: str | None) -> dict:
     from spotrain.report import build_report
+    from spotrain.status_view import live_figures
 
     name = existing_cluster(name)
     ledger = Ledger.open_existing(ledger_path(name))
@@ -190,6 +194,7 @@ def status(name: str | None) -> dict:
         pid = controller_pid(name)
         return {"cluster": name, "run": run.id, "state": report["state"], "controller_pid": pid,
                 "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"], "epoch": report["epochs"],
-                "samples": report["samples"], "workers": workers}
+                "samples": report["samples"], "workers": workers,
+                **live_figures(ledger, run, report, workers)}
     finally:
         ledger.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -13,6 +14,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -65,6 +67,10 @@ def _known_codec(value: str, valid: tuple[str, ...]) -> str:
 
 class Training(_Frozen):
     mode: Literal["data-parallel"] = "data-parallel"
+    code_dir: str | None = Field(
+        default=None, validate_default=True,
+        description="folder put first on the import path of the controller and every agent, so `task` may "
+                    "live there; relative to the spec file; default: the spec file's folder")
     task: str = "spotrain.examples.tiny_gpt:task"
     target_batch_size: int = Field(default=256, gt=0)
     batch_size: int = Field(default=8, gt=0, description="samples per local step")
@@ -80,11 +86,24 @@ class Training(_Frozen):
         default=True, description="average gradients and step the optimizer in the background, one epoch stale")
     averaging_timeout: float = Field(default=30.0, gt=0)
 
+    @field_validator("code_dir")
+    @classmethod
+    def _absolute_code_dir(cls, value: str | None, info: ValidationInfo) -> str | None:
+        spec_dir = (info.context or {}).get("spec_dir")
+        if spec_dir is None:
+            return value
+        return str((Path(spec_dir) / (value or ".")).resolve())
+
     @field_validator("task")
     @classmethod
-    def _task_imports(cls, value: str) -> str:
+    def _task_imports(cls, value: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get("import_task", True):
+            return value  # a stored spec, read to stop or show a cluster: user code plays no part
         from spotrain.contracts.task import load_task  # imports user code: only after the shape checks
 
+        code_dir = info.data.get("code_dir")
+        if code_dir and code_dir not in sys.path:
+            sys.path.insert(0, code_dir)  # like a script's own folder: the user's modules come first
         load_task(value)
         return value
 
@@ -296,13 +315,24 @@ class ClusterSpec(_Frozen):
         return self.model_copy(update={"budget": budget})
 
 
-def parse_spec(data: object, path: Path) -> ClusterSpec:
+def parse_spec(data: object, path: Path, import_task: bool = True) -> ClusterSpec:
+    """Validate a spec read from `path`: `training.code_dir` is resolved against its folder, and the
+    task is imported (from there) unless `import_task` is False."""
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the spec must be a YAML mapping")
     try:
-        return ClusterSpec.model_validate(data)
+        return ClusterSpec.model_validate(data, context={"spec_dir": path.parent, "import_task": import_task})
     except ValidationError as error:
         raise SpecError(validation_error_line(path, error)) from None
+
+
+def stored_spec(data: dict) -> ClusterSpec:
+    """A spec as the ledger keeps it (its code_dir already absolute), read without importing the task:
+    `down`, `status`, `report`, `logs` and `export` must work when the user's code is gone."""
+    try:
+        return ClusterSpec.model_validate(data, context={"import_task": False})
+    except ValidationError as error:
+        raise SpecError(validation_error_line(Path("stored spec"), error)) from None
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

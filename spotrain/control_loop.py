@@ -31,6 +31,7 @@ from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.providers.base import (
     CapacityError,
+    ConsoleProvider,
     Instance,
     LaunchRequest,
     Offer,
@@ -80,6 +81,7 @@ class ControlLoop:
         self._last_line = 0.0
         self.failures = 0
         self.refused_this_tick = False
+        self.failed_agent: Instance | None = None  # an instance whose provider gave up on its agent
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -113,6 +115,8 @@ class ControlLoop:
                 self.ledger.mark_ended(row.request_id, instance.state, instance.ended_at or now, reason, self.run.id,
                                        instance.end_detail)
                 self.say(f"{instance.instance_id} in {instance.location}: {instance.state} ({reason})")
+                if reason == EndReason.AGENT_FAILED:
+                    self.failed_agent = instance
         return seen
 
     def observe(self, now: float) -> Observed:
@@ -196,6 +200,9 @@ class ControlLoop:
 
     def _reconcile_and_apply(self, now: float) -> Observed:
         observed = self.observe(now)
+        if self.failed_agent is not None:  # a task that crashes its agents would crash every replacement too
+            self.end_reason = self._agent_failure(self.failed_agent)
+            return observed
         refused_before = set(self.failed_at)
         for action in reconcile(observed, self.desired(), now, self.policy):
             if isinstance(action, Launch):
@@ -213,6 +220,24 @@ class ControlLoop:
             elif isinstance(action, EndRun):
                 self.end_reason = action.reason
         return observed
+
+    def _agent_failure(self, instance: Instance) -> str:
+        """The end reason for an agent that kept failing, after its log's last error lines."""
+        lines: list[str] = []
+        if isinstance(self.provider, ConsoleProvider):
+            from spotrain.logs import last_error_lines
+
+            try:
+                log = self.provider.console_output(instance.instance_id, instance.location)
+                lines = last_error_lines(log)
+            except ProviderError as error:
+                lines = [f"(its log cannot be read: {error})"]
+        self.say(f"the agent on {instance.instance_id} kept failing ({instance.end_reason}); its last lines:")
+        for line in lines:
+            self.say(f"  {line}")
+        self.say(f"see `spotrain logs {self.spec.name} {instance.instance_id}`")
+        last = f": {lines[-1].strip()}" if lines else ""
+        return f"{instance.end_reason} on {instance.instance_id}{last}"
 
     def _offer_of(self, location: str, instance_type: str | None, market: str) -> Offer | None:
         return next((o for o in self.offers if o.location == location and o.market == market
@@ -297,12 +322,16 @@ class ControlLoop:
         self._last_line = now
         running = [i for i in observed.instances if i.state == InstanceState.RUNNING]
         draining = [i for i in running if i.agent_state == AgentState.DRAINING]
-        training = [s for s in self.statuses.values() if s.state == AgentState.TRAINING]
+        starting = [i for i in running if i.agent_state not in (AgentState.TRAINING, AgentState.DRAINING)]
+        ours = {i.instance_id for i in running}
+        training = [s for s in self.statuses.values() if s.state == AgentState.TRAINING and s.instance_id in ours
+                    and now - s.time < STATUS_FRESH_SECONDS]
         rate = sum(s.samples_per_second for s in training)
         losses = [s.loss for s in training if s.loss is not None]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         wanted = self.spec.placement.workers + self.spec.placement.backups
-        self.say(f"workers {len(running) - len(draining)}/{wanted}"
+        self.say(f"workers {len(training)}/{wanted}"  # agents that train, not VMs that merely run
+                 + (f" (+{len(starting)} starting)" if starting else "")
                  + (f" (+{len(draining)} draining)" if draining else "") + "  "
                  f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")

@@ -28,9 +28,14 @@ def local_cloud_dir() -> Path:
     return home() / "local-cloud"
 
 
+def cluster_names() -> list[str]:
+    """Every cluster with a ledger, sorted."""
+    return sorted(p.parent.name for p in clusters_dir().glob("*/ledger.db"))
+
+
 def existing_cluster(name: str | None) -> str:
     """The cluster to act on: the one named, or the only one there is."""
-    names = sorted(p.parent.name for p in clusters_dir().glob("*/ledger.db"))
+    names = cluster_names()
     if name is not None:
         if name not in names:
             raise ClusterNotFound(f"no cluster named {name!r} under {clusters_dir()}")

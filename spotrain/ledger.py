@@ -99,6 +99,13 @@ class Ledger:
         row = self._db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         return _run(row) if row else None
 
+    def run(self, run_id: int) -> Run | None:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _run(row) if row else None
+
+    def run_ids(self) -> list[int]:
+        return [row[0] for row in self._db.execute("SELECT id FROM runs ORDER BY id")]
+
     def open_run(self, budget_usd: float, spec: dict, now: float) -> Run:
         """The run in progress, or a new one when the last has ended."""
         with self.transaction() as db:
@@ -198,6 +205,10 @@ class Ledger:
 
     def spent(self, run_id: int) -> float:
         return self._db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+    def spend_intervals(self, run_id: int) -> list[sqlite3.Row]:
+        """Every charge of the run: request_id, location, t_start, t_end, usd, in the order charged."""
+        return self._db.execute("SELECT * FROM spend WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
 
     def spend_by_location(self, run_id: int) -> list[dict]:
         rows = self._db.execute(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
-from spotrain.config import ClusterSpec
+from spotrain.config import ClusterSpec, region_of_zone
 from spotrain.errors import SpecError
 from spotrain.market import Location, catalog_offers
 from spotrain.policies import FleetMember, PlacementContext, get_policy
@@ -30,6 +30,49 @@ def offers_for(spec: ClusterSpec, provider: MultiProvider, say: Callable[[str], 
         priced.add(name)
     catalog = [o for o in catalog_offers("spot") + catalog_offers("on-demand") if o.provider not in priced]
     return list(spec.usable_offers(live + catalog))
+
+
+LAUNCHING_PROVIDERS = ("local", "aws", "gcp")  # the catalog's other clouds are only simulated
+
+
+def unserved_locations(spec: ClusterSpec) -> dict[str, str]:
+    """placement.locations that no enabled provider serves, each with what would serve it."""
+    served = set(spec.provider_locations())
+    found = {}
+    for location in spec.placement.locations or ():
+        provider, _, zone = location.partition(":")
+        region = f"{provider}:{region_of_zone(provider, zone)}" if provider in ("aws", "gcp") else location
+        if location in served or region in served:
+            continue
+        if provider not in LAUNCHING_PROVIDERS:
+            found[location] = f"spotrain launches on {', '.join(LAUNCHING_PROVIDERS)} only"
+        elif provider in spec.providers.enabled():
+            found[location] = f"add {region.partition(':')[2]} to providers.{provider}"
+        else:
+            found[location] = f"set providers.{provider}"
+    return found
+
+
+def check_launchable(spec: ClusterSpec) -> None:
+    """Refuse a spec that would launch nothing somewhere it asks for, before anything is launched."""
+    unserved = unserved_locations(spec)
+    if unserved:
+        raise SpecError(f"placement.locations: no enabled provider serves {_listed(unserved)}")
+
+
+def check_plannable(spec: ClusterSpec) -> list[str]:
+    """Refuse locations no provider of spotrain's launches on; the catalog-only ones of aws and gcp
+    stay plannable (a what-if before setting the provider up): returned, for a note."""
+    unserved = unserved_locations(spec)
+    never = {k: v for k, v in unserved.items() if k.partition(":")[0] not in LAUNCHING_PROVIDERS}
+    if never:
+        raise SpecError(f"placement.locations: no provider serves {_listed(never)}")
+    return [f"{location} is planned from catalog prices: `launch` needs it served ({why})"
+            for location, why in unserved.items()]
+
+
+def _listed(unserved: dict[str, str]) -> str:
+    return "; ".join(f"{location} ({why})" for location, why in unserved.items())
 
 
 def check_budget_covers_a_tick(spec: ClusterSpec, offers: list[Offer], tick_seconds: float) -> None:

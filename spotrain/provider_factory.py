@@ -14,7 +14,9 @@ def make_provider(spec: ClusterSpec) -> MultiProvider:
     if "local" in enabled:
         from spotrain.providers.local import LocalProvider
 
-        providers.append(LocalProvider(spec.providers.local, local_cloud_dir()))
+        code_dir = spec.training.code_dir  # the agents run in their VM folders: import the task from here
+        providers.append(LocalProvider(spec.providers.local, local_cloud_dir(),
+                                       python_path=(code_dir,) if code_dir else ()))
     if "aws" in enabled:
         from spotrain.providers.aws import AwsProvider
 

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from spotrain.contracts.states import AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.ledger import Ledger, Run
+from spotrain.report_data import format_duration, format_usd, headline
 
 
 def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
@@ -50,6 +51,7 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "traffic_by_worker": [{"instance_id": k, "bytes_sent": v[0], "bytes_received": v[1]}
                               for k, v in sorted(traffic.items())],
         "compression": _compression(run.spec),
+        **headline(ledger, run, cluster),
     }
 
 
@@ -82,9 +84,11 @@ def print_report(report: dict, console: Console | None = None) -> None:
     summary = Table(title=f"spotrain report: {report['cluster']} (run {report['run']}, {report['state']})",
                     show_header=False)
     summary.add_column(style="bold")
-    summary.add_column(justify="right")
+    summary.add_column(justify="right", overflow="fold")
     rows = [
+        ("duration", format_duration(report["duration_seconds"])),
         ("spent / budget", f"${report['spent_usd']:.4f} / ${report['budget_usd']:.2f}"),
+        ("on demand it would cost (saved)", _on_demand(report)),
         ("samples", f"{report['samples']:,}"),
         ("global epoch", str(report["epochs"])),
         ("samples/s", f"{report['samples_per_second']:.1f}"),
@@ -95,16 +99,19 @@ def print_report(report: dict, console: Console | None = None) -> None:
         ("replacements", str(report["replacements"])),
         *[(f"{kind} codec (x fewer bytes)", _codec(report["compression"][kind]))
           for kind in ("gradients", "state") if "compression" in report],
+        ("newest checkpoint", report["checkpoint_path"] or f"none yet (in {report['checkpoint_dir']})"),
         ("end", report["end_reason"] or "-"),
     ]
     for key, value in rows:
         summary.add_row(key, value)
     console.print(summary)
     by_location = Table(title="spend by location")
-    for column in ("location", "instance-hours", "usd"):
+    for column in ("location", "instance-hours", "usd", "samples", "$/1M samples", "on demand $/1M"):
         by_location.add_column(column, justify="left" if column == "location" else "right")
-    for row in report["spend_by_location"]:
-        by_location.add_row(row["location"], f"{row['seconds'] / 3600:.4f}", f"${row['usd']:.4f}")
+    for row in report["locations"]:
+        by_location.add_row(row["location"], f"{row['seconds'] / 3600:.4f}", f"${row['usd']:.4f}",
+                            f"{row['samples']:,}", format_usd(row["cost_per_million_samples_usd"]),
+                            format_usd(row["on_demand_cost_per_million_samples_usd"]))
     console.print(by_location)
     traffic = Table(title="tensor traffic by worker")
     for column in ("worker", "MB sent", "MB received"):
@@ -112,6 +119,12 @@ def print_report(report: dict, console: Console | None = None) -> None:
     for row in report["traffic_by_worker"]:
         traffic.add_row(row["instance_id"], f"{row['bytes_sent'] / 1e6:.2f}", f"{row['bytes_received'] / 1e6:.2f}")
     console.print(traffic)
+
+
+def _on_demand(report: dict) -> str:
+    if report["on_demand_usd"] is None:
+        return "- (not in the catalog)"
+    return f"${report['on_demand_usd']:.4f} ({report['savings_fraction']:.0%})"
 
 
 def _codec(entry: dict) -> str:

@@ -2,14 +2,16 @@
 
 No official emulator exists, so this serves the subset spotrain uses, shaped like the v1 API:
 instances insert/get/list/delete (labels, metadata, `filter`, `requestId` idempotency),
-zone and global operations (get, list, wait), firewalls get/insert, and an OAuth token
+zone and global operations (get, list, wait), firewalls get/insert, serial port 1 output
+(getSerialPortOutput: what a VM printed, from a byte offset), and an OAuth token
 endpoint that checks the service-account JWT the real google-auth library signs. Compute calls
 need a bearer token it issued (401 otherwise). Errors use the API's JSON error shape.
 
 Test controls: `inject(zone, code)` makes the next inserts in a zone fail in their operation
 (ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED), `preempt(zone, name)` plays a spot preemption
 (status TERMINATED plus a `compute.instances.preempted` operation; deleted shortly after when
-the instance asked for instanceTerminationAction=DELETE).
+the instance asked for instanceTerminationAction=DELETE), `print_to_console(zone, name, text)`
+appends to a VM's serial port output (a booted VM starts with one line of its own).
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class GceState:
         self.operations: dict[str, dict[str, dict]] = {zone: {} for zone in zones}
         self.operations["global"] = {}
         self.firewalls: dict[str, dict] = {}
+        self.consoles: dict[tuple[str, str], str] = {}  # (zone, name) -> serial port 1 output
         self.request_ids: dict[str, tuple[str, str]] = {}  # requestId -> (scope, operation name)
         self.faults: dict[str, list[str]] = {}
         self.tokens: set[str] = set()
@@ -109,6 +112,10 @@ class GceState:
             self._operation(zone, "compute.instances.preempted", instance, done=True, user="system")
             if instance.get("scheduling", {}).get("instanceTerminationAction") == "DELETE":
                 self._later(self.delete_after_preempt, lambda: self.instances[zone].pop(name, None))
+
+    def print_to_console(self, zone: str, name: str, text: str) -> None:
+        with self.lock:
+            self.consoles[(zone, name)] = self.consoles.get((zone, name), "") + text
 
     def live_instances(self) -> list[dict]:
         """Every instance that is not TERMINATED, in any zone: what costs money."""
@@ -219,9 +226,21 @@ class GceState:
             self.request_ids[request_id] = (zone, op["name"])
         if fault is None:
             self.instances[zone][name] = instance
-            self._finish(zone, op,
-                         then=lambda: instance.update(status="RUNNING", lastStartTimestamp=rfc3339(time.time())))
+            self._finish(zone, op, then=lambda: self._boot(zone, instance))
         return op
+
+    def _boot(self, zone: str, instance: dict) -> None:
+        instance.update(status="RUNNING", lastStartTimestamp=rfc3339(time.time()))
+        self.consoles[(zone, instance["name"])] = f"fake-gce: {instance['name']} booted\n"
+
+    def serial_port_output(self, zone: str, name: str, port: int, start: int) -> dict:
+        """Like getSerialPortOutput: the output from byte `start` on, and where the next read starts."""
+        instance = self.get_instance(zone, name)
+        if port != 1:
+            raise ApiError(400, "invalid", f"Invalid value for field 'port': '{port}'")
+        contents = self.consoles.get((zone, name), "")
+        return {"kind": "compute#serialPortOutput", "contents": contents[start:], "start": str(start),
+                "next": str(len(contents)), "selfLink": instance["selfLink"] + "/serialPort"}
 
     def get_instance(self, zone: str, name: str) -> dict:
         self._zone(zone)
@@ -347,6 +366,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return state.insert_instance(zone, json.loads(body or b"{}"), request_id)
             case "GET", ["zones", zone, "instances", name]:
                 return state.get_instance(zone, name)
+            case "GET", ["zones", zone, "instances", name, "serialPort"]:
+                return state.serial_port_output(zone, name, int(query.get("port", ["1"])[0]),
+                                                int(query.get("start", ["0"])[0]))
             case "DELETE", ["zones", zone, "instances", name]:
                 return state.delete_instance(zone, name, request_id)
             case "GET", ["zones", zone, "operations"]:

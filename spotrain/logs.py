@@ -1,0 +1,164 @@
+"""`spotrain logs`: the controller's log and each agent's, read without the task's code.
+
+The controller's lines go to $SPOTRAIN_HOME/clusters/<name>/controller.log (a detached
+controller's stdout is that file; a foreground one copies its lines there). An agent's log is
+its instance's console as the provider shows it: a local VM's agent.log, EC2's console output,
+GCE's serial port 1. Only the ledger and the stored spec are read, never the user's task.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from spotrain.errors import SpotrainError
+from spotrain.home import cluster_dir, cluster_names, existing_cluster, ledger_path
+
+CONTROLLER = "controller"
+
+
+def controller_log_path(name: str) -> Path:
+    return cluster_dir(name) / "controller.log"
+
+
+def teed(say: Callable[[str], None], name: str) -> Callable[[str], None]:
+    """`say` that also appends each line to the controller's log, unless stdout already is that file
+    (a detached controller)."""
+    path = controller_log_path(name)
+    if _stdout_is(path):
+        return say
+
+    def say_and_log(message: str) -> None:
+        say(message)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+
+    return say_and_log
+
+
+def _stdout_is(path: Path) -> bool:
+    try:
+        ours, theirs = os.fstat(sys.stdout.fileno()), path.stat()
+    except (OSError, ValueError, AttributeError):  # no such file yet, or a stdout without a descriptor
+        return False
+    return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
+
+
+def last_error_lines(text: str, limit: int = 12) -> list[str]:
+    """The end of a failed process's log: from its last traceback on, else its last five lines."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
+    start = tracebacks[-1] if tracebacks else max(0, len(lines) - 5)
+    return lines[start:][-limit:]
+
+
+@dataclass(frozen=True)
+class LogSource:
+    label: str  # "controller" or an instance id
+    title: str
+    read: Callable[[], str]
+
+
+def log_sources(cluster: str | None, instance: str | None, controller: bool) -> list[LogSource]:
+    """The controller's log and the agents' of the latest run (or one instance's, of any run)."""
+    from spotrain.config import stored_spec
+    from spotrain.ledger import Ledger
+    from spotrain.provider_factory import make_provider
+
+    name, instance = _resolve(cluster, instance)
+    path = controller_log_path(name)
+    sources = [LogSource(CONTROLLER, f"controller ({path})", lambda: _read_file(path))]
+    if controller:
+        return sources
+    ledger = Ledger.open_existing(ledger_path(name))
+    try:
+        run = ledger.current_run()
+        rows = ledger.instances() if instance else ledger.instances(run_id=run.id) if run else []
+    finally:
+        ledger.close()
+    rows = [r for r in rows if r.instance_id and instance in (None, r.instance_id)]
+    if instance is not None:
+        if not rows:
+            raise SpotrainError(f"no instance {instance!r} in cluster {name!r}; "
+                                f"`spotrain logs {name}` shows every one")
+        sources = []
+    if rows and run is not None:
+        provider = make_provider(stored_spec(run.spec))
+        sources += [LogSource(row.instance_id or "", f"{row.instance_id} ({row.location}, {row.state})",
+                              _console_reader(provider, row.instance_id or "", row.location)) for row in rows]
+    return sources
+
+
+def _resolve(cluster: str | None, instance: str | None) -> tuple[str, str | None]:
+    names = cluster_names()
+    if cluster is not None and cluster not in names and instance is None and len(names) == 1:
+        return names[0], cluster  # `spotrain logs i-...`: an instance of the only cluster
+    return existing_cluster(cluster), instance
+
+
+def _read_file(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _console_reader(provider, instance_id: str, location: str) -> Callable[[], str]:
+    return lambda: provider.console_output(instance_id, location)
+
+
+def _read(source: LogSource) -> str:
+    from spotrain.providers.base import ProviderError
+
+    try:
+        return source.read()
+    except ProviderError as error:  # one instance's cloud refusing is that instance's line, not the end
+        return f"(cannot read the log: {error})\n"
+
+
+def tail(text: str, lines: int) -> str:
+    """The last `lines` lines of `text` (all when lines <= 0), each ending with a newline."""
+    kept = text.splitlines()
+    return "".join(f"{line}\n" for line in (kept[-lines:] if lines > 0 else kept))
+
+
+def show(sources: list[LogSource], lines: int, write: Callable[[str], None]) -> None:
+    for source in sources:
+        text = _read(source)
+        write(f"==> {source.title} <==\n" + (tail(text, lines) or "(nothing logged yet)\n"))
+
+
+def follow(refresh: Callable[[], list[LogSource]], lines: int, write: Callable[[str], None],
+           every: float = 1.0, rounds: int | None = None) -> None:
+    """Print the last `lines` of each log, then what is added to any of them, until interrupted
+    (or for `rounds` polls); instances launched meanwhile join in. Lines carry their source's
+    label when there are several sources."""
+    seen: dict[str, str] = {}
+    done = 0
+    while rounds is None or done < rounds:
+        sources = refresh()
+        for source in sources:
+            text = _read(source)
+            text = text[: text.rfind("\n") + 1]  # a line still being written waits for its end
+            new = tail(text, lines) if source.label not in seen else _added(seen[source.label], text)
+            seen[source.label] = text
+            prefix = f"[{source.label}] " if len(sources) > 1 else ""
+            write("".join(f"{prefix}{line}\n" for line in new.splitlines()))
+        done += 1
+        if rounds is None or done < rounds:
+            time.sleep(every)
+
+
+def _added(old: str, new: str) -> str:
+    """What `new` adds to `old`; a console that dropped its start (EC2 keeps the last 64 KB) is
+    matched on the end of what was shown."""
+    if new.startswith(old):
+        return new[len(old):]
+    anchor = old[-256:]
+    at = new.rfind(anchor) if anchor else -1
+    return new[at + len(anchor):] if at >= 0 else new

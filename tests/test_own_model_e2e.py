@@ -1,0 +1,148 @@
+"""A newcomer's own model through the installed `spotrain` command, run from the task's folder:
+init, launch on the local provider, export, the HTML report in headless Chromium, then every
+read-only command once the task is gone; and a task that only fails inside the agents, which
+ends the run with the agent's error."""
+
+import html
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import processes_under, wait_for
+
+
+def spotrain(*args: str, home: Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The console script, as a user runs it: its folder, not the current one, is on its import path."""
+    script = Path(sys.executable).parent / "spotrain"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "spotrain"]
+    env = dict(os.environ, SPOTRAIN_HOME=str(home))
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([*command, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          check=False)
+
+
+def ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def module_from(path: Path):
+    spec = importlib.util.spec_from_file_location(f"user_task_{id(path)}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """`spotrain init` into a fresh folder, then a minute of training launched from that folder."""
+    tmp_path = tmp_path_factory.mktemp("own-model")
+    home, folder = tmp_path / "home", tmp_path / "my model"
+    ok(spotrain("init", str(folder), home=home, cwd=tmp_path))
+    out = ok(spotrain("launch", "spotrain.yaml", "--duration", "60", "--no-report", home=home, cwd=folder))
+    assert "workers 2/2" in out and "run ended: duration reached" in out
+    yield home, folder
+    spotrain("down", home=home, cwd=tmp_path)
+
+
+def test_the_own_model_trains_and_exports_to_plain_torch(trained, tmp_path):
+    home, folder = trained
+    report = json.loads(ok(spotrain("report", "--json", home=home, cwd=folder)))
+    assert report["epochs"] >= 2 and report["samples"] > 0
+    assert report["loss_last"] < report["loss_first"]
+    model_file = tmp_path / "model.pt"
+    assert "written to" in ok(spotrain("export", "my-model", str(model_file), home=home, cwd=tmp_path))
+    weights = torch.load(model_file, weights_only=True)
+    model = module_from(folder / "my_task.py").task.build_model()
+    untrained = {key: value.clone() for key, value in model.state_dict().items()}
+    model.load_state_dict(weights)  # the exported file is the model's own state_dict
+    assert any(not torch.equal(untrained[key], value) for key, value in weights.items())
+
+
+PROBE = """<script>document.body.dataset.plots = JSON.stringify([...document.querySelectorAll("figure.plot svg")]
+  .map(s => { const r = s.getBoundingClientRect();
+              return [r.width, r.height, s.querySelectorAll("path,use").length]; }));
+</script>"""
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+                           "--enable-logging=stderr", "--v=0", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_html_report_of_the_run_renders_every_plot_in_chromium(trained, tmp_path):
+    home, folder = trained
+    page = tmp_path / "report.html"
+    ok(spotrain("report", "--html", str(page), home=home, cwd=folder))
+    shown = chromium("--window-size=1100,2800", f"--screenshot={tmp_path / 'report.png'}", page.as_uri(),
+                     profile=tmp_path / "profile")
+    assert shown.returncode == 0 and (tmp_path / "report.png").stat().st_size > 10_000  # kept with the test's files
+    assert [line for line in shown.stderr.splitlines() if ":CONSOLE" in line] == []
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    dom = chromium("--dump-dom", probe.as_uri(), profile=tmp_path / "profile").stdout
+    plots = json.loads(html.unescape(re.search(r'data-plots="([^"]*)"', dom).group(1)))
+    assert len(plots) == 4
+    assert all(width > 300 and height > 150 and elements > 10 for width, height, elements in plots), plots
+
+
+def test_the_read_only_commands_work_once_the_task_is_gone(trained, tmp_path):
+    home, folder = trained
+    report = json.loads(ok(spotrain("report", "--json", home=home, cwd=folder)))
+    (folder / "my_task.py").unlink()  # the user's code is gone: nothing below may need it
+    assert json.loads(ok(spotrain("status", "--json", home=home, cwd=tmp_path)))["cluster"] == "my-model"
+    assert json.loads(ok(spotrain("report", "--json", home=home, cwd=tmp_path)))["samples"] == report["samples"]
+    logs = ok(spotrain("logs", home=home, cwd=tmp_path))
+    assert "==> controller (" in logs
+    assert "ending the run: duration reached" in logs and "agent: joined the swarm" in logs
+    controller_only = ok(spotrain("logs", "--controller", "-n", "0", home=home, cwd=tmp_path))
+    assert "agent:" not in controller_only and "launched i-" in controller_only
+    instance = next(line.split()[2] for line in controller_only.splitlines() if " launched i-" in line)
+    one = ok(spotrain("logs", instance, "-n", "3", home=home, cwd=tmp_path))  # the only cluster's instance
+    assert one.startswith(f"==> {instance} (local:") and len(one.splitlines()) == 4
+    try:
+        spotrain("logs", "-f", "-n", "1", home=home, cwd=tmp_path, timeout=8)
+        raise AssertionError("logs -f ended by itself")
+    except subprocess.TimeoutExpired as following:
+        followed = following.stdout.decode() if isinstance(following.stdout, bytes) else following.stdout or ""
+        assert "[controller] " in followed and f"[{instance}] " in followed
+    ok(spotrain("down", home=home, cwd=tmp_path))
+    ok(spotrain("export", "my-model", str(tmp_path / "again.pt"), home=home, cwd=tmp_path))
+    assert wait_for(lambda: processes_under(home) == [], 30, "no process left")
+
+
+AGENTS_ONLY_FAILURE = textwrap.dedent("""
+    import os
+
+    if "SPOTRAIN_METADATA_URL" in os.environ:  # set for agents only, by their VM
+        raise RuntimeError("this task only imports in the controller")
+    from spotrain.examples.tiny_gpt import task
+""")
+
+
+def test_a_task_that_fails_in_every_agent_stops_the_controller_with_the_agents_error(tmp_path):
+    home, folder = tmp_path / "home", tmp_path / "broken"
+    folder.mkdir()
+    (folder / "broken_task.py").write_text(AGENTS_ONLY_FAILURE)
+    (folder / "spec.yaml").write_text("name: broken\nbudget: {total_usd: 0.5}\ntraining: {task: 'broken_task:task'}\n"
+                                      "placement: {workers: 1}\nproviders: {local: {time_compression: 1}}\n")
+    result = spotrain("launch", "spec.yaml", "--duration", "300", home=home, cwd=folder)
+    out = ok(result)
+    assert "RuntimeError: this task only imports in the controller" in out
+    ended = next(line for line in out.splitlines() if "run ended: " in line)
+    assert "agent failed (exit 1) on i-" in ended and ended.endswith(
+        "RuntimeError: this task only imports in the controller")
+    assert "workers 1/1" not in out  # a VM that runs is not a worker that trains
+    report = json.loads(ok(spotrain("report", "--json", home=home, cwd=folder)))
+    assert report["workers_launched"] == 1 and report["samples"] == 0
+    assert wait_for(lambda: processes_under(home) == [], 30, "no process left")
