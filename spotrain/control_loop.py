@@ -232,12 +232,13 @@ class ControlLoop:
                 lines = last_error_lines(log)
             except ProviderError as error:
                 lines = [f"(its log cannot be read: {error})"]
-        self.say(f"the agent on {instance.instance_id} kept failing ({instance.end_reason}); its last lines:")
+        why = f"{instance.end_reason} ({instance.end_detail})" if instance.end_detail else f"{instance.end_reason}"
+        self.say(f"the agent on {instance.instance_id} kept failing ({why}); its last lines:")
         for line in lines:
             self.say(f"  {line}")
         self.say(f"see `spotrain logs {self.spec.name} {instance.instance_id}`")
         last = f": {lines[-1].strip()}" if lines else ""
-        return f"{instance.end_reason} on {instance.instance_id}{last}"
+        return f"{why} on {instance.instance_id}{last}"
 
     def _offer_of(self, location: str, instance_type: str | None, market: str) -> Offer | None:
         return next((o for o in self.offers if o.location == location and o.market == market

@@ -98,24 +98,29 @@ def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -
         "on_demand_usd": on_demand,
         "savings_fraction": 1.0 - spent / on_demand if on_demand else None,
         "checkpoint_dir": folder, "checkpoint_epoch": epoch,
-        "checkpoint_path": f"{folder}/ckpt-{epoch:08d}.pt" if folder and epoch is not None else None,
+        "checkpoint_path": f"{folder} (epoch {epoch}; `spotrain export` writes its model)"
+        if folder and epoch is not None else None,
         "locations": locations,
     }
 
 
 def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
-    """The run's checkpoint folder and the newest epoch written there (by file name: agents'
-    LocalDirStore writes ckpt-<epoch>.json last, after its .pt)."""
+    """The run's checkpoint store and the newest epoch with a complete checkpoint there (its
+    manifest is written last, so one that lists only present files is whole)."""
     from spotrain.cluster_ops import checkpoint_store
     from spotrain.config import stored_spec
+    from spotrain.stores import StoreError, open_store
 
     try:
-        folder = Path(checkpoint_store(stored_spec(run.spec)).removeprefix("file://"))
+        url = checkpoint_store(stored_spec(run.spec))
     except SpecError:  # a spec from a version that knew other keys
         return None, None
-    epochs = [int(p.stem.removeprefix("ckpt-")) for p in folder.glob("ckpt-*.json")
-              if p.stem.removeprefix("ckpt-").isdigit()]
-    return str(folder), max(epochs, default=None)
+    try:
+        store = open_store(url)
+        complete = [m for m in store.manifests() if store.is_complete(m)]
+    except StoreError:  # gone, or unreachable from here: the report still stands
+        return url, None
+    return url, complete[0].epoch if complete else None
 
 
 def series(ledger: Ledger, run: Run, now: float | None = None) -> dict:

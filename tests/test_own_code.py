@@ -87,7 +87,7 @@ def test_launch_refuses_a_location_no_enabled_provider_serves(tmp_path):
         "spotrain: error: placement.locations: no enabled provider serves aws:us-east-1a (set providers.aws)")
 
 
-def test_plan_without_aws_credentials_is_one_line(tmp_path, monkeypatch):
+def test_plan_without_aws_credentials_plans_from_the_catalog_with_one_note(tmp_path, monkeypatch):
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -95,8 +95,9 @@ def test_plan_without_aws_credentials_is_one_line(tmp_path, monkeypatch):
     config = tmp_path / "c.yaml"
     config.write_text("name: aw\nbudget: {total_usd: 10}\nproviders: {aws: {regions: [us-east-1]}}\n")
     result = run_cli("plan", str(config), home=tmp_path / "home", timeout=120)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "spotrain: error: aws: no usable credentials (prices in us-east-1)"
+    assert result.returncode == 0, result.stderr  # a dry run needs no credentials: the catalog prices it
+    assert result.stderr.strip() == ("aws: no usable credentials (prices in us-east-1); "
+                                     "planning with the catalog's prices")
 
 
 class Swarm:
