@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 DRAIN_MARGIN_SECONDS = 1.5  # exit this long before the notice's termination time
 CHILDREN_GRACE_SECONDS = 0.5  # from SIGTERM to SIGKILL for the processes the agent started
+LEAVING_SECONDS = 1.0  # kept from the drain window for shutting the optimizer and the DHT down
 EXIT_BAD_CONFIG = 78  # sysexits' EX_CONFIG: restarting will not help
 
 
@@ -54,6 +55,7 @@ class Agent:
         self.addresses: tuple[str, ...] = ()
         self.codec_table = ""
         self.publisher: StatusPublisher | None = None
+        self.drain_deadline: float | None = None  # time.monotonic() when the drain window's timer fires
 
     def _instance_id_from_metadata(self) -> str:
         if self.metadata is None:
@@ -78,7 +80,9 @@ class Agent:
             return
         # A step blocked in averaging cannot be interrupted; abandon it before the hard kill. The
         # timer starts first: publishing may wait on unresponsive peers.
-        timer = threading.Timer(max(0.5, seconds_left - DRAIN_MARGIN_SECONDS), self._abandon)
+        window = max(0.5, seconds_left - DRAIN_MARGIN_SECONDS)
+        self.drain_deadline = time.monotonic() + window
+        timer = threading.Timer(window, self._abandon)
         timer.daemon = True
         timer.start()
         self.state = AgentState.DRAINING
@@ -91,10 +95,17 @@ class Agent:
 
     def _abandon(self) -> None:
         if self.leaving:
-            log("drain window ending while hivemind shuts down: exiting now (the checkpoint is flushed)")
+            log("drain window ending while leaving the swarm: exiting now")
         else:
             log("drain window ending with a step still in flight: abandoning it")
         _exit_now(0)
+
+    def _drain_seconds_left(self) -> float | None:
+        """Until shortly before the drain timer fires: what the role has for its last upload, with
+        time left to shut hivemind down."""
+        if self.drain_deadline is None:
+            return None
+        return max(0.0, self.drain_deadline - time.monotonic() - LEAVING_SECONDS)
 
     # -- status -------------------------------------------------------------------------
     def snapshot(self) -> AgentStatus:
@@ -151,7 +162,8 @@ class Agent:
             return EXIT_CODEC_MISMATCH
         publisher.start()
         self.role.start(RoleContext(self.config, self.instance_id, dht, self.progress,
-                                    has_duty=lambda: publisher.has_duty, checkpoint_soon=self.checkpoint_soon))
+                                    has_duty=lambda: publisher.has_duty, checkpoint_soon=self.checkpoint_soon,
+                                    drain_seconds_left=self._drain_seconds_left))
         self._watch_notices()
         self.state = AgentState.TRAINING
         self.role.run_until(self.stop)

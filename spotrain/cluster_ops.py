@@ -64,8 +64,14 @@ def controller_pid(name: str) -> int | None:
     return None
 
 
-def checkpoint_store(spec: ClusterSpec) -> str:
-    return spec.checkpoint.stores[0] if spec.checkpoint.stores else str(cluster_dir(spec.name) / "checkpoints")
+def default_checkpoint_store(spec: ClusterSpec) -> str:
+    """The store of every failure domain when the spec names none: the cluster's folder here."""
+    return str(cluster_dir(spec.name) / "checkpoints")
+
+
+def checkpoint_stores(spec: ClusterSpec) -> tuple[str, ...]:
+    """Every store of the cluster's checkpoints, in the spec's order."""
+    return spec.checkpoint.placement(default_checkpoint_store(spec)).urls()
 
 
 def checked_provider(spec: ClusterSpec):
@@ -106,7 +112,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         swarm = SwarmView(spec.name, [a for i in running for a in i.addresses])
         settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                 target_epoch=target_epoch or spec.training.target_epoch,
-                                checkpoint_store=checkpoint_store(spec))
+                                checkpoint_store=default_checkpoint_store(spec))
         loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say)
 
         def request_stop(*_: object) -> None:

@@ -22,6 +22,7 @@ from pydantic import (
 
 from spotrain.contracts.errors import validation_error_line
 from spotrain.errors import SpecError
+from spotrain.store_domains import PROVIDERS, DomainStore, StorePlacement, failure_domain
 
 if TYPE_CHECKING:
     from spotrain.providers.base import Offer
@@ -117,20 +118,43 @@ class Placement(_Frozen):
     locations: tuple[str, ...] | None = None
 
 
+class CheckpointStoreSpec(_Frozen):
+    """A store in one failure domain (spotrain/store_domains.py): a region ("aws:us-east-1"), a
+    local zone ("local:zone-a") or a whole cloud ("aws")."""
+
+    url: str
+    domain: str
+
+
 class Checkpoint(_Frozen):
     every_epochs: int = Field(default=5, gt=0)
     replicas: int = Field(default=2, gt=0)
-    stores: tuple[str, ...] = Field(default=(), description="local directories (or file:// URLs)")
+    stores: tuple[str | CheckpointStoreSpec, ...] = Field(
+        default=(), description="a path, file://, s3:// or gs:// URL (a store of every failure domain), "
+                                "or {url, domain}")
 
     @field_validator("stores")
     @classmethod
-    def _local_stores(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for store in value:
-            if "://" in store and not store.startswith("file://"):
-                raise ValueError(f"unsupported store {store!r}: only local directories so far")
-            if not store.removeprefix("file://").startswith("/"):
-                raise ValueError(f"store {store!r} must be an absolute path")
+    def _store_urls(cls, value: tuple[str | CheckpointStoreSpec, ...]) -> tuple[str | CheckpointStoreSpec, ...]:
+        from spotrain.stores import StoreURLError, check_store_url
+
+        urls = [store if isinstance(store, str) else store.url for store in value]
+        places = [url.removeprefix("file://") for url in urls]  # a path and its file:// URL are one store
+        for index, url in enumerate(urls):
+            try:
+                scheme = check_store_url(url)
+            except StoreURLError as error:
+                raise ValueError(f"{index}: {error}") from None
+            if scheme in ("", "file") and not url.removeprefix("file://").startswith("/"):
+                raise ValueError(f"{index}: store {url!r} must be an absolute path")
+            if places[index] in places[:index]:
+                raise ValueError(f"{index}: store {url!r} is listed twice")
         return value
+
+    def placement(self, default_url: str) -> StorePlacement:
+        """Where each agent writes and restores from; `default_url` when the spec names no store."""
+        return StorePlacement.of([DomainStore(s) if isinstance(s, str) else DomainStore(s.url, s.domain)
+                                  for s in self.stores], default_url)
 
 
 class LocalLocation(_Frozen):
@@ -269,6 +293,16 @@ class ClusterSpec(_Frozen):
             if location not in known:
                 raise ValueError(f"placement.locations.{index}: unknown location {location!r} "
                                  f"(known: local zones and the catalog's, see `spotrain prices`)")
+        return self
+
+    @model_validator(mode="after")
+    def _store_domains_known(self) -> ClusterSpec:
+        domains = {failure_domain(location) for location in self.known_locations()}
+        for index, store in enumerate(self.checkpoint.stores):
+            domain = getattr(store, "domain", None)
+            if domain is not None and domain not in PROVIDERS and domain not in domains:
+                raise ValueError(f"checkpoint.stores.{index}.domain: unknown failure domain {domain!r} "
+                                 f"(a cloud, a region such as aws:us-east-1, or a local zone)")
         return self
 
     def known_locations(self) -> list[str]:

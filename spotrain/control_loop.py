@@ -53,7 +53,7 @@ class LoopSettings:
     tick_seconds: float = 2.0
     end_at: float | None = None
     target_epoch: int | None = None
-    checkpoint_store: str = ""
+    checkpoint_store: str = "checkpoints"  # the store of every domain when the spec names none
     settle_timeout_seconds: float = 60.0
 
 
@@ -67,6 +67,7 @@ class ControlLoop:
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())
+        self.stores = spec.checkpoint.placement(settings.checkpoint_store)
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
@@ -163,6 +164,7 @@ class ControlLoop:
             cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
             offers=self.offers,
             guard=self.guard, checkpoint_replicas=self.spec.checkpoint.replicas,
+            checkpoint_store_of=self.stores.write_store,
             end_at=self.settings.end_at, target_epoch=self.settings.target_epoch,
             target_samples=self.spec.training.target_samples,
             deadline=(self.run.started_at + self.spec.budget.deadline_hours * 3600.0
@@ -255,7 +257,8 @@ class ControlLoop:
                                        offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
                                        offer.gpu_count, offer.market)
         try:
-            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, self.agent_config()))
+            request = LaunchRequest(request_id, self.spec.name, offer, self.agent_config(offer.location))
+            instance = self.provider.launch(request)
         except ProviderError as error:
             if isinstance(error, (CapacityError, QuotaError, PriceError)) and offer.market == "spot":
                 in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
@@ -280,8 +283,10 @@ class ControlLoop:
         except Exception as error:
             self.say(f"duty record not stored: {type(error).__name__}: {error}")
 
-    def agent_config(self) -> AgentConfig:
-        """What a new agent needs to join, no secrets; its provider adds what only it knows (`AgentConfig.for_vm`)."""
+    def agent_config(self, location: str | None = None) -> AgentConfig:
+        """What a new agent at `location` needs to join, no secrets: it writes its failure domain's
+        store and restores from every store, nearest first. Its provider adds what only it knows
+        (`AgentConfig.for_vm`)."""
         training = self.spec.training
         agent_peers = [a for s in self.statuses.values() if s.state == AgentState.TRAINING for a in s.addresses][:4]
         return AgentConfig(
@@ -295,7 +300,8 @@ class ControlLoop:
                 matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
                 delayed_updates=training.delayed_updates,
             ),
-            checkpoint=CheckpointSettings(store=self.settings.checkpoint_store,
+            checkpoint=CheckpointSettings(store=self.stores.write_store(location),
+                                          restore=self.stores.restore_order(location),
                                           every_epochs=self.spec.checkpoint.every_epochs),
             torch_threads=1,
         )

@@ -6,12 +6,14 @@ feed it state and apply what it returns, so every decision is testable from plai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from spotrain.budget import BudgetGuard
 from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.policies import FleetMember, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
+from spotrain.store_domains import failure_domain
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,8 @@ class Desired:
     stop_requested: bool = False
     initial_fleet_launched: bool = False
     allowed: tuple[str, ...] = ()  # the spec's locations in the user's order
+    # the store a duty holder at a location writes (StorePlacement.write_store): one store, one copy
+    checkpoint_store_of: Callable[[str], str] = failure_domain
 
 
 @dataclass(frozen=True)
@@ -150,7 +154,7 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
             sequence += 1
             burn += offer.spot_usd_per_hour
 
-    duty = choose_duty_holders(serving, observed.duty, desired.checkpoint_replicas)
+    duty = choose_duty_holders(serving, observed.duty, desired.checkpoint_replicas, desired.checkpoint_store_of)
     if duty:
         actions.append(AssignDuty(duty))
     return actions
@@ -171,16 +175,21 @@ def placement_context(observed: Observed, desired: Desired, now: float,
     )
 
 
-def choose_duty_holders(serving: list[ObservedInstance], current: tuple[str, ...], replicas: int) -> tuple[str, ...]:
-    """Keep holders that still serve; fill up from other locations first (distinct failure domains)."""
+def choose_duty_holders(serving: list[ObservedInstance], current: tuple[str, ...], replicas: int,
+                        store_of: Callable[[str], str] = failure_domain) -> tuple[str, ...]:
+    """Up to `replicas` training agents, each writing a store no other holder writes (a copy in
+    another failure domain); only when the stores run out, one in another location, then any.
+    Current holders come first within each round, so duty moves only to add a domain: a holder
+    that shares its store with another gives way to an agent in a domain that has no copy."""
     training = [i for i in serving if i.agent_state == AgentState.TRAINING and i.instance_id]
     by_id = {i.instance_id: i for i in training}
-    holders = [by_id[h] for h in current if h in by_id][:replicas]
-    for distinct_location_only in (True, False):
-        for candidate in sorted(training, key=lambda i: i.request_id):
+    kept = [by_id[h] for h in current if h in by_id]
+    candidates = kept + sorted((i for i in training if i not in kept), key=lambda i: i.request_id)
+    holders: list[ObservedInstance] = []
+    for key in (lambda i: store_of(i.location), lambda i: i.location, lambda i: i.request_id):
+        for candidate in candidates:
             if len(holders) >= replicas:
                 break
-            taken = {h.location for h in holders}
-            if candidate not in holders and not (distinct_location_only and candidate.location in taken):
+            if candidate not in holders and key(candidate) not in {key(h) for h in holders}:
                 holders.append(candidate)
     return tuple(h.instance_id for h in holders if h.instance_id)

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spotrain.errors import SpotrainError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Exported:
     cluster: str
     epoch: int
-    checkpoint_dir: Path
+    checkpoint_dir: str  # the store it was read from
     path: Path
 
 
-def checkpoint_dir(name: str) -> Path:
-    """Where the cluster's latest run keeps its checkpoints, read from the stored spec (no user code)."""
-    from spotrain.cluster_ops import checkpoint_store
+def checkpoint_stores(name: str) -> tuple[str, ...]:
+    """Every store of the cluster's latest run, read from the stored spec (no user code)."""
+    from spotrain.cluster_ops import checkpoint_stores as stores_of
     from spotrain.config import stored_spec
     from spotrain.home import ledger_path
     from spotrain.ledger import Ledger
@@ -30,25 +34,49 @@ def checkpoint_dir(name: str) -> Path:
         ledger.close()
     if run is None:
         raise SpotrainError(f"cluster {name!r} has no run")
-    return Path(checkpoint_store(stored_spec(run.spec)).removeprefix("file://"))
+    return stores_of(stored_spec(run.spec))
+
+
+def newest_model(urls: tuple[str, ...]) -> tuple[int, Any, str] | None:
+    """(epoch, model state, store) of the newest checkpoint that verifies in any store. The
+    checkpoint names the model's buffers ("constants"), the only tensors that may be infinite:
+    a reader without the model could not tell them."""
+    from spotrain.stores import ReplicatedStore, StoreError, decode_state, named_constants
+
+    for store, manifest in ReplicatedStore.from_urls(urls).candidates():
+        try:
+            files = store.read(manifest)
+            declared = decode_state({k: v for k, v in files.items() if k == "constants.pt"})
+            constants = named_constants(declared.get("constants", ()))
+            state = decode_state({k: v for k, v in files.items() if k == "model.pt"}, constants)
+        except StoreError as error:
+            log.warning("%s: skipping checkpoint %s: %s", store.url, manifest.name, error)
+            continue
+        if "model" in state:
+            return manifest.epoch, state["model"], store.url
+    return None
 
 
 def export_model(cluster: str | None, out: Path) -> Exported:
     """Write the newest valid checkpoint's model state_dict to `out` (torch.load(out, weights_only=True))."""
     import torch
 
-    from spotrain.agents.checkpoints import LocalDirStore
     from spotrain.home import existing_cluster
+    from spotrain.stores import StoreError
 
     name = existing_cluster(cluster)
-    folder = checkpoint_dir(name)
-    checkpoint = LocalDirStore(folder).load_newest()
-    if checkpoint is None:
-        raise SpotrainError(f"no checkpoint of {name!r} in {folder} yet (workers write one every "
+    urls = checkpoint_stores(name)
+    try:
+        found = newest_model(urls)
+    except StoreError as error:
+        raise SpotrainError(f"cannot read the checkpoint stores of {name!r}: {error}") from None
+    if found is None:
+        raise SpotrainError(f"no checkpoint of {name!r} in {', '.join(urls)} yet (workers write one every "
                             f"checkpoint.every_epochs epochs and when the run ends)")
+    epoch, model, url = found
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint["model"], out)
+        torch.save(model, out)
     except OSError as error:
         raise SpotrainError(f"{out}: cannot write: {error.strerror}") from None
-    return Exported(name, int(checkpoint["epoch"]), folder, out)
+    return Exported(name, epoch, url, out)

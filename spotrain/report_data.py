@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from spotrain.contracts.states import AgentState
 from spotrain.errors import SpecError, SpotrainError
@@ -105,22 +104,25 @@ def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -
 
 
 def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
-    """The run's checkpoint store and the newest epoch with a complete checkpoint there (its
-    manifest is written last, so one that lists only present files is whole)."""
-    from spotrain.cluster_ops import checkpoint_store
+    """The store holding the run's newest complete checkpoint (every store, when none does) and
+    its epoch (a manifest is written last, so one that lists only present files is whole)."""
+    from spotrain.cluster_ops import checkpoint_stores
     from spotrain.config import stored_spec
-    from spotrain.stores import StoreError, open_store
+    from spotrain.stores import ReplicatedStore, StoreError
 
     try:
-        url = checkpoint_store(stored_spec(run.spec))
+        urls = checkpoint_stores(stored_spec(run.spec))
     except SpecError:  # a spec from a version that knew other keys
         return None, None
     try:
-        store = open_store(url)
-        complete = [m for m in store.manifests() if store.is_complete(m)]
-    except StoreError:  # gone, or unreachable from here: the report still stands
-        return url, None
-    return url, complete[0].epoch if complete else None
+        audit = ReplicatedStore.from_urls(urls).audit()
+    except StoreError:  # a store that cannot be opened from here: the report still stands
+        return ", ".join(urls), None
+    held = [store for store in audit.stores if store.newest_epoch is not None]
+    if not held:
+        return ", ".join(urls), None
+    newest = max(held, key=lambda store: store.newest_epoch or 0)
+    return newest.url, newest.newest_epoch
 
 
 def series(ledger: Ledger, run: Run, now: float | None = None) -> dict:

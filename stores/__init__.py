@@ -16,7 +16,7 @@ from spotrain.stores.base import (
     StoreURLError,
     UnsafePayload,
 )
-from spotrain.stores.open import open_store
+from spotrain.stores.open import check_store_url, open_store
 from spotrain.stores.payload import Constants, decode_state, encode_state, named_constants, no_constants
 from spotrain.stores.replicated import LoadedCheckpoint, ReplicaAudit, ReplicatedStore
 from spotrain.stores.writer import CheckpointWriter
@@ -24,6 +24,6 @@ from spotrain.stores.writer import CheckpointWriter
 __all__ = [
     "CheckpointStore", "CheckpointWriter", "Constants", "CorruptCheckpoint", "LoadedCheckpoint", "Manifest",
     "MissingObject", "NonFiniteState", "ReplicaAudit", "ReplicatedStore", "StoreError", "StoreURLError",
-    "StoreUnavailable", "UnsafePayload", "decode_state", "encode_state", "named_constants", "no_constants",
-    "open_store",
+    "StoreUnavailable", "UnsafePayload", "check_store_url", "decode_state", "encode_state", "named_constants",
+    "no_constants", "open_store",
 ]

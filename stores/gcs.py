@@ -21,6 +21,7 @@ _RETRY_SECONDS = 120.0
 
 class GcsStore(BlobStore):
     scheme: ClassVar[str] = "gs"
+    options: ClassVar[frozenset[str]] = frozenset({"endpoint", "project"})
 
     def __init__(self, bucket: str, prefix: str = "", *,
                  endpoint: str | None = None, project: str | None = None):
@@ -42,7 +43,7 @@ class GcsStore(BlobStore):
 
     @classmethod
     def from_url(cls, url: str) -> GcsStore:
-        parsed = parse_bucket_url(url, cls.scheme, frozenset({"endpoint", "project"}))
+        parsed = parse_bucket_url(url, cls.scheme, cls.options)
         return cls(parsed.bucket, parsed.prefix, endpoint=parsed.options.get("endpoint"),
                    project=parsed.options.get("project"))
 

@@ -20,6 +20,7 @@ _DELETE_BATCH = 1000  # DeleteObjects' limit
 
 class S3Store(BlobStore):
     scheme: ClassVar[str] = "s3"
+    options: ClassVar[frozenset[str]] = frozenset({"endpoint", "region"})
 
     def __init__(self, bucket: str, prefix: str = "", *,
                  endpoint: str | None = None, region: str | None = None):
@@ -37,7 +38,7 @@ class S3Store(BlobStore):
 
     @classmethod
     def from_url(cls, url: str) -> S3Store:
-        parsed = parse_bucket_url(url, cls.scheme, frozenset({"endpoint", "region"}))
+        parsed = parse_bucket_url(url, cls.scheme, cls.options)
         return cls(parsed.bucket, parsed.prefix, endpoint=parsed.options.get("endpoint"),
                    region=parsed.options.get("region"))
 

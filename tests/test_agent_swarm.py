@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for
 
-from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.contracts.records import status_key
 from spotrain.providers.imds_server import MetadataServer, MetadataState
+from spotrain.stores import open_store
 from spotrain.swarm_view import SwarmView
 
 
@@ -37,6 +37,12 @@ def start_agent(tmp_path: Path, config: dict, metadata_url: str | None = None) -
     return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
                             env=env, stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
+
+
+def epochs(store) -> list[int]:
+    """The epochs with a complete checkpoint in `store`, newest first."""
+    opened = open_store(str(store))
+    return sorted({m.epoch for m in opened.manifests() if opened.is_complete(m)}, reverse=True)
 
 
 @pytest.fixture
@@ -67,7 +73,7 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
         assert statuses["i-a"].bytes_sent > 0 and statuses["i-b"].bytes_received > 0
         assert statuses["i-a"].loss is not None
         swarm.assign_duty(["i-a"])
-        wait_for(lambda: LocalDirStore(store).epochs(), 120, "a checkpoint from the duty holder")
+        wait_for(lambda: epochs(store), 120, "a checkpoint from the duty holder")
         assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temporary files left
 
         # a record under i-a's signed subkey cannot be written by anyone else
@@ -86,7 +92,7 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
 
         # a cluster started again resumes from the newest valid checkpoint
         swarm.assign_duty(["i-a"])
-        newest = wait_for(lambda: (e := LocalDirStore(store).epochs()) and e[0] >= epoch_at_notice and e[0], 120,
+        newest = wait_for(lambda: (e := epochs(store)) and e[0] >= epoch_at_notice and e[0], 120,
                           "a newer checkpoint")
         os.killpg(a.pid, 9)
         a.wait()

@@ -46,7 +46,12 @@ def test_defaults_enable_the_local_provider(tmp_path):
          "training.task: module 'spotrain.examples.tiny_gpt' has no"),
         (GOOD + "placement: {locations: [aws:mars-1]}\n", "placement.locations.0: unknown location 'aws:mars-1'"),
         (GOOD + "training: [\n", "YAML syntax error"),
-        (GOOD + "checkpoint: {stores: ['s3://bucket/run']}\n", "checkpoint.stores: unsupported store"),
+        (GOOD + "checkpoint: {stores: ['ftp://host/run']}\n", "checkpoint.stores: 0: checkpoint store 'ftp://host/run'"),
+        (GOOD + "checkpoint: {stores: ['s3://b/run?endpont=x']}\n", "unknown option 'endpont'"),
+        (GOOD + "checkpoint: {stores: ['/a', 'relative/dir']}\n", "checkpoint.stores: 1: store 'relative/dir' must be"),
+        (GOOD + "checkpoint: {stores: ['/a', 'file:///a']}\n", "checkpoint.stores: 1: store 'file:///a' is listed"),
+        (GOOD + "checkpoint: {stores: [{url: 'gs://b/r', domain: 'aws:mars-1'}]}\n",
+         "checkpoint.stores.0.domain: unknown failure domain 'aws:mars-1'"),
         (GOOD + "training: {compression: {gradients: zip}}\n", "training.compression.gradients: unknown codec 'zip'"),
     ],
 )

@@ -217,7 +217,7 @@ def test_urls_open_one_class_per_scheme(tmp_path):
 
 
 def test_the_cloud_sdks_are_imported_only_when_a_store_needs_them():
-    code = ("import sys, spotrain.stores, spotrain.agents.checkpoints; "
+    code = ("import sys, spotrain.stores, spotrain.agents.roles.data_parallel; "
             "print([m for m in ('boto3', 'google.cloud.storage') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"

@@ -24,6 +24,8 @@ class RoleContext:
     progress: Progress  # the role's counters, published in the agent's status record
     has_duty: Callable[[], bool]  # the controller asks this agent to write checkpoints
     checkpoint_soon: threading.Event  # a cloud advisory: write the next checkpoint early
+    # seconds a leaving role may still spend (its last upload), None when no drain window is set
+    drain_seconds_left: Callable[[], float | None] = lambda: None
 
 
 class Role(Protocol):

@@ -1,20 +1,20 @@
 """Data-parallel training: every agent holds the whole model and steps a hivemind.Optimizer.
 
-Resumes from the newest valid checkpoint (peers that are further ahead win: hivemind then
-downloads their state), skips steps with a non-finite loss or gradients, and writes checkpoints
-while the agent holds duty.
+Resumes from the newest valid checkpoint of every store, nearest first (peers that are further
+ahead win: hivemind then downloads their state), skips steps with a non-finite loss or gradients,
+and, while the agent holds duty, snapshots its state on the training thread and uploads it to its
+own failure domain's store in the background (spotrain.stores.CheckpointWriter).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from spotrain.agents.checkpoints import LocalDirStore
 from spotrain.agents.log import log
 from spotrain.agents.roles.base import RoleContext
 
@@ -22,8 +22,10 @@ if TYPE_CHECKING:
     import torch
 
     from spotrain.contracts.task import TrainingTask
+    from spotrain.stores import CheckpointWriter, LoadedCheckpoint
 
 KEEP_CHECKPOINTS = 3
+CLOSE_SECONDS = 30.0  # how long a leaving agent waits for its last upload when no drain window says
 
 
 @dataclass(frozen=True)
@@ -34,24 +36,27 @@ class _Training:
     task: TrainingTask
     model: torch.nn.Module
     optimizer: Any  # spotrain.kernels.SwarmOptimizer
-    store: LocalDirStore
+    writer: CheckpointWriter
 
 
 class DataParallelRole:
     def __init__(self) -> None:
         self._training: _Training | None = None
+        self._submitted: int | None = None  # the epoch of the last snapshot handed to the writer
 
     def start(self, context: RoleContext) -> None:
         from spotrain.contracts.task import load_task
         from spotrain.kernels import SwarmOptimizer, optimizer_options
+        from spotrain.stores import CheckpointWriter, ReplicatedStore, named_constants
 
         config, training = context.config, context.config.training
         task = load_task(config.task)
         model = task.build_model()
-        store = LocalDirStore.from_url(config.checkpoint.store)
-        checkpoint = store.load_newest()
+        # a model's buffers (an attention mask's -inf) are the only tensors that may be non-finite
+        constants = named_constants(_buffer_paths(model))
+        checkpoint = _restore(config.checkpoint.restore_order(), constants)
         if checkpoint is not None:
-            model.load_state_dict(checkpoint["model"])
+            model.load_state_dict(checkpoint.state["model"])
         compression = training.compression
         optimizer = SwarmOptimizer(
             dht=context.dht, run_id=config.cluster, params=model.parameters(), optimizer=task.make_optimizer,
@@ -62,11 +67,13 @@ class DataParallelRole:
             verbose=False,
         )
         if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            context.progress.checkpoint_epoch = checkpoint["epoch"]
-            log(f"resumed from checkpoint epoch {checkpoint['epoch']}")
+            optimizer.load_state_dict(checkpoint.state["optimizer"])
+            context.progress.checkpoint_epoch = checkpoint.epoch
+            log(f"resumed from checkpoint epoch {checkpoint.epoch} of {checkpoint.store_url}")
         context.progress.epoch = optimizer.local_epoch
-        self._training = _Training(context, task, model, optimizer, store)
+        writer = CheckpointWriter(ReplicatedStore.from_urls([config.checkpoint.store]), _writer_name(context),
+                                  keep=KEEP_CHECKPOINTS, constants=constants)
+        self._training = _Training(context, task, model, optimizer, writer)
 
     def run_until(self, stop: threading.Event) -> None:
         training = self._started()
@@ -79,11 +86,12 @@ class DataParallelRole:
             if loss is None:
                 continue
             progress.record_step(batch_size, loss)
+            progress.checkpoint_epoch = _durable_epoch(training, progress.checkpoint_epoch)
             if training.optimizer.local_epoch != progress.epoch:
                 progress.epoch = training.optimizer.local_epoch
                 if self._checkpoint_due() and not stop.is_set():
                     training.context.checkpoint_soon.clear()
-                    _save(training)
+                    self._submit()
 
     def _checkpoint_due(self) -> bool:
         context = self._started().context
@@ -91,14 +99,38 @@ class DataParallelRole:
         return context.has_duty() and (context.progress.epoch % every == 0 or context.checkpoint_soon.is_set())
 
     def flush_duty(self) -> None:
+        """Snapshot the last epoch if it is owed, then wait for the upload: a copy that is not
+        in the store when the VM goes is lost with it, so the log says which it was."""
         training = self._started()
-        progress = training.context.progress
-        if training.context.has_duty() and progress.epoch != progress.checkpoint_epoch:
-            _save(training)
+        context = training.context
+        if context.has_duty() and context.progress.epoch not in (self._submitted, context.progress.checkpoint_epoch):
+            self._submit()
+        left = context.drain_seconds_left()
+        timeout = CLOSE_SECONDS if left is None else max(0.0, left)
+        if training.writer.close(timeout):
+            context.progress.checkpoint_epoch = _durable_epoch(training, context.progress.checkpoint_epoch)
+            if self._submitted is not None:
+                log(f"checkpoint epoch {self._submitted} written before leaving")
+        else:
+            log(f"checkpoint epoch {self._submitted} not written in time ({timeout:.1f}s): "
+                f"the newest in {context.config.checkpoint.store} is {training.writer.last_written_epoch}")
 
     def shutdown(self) -> None:
         if self._training is not None:
             self._training.optimizer.shutdown()
+
+    def _submit(self) -> None:
+        training = self._started()
+        epoch = training.context.progress.epoch
+        # with delayed updates an optimizer step may still run in the background: finish and apply
+        # it first, so the checkpoint's parameters and optimizer state belong to the same step
+        training.optimizer.state_averager.step(wait_for_delayed_updates=True)
+        stall = training.writer.submit(epoch, {"model": training.model.state_dict(),
+                                               "optimizer": training.optimizer.state_dict(),
+                                               "constants": sorted(_buffer_paths(training.model))})
+        self._submitted = epoch
+        log(f"checkpoint epoch {epoch}: snapshot took {stall:.3f}s of training (the stall), "
+            f"uploading to {training.context.config.checkpoint.store} in the background")
 
     def _started(self) -> _Training:
         if self._training is None:
@@ -128,12 +160,24 @@ def _step(training: _Training, batch: Any) -> float | None:
     return float(loss.item())
 
 
-def _save(training: _Training) -> None:
-    started, epoch = time.monotonic(), training.context.progress.epoch
-    # with delayed updates an optimizer step may still run in the background: finish and apply
-    # it first, so the checkpoint's parameters and optimizer state belong to the same step
-    training.optimizer.state_averager.step(wait_for_delayed_updates=True)
-    training.store.save(epoch, {"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict()})
-    training.store.prune(keep=KEEP_CHECKPOINTS)
-    training.context.progress.checkpoint_epoch = epoch
-    log(f"checkpoint epoch {epoch} written in {time.monotonic() - started:.2f}s")
+def _restore(urls: tuple[str, ...], constants: Any) -> LoadedCheckpoint | None:
+    from spotrain.stores import ReplicatedStore
+
+    return ReplicatedStore.from_urls(urls).load_newest(constants)
+
+
+def _durable_epoch(training: _Training, known: int | None) -> int | None:
+    """The newest epoch this agent's writer has put in its store, else what was known."""
+    written = training.writer.last_written_epoch
+    return written if written is not None else known
+
+
+def _buffer_paths(model: torch.nn.Module) -> list[str]:
+    """The state paths of the model's buffers: written with the checkpoint, so a reader without
+    the model (`spotrain export`) knows which tensors may hold infinities."""
+    return [f"model.{name}" for name, _ in model.named_buffers()]
+
+
+def _writer_name(context: RoleContext) -> str:
+    """Names this agent's checkpoints apart from other holders' (a store's safe name)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{context.instance_id}-{os.getpid()}").lstrip(".-")[:100] or "agent"

@@ -44,8 +44,12 @@ class TrainingSettings(_Contract):
 
 
 class CheckpointSettings(_Contract):
-    store: str  # a local directory
+    store: str  # the store this agent writes, its own failure domain's: a path, s3:// or gs:// (spotrain.stores)
     every_epochs: int = Field(gt=0)
+    restore: tuple[str, ...] = ()  # every store, nearest first, to restore from; empty: `store` alone
+
+    def restore_order(self) -> tuple[str, ...]:
+        return self.restore or (self.store,)
 
 
 class MetadataEndpoint(_Contract):
