@@ -64,16 +64,6 @@ def controller_pid(name: str) -> int | None:
     return None
 
 
-def default_checkpoint_store(spec: ClusterSpec) -> str:
-    """The store of every failure domain when the spec names none: the cluster's folder here."""
-    return str(cluster_dir(spec.name) / "checkpoints")
-
-
-def checkpoint_stores(spec: ClusterSpec) -> tuple[str, ...]:
-    """Every store of the cluster's checkpoints, in the spec's order."""
-    return spec.checkpoint.placement(default_checkpoint_store(spec)).urls()
-
-
 def checked_provider(spec: ClusterSpec):
     """The spec's provider, once every location is served and every enabled cloud's credentials work:
     before anything is launched."""
@@ -112,7 +102,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         swarm = SwarmView(spec.name, [a for i in running for a in i.addresses])
         settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                 target_epoch=target_epoch or spec.training.target_epoch,
-                                checkpoint_store=default_checkpoint_store(spec))
+                                checkpoint_store=spec.default_checkpoint_store())
         loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say)
 
         def request_stop(*_: object) -> None:

@@ -342,6 +342,16 @@ class ClusterSpec(_Frozen):
         return tuple(o for o in offers
                      if self.allows(o.location) and (not gpus or o.gpu in gpus or o.provider == "local"))
 
+    def default_checkpoint_store(self) -> str:
+        """The store of every failure domain when the spec names none: the cluster's folder here."""
+        from spotrain.home import cluster_dir
+
+        return str(cluster_dir(self.name) / "checkpoints")
+
+    def checkpoint_stores(self) -> tuple[str, ...]:
+        """Every store of the cluster's checkpoints, in the spec's order."""
+        return self.checkpoint.placement(self.default_checkpoint_store()).urls()
+
     def with_budget(self, total_usd: float) -> ClusterSpec:
         if total_usd <= 0:
             raise SpecError(f"--budget: must be greater than 0 (got {total_usd})")

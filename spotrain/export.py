@@ -22,7 +22,6 @@ class Exported:
 
 def checkpoint_stores(name: str) -> tuple[str, ...]:
     """Every store of the cluster's latest run, read from the stored spec (no user code)."""
-    from spotrain.cluster_ops import checkpoint_stores as stores_of
     from spotrain.config import stored_spec
     from spotrain.home import ledger_path
     from spotrain.ledger import Ledger
@@ -34,7 +33,7 @@ def checkpoint_stores(name: str) -> tuple[str, ...]:
         ledger.close()
     if run is None:
         raise SpotrainError(f"cluster {name!r} has no run")
-    return stores_of(stored_spec(run.spec))
+    return stored_spec(run.spec).checkpoint_stores()
 
 
 def newest_model(urls: tuple[str, ...]) -> tuple[int, Any, str] | None:

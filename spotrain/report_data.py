@@ -106,12 +106,11 @@ def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -
 def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
     """The store holding the run's newest complete checkpoint (every store, when none does) and
     its epoch (a manifest is written last, so one that lists only present files is whole)."""
-    from spotrain.cluster_ops import checkpoint_stores
     from spotrain.config import stored_spec
     from spotrain.stores import ReplicatedStore, StoreError
 
     try:
-        urls = checkpoint_stores(stored_spec(run.spec))
+        urls = stored_spec(run.spec).checkpoint_stores()
     except SpecError:  # a spec from a version that knew other keys
         return None, None
     try:
