@@ -14,7 +14,8 @@ from spotrain.stores import CheckpointWriter, ReplicatedStore, named_constants
 
 
 @pytest.mark.parametrize("location, domain", [
-    ("aws:us-east-1a", "aws:us-east-1"), ("aws:us-east-1", "aws:us-east-1"), ("aws:ap-southeast-2c", "aws:ap-southeast-2"),
+    ("aws:us-east-1a", "aws:us-east-1"), ("aws:us-east-1", "aws:us-east-1"),
+    ("aws:ap-southeast-2c", "aws:ap-southeast-2"),
     ("gcp:us-central1-a", "gcp:us-central1"), ("gcp:us-central1", "gcp:us-central1"), ("local:zone-a", "local:zone-a"),
 ])
 def test_a_zone_belongs_to_its_region(location, domain):
