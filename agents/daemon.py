@@ -2,8 +2,8 @@
 
 The lifecycle of one agent: read its user-data (`AgentConfig`), join the swarm's DHT, publish its
 status, refuse peers with another codec table, start its role (`roles.DataParallelRole`: train and
-checkpoint), watch the metadata service for a preemption notice, drain, and end every process it
-started before it exits.
+checkpoint; in swarm mode a stage server or a trainer, as the user-data says), watch the metadata
+service for a preemption notice, drain, and end every process it started before it exits.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class Agent:
         # the local provider and GCE name the instance in user-data; on EC2 only the VM knows its id
         self.instance_id = config.instance_id or self._instance_id_from_metadata()
         self.cluster = config.cluster
-        self.role: Role = role or DataParallelRole()
+        self.role: Role = role or role_for(config)
         self.state = AgentState.STARTING
         self.leaving = False  # past the role's work: flushing duty, shutting hivemind down
         self.stop = threading.Event()
@@ -116,7 +116,7 @@ class Agent:
             instance_id=self.instance_id, state=self.state, epoch=self.progress.epoch, samples=self.progress.samples,
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
             checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
-            codec_table=self.codec_table,
+            codec_table=self.codec_table, role=self.config.pipeline.role if self.config.pipeline else "",
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -130,7 +130,9 @@ class Agent:
         torch.set_num_threads(self.config.torch_threads)
         install_codecs()
         compression = self.config.training.compression
-        self.codec_table = codec_table_fingerprint(compression.gradients, compression.state)
+        # swarm peers also exchange activations, so their codec joins the table they must share
+        self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,
+                                                   compression.activations if self.config.mode == "swarm" else None)
         try:
             dht = self._join()
             return self._serve(dht)
@@ -184,6 +186,16 @@ class Agent:
         dht.shutdown()
         log("drained")
         return 0
+
+
+def role_for(config: AgentConfig) -> Role:
+    """Data parallelism; in swarm mode the role the controller named in the user-data."""
+    if config.pipeline is None:
+        return DataParallelRole()
+    from spotrain.agents.roles.stage_server import StageServerRole
+    from spotrain.agents.roles.swarm_trainer import SwarmTrainerRole
+
+    return SwarmTrainerRole() if config.pipeline.role == "trainer" else StageServerRole()
 
 
 def _exit_now(code: int) -> None:

@@ -45,6 +45,7 @@ class Budget(_Frozen):
 class Compression(_Frozen):
     gradients: str = "none"
     state: str = "none"
+    activations: str = Field(default="blockwise8", description="swarm mode: activations and their gradients")
 
     @field_validator("gradients")
     @classmethod
@@ -59,6 +60,11 @@ class Compression(_Frozen):
     def _known_state_codec(cls, value: str) -> str:
         return _known_codec(value, GRADIENT_CODECS[:-1])  # PowerSGD averages gradients, not parameters
 
+    @field_validator("activations")
+    @classmethod
+    def _known_activation_codec(cls, value: str) -> str:
+        return _known_codec(value, GRADIENT_CODECS[:-1])  # PowerSGD needs a gradient history
+
 
 def _known_codec(value: str, valid: tuple[str, ...]) -> str:
     if value not in valid or value == "powersgd:RANK":
@@ -66,8 +72,17 @@ def _known_codec(value: str, valid: tuple[str, ...]) -> str:
     return value
 
 
+class Pipeline(_Frozen):
+    """`training.mode: swarm`: the task's stages, served by stage peers, driven by trainers."""
+
+    stages: int = Field(default=3, ge=2, description="must equal the PipelineTask's number of stages")
+    trainers: int = Field(default=1, gt=0, description="workers that draw batches; the rest serve stages")
+    max_in_flight: int = Field(default=2, gt=0, description="microbatches each trainer has in flight")
+
+
 class Training(_Frozen):
-    mode: Literal["data-parallel"] = "data-parallel"
+    mode: Literal["data-parallel", "swarm"] = "data-parallel"
+    pipeline: Pipeline = Pipeline()
     code_dir: str | None = Field(
         default=None, validate_default=True,
         description="folder put first on the import path of the controller and every agent, so `task` may "
@@ -100,12 +115,18 @@ class Training(_Frozen):
     def _task_imports(cls, value: str, info: ValidationInfo) -> str:
         if not (info.context or {}).get("import_task", True):
             return value  # a stored spec, read to stop or show a cluster: user code plays no part
-        from spotrain.contracts.task import load_task  # imports user code: only after the shape checks
+        # imports user code: only after the shape checks
+        from spotrain.contracts.task import load_pipeline_task, load_task
 
         code_dir = info.data.get("code_dir")
         if code_dir and code_dir not in sys.path:
             sys.path.insert(0, code_dir)  # like a script's own folder: the user's modules come first
-        load_task(value)
+        if info.data.get("mode") != "swarm":
+            load_task(value)
+            return value
+        stages, pipeline = load_pipeline_task(value).num_stages, info.data.get("pipeline")
+        if pipeline is not None and stages != (wanted := pipeline.stages):
+            raise ValueError(f"{value} has {stages} stages, training.pipeline.stages says {wanted}")
         return value
 
 
@@ -285,6 +306,15 @@ class ClusterSpec(_Frozen):
     placement: Placement = Placement()
     checkpoint: Checkpoint = Checkpoint()
     providers: Providers = Providers()
+
+    @model_validator(mode="after")
+    def _two_peers_per_stage(self) -> ClusterSpec:
+        pipeline, workers = self.training.pipeline, self.placement.workers
+        needed = 2 * pipeline.stages + pipeline.trainers
+        if self.training.mode == "swarm" and workers < needed:
+            raise ValueError(f"placement.workers: swarm mode needs 2 peers per stage plus the trainers, "
+                             f"at least {needed} (2*{pipeline.stages}+{pipeline.trainers}), got {workers}")
+        return self
 
     @model_validator(mode="after")
     def _locations_known(self) -> ClusterSpec:

@@ -7,6 +7,7 @@ provider's idempotency makes sure nothing is launched twice.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -14,7 +15,13 @@ from dataclasses import dataclass
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
-from spotrain.contracts.agent_config import AgentConfig, CheckpointSettings, CompressionSettings, TrainingSettings
+from spotrain.contracts.agent_config import (
+    AgentConfig,
+    CheckpointSettings,
+    CompressionSettings,
+    PipelineSettings,
+    TrainingSettings,
+)
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.controller import (
@@ -83,6 +90,8 @@ class ControlLoop:
         self.failures = 0
         self.refused_this_tick = False
         self.failed_agent: Instance | None = None  # an instance whose provider gave up on its agent
+        self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
+        self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -125,8 +134,12 @@ class ControlLoop:
         self.ledger.charge(self.run.id, now)
         try:
             self.statuses = self.swarm.statuses()
+            self._observe_stages(now)
         except Exception as error:  # the DHT is best effort; the ledger and provider are the truth
             self.say(f"swarm read failed: {type(error).__name__}: {error}")
+        for status in self.statuses.values():  # a restarted controller learns the roles it had named
+            if status.role:
+                self.roles.setdefault(status.instance_id, status.role)
         ours = {row.instance_id for row in self.ledger.instances(states=(InstanceState.RUNNING,))}
         fresh = [s for s in self.statuses.values() if s.instance_id in ours and now - s.time < STATUS_FRESH_SECONDS]
         self.ledger.record_metrics(self.run.id, now, [s.to_record() for s in fresh])
@@ -256,9 +269,9 @@ class ControlLoop:
             self.ledger.record_request(self.run.id, request_id, offer.provider, offer.location,
                                        offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
                                        offer.gpu_count, offer.market)
+        config = self.agent_config(offer.location)
         try:
-            request = LaunchRequest(request_id, self.spec.name, offer, self.agent_config(offer.location))
-            instance = self.provider.launch(request)
+            instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, config))
         except ProviderError as error:
             if isinstance(error, (CapacityError, QuotaError, PriceError)) and offer.market == "spot":
                 in_a_row = self.failed_at.get(offer.location, (now, 0))[1] + 1
@@ -269,6 +282,8 @@ class ControlLoop:
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
+        if config.pipeline is not None:
+            self.roles[instance.instance_id] = config.pipeline.role
         self.failed_at.pop(offer.location, None)
         self.say(f"launched {instance.instance_id} in {offer.location} at ${offer.spot_usd_per_hour:.3f}/h "
                  f"({offer.market}, {reason})")
@@ -295,8 +310,9 @@ class ControlLoop:
             task=training.task,
             training=TrainingSettings(
                 batch_size=training.batch_size, target_batch_size=training.target_batch_size,
-                compression=CompressionSettings(gradients=training.compression.gradients,
-                                                state=training.compression.state),
+                compression=CompressionSettings(
+                    gradients=training.compression.gradients, state=training.compression.state,
+                    activations=training.compression.activations if training.mode == "swarm" else None),
                 matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
                 delayed_updates=training.delayed_updates,
             ),
@@ -304,7 +320,32 @@ class ControlLoop:
                                           restore=self.stores.restore_order(location),
                                           every_epochs=self.spec.checkpoint.every_epochs),
             torch_threads=1,
+            mode=training.mode,
+            pipeline=self._pipeline_settings(),
         )
+
+    def _pipeline_settings(self) -> PipelineSettings | None:
+        """Swarm mode: a trainer while fewer than `training.pipeline.trainers` live (draining ones do
+        not count), else a stage peer, which picks its stage itself from the stage records."""
+        pipeline = self.spec.training.pipeline
+        if self.spec.training.mode != "swarm":
+            return None
+        rows = self.ledger.instances(states=LIVE_STATES, run_id=self.run.id)
+        live = {row.instance_id for row in rows if row.instance_id}
+        trainers = [i for i in live if self.roles.get(i) == "trainer"
+                    and not (i in self.statuses and self.statuses[i].state == AgentState.DRAINING)]
+        return PipelineSettings(role="trainer" if len(trainers) < pipeline.trainers else "stage",
+                                stages=pipeline.stages, max_in_flight=pipeline.max_in_flight)
+
+    def _observe_stages(self, now: float) -> None:
+        """Swarm mode: each stage's peers and samples/s, kept in the ledger when they change (`report`
+        reads the newest)."""
+        if self.spec.training.mode != "swarm":
+            return
+        stages = self.swarm.stages()
+        if stages and stages != self.stages:
+            self.ledger.event(self.run.id, "stages", now, json.dumps(stages))
+        self.stages = stages
 
     def finish(self, reason: str) -> None:
         """Terminate everything (agents holding duty write a final checkpoint), settle, close the run."""

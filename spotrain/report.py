@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 from rich.console import Console
@@ -51,8 +52,15 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "traffic_by_worker": [{"instance_id": k, "bytes_sent": v[0], "bytes_received": v[1]}
                               for k, v in sorted(traffic.items())],
         "compression": _compression(run.spec),
+        "stages": _stages(ledger, run),
         **headline(ledger, run, cluster),
     }
+
+
+def _stages(ledger: Ledger, run: Run) -> list[dict]:
+    """Swarm mode: the stages as the controller last saw them served ([] for data parallelism)."""
+    seen = ledger.events(run.id, kinds=("stages",))
+    return json.loads(seen[-1]["detail"]) if seen else []
 
 
 def _compression(spec: dict) -> dict:
@@ -60,8 +68,9 @@ def _compression(spec: dict) -> dict:
     from spotrain.kernels.table import nominal_ratio
 
     chosen = spec.get("training", {}).get("compression", {})
+    swarm = spec.get("training", {}).get("mode") == "swarm"
     result = {}
-    for kind in ("gradients", "state"):
+    for kind in ("gradients", "state", "activations") if swarm else ("gradients", "state"):
         name = chosen.get(kind, "none")
         try:
             ratio = nominal_ratio(name)
@@ -98,7 +107,9 @@ def print_report(report: dict, console: Console | None = None) -> None:
         ("preemptions (without notice)", f"{report['preemptions']} ({report['preemptions_without_notice']})"),
         ("replacements", str(report["replacements"])),
         *[(f"{kind} codec (x fewer bytes)", _codec(report["compression"][kind]))
-          for kind in ("gradients", "state") if "compression" in report],
+          for kind in ("gradients", "state", "activations") if kind in report.get("compression", {})],
+        *[(f"stage {stage['stage']}", f"{stage['peers']} peers, {stage['samples_per_second']:.1f} samples/s")
+          for stage in report.get("stages", ())],
         ("newest checkpoint", report["checkpoint_path"] or f"none yet (in {report['checkpoint_dir']})"),
         ("end", report["end_reason"] or "-"),
     ]

@@ -22,6 +22,10 @@ class Swarm(Protocol):
         """Publish which agents write the checkpoints."""
         ...
 
+    def stages(self) -> list[dict[str, float]]:
+        """Swarm mode: `{stage, peers, samples_per_second}` per stage that has a serving peer."""
+        ...
+
 
 class NoSwarm:
     """The swarm as `spotrain down` sees it: it ends a run without joining the DHT, so it hears no agent."""
@@ -34,3 +38,6 @@ class NoSwarm:
 
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         pass
+
+    def stages(self) -> list[dict[str, float]]:
+        return []

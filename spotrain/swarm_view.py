@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 
 from spotrain.contracts.records import (
@@ -13,6 +14,7 @@ from spotrain.contracts.records import (
     newest_statuses,
     status_key,
 )
+from spotrain.contracts.stage_records import found_stage_records, stage_summary, stages_key
 from spotrain.orphans import die_with_parent
 
 # Read when hivemind is first imported. Its futures share a few bytes with the DHT's process; the
@@ -39,6 +41,11 @@ class SwarmView:
     def statuses(self) -> dict[str, AgentStatus]:
         """The newest status of every agent whose record has not expired."""
         return newest_statuses(self.dht.get(status_key(self.cluster), latest=True))
+
+    def stages(self) -> list[dict[str, float]]:
+        """`{stage, peers, samples_per_second}` of every stage with a serving peer, from the stage records."""
+        found = self.dht.get(stages_key(self.cluster), latest=True)
+        return stage_summary(found_stage_records(found), time.time())
 
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         from hivemind.utils.timed_storage import get_dht_time

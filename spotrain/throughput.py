@@ -60,7 +60,7 @@ class TaskProfile:
         """The spec's task as planning sees it: its parameters (the spec's count, else counted
         from the task's model) and its gradient codec's wire share from the codec table."""
         training = spec.training
-        parameters = training.model_parameters or counted_parameters(training.task)
+        parameters = training.model_parameters or counted_parameters(training.task, training.mode == "swarm")
         return cls(t4_samples_per_second=training.t4_samples_per_second, model_bytes=4.0 * parameters,
                    target_batch_size=training.target_batch_size,
                    compression_ratio=wire_ratio(training.compression.gradients), per_gpu=dict(training.throughput))
@@ -79,10 +79,14 @@ def wire_ratio(codec: str) -> float:
 
 
 @lru_cache(maxsize=16)
-def counted_parameters(task: str) -> int:
-    """Parameters of the task's model, built once per task (this imports torch and the user's code)."""
-    from spotrain.contracts.task import load_task
+def counted_parameters(task: str, pipeline: bool = False) -> int:
+    """Parameters of the task's model, built once per task (this imports torch and the user's code);
+    of a pipeline task, its largest stage's (what a stage peer averages)."""
+    from spotrain.contracts.task import load_pipeline_task, load_task
 
+    if pipeline:
+        stages = load_pipeline_task(task)
+        return max(sum(p.numel() for p in stages.build_stage(i).parameters()) for i in range(stages.num_stages))
     return sum(p.numel() for p in load_task(task).build_model().parameters())
 
 

@@ -115,3 +115,18 @@ def rebalance_delay(period: float, jitter: float, draw: float) -> float:
     if not 0 <= jitter < 1 or not 0 <= draw < 1:
         raise ValueError(f"jitter and draw must lie in [0, 1), got {jitter}, {draw}")
     return period * (1 + jitter * (2 * draw - 1))
+
+
+
+def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float) -> int:
+    """A newcomer's stage (`stage_for_newcomer`), counting the serving peers and the peers that
+    began joining before it, at the stages their `starting` records name.
+
+    Peers started at once would each see only the serving peers and all pick the same stage. So a
+    joining peer keeps its first record's time, and joins are taken in order of (time, peer id):
+    an earlier peer's choice never depends on a later one's, so each can decide from the records
+    before it, and reading again once the others' records have spread settles a late-seen one.
+    """
+    earlier = [record for record in records if record.state == AgentState.TRAINING
+               or (record.state == AgentState.STARTING and (record.time, record.peer_id) < (joined_at, peer_id))]
+    return stage_for_newcomer(earlier, num_stages)

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spotrain.contracts.errors import validation_error_line
 
 CONFIG_VERSION = 1  # raise when a field changes meaning or a required one is added
 
 MetadataKind = Literal["aws-imdsv2", "gce"]
+TrainingMode = Literal["data-parallel", "swarm"]
 
 
 class AgentConfigError(ValueError):
@@ -31,6 +32,7 @@ class _Contract(BaseModel):
 class CompressionSettings(_Contract):
     gradients: str  # a codec of spotrain.kernels.table
     state: str
+    activations: str | None = None  # swarm mode: activations and their gradients between stages
 
 
 class TrainingSettings(_Contract):
@@ -41,6 +43,14 @@ class TrainingSettings(_Contract):
     averaging_timeout: float = Field(gt=0)
     delayed_updates: bool = False
     group_size: int | None = Field(default=None, gt=0)  # the swarm's expected size, for averaging groups
+
+
+class PipelineSettings(_Contract):
+    """Swarm mode: the controller names the role; a stage peer picks its stage from the DHT's records."""
+
+    role: Literal["trainer", "stage"]
+    stages: int = Field(ge=2)
+    max_in_flight: int = Field(default=2, gt=0)  # a trainer's microbatches in flight
 
 
 class CheckpointSettings(_Contract):
@@ -63,8 +73,10 @@ class AgentConfig(_Contract):
     version: int = Field(default=CONFIG_VERSION, ge=1)
     cluster: str  # also the hivemind run_id and the prefix of the swarm's DHT records
     initial_peers: tuple[str, ...]  # multiaddrs of the controller's DHT peer and running agents
-    task: str  # "module:attr" of a TrainingTask
+    task: str  # "module:attr" of a TrainingTask (a PipelineTask in swarm mode)
     training: TrainingSettings
+    mode: TrainingMode = "data-parallel"
+    pipeline: PipelineSettings | None = None  # swarm mode only
     checkpoint: CheckpointSettings
     torch_threads: int = Field(default=1, gt=0)
     sigterm_grace_seconds: float = Field(default=10.0, gt=0)  # a user's termination: drain this long
@@ -75,6 +87,14 @@ class AgentConfig(_Contract):
     host: str = "127.0.0.1"  # where the agent's swarm peer listens; port 0: any free port
     port: int = Field(default=0, ge=0, le=65535)
 
+    @model_validator(mode="after")
+    def _pipeline_in_swarm_mode(self) -> AgentConfig:
+        if (self.mode == "swarm") != (self.pipeline is not None):
+            raise ValueError("pipeline is given in swarm mode and only then")
+        if self.mode == "swarm" and self.training.compression.activations is None:
+            raise ValueError("swarm mode needs training.compression.activations")
+        return self
+
     def for_vm(self, *, location: str, instance_id: str | None = None, metadata: MetadataEndpoint | None = None,
                host: str | None = None, port: int | None = None) -> AgentConfig:
         """This config completed with what only the provider knows; fields left None stay as they are."""
@@ -83,8 +103,12 @@ class AgentConfig(_Contract):
         return self.model_copy(update={k: v for k, v in update.items() if v is not None})
 
     def wire(self) -> dict[str, Any]:
-        """The JSON document a VM gets (absent optional fields are left out)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        """The JSON document a VM gets (absent optional fields are left out, and so is the
+        data-parallel mode: agents older than swarm mode read such a config as before)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if self.mode == "data-parallel":
+            del data["mode"]
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.wire(), sort_keys=True)

@@ -39,6 +39,7 @@ class AgentStatus:
     addresses: tuple[str, ...]
     time: float
     codec_table: str = ""  # spotrain.kernels.codec_table_fingerprint; peers that differ cannot average
+    role: str = ""  # swarm mode: "trainer" or "stage"; "" for data parallelism
 
     def to_record(self) -> dict[str, Any]:
         data = asdict(self)

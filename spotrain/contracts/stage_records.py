@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from spotrain.contracts.states import AgentState
 
@@ -58,3 +59,23 @@ def latest_records(records: Iterable[StageRecord], now: float,
         if now - record.time <= ttl and (record.peer_id not in newest or record.time > newest[record.peer_id].time):
             newest[record.peer_id] = record
     return sorted(newest.values(), key=lambda r: (r.stage, r.peer_id))
+
+
+def stage_summary(records: Iterable[StageRecord], now: float) -> list[dict[str, float]]:
+    """What the controller reports of each stage: its serving peers and their samples/s together."""
+    peers: dict[int, int] = {}
+    speed: dict[int, float] = {}
+    for record in latest_records(records, now):
+        if record.state == AgentState.TRAINING:
+            peers[record.stage] = peers.get(record.stage, 0) + 1
+            speed[record.stage] = speed.get(record.stage, 0.0) + record.samples_per_second
+    return [{"stage": stage, "peers": peers[stage], "samples_per_second": speed[stage]} for stage in sorted(peers)]
+
+
+def found_stage_records(found: Any) -> list[StageRecord]:
+    """The records in what `DHT.get(stages_key(cluster), latest=True)` returned (malformed ones left out)."""
+    entries = getattr(found, "value", None)
+    if not isinstance(entries, dict):
+        return []
+    parsed = [StageRecord.from_record(getattr(entry, "value", None)) for entry in entries.values()]
+    return [record for record in parsed if record is not None]

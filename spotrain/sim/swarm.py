@@ -61,3 +61,6 @@ class SimSwarm:
 
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         pass
+
+    def stages(self) -> list[dict[str, float]]:
+        return []  # the simulator models data parallelism only

@@ -1,0 +1,152 @@
+"""SWARM trainer: draws batches and drives them through one peer per stage (`pipeline.trainer`).
+
+It finds the stages' peers in their DHT records (refreshed every `REFRESH_SECONDS` on a thread of
+its own, so the pipeline's event loop never waits on the DHT), serves only peers that say they
+serve, and waits while a stage has none. It runs microbatches in rounds of `ROUNDS_PER_LANE` per
+lane and reports each round's samples and mean loss in the agent's status; microbatches that no
+peer of a stage could take are counted dropped, in the log. A drain ends after the round in
+flight (the lifecycle's timer bounds it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hivemind.p2p import PeerID
+
+from spotrain.agents.log import log
+from spotrain.agents.pipeline.trainer import PipelineTrainer
+from spotrain.agents.roles.base import RoleContext
+from spotrain.agents.roles.event_loop import EventLoopThread
+from spotrain.agents.stage_directory import read_stage_records
+from spotrain.contracts.states import AgentState
+
+if TYPE_CHECKING:
+    import torch
+
+    from spotrain.agents.pipeline.trainer import TrainerStats
+    from spotrain.contracts.pipeline import PipelineTask
+
+REFRESH_SECONDS = 1.0
+ROUNDS_PER_LANE = 2
+DRAIN_CALL_TIMEOUT_SECONDS = 1.0
+
+
+class StagePeers:
+    """The serving peers of each stage, as the DHT's stage records last said."""
+
+    def __init__(self, context: RoleContext):
+        self.context = context
+        self._by_stage: dict[int, list[PeerID]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stage-peers", daemon=True)
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def of(self, stage: int) -> list[PeerID]:
+        return list(self._by_stage.get(stage, ()))
+
+    def every_stage_served(self, num_stages: int) -> bool:
+        return all(self._by_stage.get(stage) for stage in range(num_stages))
+
+    def refresh(self) -> None:
+        by_stage: dict[int, list[PeerID]] = {}
+        for record in read_stage_records(self.context.dht, self.context.config.cluster):
+            if record.state == AgentState.TRAINING:
+                by_stage.setdefault(record.stage, []).append(PeerID.from_base58(record.peer_id))
+        self._by_stage = by_stage  # replaced whole: the pipeline's thread reads it without a lock
+
+    def _run(self) -> None:
+        while not self._stop.wait(REFRESH_SECONDS):
+            try:
+                self.refresh()
+            except Exception as error:  # a DHT hiccup: route by the records we have
+                log(f"stage records not read: {type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class _Driving:
+    context: RoleContext
+    task: PipelineTask
+    loop: EventLoopThread
+    peers: StagePeers
+    trainer: PipelineTrainer
+
+
+class SwarmTrainerRole:
+    def __init__(self) -> None:
+        self._driving: _Driving | None = None
+
+    def start(self, context: RoleContext) -> None:
+        from spotrain.contracts.task import load_pipeline_task
+
+        config = context.config
+        if config.pipeline is None:
+            raise ValueError("SwarmTrainerRole needs user-data in swarm mode")
+        task = load_pipeline_task(config.task)
+        loop = EventLoopThread("trainer-p2p")
+        p2p = loop.run(context.dht.replicate_p2p())
+        peers = StagePeers(context)
+        peers.start()
+        trainer = PipelineTrainer(p2p, task, peers.of, cluster=config.cluster,
+                                  activations=config.training.compression.activations or "none",
+                                  max_in_flight=config.pipeline.max_in_flight)
+        self._driving = _Driving(context, task, loop, peers, trainer)
+
+    def run_until(self, stop: threading.Event) -> None:
+        driving = self._started()
+        context, trainer = driving.context, driving.trainer
+        batch_size = context.config.training.batch_size
+        seed = int(hashlib.sha256(f"{context.instance_id}:{os.getpid()}".encode()).hexdigest()[:8], 16)
+        batches = driving.task.batches(seed, batch_size)
+        dropped = 0
+        while not stop.is_set():
+            if not driving.peers.every_stage_served(driving.task.num_stages):
+                stop.wait(REFRESH_SECONDS)  # a stage without a serving peer: nothing can complete
+                continue
+            stats = self._round(stop, batches)
+            losses, stats.losses = stats.losses, []
+            if losses:
+                context.progress.record_step(batch_size * len(losses), sum(losses) / len(losses))
+            if stats.dropped > dropped:
+                log(f"{stats.dropped - dropped} microbatches dropped ({stats.completed} completed so far)")
+                dropped = stats.dropped
+        log(f"trainer leaving: {trainer.stats.completed} microbatches completed, {trainer.stats.dropped} dropped, "
+            f"{trainer.stats.failed_calls} calls retried")
+
+    def _round(self, stop: threading.Event, batches: Iterator[torch.Tensor]) -> TrainerStats:
+        """`ROUNDS_PER_LANE` microbatches per lane; on a drain the calls still to make wait less for
+        a peer, so the round ends (what cannot finish counted dropped) within the drain window."""
+        driving = self._started()
+        trainer = driving.trainer
+        round_ = driving.loop.submit(trainer.train(batches, ROUNDS_PER_LANE * trainer.max_in_flight))
+        while not round_.done():
+            if stop.wait(0.2):
+                trainer.call_timeout = min(trainer.call_timeout, DRAIN_CALL_TIMEOUT_SECONDS)
+                break
+        return round_.result()
+
+    def flush_duty(self) -> None:
+        """A trainer holds no parameters, so no checkpoint duty."""
+
+    def shutdown(self) -> None:
+        if self._driving is not None:
+            self._driving.peers.stop()
+            self._driving.loop.run(self._driving.trainer.p2p.shutdown())  # the replica; the DHT's daemon stays
+            self._driving.loop.stop()
+
+    def _started(self) -> _Driving:
+        if self._driving is None:
+            raise RuntimeError("SwarmTrainerRole used before start()")
+        return self._driving

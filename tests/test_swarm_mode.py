@@ -1,0 +1,162 @@
+"""`training.mode: swarm` from the spec to the user-data, the roles' stage choice, stages in reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, agent_config
+
+from spotrain.agents.daemon import role_for
+from spotrain.agents.pipeline.balance import stage_for_joining
+from spotrain.agents.roles.data_parallel import DataParallelRole
+from spotrain.agents.roles.stage_server import StageServerRole
+from spotrain.agents.roles.swarm_trainer import SwarmTrainerRole
+from spotrain.config import ClusterSpec, load_spec
+from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
+from spotrain.contracts.records import AgentStatus
+from spotrain.contracts.stage_records import StageRecord, stage_summary
+from spotrain.contracts.states import AgentState
+from spotrain.contracts.task import TaskImportError, load_pipeline_task
+from spotrain.control_loop import ControlLoop, LoopSettings
+from spotrain.errors import SpecError
+from spotrain.ledger import Ledger
+from spotrain.providers.local import LocalProvider
+from spotrain.report import build_report
+
+SWARM = """
+name: s1
+budget: {total_usd: 1.0}
+training: {mode: swarm, task: "spotrain.examples.tiny_gpt_pipeline:task", pipeline: {stages: 3, trainers: 1}}
+placement: {workers: 7}
+"""
+
+
+def test_the_swarm_example_loads():
+    spec = load_spec(ROOT / "examples" / "local-swarm.yaml")
+    pipeline = spec.training.pipeline
+    assert spec.training.mode == "swarm" and spec.training.compression.activations == "blockwise8"
+    assert spec.placement.workers >= 2 * pipeline.stages + pipeline.trainers
+    assert load_pipeline_task(spec.training.task).num_stages == pipeline.stages
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("workers: 7", "workers: 6",
+     "placement.workers: swarm mode needs 2 peers per stage plus the trainers, at least 7 (2*3+1), got 6"),
+    ("tiny_gpt_pipeline:task", "tiny_gpt:task",
+     "training.task: spotrain.examples.tiny_gpt:task is not a PipelineTask (training.mode swarm needs one)"),
+    ("stages: 3", "stages: 4", "training.task: spotrain.examples.tiny_gpt_pipeline:task has 3 stages, "
+                               "training.pipeline.stages says 4"),
+    ("mode: swarm", "mode: swarm, compression: {activations: 'powersgd:4'}",
+     "training.compression.activations: unknown codec 'powersgd:4'"),
+    ("trainers: 1", "trainers: 0", "training.pipeline.trainers: Input should be greater than 0"),
+    ("mode: swarm", "mode: pipeline", "training.mode: Input should be 'data-parallel' or 'swarm'"),
+])
+def test_bad_swarm_specs_are_refused_in_one_line(tmp_path, old, new, expected):
+    path = tmp_path / "cluster.yaml"
+    path.write_text(SWARM.replace(old, new))
+    with pytest.raises(SpecError) as error:
+        load_spec(path)
+    assert str(error.value).startswith(f"{path}: ") and expected in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_a_data_parallel_task_is_not_a_pipeline_task():
+    with pytest.raises(TaskImportError, match="is not a PipelineTask"):
+        load_pipeline_task("spotrain.examples.tiny_gpt:task")
+
+
+def swarm_config(role: str) -> AgentConfig:
+    base = agent_config(task="spotrain.examples.tiny_gpt_pipeline:task").wire()
+    base["training"]["compression"]["activations"] = "blockwise8"
+    return AgentConfig.model_validate({**base, "mode": "swarm", "pipeline": {"role": role, "stages": 3}})
+
+
+def test_user_data_names_the_mode_and_role_and_a_data_parallel_one_reads_as_before():
+    config = swarm_config("trainer")
+    assert AgentConfig.from_json(config.to_json()) == config and config.wire()["mode"] == "swarm"
+    assert "mode" not in agent_config().wire() and "pipeline" not in agent_config().wire()
+    assert [type(role_for(c)) for c in (agent_config(), swarm_config("trainer"), swarm_config("stage"))] == [
+        DataParallelRole, SwarmTrainerRole, StageServerRole]
+    without = {k: v for k, v in config.wire().items() if k != "pipeline"}
+    with pytest.raises(AgentConfigError, match="pipeline is given in swarm mode and only then"):
+        AgentConfig.from_json(json.dumps(without))
+
+
+def starting(stage: int, peer: str, joined: float) -> StageRecord:
+    return StageRecord(stage, peer, "i", 0.0, 0, AgentState.STARTING, joined)
+
+
+def serving(stage: int, peer: str, speed: float) -> StageRecord:
+    return StageRecord(stage, peer, "i", speed, 0, AgentState.TRAINING, 0.0)
+
+
+def test_peers_joining_at_once_spread_over_the_stages_in_the_order_they_began():
+    peers = [f"p{i}" for i in range(6)]
+    records: list[StageRecord] = []
+    for index, peer in enumerate(peers):  # each sees the earlier ones' records, as after the settle
+        records.append(starting(stage_for_joining(records, 3, peer, float(index)), peer, float(index)))
+    assert sorted(r.stage for r in records) == [0, 0, 1, 1, 2, 2]
+    # every peer decides the same from the full set of records: later joins do not move earlier ones
+    assert [stage_for_joining(records, 3, r.peer_id, r.time) for r in records] == [r.stage for r in records]
+    # a newcomer joins the stage that limits the pipeline; draining peers count for nothing
+    fleet = [serving(0, "a", 10.0), serving(1, "b", 4.0), serving(2, "c", 10.0), serving(2, "d", 5.0)]
+    assert stage_for_joining(fleet, 3, "n", 5.0) == 1
+    drained = [*fleet[:1], StageRecord(0, "e", "i", 9.0, 0, AgentState.DRAINING, 0.0), serving(1, "f", 20.0)]
+    assert stage_for_joining(drained, 3, "n", 5.0) == 2
+
+
+def test_stage_summary_counts_serving_peers_of_unexpired_records():
+    records = [serving(0, "a", 2.0), serving(0, "b", 3.0), starting(1, "c", 0.0),
+               StageRecord(1, "d", "i", 4.0, 0, AgentState.TRAINING, -100.0)]  # expired at now=0
+    assert stage_summary(records, now=0.0) == [{"stage": 0, "peers": 2, "samples_per_second": 5.0}]
+
+
+class StagedSwarm:
+    """Serves the stage summary a live swarm of three stages would show."""
+
+    stages_seen = [{"stage": k, "peers": 2, "samples_per_second": 10.0 + k} for k in range(3)]
+
+    def __init__(self) -> None:
+        self.agents: dict[str, AgentStatus] = {}
+
+    def statuses(self) -> dict[str, AgentStatus]:
+        return self.agents
+
+    def addresses(self) -> list[str]:
+        return []
+
+    def assign_duty(self, ids: object) -> None:
+        pass
+
+    def stages(self) -> list[dict[str, float]]:
+        return self.stages_seen
+
+
+def test_the_controller_names_the_trainers_and_reports_the_stages(tmp_path: Path):
+    spec = ClusterSpec.model_validate({
+        "name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": 7},
+        "training": {"mode": "swarm", "task": "spotrain.examples.tiny_gpt_pipeline:task"},
+        "providers": {"local": {"time_compression": 0.001}},
+    })
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=0.0)
+    swarm = StagedSwarm()
+    provider = LocalProvider(spec.providers.local, tmp_path / "cloud",
+                             workload=[sys.executable, "-c", "import time; time.sleep(600)"])
+    loop = ControlLoop(spec, ledger, run, provider, swarm, LoopSettings(), say=lambda _: None)
+    try:
+        loop.tick()
+        assert sorted(loop.roles.values()) == ["stage"] * 6 + ["trainer"]
+        assert loop.agent_config().pipeline.role == "stage"  # the trainer lives
+        trainer = next(i for i, role in loop.roles.items() if role == "trainer")
+        swarm.agents = {trainer: AgentStatus(trainer, AgentState.DRAINING, 0, 0, 0.0, None, 0, 0, None, (), 0.0,
+                                             role="trainer")}
+        loop.tick()  # the controller replaces a draining agent at once; a draining trainer does not count
+        assert sorted(loop.roles.values()) == ["stage"] * 6 + ["trainer"] * 2
+        assert build_report(ledger, run, "c")["stages"] == StagedSwarm.stages_seen
+    finally:
+        loop.finish("test over")
+        ledger.close()
