@@ -16,9 +16,20 @@ console = Console(soft_wrap=True)
 
 
 def fail(message: str) -> None:
-    """One line on stderr, exit 2: the contract for bad input."""
-    print(f"spotrain: error: {message}", file=sys.stderr)
+    """One line on stderr, exit 2: the contract for bad input (one line per problem when there are several)."""
+    for line in message.splitlines():
+        print(f"spotrain: error: {line}", file=sys.stderr)
     raise typer.Exit(2)
+
+
+def check_number(flag: str, value: float | None, most: float, least: float | None = None) -> None:
+    """A number on the command line must be finite and in range (above 0, or from `least`), or we stop here."""
+    if value is None:
+        return
+    if least is None and not 0 < value <= most:  # both comparisons are False for NaN
+        raise SpotrainError(f"{flag}: must be a number greater than 0 and at most {most:g} (got {value})")
+    if least is not None and not least <= value <= most:
+        raise SpotrainError(f"{flag}: must be a number from {least:g} to {most:g} (got {value})")
 
 
 def say(message: str) -> None:
@@ -41,18 +52,16 @@ def launch(
     report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
-    from spotrain.config import load_spec
+    from spotrain.config import MAX_HOURS, load_spec
     from spotrain.providers.base import ProviderError
 
     try:
+        check_number("--duration", duration, MAX_HOURS * 3600.0)
+        check_number("--tick", tick, 3600.0, least=0.1)
+        check_number("--target-epoch", target_epoch, 10**9)
         spec = load_spec(config)
         if budget is not None:
             spec = spec.with_budget(budget)
-        for flag, value in (("--duration", duration), ("--tick", tick)):
-            if value is not None and value <= 0:
-                raise SpotrainError(f"{flag}: must be greater than 0 (got {value})")
-        if target_epoch is not None and target_epoch <= 0:
-            raise SpotrainError(f"--target-epoch: must be greater than 0 (got {target_epoch})")
         from spotrain import cluster_ops
 
         if detach:
@@ -186,6 +195,7 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
     from spotrain.provider_factory import make_provider
 
     try:
+        check_number("--tick", tick, 3600.0, least=0.1)
         spec = load_spec(config)
         offers = planning.offers_for(spec, make_provider(spec).offers())
         planning.check_budget_covers_a_tick(spec, offers, tick)
@@ -227,6 +237,7 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
 
     names = policy or ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
     try:
+        check_number("--tick", tick, 86_400.0, least=1.0)  # simulated seconds: a smaller tick only runs longer
         valid = set(policy_names()) | {"oracle"}
         for name in names:
             if name not in valid:
