@@ -63,16 +63,17 @@ def launch(
         if budget is not None:
             spec = spec.with_budget(budget)
         from spotrain import cluster_ops
+        from spotrain.controller_process import controller_pid, launch_detached
 
         if detach:
             cluster_ops.checked_provider(spec)  # a missing credential fails here, not in the background
-            pid = cluster_ops.controller_pid(spec.name)
+            pid = controller_pid(spec.name)
             if pid:
                 raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
             args = ["--tick", str(tick)]
             for flag, value in (("--budget", budget), ("--duration", duration), ("--target-epoch", target_epoch)):
                 args += [flag, str(value)] if value is not None else []
-            pid = cluster_ops.launch_detached(config.resolve(), args, spec.name)
+            pid = launch_detached(config.resolve(), args, spec.name)  # returns once it holds the cluster
             console.print(f"controller of {spec.name} started in the background (pid {pid}); "
                           f"follow with `spotrain status {spec.name}`")
             return
@@ -132,18 +133,15 @@ def down(cluster: str | None = typer.Argument(None)) -> None:
 
 def _print_report(cluster: str | None, as_json: bool) -> None:
     from spotrain.home import existing_cluster, ledger_path
-    from spotrain.ledger import Ledger
+    from spotrain.ledger_file import opened_ledger
     from spotrain.report import build_report, print_report
 
     name = existing_cluster(cluster)
-    ledger = Ledger.open_existing(ledger_path(name))
-    try:
+    with opened_ledger(ledger_path(name)) as ledger:
         run = ledger.current_run()
         if run is None:
             raise SpotrainError(f"cluster {name!r} has no run")
         data = build_report(ledger, run, name)
-    finally:
-        ledger.close()
     if as_json:
         print(json.dumps(data))
     else:

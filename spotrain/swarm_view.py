@@ -1,9 +1,17 @@
-"""The controller's window on the training swarm: its own hivemind DHT peer."""
+"""The controller's window on the training swarm: its own hivemind DHT peer.
+
+Every call into the DHT's process is bounded (DHT_CALL_TIMEOUT_SECONDS) and first checks that the
+process lives: a DHT process killed with the controller's process group (SIGTERM to a foreground
+`spotrain launch`), or by the OOM killer, turns each call into SwarmUnavailable instead of a tick
+blocked forever on an answer that never comes.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 from spotrain.orphans import die_with_parent
 from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, status_key
@@ -13,6 +21,12 @@ from spotrain.swarm_records import DUTY_TTL_SECONDS, AgentStatus, duty_key, stat
 # controller does not need (inherited descriptors do) and which a SIGKILLed predecessor can leave
 # half-gone.
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
+
+DHT_CALL_TIMEOUT_SECONDS = 10.0
+
+
+class SwarmUnavailable(RuntimeError):
+    """The controller's DHT process is gone or did not answer in time."""
 
 
 class SwarmView:
@@ -26,12 +40,28 @@ class SwarmView:
             ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
         )
 
+    def alive(self) -> bool:
+        return self.dht.is_alive()
+
+    def _answer(self, call: Callable):
+        """The result of `call(return_future=True)`, within DHT_CALL_TIMEOUT_SECONDS."""
+        if not self.dht.is_alive():
+            raise SwarmUnavailable(f"the controller's DHT process has exited (code {self.dht.exitcode})")
+        future = call(return_future=True)
+        try:
+            return future.result(timeout=DHT_CALL_TIMEOUT_SECONDS)
+        except (FutureTimeout, TimeoutError):  # one class from Python 3.11 on
+            future.cancel()
+            state = "answered nothing" if self.dht.is_alive() else f"exited (code {self.dht.exitcode})"
+            raise SwarmUnavailable(f"the controller's DHT process {state} "
+                                   f"within {DHT_CALL_TIMEOUT_SECONDS:.0f}s") from None
+
     def addresses(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+        return [str(a) for a in self._answer(partial(self.dht.run_coroutine, _visible_maddrs))]
 
     def statuses(self) -> dict[str, AgentStatus]:
         """The newest status of every agent whose record has not expired."""
-        found = self.dht.get(status_key(self.cluster), latest=True)
+        found = self._answer(partial(self.dht.get, status_key(self.cluster), latest=True))
         newest: dict[str, AgentStatus] = {}
         if found is None or not isinstance(found.value, dict):
             return newest
@@ -44,10 +74,16 @@ class SwarmView:
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         from hivemind.utils.timed_storage import get_dht_time
 
-        self.dht.store(duty_key(self.cluster), list(instance_ids), get_dht_time() + DUTY_TTL_SECONDS)
+        self._answer(partial(self.dht.store, duty_key(self.cluster), list(instance_ids),
+                             get_dht_time() + DUTY_TTL_SECONDS))
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+async def _visible_maddrs(_dht, node) -> list:
+    """Run inside the DHT's process (DHT.run_coroutine): the addresses other peers can reach it at."""
+    return await node.get_visible_maddrs()
 
 
 def _orphan_safe_dht_class():

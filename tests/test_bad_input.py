@@ -1,5 +1,5 @@
 """Every bad input is one line naming the file and the key, value or line: specs, command-line
-numbers and traces (docs/bad-input.md lists each case and its answer)."""
+numbers, traces and ledgers (docs/bad-input.md lists each case and its answer)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from spotrain.cli import app
 from spotrain.config import load_spec
 from spotrain.errors import SpecError
+from spotrain.ledger import Ledger
 from spotrain.sim.traces import TraceError, load_trace, load_traces
 
 GOOD = "name: t1\nbudget: {total_usd: 1.0}\n"
@@ -215,3 +216,49 @@ def test_cli_simulate_of_a_binary_trace_is_one_line(tmp_path):
     result = run_cli("simulate", str(path), "--trace", str(trace), home=tmp_path / "home", timeout=120)
     assert result.returncode == 2 and result.stderr.startswith(f"spotrain: error: {trace}: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+# -- ledgers ------------------------------------------------------------------------------------
+
+def real_ledger(home: Path) -> Path:
+    path = home / "clusters" / "t1" / "ledger.db"
+    ledger = Ledger.create(path)
+    run = ledger.open_run(1.0, {"name": "t1", "budget": {"total_usd": 1.0}}, now=100.0)
+    for i in range(2000):
+        ledger.record_metrics(run.id, 100.0 + i, [dict(instance_id="i-1", state="training", epoch=i, samples=i,
+                                                       samples_per_second=1.0, loss=1.0, bytes_sent=0,
+                                                       bytes_received=0)])
+    ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    ledger.close()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["random", "truncated", "empty", "directory"])
+@pytest.mark.parametrize("command", ["status", "report", "down"])
+def test_a_damaged_ledger_is_one_line_naming_it(tmp_path, damage, command):
+    home = tmp_path / "home"
+    path = real_ledger(home)
+    data = path.read_bytes()
+    path.unlink()
+    damaged = {"random": os.urandom(5000), "truncated": data[: len(data) // 3], "empty": b"", "directory": None}[damage]
+    if damaged is None:
+        path.mkdir()
+    else:
+        path.write_bytes(damaged)
+    result = cli(command, "t1", home=home)
+    assert result.exit_code == 2, result.stdout + result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"spotrain: error: {path}: ")
+    assert damaged is None or path.read_bytes() == damaged  # nothing written into it
+    if damage != "truncated":  # refused before SQLite opens it (which adds its -wal and -shm files)
+        assert not list(path.parent.glob("ledger.db-*"))
+
+
+def test_launch_on_a_garbage_ledger_is_one_line_naming_it(tmp_path):
+    home = tmp_path / "home"
+    ledger = home / "clusters" / "t1" / "ledger.db"
+    ledger.parent.mkdir(parents=True)
+    ledger.write_bytes(os.urandom(4096))
+    result = run_cli("launch", str(spec_file(tmp_path, GOOD)), home=home, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == f"spotrain: error: {ledger}: not a spotrain ledger (no SQLite header); " \
+                            f"move it away to start afresh\n"
