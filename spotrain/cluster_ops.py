@@ -122,19 +122,18 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
             time.sleep(0.5)
         if controller_pid(name):
             raise SpotrainError(f"the controller (pid {pid}) of {name!r} did not stop within {wait_seconds:.0f}s")
-    with _lock_for_down(name, say):
-        with opened_ledger(ledger_path(name)) as ledger:
-            run = ledger.current_run()
-            if run is None:
-                return name
-            spec = ClusterSpec.model_validate(run.spec)
-            provider = make_provider(spec)
-            loop = ControlLoop(spec, ledger, run, provider, swarm=None, settings=LoopSettings(), say=say)
-            if run.ended_at is None or any(i.state == "running" for i in provider.list_instances(name)):
-                loop.finish("down")
-            left = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]
-            if left:
-                raise SpotrainError(f"instances still running after down: {', '.join(left)}")
+    with _lock_for_down(name, say), opened_ledger(ledger_path(name)) as ledger:
+        run = ledger.current_run()
+        if run is None:
+            return name
+        spec = ClusterSpec.model_validate(run.spec)
+        provider = make_provider(spec)
+        loop = ControlLoop(spec, ledger, run, provider, swarm=None, settings=LoopSettings(), say=say)
+        if run.ended_at is None or any(i.state == "running" for i in provider.list_instances(name)):
+            loop.finish("down")
+        left = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]
+        if left:
+            raise SpotrainError(f"instances still running after down: {', '.join(left)}")
     return name
 
 
@@ -173,8 +172,8 @@ def status(name: str | None) -> dict:
             raise SpotrainError(f"cluster {name!r} has no run")
         report = build_report(ledger, run, name)
         latest: dict[str, dict] = {}
-        for m in ledger.metrics(run.id):
-            latest[m["instance_id"]] = dict(m)
+        for metric in ledger.metrics(run.id):
+            latest[metric["instance_id"]] = dict(metric)
         workers = []
         for row in ledger.instances(states=("requested", "running"), run_id=run.id):
             m = latest.get(row.instance_id or "", {})

@@ -88,9 +88,14 @@ class Training(_Frozen):
     @field_validator("task")
     @classmethod
     def _task_imports(cls, value: str) -> str:
-        from spotrain.task import load_task  # imports user code: only after the shape checks
+        from spotrain.task import TaskImportError, load_task  # imports user code: only after the shape checks
 
-        load_task(value)
+        try:
+            load_task(value)
+        except TaskImportError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the named callable failed when called: a bad spec, one line
+            raise ValueError(f"building the task {value!r} failed: {type(error).__name__}: {error}") from None
         return value
 
 
@@ -316,6 +321,11 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _printable(line: str) -> str:
+    """`line` with its control characters and line breaks escaped: one error, one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
 def _error_lines(path: Path, error: ValidationError) -> list[str]:
     """One line per problem, each naming the file and the key; the first MAX_ERROR_LINES of them."""
     lines = []
@@ -327,7 +337,7 @@ def _error_lines(path: Path, error: ValidationError) -> list[str]:
             message = "unknown key"
         elif "input" in problem and not isinstance(problem["input"], (dict, list)):
             message = f"{message} (got {_shown(problem['input'])})"
-        lines.append(f"{path}: {key}: {message}" if key else f"{path}: {message}")
+        lines.append(_printable(f"{path}: {key}: {message}" if key else f"{path}: {message}"))
     if len(problems) > MAX_ERROR_LINES:
         lines.append(f"{path}: and {len(problems) - MAX_ERROR_LINES} more errors")
     return lines
@@ -354,7 +364,7 @@ class _SpecLoader(yaml.SafeLoader):
         super().__init__(stream)
         self._depth = 0
 
-    def compose_node(self, parent, index):
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
         self._depth += 1  # composing recurses once per level: stop before Python's recursion limit
         try:
             if self._depth > MAX_SPEC_DEPTH:
@@ -364,14 +374,14 @@ class _SpecLoader(yaml.SafeLoader):
         finally:
             self._depth -= 1
 
-    def construct_object(self, node, deep=False):
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
         try:
             return super().construct_object(node, deep=deep)
         except (ValueError, TypeError, OverflowError) as error:
             raise _SpecYamlError(problem=f"bad value {_shown(node.value)}: {error}",
                                  problem_mark=node.start_mark) from None
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
             first_line: dict[object, int] = {}
             for key_node, _ in node.value:
@@ -397,7 +407,7 @@ def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
         where = f"line {text.count(chr(10), 0, error.position) + 1}: "
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
     kind = "" if isinstance(error, _SpecYamlError) else "YAML syntax error: "
-    return f"{path}: {where}{kind}{problem}"
+    return _printable(f"{path}: {where}{kind}{problem}")
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

@@ -57,17 +57,20 @@ def lock_holder(name: str) -> tuple[bool, int | None]:
     """Whether another process holds the cluster's lock, and the controller's pid when the holder's
     record checks out. Only tests the lock (F_TEST), so a probe never holds it itself."""
     try:
-        handle = open(lock_path(name), "rb")
+        with open(lock_path(name), "rb") as handle:
+            held = _held_by_another(handle.fileno())
+            record = handle.read(64).decode("ascii", errors="replace") if held else ""
     except OSError:
         return False, None
-    with handle:
-        try:
-            os.lockf(handle.fileno(), os.F_TEST, 0)
-            return False, None
-        except OSError:
-            pass
-        record = handle.read(64).decode("ascii", errors="replace")
-    return True, _verified_pid(record)
+    return held, _verified_pid(record) if held else None
+
+
+def _held_by_another(fd: int) -> bool:
+    try:
+        os.lockf(fd, os.F_TEST, 0)
+    except OSError:
+        return True
+    return False
 
 
 def controller_pid(name: str) -> int | None:

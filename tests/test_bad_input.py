@@ -60,6 +60,9 @@ def spec_error(path: Path) -> str:
     (GOOD + "extra: 2001-02-30\n", "line 3, column 8: bad value '2001-02-30': day is out of range for month"),
     (GOOD + "placement: {workers: !!int abc}\n", "line 3, column 22: bad value 'abc'"),
     (GOOD + "x: \x07\n", "line 3: YAML syntax error: unacceptable character #x0007"),
+    (GOOD + '"a\\nb": 1\n', "a\\nb: unknown key"),
+    (GOOD + 'training: {task: "os:getenv"}\n',
+     "training.task: building the task 'os:getenv' failed: TypeError: getenv() missing 1 required"),
 ])
 def test_bad_specs_are_one_line_naming_the_file_and_the_key_or_line(tmp_path, content, expected):
     path = spec_file(tmp_path, content)
@@ -225,9 +228,9 @@ def real_ledger(home: Path) -> Path:
     ledger = Ledger.create(path)
     run = ledger.open_run(1.0, {"name": "t1", "budget": {"total_usd": 1.0}}, now=100.0)
     for i in range(2000):
-        ledger.record_metrics(run.id, 100.0 + i, [dict(instance_id="i-1", state="training", epoch=i, samples=i,
-                                                       samples_per_second=1.0, loss=1.0, bytes_sent=0,
-                                                       bytes_received=0)])
+        ledger.record_metrics(run.id, 100.0 + i, [{"instance_id": "i-1", "state": "training", "epoch": i,
+                                                   "samples": i, "samples_per_second": 1.0, "loss": 1.0,
+                                                   "bytes_sent": 0, "bytes_received": 0}])
     ledger._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     ledger.close()
     return path

@@ -100,7 +100,7 @@ def _at(path: Path, where: str) -> Iterator[None]:
 
 def _number(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{what} {value!r} is not a number")
+        raise TypeError(f"{what} {value!r} is not a number")
     try:
         number = float(value)
     except (ValueError, OverflowError):
@@ -131,7 +131,8 @@ def _steps(points: list[tuple[float, int]], path: Path) -> tuple[tuple[float, ..
     start = points[0][0]
     if points[-1][0] - start > MAX_TRACE_SECONDS:
         raise TraceError(f"{path}: spans {points[-1][0] - start:.3g} s, more than ten years")
-    times, values = [], []
+    times: list[float] = []
+    values: list[int] = []
     for t, v in points:
         if times and t - start == times[-1]:
             values[-1] = v  # several events at one time: the last count holds
