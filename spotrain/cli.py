@@ -20,9 +20,20 @@ console = Console(soft_wrap=True)
 
 
 def fail(message: str) -> None:
-    """One line on stderr, exit 2: the contract for bad input."""
-    print(f"spotrain: error: {message}", file=sys.stderr)
+    """One line on stderr, exit 2: the contract for bad input (one line per problem when there are several)."""
+    for line in message.splitlines():
+        print(f"spotrain: error: {line}", file=sys.stderr)
     raise typer.Exit(2)
+
+
+def check_number(flag: str, value: float | None, most: float, least: float | None = None) -> None:
+    """A number on the command line must be finite and in range (above 0, or from `least`), or we stop here."""
+    if value is None:
+        return
+    if least is None and not 0 < value <= most:  # both comparisons are False for NaN
+        raise SpotrainError(f"{flag}: must be a number greater than 0 and at most {most:g} (got {value})")
+    if least is not None and not least <= value <= most:
+        raise SpotrainError(f"{flag}: must be a number from {least:g} to {most:g} (got {value})")
 
 
 def say(message: str) -> None:
@@ -59,28 +70,28 @@ def launch(
     report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
+    from spotrain.config import MAX_HOURS
     from spotrain.providers.base import ProviderError
 
     try:
+        check_number("--duration", duration, MAX_HOURS * 3600.0)
+        check_number("--tick", tick, 3600.0, least=0.1)
+        check_number("--target-epoch", target_epoch, 10**9)
         spec = load_checked_spec(config)
         if budget is not None:
             spec = spec.with_budget(budget)
-        for flag, value in (("--duration", duration), ("--tick", tick)):
-            if value is not None and value <= 0:
-                raise SpotrainError(f"{flag}: must be greater than 0 (got {value})")
-        if target_epoch is not None and target_epoch <= 0:
-            raise SpotrainError(f"--target-epoch: must be greater than 0 (got {target_epoch})")
         from spotrain import cluster_ops
+        from spotrain.controller_process import controller_pid, launch_detached
 
         if detach:
             cluster_ops.checked_provider(spec)  # a missing credential fails here, not in the background
-            pid = cluster_ops.controller_pid(spec.name)
+            pid = controller_pid(spec.name)
             if pid:
                 raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
             args = ["--tick", str(tick)]
             for flag, value in (("--budget", budget), ("--duration", duration), ("--target-epoch", target_epoch)):
                 args += [flag, str(value)] if value is not None else []
-            pid = cluster_ops.launch_detached(config.resolve(), args, spec.name)
+            pid = launch_detached(config.resolve(), args, spec.name)  # returns once it holds the cluster
             console.print(f"controller of {spec.name} started in the background (pid {pid}); "
                           f"follow with `spotrain status {spec.name}` and `spotrain logs {spec.name} -f`")
             return
@@ -143,14 +154,13 @@ def down(cluster: str | None = typer.Argument(None)) -> None:
 def _print_report(cluster: str | None, as_json: bool, run_number: int | None = None,
                   html_path: Path | None = None, csv_dir: Path | None = None) -> None:
     from spotrain.home import existing_cluster, ledger_path
-    from spotrain.ledger import Ledger
+    from spotrain.ledger_file import opened_ledger
     from spotrain.report import build_report, print_report
     from spotrain.report_data import select_run, series
 
     name = existing_cluster(cluster)
-    ledger = Ledger.open_existing(ledger_path(name))
     written = []
-    try:
+    with opened_ledger(ledger_path(name)) as ledger:
         run = select_run(ledger, name, run_number)
         data = build_report(ledger, run, name)
         if csv_dir is not None:
@@ -162,8 +172,6 @@ def _print_report(cluster: str | None, as_json: bool, run_number: int | None = N
 
             write_html(data, series(ledger, run), html_path)
             written.append(html_path)
-    finally:
-        ledger.close()
     if as_json:
         print(json.dumps(data))
     else:
@@ -222,6 +230,7 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
     from spotrain.providers.base import ProviderError
 
     try:
+        check_number("--tick", tick, 3600.0, least=0.1)
         spec = load_checked_spec(config)
         notes = planning.check_plannable(spec)
         offers = planning.offers_for(spec, make_provider(spec), say=lambda line: print(line, file=sys.stderr))
@@ -265,6 +274,7 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
 
     names = policy or ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
     try:
+        check_number("--tick", tick, 86_400.0, least=1.0)  # simulated seconds: a smaller tick only runs longer
         valid = set(policy_names()) | {"oracle"}
         for name in names:
             if name not in valid:

@@ -2,66 +2,36 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
-import subprocess
-import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING
 
 from spotrain.config import ClusterSpec, stored_spec
 from spotrain.contracts.states import LIVE_STATES, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
+from spotrain.controller_process import (
+    controller_lock,
+    controller_pid,
+    lock_holder,
+    lock_path,
+    stop_on_signals,
+    tell_parent_ready,
+)
 from spotrain.errors import ControllerRunning, SpotrainError
-from spotrain.home import cluster_dir, existing_cluster, ledger_path
-from spotrain.ledger import Ledger
+from spotrain.home import existing_cluster, ledger_path
+from spotrain.ledger import Ledger, Run
+from spotrain.ledger_file import opened_ledger
 from spotrain.provider_factory import make_provider
 from spotrain.swarm import NoSwarm
 
-
-@contextmanager
-def controller_lock(name: str) -> Iterator[None]:
-    """Held for a controller's lifetime; the kernel drops it when the process dies, even by SIGKILL.
-
-    A POSIX record lock (lockf), not flock: hivemind forks helper processes, and an flock would
-    be shared with them and outlive the controller."""
-    path = cluster_dir(name) / "controller.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            pid = handle.read().strip() or "?"
-            raise ControllerRunning(f"a controller (pid {pid}) already drives cluster {name!r}; "
-                                    f"`spotrain down {name}` stops it") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        yield
-
-
-def controller_pid(name: str) -> int | None:
-    """The pid of the live controller of `name`, or None."""
-    path = cluster_dir(name) / "controller.lock"
-    if not path.exists():
-        return None
-    with open(path, "a+") as handle:
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            text = handle.read().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.lockf(handle, fcntl.LOCK_UN)
-    return None
+if TYPE_CHECKING:
+    from spotrain.swarm_view import SwarmView
 
 
 def checked_provider(spec: ClusterSpec):
@@ -82,63 +52,69 @@ def checked_provider(spec: ClusterSpec):
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
-    from apscheduler.schedulers.background import BackgroundScheduler
-
     from spotrain.swarm_view import SwarmView
 
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a long final tick is expected, not news
     provider = checked_provider(spec)
-    with controller_lock(spec.name):
-        ledger = Ledger.create(ledger_path(spec.name))
-        now = time.time()
-        run = ledger.open_run(spec.budget.total_usd, spec.model_dump(mode="json"), now)
-        end_key = f"run-{run.id}-end-at"
-        if duration is not None:
-            ledger.set_meta(end_key, now + duration)
-        end_at = cast("float | None", ledger.meta(end_key))  # a restarted controller keeps the first one's deadline
+    stop = threading.Event()
+    with (controller_lock(spec.name), opened_ledger(ledger_path(spec.name), create=True) as ledger,
+          stop_on_signals(stop)):
+        run = ledger.open_run(spec.budget.total_usd, spec.model_dump(mode="json"), time.time())
+        end_at = run_end(ledger, run, duration)
+        tell_parent_ready()  # before the DHT forks: its process must not inherit the pipe
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
         swarm = SwarmView(spec.name, [a for i in running for a in i.addresses])
-        settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
-                                target_epoch=target_epoch or spec.training.target_epoch,
-                                checkpoint_store=spec.default_checkpoint_store())
-        loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say)
-
-        def request_stop(*_: object) -> None:
-            loop.stop_requested = True
-
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
-        scheduler = BackgroundScheduler()
-        scheduler.add_job(loop.safe_tick, "interval", seconds=tick_seconds, max_instances=1, coalesce=True,
-                          next_run_time=datetime.now(timezone.utc))
-        scheduler.start()
         try:
-            while not loop.ended.wait(0.5):
-                pass
+            settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
+                                    target_epoch=target_epoch or spec.training.target_epoch,
+                                    checkpoint_store=spec.default_checkpoint_store())
+            loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say)
+            return _drive(loop, swarm, tick_seconds, stop)
         finally:
-            scheduler.shutdown(wait=True)
             swarm.shutdown()
-            ledger.close()
-        return loop.end_reason or "ended"
 
 
-def launch_detached(config_path: Path, args: list[str], name: str) -> int:
-    """Start `spotrain launch` for this spec as a background process; returns its pid."""
-    log = cluster_dir(name) / "controller.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "ab") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "spotrain", "launch", str(config_path), *args],
-                                   stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True)
-    return process.pid
+def run_end(ledger: Ledger, run: Run, duration: float | None) -> float | None:
+    """When the run ends by --duration: counted from the run's start in the ledger, so a relaunched
+    controller keeps the first one's end; a relaunch without --duration keeps the recorded end."""
+    key = f"run-{run.id}-end-at"
+    if duration is not None:
+        ledger.set_meta(key, run.started_at + duration)
+    end_at = ledger.meta(key)
+    return float(end_at) if isinstance(end_at, (int, float)) else None
+
+
+def _drive(loop: ControlLoop, swarm: SwarmView, tick_seconds: float, stop: threading.Event) -> str:
+    """Tick until the run ends; a stop signal ends it as `down` does, and so does losing the DHT."""
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a long final tick is expected, not news
+    loop.stop_requested = stop.is_set()  # a signal while the DHT was starting
+    scheduler = BackgroundScheduler()
+    scheduler.add_job(loop.safe_tick, "interval", seconds=tick_seconds, max_instances=1, coalesce=True,
+                      next_run_time=datetime.now(timezone.utc))
+    scheduler.start()
+    swarm_lost = False
+    try:
+        while not loop.ended.wait(0.5):
+            loop.stop_requested = loop.stop_requested or stop.is_set()
+            if not loop.stop_requested and not swarm.alive():
+                swarm_lost = True
+                break
+    finally:
+        scheduler.shutdown(wait=True)  # every call a tick makes into the DHT times out: this returns
+    if swarm_lost and not loop.ended.is_set():
+        loop.say("the controller's DHT process died: ending the run, as `spotrain down` would")
+        loop.finish("the controller's DHT process died")
+        return "the controller's DHT process died"
+    return loop.end_reason or "ended"
 
 
 def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180.0) -> str:
     """Stop the controller if one runs (it ends the run itself), else end the run here."""
     name = existing_cluster(name)
-    pid = controller_pid(name)
+    pid = _verified_controller(name)
     if pid:
         say(f"stopping the controller (pid {pid}); it drains and terminates every worker")
         os.kill(pid, signal.SIGTERM)
@@ -147,23 +123,44 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
             time.sleep(0.5)
         if controller_pid(name):
             raise SpotrainError(f"the controller (pid {pid}) of {name!r} did not stop within {wait_seconds:.0f}s")
-    with controller_lock(name):
-        ledger = Ledger.open_existing(ledger_path(name))
-        try:
-            run = ledger.current_run()
-            if run is None:
-                return name
-            spec = stored_spec(run.spec)  # never the task's code: down must work when it is gone
-            provider = make_provider(spec)
-            loop = ControlLoop(spec, ledger, run, provider, NoSwarm(), LoopSettings(), say=say)
-            if run.ended_at is None or any(i.state == InstanceState.RUNNING for i in provider.list_instances(name)):
-                loop.finish("down")
-            left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
-            if left:
-                raise SpotrainError(f"instances still running after down: {', '.join(left)}")
-        finally:
-            ledger.close()
+    with _lock_for_down(name, say), opened_ledger(ledger_path(name)) as ledger:
+        run = ledger.current_run()
+        if run is None:
+            return name
+        spec = stored_spec(run.spec)  # never the task's code: down must work when it is gone
+        provider = make_provider(spec)
+        loop = ControlLoop(spec, ledger, run, provider, NoSwarm(), LoopSettings(), say=say)
+        if run.ended_at is None or any(i.state == InstanceState.RUNNING for i in provider.list_instances(name)):
+            loop.finish("down")
+        left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
+        if left:
+            raise SpotrainError(f"instances still running after down: {', '.join(left)}")
     return name
+
+
+def _verified_controller(name: str, settle_seconds: float = 3.0) -> int | None:
+    """The controller's pid, waiting out the moment between a controller taking the lock and
+    writing its record; None when the lock is free or its holder never proves to be the controller."""
+    deadline = time.monotonic() + settle_seconds
+    while True:
+        held, pid = lock_holder(name)
+        if pid or not held or time.monotonic() >= deadline:
+            return pid
+        time.sleep(0.1)
+
+
+@contextmanager
+def _lock_for_down(name: str, say: Callable[[str], None]) -> Iterator[None]:
+    """The cluster's lock, so no controller starts while `down` ends the run. A holder that is not a
+    verified controller is never signalled: after a short wait, `down` goes on without the lock."""
+    held = ExitStack()
+    try:
+        held.enter_context(controller_lock(name, wait_seconds=10.0))
+    except ControllerRunning:
+        say(f"{lock_path(name)} is held by a process that is not a verified controller: not signalling it; "
+            f"ending the run through the provider")
+    with held:
+        yield
 
 
 def status(name: str | None) -> dict:
@@ -171,8 +168,7 @@ def status(name: str | None) -> dict:
     from spotrain.status_view import live_figures
 
     name = existing_cluster(name)
-    ledger = Ledger.open_existing(ledger_path(name))
-    try:
+    with opened_ledger(ledger_path(name)) as ledger:
         run = ledger.current_run()
         if run is None:
             raise SpotrainError(f"cluster {name!r} has no run")
@@ -192,5 +188,3 @@ def status(name: str | None) -> dict:
                 "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"], "epoch": report["epochs"],
                 "samples": report["samples"], "workers": workers,
                 **live_figures(ledger, run, report, workers)}
-    finally:
-        ledger.close()

@@ -6,7 +6,7 @@ import re
 import sys
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -20,9 +20,9 @@ from pydantic import (
     model_validator,
 )
 
-from spotrain.contracts.errors import validation_error_line
 from spotrain.errors import SpecError
 from spotrain.store_domains import PROVIDERS, DomainStore, StorePlacement, failure_domain
+from spotrain.textfiles import UnreadableText, read_user_text
 
 if TYPE_CHECKING:
     from spotrain.providers.base import Offer
@@ -32,14 +32,22 @@ CLUSTER_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 GRADIENT_CODECS = ("none", "float16", "uniform8", "blockwise8", "blockwise4", "powersgd:RANK")
 
 
+# Upper bounds (docs/bad-input.md lists them): far beyond any real run, they keep a typo such as
+# `workers: 100000000` from becoming a planner that spins for minutes or a runaway fleet.
+MAX_INSTANCES = 1000
+MAX_HOURS = 87_600.0  # ten years
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` or `.nan` anywhere (a budget, a throughput) is an error, not "no limit"
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Budget(_Frozen):
     total_usd: float = Field(gt=0)
     max_hourly_usd: float | None = Field(default=None, gt=0)
-    deadline_hours: float | None = Field(default=None, gt=0, description="target_samples must be done by then")
+    deadline_hours: float | None = Field(default=None, gt=0, le=MAX_HOURS,
+                                         description="target_samples must be done by then")
 
 
 class Compression(_Frozen):
@@ -88,19 +96,22 @@ class Training(_Frozen):
         description="folder put first on the import path of the controller and every agent, so `task` may "
                     "live there; relative to the spec file; default: the spec file's folder")
     task: str = "spotrain.examples.tiny_gpt:task"
-    target_batch_size: int = Field(default=256, gt=0)
-    batch_size: int = Field(default=8, gt=0, description="samples per local step")
-    target_epoch: int | None = Field(default=None, gt=0, description="end the run at this global epoch")
-    target_samples: int | None = Field(default=None, gt=0, description="end the run after this many samples")
-    t4_samples_per_second: float = Field(default=100.0, gt=0, description="one T4's samples/s on this task")
-    throughput: dict[str, float] = Field(default_factory=dict, description="samples/s per GPU type, overrides")
+    target_batch_size: int = Field(default=256, gt=0, le=10**9)
+    batch_size: int = Field(default=8, gt=0, le=10**6, description="samples per local step")
+    target_epoch: int | None = Field(default=None, gt=0, le=10**9, description="end the run at this global epoch")
+    target_samples: int | None = Field(default=None, gt=0, le=10**15,
+                                       description="end the run after this many samples")
+    t4_samples_per_second: float = Field(default=100.0, gt=0, le=1e9, description="one T4's samples/s on this task")
+    throughput: dict[str, Annotated[float, Field(gt=0, le=1e9)]] = Field(
+        default_factory=dict, description="samples/s per GPU type, overrides")
     model_parameters: int | None = Field(
-        default=None, gt=0, description="parameters averaged each step; None = counted from the task's model")
+        default=None, gt=0, le=10**13,
+        description="parameters averaged each step; None = counted from the task's model")
     compression: Compression = Compression()
-    matchmaking_time: float = Field(default=3.0, gt=0)
+    matchmaking_time: float = Field(default=3.0, gt=0, le=3600)
     delayed_updates: bool = Field(
         default=True, description="average gradients and step the optimizer in the background, one epoch stale")
-    averaging_timeout: float = Field(default=30.0, gt=0)
+    averaging_timeout: float = Field(default=30.0, gt=0, le=86_400)
 
     @field_validator("code_dir")
     @classmethod
@@ -116,15 +127,20 @@ class Training(_Frozen):
         if not (info.context or {}).get("import_task", True):
             return value  # a stored spec, read to stop or show a cluster: user code plays no part
         # imports user code: only after the shape checks
-        from spotrain.contracts.task import load_pipeline_task, load_task
+        from spotrain.contracts.task import TaskImportError, load_pipeline_task, load_task
 
         code_dir = info.data.get("code_dir")
         if code_dir and code_dir not in sys.path:
             sys.path.insert(0, code_dir)  # like a script's own folder: the user's modules come first
-        if info.data.get("mode") != "swarm":
-            load_task(value)
-            return value
-        stages, pipeline = load_pipeline_task(value).num_stages, info.data.get("pipeline")
+        try:
+            if info.data.get("mode") != "swarm":
+                load_task(value)
+                return value
+            stages, pipeline = load_pipeline_task(value).num_stages, info.data.get("pipeline")
+        except TaskImportError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the named callable failed when called: a bad spec, one line
+            raise ValueError(f"building the task {value!r} failed: {type(error).__name__}: {error}") from None
         if pipeline is not None and stages != (wanted := pipeline.stages):
             raise ValueError(f"{value} has {stages} stages, training.pipeline.stages says {wanted}")
         return value
@@ -133,8 +149,8 @@ class Training(_Frozen):
 class Placement(_Frozen):
     # checked against spotrain.policies by the CLI: the spec imports no policy
     policy: str = "spotrain"
-    workers: int = Field(default=2, gt=0)
-    backups: int = Field(default=0, ge=0)
+    workers: int = Field(default=2, gt=0, le=MAX_INSTANCES)
+    backups: int = Field(default=0, ge=0, le=MAX_INSTANCES)
     gpu: tuple[str, ...] = ()
     locations: tuple[str, ...] | None = None
 
@@ -148,11 +164,11 @@ class CheckpointStoreSpec(_Frozen):
 
 
 class Checkpoint(_Frozen):
-    every_epochs: int = Field(default=5, gt=0)
-    replicas: int = Field(default=2, gt=0)
+    every_epochs: int = Field(default=5, gt=0, le=10**6)
+    replicas: int = Field(default=2, gt=0, le=MAX_INSTANCES)
     stores: tuple[str | CheckpointStoreSpec, ...] = Field(
-        default=(), description="a path, file://, s3:// or gs:// URL (a store of every failure domain), "
-                                "or {url, domain}")
+        default=(), max_length=MAX_INSTANCES,
+        description="a path, file://, s3:// or gs:// URL (a store of every failure domain), or {url, domain}")
 
     @field_validator("stores")
     @classmethod
@@ -181,7 +197,7 @@ class Checkpoint(_Frozen):
 class LocalLocation(_Frozen):
     price_usd_per_hour: float = Field(gt=0)
     trace: Literal["bamboo-p3", "bamboo-g4dn"] = "bamboo-p3"
-    trace_offset_hours: float = Field(default=0.0, ge=0)
+    trace_offset_hours: float = Field(default=0.0, ge=0, le=MAX_HOURS)
 
 
 def _default_local_locations() -> dict[str, LocalLocation]:
@@ -194,9 +210,10 @@ def _default_local_locations() -> dict[str, LocalLocation]:
 
 class LocalProvider(_Frozen):
     locations: dict[str, LocalLocation] = Field(default_factory=_default_local_locations)
-    time_compression: float = Field(default=60.0, gt=0, description="trace seconds per wall second")
-    notice_seconds: float = Field(default=10.0, gt=0, description="wall seconds from notice to hard kill")
-    unannounced_every: int = Field(default=0, ge=0, description="every Nth preemption has no notice; 0 = never")
+    time_compression: float = Field(default=60.0, gt=0, le=1e6, description="trace seconds per wall second")
+    notice_seconds: float = Field(default=10.0, gt=0, le=3600, description="wall seconds from notice to hard kill")
+    unannounced_every: int = Field(default=0, ge=0, le=10**6,
+                                   description="every Nth preemption has no notice; 0 = never")
 
     @field_validator("locations")
     @classmethod
@@ -254,7 +271,8 @@ class GcpProvider(_Frozen):
     network: str = "global/networks/default"
     service_account: str | None = Field(default=None, description="the worker's service account e-mail")
     worker_image: str | None = Field(default=None, description="run the agent from this image; None = pip install")
-    spot_prices_usd_per_hour: dict[str, float] = Field(default_factory=dict, description="machine type -> USD/h")
+    spot_prices_usd_per_hour: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="machine type -> USD/h")
     swarm_port: int = Field(default=31337, ge=1024, le=65535)
     controller_cidr: str | None = None
 
@@ -383,10 +401,44 @@ class ClusterSpec(_Frozen):
         return self.checkpoint.placement(self.default_checkpoint_store()).urls()
 
     def with_budget(self, total_usd: float) -> ClusterSpec:
-        if total_usd <= 0:
-            raise SpecError(f"--budget: must be greater than 0 (got {total_usd})")
-        budget = self.budget.model_copy(update={"total_usd": total_usd})
+        """This spec with `--budget`'s total, held to the same rules as budget.total_usd."""
+        try:
+            budget = Budget.model_validate(self.budget.model_dump() | {"total_usd": total_usd})
+        except ValidationError as error:
+            raise SpecError(f"--budget: {error.errors()[0]['msg']} (got {total_usd})") from None
         return self.model_copy(update={"budget": budget})
+
+
+MAX_SPEC_BYTES = 1 << 20
+MAX_SPEC_DEPTH = 32  # a real spec nests 5 deep; far deeper is an attack on the parser's recursion
+MAX_ERROR_LINES = 10
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _printable(line: str) -> str:
+    """`line` with its control characters and line breaks escaped: one error, one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in line)
+
+
+def _error_lines(path: Path, error: ValidationError) -> list[str]:
+    """One line per problem, each naming the file and the key; the first MAX_ERROR_LINES of them."""
+    lines = []
+    problems = error.errors()
+    for problem in problems[:MAX_ERROR_LINES]:
+        key = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        if problem["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif "input" in problem and not isinstance(problem["input"], (dict, list)):
+            message = f"{message} (got {_shown(problem['input'])})"
+        lines.append(_printable(f"{path}: {key}: {message}" if key else f"{path}: {message}"))
+    if len(problems) > MAX_ERROR_LINES:
+        lines.append(f"{path}: and {len(problems) - MAX_ERROR_LINES} more errors")
+    return lines
 
 
 def parse_spec(data: object, path: Path, import_task: bool = True) -> ClusterSpec:
@@ -397,7 +449,7 @@ def parse_spec(data: object, path: Path, import_task: bool = True) -> ClusterSpe
     try:
         return ClusterSpec.model_validate(data, context={"spec_dir": path.parent, "import_task": import_task})
     except ValidationError as error:
-        raise SpecError(validation_error_line(path, error)) from None
+        raise SpecError("\n".join(_error_lines(path, error))) from None
 
 
 def stored_spec(data: dict) -> ClusterSpec:
@@ -406,20 +458,75 @@ def stored_spec(data: dict) -> ClusterSpec:
     try:
         return ClusterSpec.model_validate(data, context={"import_task": False})
     except ValidationError as error:
-        raise SpecError(validation_error_line(Path("stored spec"), error)) from None
+        raise SpecError("\n".join(_error_lines(Path("stored spec"), error))) from None
+
+
+class _SpecYamlError(yaml.MarkedYAMLError):
+    """A spec that is valid YAML but not a usable document: a key given twice, nesting too deep."""
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """yaml.safe_load's loader, stricter: duplicate keys and deep nesting are errors, and a value its
+    tag cannot hold (`!!int abc`, `2001-02-30`) is an error at its line, not a ValueError."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self._depth += 1  # composing recurses once per level: stop before Python's recursion limit
+        try:
+            if self._depth > MAX_SPEC_DEPTH:
+                raise _SpecYamlError(problem=f"nested deeper than {MAX_SPEC_DEPTH} levels",
+                                     problem_mark=self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> object:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError, OverflowError) as error:
+            raise _SpecYamlError(problem=f"bad value {_shown(node.value)}: {error}",
+                                 problem_mark=node.start_mark) from None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *defaults` may be overridden by the keys beside it
+                key = self.construct_object(key_node)
+                try:
+                    duplicate = key in first_line
+                except TypeError:
+                    continue  # an unhashable key: yaml itself says so
+                if duplicate:
+                    raise _SpecYamlError(problem=f"duplicate key {_shown(key)} "
+                                                 f"(first given at line {first_line[key]})",
+                                         problem_mark=key_node.start_mark)
+                first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    if isinstance(error, yaml.reader.ReaderError):  # a character YAML does not allow
+        where = f"line {text.count(chr(10), 0, error.position) + 1}: "
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    kind = "" if isinstance(error, _SpecYamlError) else "YAML syntax error: "
+    return _printable(f"{path}: {where}{kind}{problem}")
 
 
 def load_spec(path: str | Path) -> ClusterSpec:
     path = Path(path)
     try:
-        text = path.read_text()
-    except OSError as error:
-        raise SpecError(f"{path}: cannot read: {error.strerror}") from None
+        text = read_user_text(path, MAX_SPEC_BYTES)
+    except UnreadableText as error:
+        raise SpecError(f"{path}: {error}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SpecError(f"{path}: {where}YAML syntax error: {problem}") from None
+        raise SpecError(_yaml_error_line(path, text, error)) from None
     return parse_spec(data, path)

@@ -24,13 +24,10 @@ def checkpoint_stores(name: str) -> tuple[str, ...]:
     """Every store of the cluster's latest run, read from the stored spec (no user code)."""
     from spotrain.config import stored_spec
     from spotrain.home import ledger_path
-    from spotrain.ledger import Ledger
+    from spotrain.ledger_file import opened_ledger
 
-    ledger = Ledger.open_existing(ledger_path(name))
-    try:
+    with opened_ledger(ledger_path(name)) as ledger:
         run = ledger.current_run()
-    finally:
-        ledger.close()
     if run is None:
         raise SpotrainError(f"cluster {name!r} has no run")
     return stored_spec(run.spec).checkpoint_stores()

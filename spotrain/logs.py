@@ -67,7 +67,7 @@ class LogSource:
 def log_sources(cluster: str | None, instance: str | None, controller: bool) -> list[LogSource]:
     """The controller's log and the agents' of the latest run (or one instance's, of any run)."""
     from spotrain.config import stored_spec
-    from spotrain.ledger import Ledger
+    from spotrain.ledger_file import opened_ledger
     from spotrain.provider_factory import make_provider
 
     name, instance = _resolve(cluster, instance)
@@ -75,12 +75,9 @@ def log_sources(cluster: str | None, instance: str | None, controller: bool) -> 
     sources = [LogSource(CONTROLLER, f"controller ({path})", lambda: _read_file(path))]
     if controller:
         return sources
-    ledger = Ledger.open_existing(ledger_path(name))
-    try:
+    with opened_ledger(ledger_path(name)) as ledger:
         run = ledger.current_run()
         rows = ledger.instances() if instance else ledger.instances(run_id=run.id) if run else []
-    finally:
-        ledger.close()
     rows = [r for r in rows if r.instance_id and instance in (None, r.instance_id)]
     if instance is not None:
         if not rows:

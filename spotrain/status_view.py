@@ -94,17 +94,15 @@ def watch(fetch: Callable[[], dict], console: Console, every: float = WATCH_SECO
 
 def cluster_rows() -> list[dict]:
     """Every cluster's latest run, for `spotrain status` without a name."""
-    from spotrain.cluster_ops import controller_pid
+    from spotrain.controller_process import controller_pid
     from spotrain.home import cluster_names, ledger_path
+    from spotrain.ledger_file import opened_ledger
 
     rows = []
     for name in cluster_names():
-        ledger = Ledger.open_existing(ledger_path(name))
-        try:
+        with opened_ledger(ledger_path(name)) as ledger:
             run = ledger.current_run()
             spent = ledger.spent(run.id) if run else 0.0
-        finally:
-            ledger.close()
         rows.append({"cluster": name, "run": run.id if run else None,
                      "state": "no run" if run is None else "ended" if run.ended_at is not None else "running",
                      "spent_usd": spent, "budget_usd": run.budget_usd if run else None,

@@ -1,10 +1,18 @@
-"""The controller's window on the training swarm: its own hivemind DHT peer."""
+"""The controller's window on the training swarm: its own hivemind DHT peer.
+
+Every call into the DHT's process is bounded (DHT_CALL_TIMEOUT_SECONDS) and first checks that the
+process lives: a DHT process killed with the controller's process group (SIGTERM to a foreground
+`spotrain launch`), or by the OOM killer, turns each call into SwarmUnavailable instead of a tick
+blocked forever on an answer that never comes.
+"""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 
 from spotrain.contracts.records import (
     DUTY_TTL_SECONDS,
@@ -23,6 +31,12 @@ from spotrain.orphans import die_with_parent
 # half-gone.
 os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
+DHT_CALL_TIMEOUT_SECONDS = 10.0
+
+
+class SwarmUnavailable(RuntimeError):
+    """The controller's DHT process is gone or did not answer in time."""
+
 
 class SwarmView:
     def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1"):
@@ -35,25 +49,47 @@ class SwarmView:
             ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
         )
 
+    def alive(self) -> bool:
+        return self.dht.is_alive()
+
+    def _answer(self, call: Callable):
+        """The result of `call(return_future=True)`, within DHT_CALL_TIMEOUT_SECONDS."""
+        if not self.dht.is_alive():
+            raise SwarmUnavailable(f"the controller's DHT process has exited (code {self.dht.exitcode})")
+        future = call(return_future=True)
+        try:
+            return future.result(timeout=DHT_CALL_TIMEOUT_SECONDS)
+        except (FutureTimeout, TimeoutError):  # one class from Python 3.11 on
+            future.cancel()
+            state = "answered nothing" if self.dht.is_alive() else f"exited (code {self.dht.exitcode})"
+            raise SwarmUnavailable(f"the controller's DHT process {state} "
+                                   f"within {DHT_CALL_TIMEOUT_SECONDS:.0f}s") from None
+
     def addresses(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+        return [str(a) for a in self._answer(partial(self.dht.run_coroutine, _visible_maddrs))]
 
     def statuses(self) -> dict[str, AgentStatus]:
         """The newest status of every agent whose record has not expired."""
-        return newest_statuses(self.dht.get(status_key(self.cluster), latest=True))
+        return newest_statuses(self._answer(partial(self.dht.get, status_key(self.cluster), latest=True)))
 
     def stages(self) -> list[dict[str, float]]:
         """`{stage, peers, samples_per_second}` of every stage with a serving peer, from the stage records."""
-        found = self.dht.get(stages_key(self.cluster), latest=True)
+        found = self._answer(partial(self.dht.get, stages_key(self.cluster), latest=True))
         return stage_summary(found_stage_records(found), time.time())
 
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         from hivemind.utils.timed_storage import get_dht_time
 
-        self.dht.store(duty_key(self.cluster), duty_record(instance_ids), get_dht_time() + DUTY_TTL_SECONDS)
+        self._answer(partial(self.dht.store, duty_key(self.cluster), duty_record(instance_ids),
+                             get_dht_time() + DUTY_TTL_SECONDS))
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+
+
+async def _visible_maddrs(_dht, node) -> list:
+    """Run inside the DHT's process (DHT.run_coroutine): the addresses other peers can reach it at."""
+    return await node.get_visible_maddrs()
 
 
 def _orphan_safe_dht_class():

@@ -52,7 +52,8 @@ def test_defaults_enable_the_local_provider(tmp_path):
         (GOOD + "checkpoint: {stores: ['/a', 'file:///a']}\n", "checkpoint.stores: 1: store 'file:///a' is listed"),
         (GOOD + "checkpoint: {stores: [{url: 'gs://b/r', domain: 'aws:mars-1'}]}\n",
          "checkpoint.stores.0.domain: unknown failure domain 'aws:mars-1'"),
-        (GOOD + "training: {compression: {gradients: zip}}\n", "training.compression.gradients: unknown codec 'zip'"),
+        (GOOD.replace('task"}', 'task", compression: {gradients: zip}}'),  # one training key: twice is an error
+         "training.compression.gradients: unknown codec 'zip'"),
     ],
 )
 def test_bad_specs_name_the_file_and_key(tmp_path, text, expected):
