@@ -126,10 +126,13 @@ class Agent:
             end_descendants(CHILDREN_GRACE_SECONDS)  # whatever hivemind left: nothing outlives the agent
 
     def _join(self) -> DHT:
-        from spotrain.agents.swarm_join import join_swarm
+        from spotrain.agents.swarm_join import join_swarm, keep_merged
 
         source = make_client(*self.metadata) if self.metadata is not None else None
         dht = join_swarm(self.config, source, log)
+        if source is not None:
+            threading.Thread(target=keep_merged, args=(dht, source, self.stop, log), name="swarm-merge",
+                             daemon=True).start()
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
         log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
         return dht

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from spotrain.contracts.agent_config import AgentConfig
 
@@ -26,6 +28,7 @@ PORT_FILE = "swarm-port"  # the port picked when the spec gives none: the same a
 ADDRESSES_FILE = "swarm-addresses.json"  # read by the local provider as the instance's addresses
 JOIN_ATTEMPTS = 5
 RETRY_SECONDS = 3.0
+MERGE_SECONDS = 20.0  # how often a joined agent pings the published peers (heals a swarm that split)
 
 
 class LiveSource(Protocol):
@@ -134,3 +137,34 @@ def _joined(dht: DHT, work: Path) -> DHT:
     addresses = [str(a) for a in dht.get_visible_maddrs()]
     (work / ADDRESSES_FILE).write_text(json.dumps(addresses))  # the local provider reports these
     return dht
+
+
+async def ping_peers(peers: list[str], dht: object, node: Any) -> int:
+    """Run in the DHT's process (`DHT.run_coroutine`): connect to and ping each peer, which puts the
+    ones that answer into the routing table; returns how many answered."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    answered = 0
+    for peer in peers:
+        try:
+            address = Multiaddr(peer)
+            peer_id = PeerID.from_base58(address["p2p"])
+            await node.p2p._client.connect(peer_id, [address.decapsulate(Multiaddr(f"/p2p/{address['p2p']}"))])
+            answered += await node.protocol.call_ping(peer_id) is not None
+        except Exception:  # a peer that is gone or malformed: the next one may answer
+            continue
+    return answered
+
+
+def keep_merged(dht: DHT, source: LiveSource, stop: threading.Event, log: Callable[[str], None]) -> None:
+    """Until `stop`: ping the published peers now and then. Agents that started alone at the same
+    moment (a controller behind NAT lists nobody at first) become one swarm once they are listed."""
+    own = str(dht.peer_id)
+    while not stop.wait(MERGE_SECONDS):
+        peers = others(_read_live(source) or [], own)
+        if peers:
+            try:
+                dht.run_coroutine(partial(ping_peers, peers))
+            except Exception as error:  # the DHT is shutting down, or busy: try again later
+                log(f"pinging live peers failed: {type(error).__name__}: {error}")

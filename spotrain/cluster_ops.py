@@ -88,6 +88,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
     """Drive the cluster until its run ends; returns why it ended."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
+    from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
     from spotrain.swarm_view import SwarmView
 
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # a long final tick is expected, not news
@@ -103,7 +104,8 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
-        swarm = SwarmView(spec.name, [a for i in running for a in i.addresses])
+        swarm = SwarmView(spec.name, **swarm_options(spec.providers.enabled(), spec.controller.reachable, running,
+                                                     ledger.meta(PUBLISHED_PEERS_META)))
         settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                 target_epoch=target_epoch or spec.training.target_epoch,
                                 checkpoint_store=checkpoint_store(spec))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from pathlib import Path
 
 from spotrain.contracts.states import AgentState
 from spotrain.errors import SpecError, SpotrainError

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 
 from spotrain.contracts.records import (
     DUTY_TTL_SECONDS,
@@ -23,18 +24,29 @@ os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 
 
 class SwarmView:
-    def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1"):
+    def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1",
+                 client_mode: bool = False):
         from hivemind.dht.crypto import RSASignatureValidator
 
         self.cluster = cluster
+        self.client_mode = client_mode  # behind NAT: it dials agents, nobody dials it
         self.dht = _orphan_safe_dht_class()(
             initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
             record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
             ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
+            client_mode=client_mode,
         )
 
     def addresses(self) -> list[str]:
-        return [str(a) for a in self.dht.get_visible_maddrs()]
+        """Where agents can bootstrap from this peer: nowhere when it is a client."""
+        return [] if self.client_mode else [str(a) for a in self.dht.get_visible_maddrs()]
+
+    def join(self, peers: Sequence[str]) -> int:
+        """Ping these peers into the routing table (a peer that started alone, or agents that came up
+        after this peer found nobody); returns how many answered."""
+        from spotrain.agents.swarm_join import ping_peers
+
+        return self.dht.run_coroutine(partial(ping_peers, list(peers)))
 
     def statuses(self) -> dict[str, AgentStatus]:
         """The newest status of every agent whose record has not expired."""
