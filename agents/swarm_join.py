@@ -111,24 +111,25 @@ def join_swarm(config: AgentConfig, source: LiveSource | None, log: Callable[[st
     announce = [f"/ip4/{host}/tcp/{port}" for host in announce_hosts(config, source)]
     options = dict(host_maddrs=[f"/ip4/{config.host}/tcp/{port}"], announce_maddrs=announce or None,
                    identity_path=str(identity), start=True)
-    peers, live = others(config.initial_peers, own_peer_id(identity)), None
+    own = own_peer_id(identity)
+    live: list[str] = []
     for attempt in range(JOIN_ATTEMPTS):
+        if attempt:
+            time.sleep(RETRY_SECONDS)
+        published = _read_live(source)  # fresher than the user-data: tried first
+        live = others(published or [], own)
+        peers = list(dict.fromkeys([*live, *others(config.initial_peers, own)]))
+        if live:
+            log(f"bootstrapping from {len(live)} live peer(s) the controller published")
         if peers:
             try:
                 return _joined(hivemind.DHT(initial_peers=peers, **options), work)
             except Exception as error:  # p2pd's "failed to connect to bootstrap peers", hivemind's failed ping
                 log(f"none of {len(peers)} bootstrap peer(s) answered: {str(error).splitlines()[0][:200]}")
-        if attempt:
-            time.sleep(RETRY_SECONDS)
-        live = _read_live(source)
-        if live is not None:
-            live = others(live, own_peer_id(identity))
-            if not live:
-                break
-            log(f"bootstrapping from {len(live)} live peer(s) the controller published")
-        peers = live or []
+        if published is not None and not live:
+            break  # nobody is listed: there is no one to wait for
     if live:
-        raise RuntimeError(f"no bootstrap peer answered in {JOIN_ATTEMPTS} attempts")
+        raise RuntimeError(f"none of the live peers answered in {JOIN_ATTEMPTS} attempts")
     log("no bootstrap peer answered and no live peer is listed: starting the swarm alone")
     return _joined(hivemind.DHT(initial_peers=[], **options), work)
 
