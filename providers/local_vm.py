@@ -121,6 +121,9 @@ class Supervisor:
                 elif restarts < MAX_AGENT_RESTARTS:
                     restarts += 1
                     self.log(f"agent exited with {code}; restart {restarts}/{MAX_AGENT_RESTARTS}")
+                    # what the crashed agent started (its p2pd holds its identity) goes too, as systemd's
+                    # control-group kill does; else the restarted agent finds its peer id taken
+                    self.kill_agent_group()
                     time.sleep(1.0)
                     self.start_agent()
                 else:

@@ -20,8 +20,9 @@ GONE = "/ip4/127.0.0.1/tcp/9/p2p/QmTr1gcgqcGU8U2wjzR1KHF9JoZZHe6oEB9nGAtxSWgbu9"
 
 def start(work: Path, instance_id: str, metadata_url: str) -> subprocess.Popen:
     work.mkdir(exist_ok=True)
+    store = {"store": str(work.parent / "ckpt"), "every_epochs": 50}
     config = agent_config("boot", instance_id=instance_id, initial_peers=[GONE], host="0.0.0.0",
-                          announce_host="127.0.0.1", checkpoint={"store": str(work.parent / "ckpt"), "every_epochs": 50})
+                          announce_host="127.0.0.1", checkpoint=store)
     (work / "user-data.json").write_text(config.to_json())
     env = dict(os.environ, SPOTRAIN_METADATA_URL=metadata_url)
     with open(work / "agent.log", "a") as log:
