@@ -30,12 +30,14 @@ class SwarmView:
 
         self.cluster = cluster
         self.client_mode = client_mode  # behind NAT: it dials agents, nobody dials it
-        self.dht = _orphan_safe_dht_class()(
-            initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
-            record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
-            ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
-            client_mode=client_mode,
-        )
+        options = dict(host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
+                       record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
+                       ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
+                       client_mode=client_mode)
+        try:
+            self.dht = _orphan_safe_dht_class()(initial_peers=list(initial_peers), **options)
+        except Exception:  # p2pd refuses to start when no bootstrap peer answers: alone, the loop joins agents later
+            self.dht = _orphan_safe_dht_class()(initial_peers=[], **options)
 
     def addresses(self) -> list[str]:
         """Where agents can bootstrap from this peer: nowhere when it is a client."""
