@@ -8,7 +8,6 @@ service for a preemption notice, drain, and end every process it started before 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -140,13 +139,14 @@ class Agent:
             end_descendants(CHILDREN_GRACE_SECONDS)  # whatever hivemind left: nothing outlives the agent
 
     def _join(self) -> DHT:
-        import hivemind
+        from spotrain.agents.swarm_join import join_swarm, keep_merged
 
-        listen = f"/ip4/{self.config.host}/tcp/{self.config.port}"  # port 0: any free port
-        dht = hivemind.DHT(initial_peers=list(self.config.initial_peers), host_maddrs=[listen], start=True)
+        source = make_client(*self.metadata) if self.metadata is not None else None
+        dht = join_swarm(self.config, source, log)
+        if source is not None:
+            threading.Thread(target=keep_merged, args=(dht, source, self.stop, log), name="swarm-merge",
+                             daemon=True).start()
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
-        # the local provider reports these addresses as the instance's (providers/local.py)
-        Path("swarm-addresses.json").write_text(json.dumps(list(self.addresses)))
         log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
         return dht
 

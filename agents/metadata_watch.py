@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from typing import get_args
 
 from spotrain.contracts.agent_config import AgentConfig, MetadataKind
+from spotrain.contracts.live_peers import PEERS_ATTRIBUTE, PEERS_TAG
 
 TOKEN_TTL_SECONDS = 21600
 GCE_NOTICE_SECONDS = 30.0  # a GCE spot VM gets ~30 s between the preemption notice and the stop
@@ -87,6 +88,15 @@ class ImdsV2Client:
             return None
         return Notice(action="rebalance", time=json.loads(body)["noticeTime"])
 
+    def reachable_hosts(self) -> list[str]:
+        """The VM's private and public IPv4 addresses, the ones it has."""
+        return [host.strip() for host in (self.get("local-ipv4"), self.get("public-ipv4")) if host and host.strip()]
+
+    def live_peers(self) -> list[str] | None:
+        """The swarm's peers as the controller last published them on this instance; None: never published."""
+        value = self.get(f"tags/instance/{PEERS_TAG}")
+        return None if value is None else value.split()
+
     def instance_id(self) -> str:
         value = self.get("instance-id")
         if not value:
@@ -138,6 +148,20 @@ class GceMetadataClient:
     def maintenance_event(self) -> str:
         answer = self.get("instance/maintenance-event")
         return answer[0].strip() if answer else "NONE"
+
+    def reachable_hosts(self) -> list[str]:
+        """The VM's internal IP and its external (NAT) IP, the ones it has."""
+        hosts = []
+        for path in ("instance/network-interfaces/0/ip", "instance/network-interfaces/0/access-configs/0/external-ip"):
+            answer = self.get(path)
+            if answer and answer[0].strip():
+                hosts.append(answer[0].strip())
+        return hosts
+
+    def live_peers(self) -> list[str] | None:
+        """The swarm's peers as the controller last published them in this instance's metadata; None: never."""
+        answer = self.get(f"instance/attributes/{PEERS_ATTRIBUTE}")
+        return answer[0].split() if answer else None
 
     def instance_id(self) -> str:
         answer = self.get("instance/name")  # spotrain knows GCE instances by name

@@ -15,6 +15,7 @@ from collections.abc import Set as AbstractSet
 from datetime import datetime, timezone
 from typing import Any
 
+from spotrain.contracts.live_peers import EC2_TAG_VALUE_LIMIT, PEERS_TAG, peers_value
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import (
     AuthError,
@@ -196,7 +197,8 @@ class AwsProvider:
             "ClientToken": client_token(request.request_id),
             "Placement": {"AvailabilityZone": zone}, "SecurityGroupIds": [group], "UserData": user_data,
             "InstanceMarketOptions": {"MarketType": "spot", "SpotOptions": spot},
-            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
+            # IMDSv2 only; tags visible, so the agent reads the live peers (PEERS_TAG) there
+            "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "InstanceMetadataTags": "enabled"},
             "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
                                   for kind in ("instance", "volume", "spot-instances-request")],
         }
@@ -304,8 +306,27 @@ class AwsProvider:
             cluster=tags.get(TAG_CLUSTER, ""), location=f"{NAME}:{described['Placement']['AvailabilityZone']}",
             price_usd_per_hour=float(tags.get(TAG_PRICE, "0") or 0), state=status,
             launched_at=described["LaunchTime"].timestamp(), ended_at=None, end_reason=end_reason,
-            end_detail=detail,
+            end_detail=detail, addresses=self._addresses(described) if status == InstanceState.RUNNING else (),
         )
+
+    def _addresses(self, described: dict) -> tuple[str, ...]:
+        """Where the agent listens: the private IP (peers in the VPC), then the public one (everyone else)."""
+        ips = [described.get("PrivateIpAddress"), described.get("PublicIpAddress")]
+        return tuple(f"/ip4/{ip}/tcp/{self.config.swarm_port}" for ip in ips if ip)
+
+    def publish_peers(self, cluster: str, peers: list[str]) -> None:
+        """The `spotrain:peers` tag on each running instance (its IMDS shows it), rewritten when it changes."""
+        value = peers_value(peers, EC2_TAG_VALUE_LIMIT)
+        for region in self.config.regions:
+            try:
+                stale = [d["InstanceId"] for d in self._described(region, [
+                    {"Name": f"tag:{TAG_CLUSTER}", "Values": [cluster]},
+                    {"Name": "instance-state-name", "Values": ["pending", "running"]}])
+                    if {t["Key"]: t["Value"] for t in d.get("Tags", [])}.get(PEERS_TAG) != value]
+                if stale:
+                    self.ec2(region).create_tags(Resources=stale, Tags=[{"Key": PEERS_TAG, "Value": value}])
+            except sdk_errors() as error:
+                raise typed_error(error, f"publish peers in {region}") from None
 
     def console_output(self, instance_id: str, location: str) -> str:
         """The instance's serial console as EC2 keeps it (boot, cloud-init, the agent); "" when gone."""

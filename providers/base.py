@@ -65,7 +65,9 @@ class Instance:
     ended_at: float | None = None
     end_reason: EndReason | None = None  # set once it has ended
     end_detail: str = ""  # the provider's own words: an exit code, a status
-    addresses: tuple[str, ...] = field(default=())  # swarm multiaddrs the agent listens on
+    # where the instance's agent can be reached: full multiaddrs (local: what the agent announced), or
+    # `/ip4/<ip>/tcp/<swarm port>` from a cloud's API (private, then public IP), which lack the peer id
+    addresses: tuple[str, ...] = field(default=())
 
 
 @runtime_checkable
@@ -91,3 +93,11 @@ class ConsoleProvider(Protocol):
     """A provider that shows an instance's console, where its agent's output goes (local, AWS, GCP)."""
 
     def console_output(self, instance_id: str, location: str) -> str: ...
+
+
+@runtime_checkable
+class PeerPublisher(Protocol):
+    """A provider that can tell its running VMs where the live swarm is (spotrain.contracts.live_peers):
+    an agent whose launch-time peers are gone reads them through its metadata service."""
+
+    def publish_peers(self, cluster: str, peers: list[str]) -> None: ...

@@ -322,10 +322,17 @@ class GcpProvider:
             price_usd_per_hour=float(metadata.get(META_PRICE, "0") or 0), state=state,
             launched_at=_timestamp(described.creation_timestamp), ended_at=ended_at, end_reason=reason,
             end_detail=status.lower() if reason is EndReason.ENDED_BY_PROVIDER else "",
+            addresses=self._addresses(described) if state == InstanceState.RUNNING else (),
         )
         self._zone_of[described.name] = zone
         self._seen[described.name] = instance
         return instance
+
+    def _addresses(self, described: Any) -> tuple[str, ...]:
+        """Where the agent listens: internal IPs (peers in the network), then external NAT IPs (everyone else)."""
+        nics = list(described.network_interfaces)
+        ips = [nic.network_i_p for nic in nics] + [c.nat_i_p for nic in nics for c in nic.access_configs]
+        return tuple(f"/ip4/{ip}/tcp/{self.config.swarm_port}" for ip in ips if ip)
 
     def console_output(self, instance_id: str, location: str) -> str:
         """Serial port 1 (boot, the startup script, the agent's unit); "" once the VM is deleted."""

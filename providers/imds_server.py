@@ -17,6 +17,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 from spotrain.providers.background_http import BackgroundHTTPServer
 
@@ -33,8 +34,10 @@ def iso_utc(epoch_seconds: float) -> str:
 class MetadataState:
     """What the metadata service knows about its instance; thread-safe."""
 
-    def __init__(self, instance_id: str, zone: str, instance_type: str = "local.cpu"):
+    def __init__(self, instance_id: str, zone: str, instance_type: str = "local.cpu",
+                 live_files: dict[str, Path] | None = None):
         self._lock = threading.Lock()
+        self.live_files = live_files or {}  # documents read from a file at each request (the live peers)
         self._tokens: dict[str, float] = {}
         self._notice: dict | None = None
         self._rebalance: dict | None = None
@@ -119,6 +122,12 @@ class _Handler(BaseHTTPRequestHandler):
             rebalance = self.server.state.rebalance()
             return (self._reply(200, json.dumps(rebalance), "application/json") if rebalance
                     else self._reply(404, "Not Found"))
+        live = self.server.state.live_files.get(key)
+        if live is not None:
+            try:
+                return self._reply(200, live.read_text())
+            except FileNotFoundError:
+                return self._reply(404, "Not Found")
         if key in self.server.state.documents:
             return self._reply(200, self.server.state.documents[key])
         self._reply(404, "Not Found")

@@ -17,10 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from spotrain.contracts.live_peers import peers_value
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import Instance, LaunchRequest, Offer
 from spotrain.providers.local_schedule import claim_lifetime
-from spotrain.providers.local_vm import write_json_atomic
+from spotrain.providers.local_vm import PEERS_FILE, write_json_atomic
 
 NAME = "local"
 
@@ -38,6 +39,13 @@ def _pid_runs(pid: int, vm_dir: Path) -> bool:
         return False
     zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
     return not zombie and str(vm_dir).encode() in cmdline
+
+
+def _same_text(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except FileNotFoundError:
+        return False
 
 
 def _end_reason(state: dict) -> tuple[EndReason | None, str]:
@@ -94,7 +102,9 @@ class LocalProvider:
         )
         vm_dir.mkdir(parents=True, exist_ok=True)
         # the supervisor gives the agent its metadata service through the environment
-        user_data = request.user_data.for_vm(location=request.offer.location, instance_id=instance_id)
+        # every interface, as on a cloud VM; peers on this machine reach it at 127.0.0.1
+        user_data = request.user_data.for_vm(location=request.offer.location, instance_id=instance_id,
+                                             host="0.0.0.0", announce_host="127.0.0.1")
         write_json_atomic(vm_dir / "user-data.json", user_data.wire())
         vm = {
             "instance_id": instance_id, "request_id": request.request_id, "cluster": request.cluster,
@@ -154,6 +164,16 @@ class LocalProvider:
             except (OSError, json.JSONDecodeError, KeyError):
                 continue  # a VM being written right now shows up on the next call
         return found
+
+    def publish_peers(self, cluster: str, peers: list[str]) -> None:
+        """Each running VM's IMDS serves these as the `spotrain:peers` tag (local_vm.PEERS_FILE)."""
+        value = peers_value(peers)
+        for instance in self.list_instances(cluster):
+            peers_file = self.vms / instance.instance_id / PEERS_FILE
+            if instance.state == InstanceState.RUNNING and not _same_text(peers_file, value):
+                tmp = peers_file.with_name(PEERS_FILE + ".tmp")
+                tmp.write_text(value)
+                os.replace(tmp, peers_file)
 
     def terminate(self, instance_id: str) -> None:
         vm_dir = self.vms / instance_id

@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from spotrain.contracts.live_peers import PEERS_TAG
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 
 POLL_SECONDS = 0.2
 MAX_AGENT_RESTARTS = 3
+PEERS_FILE = "peers"  # the live swarm's peers, rewritten by the provider each tick
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -34,7 +36,9 @@ class Supervisor:
     def __init__(self, vm_dir: Path):
         self.vm_dir = vm_dir
         self.vm = json.loads((vm_dir / "vm.json").read_text())
-        self.state = MetadataState(self.vm["instance_id"], self.vm["zone"])
+        # the peers the controller publishes (LocalProvider.publish_peers), served as EC2 serves a tag
+        self.state = MetadataState(self.vm["instance_id"], self.vm["zone"],
+                                   live_files={f"tags/instance/{PEERS_TAG}": vm_dir / PEERS_FILE})
         self.server = MetadataServer(self.state)
         self.agent: subprocess.Popen | None = None
         self.terminate_requested = False
@@ -117,6 +121,9 @@ class Supervisor:
                 elif restarts < MAX_AGENT_RESTARTS:
                     restarts += 1
                     self.log(f"agent exited with {code}; restart {restarts}/{MAX_AGENT_RESTARTS}")
+                    # what the crashed agent started (its p2pd holds its identity) goes too, as systemd's
+                    # control-group kill does; else the restarted agent finds its peer id taken
+                    self.kill_agent_group()
                     time.sleep(1.0)
                     self.start_agent()
                 else:

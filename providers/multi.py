@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from spotrain.providers.base import ConsoleProvider, Instance, LaunchRequest, Offer, Provider, ProviderError
+from spotrain.providers.base import (
+    ConsoleProvider,
+    Instance,
+    LaunchRequest,
+    Offer,
+    PeerPublisher,
+    Provider,
+    ProviderError,
+)
 
 
 class MultiProvider:
@@ -55,6 +63,11 @@ class MultiProvider:
         if not isinstance(provider, ConsoleProvider):
             raise ProviderError(f"{provider.name} shows no instance console")
         return provider.console_output(instance_id, location)
+
+    def publish_peers(self, cluster: str, peers: list[str]) -> None:
+        for provider in self.providers.values():
+            if isinstance(provider, PeerPublisher):
+                provider.publish_peers(cluster, peers)
 
     def terminate(self, instance_id: str) -> None:
         owner = self._owner.get(instance_id)

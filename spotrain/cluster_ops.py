@@ -52,6 +52,7 @@ def checked_provider(spec: ClusterSpec):
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
+    from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
     from spotrain.swarm_view import SwarmView
 
     provider = checked_provider(spec)
@@ -64,7 +65,8 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
-        swarm = SwarmView(spec.name, [a for i in running for a in i.addresses])
+        swarm = SwarmView(spec.name, **swarm_options(spec.providers.enabled(), spec.controller.reachable, running,
+                                                     ledger.meta(PUBLISHED_PEERS_META)))
         try:
             settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                     target_epoch=target_epoch or spec.training.target_epoch,

@@ -317,6 +317,12 @@ class Providers(_Frozen):
         return {key: value for key, value in data.items() if key in enabled}
 
 
+class Controller(_Frozen):
+    reachable: Literal["auto", "yes", "no"] = Field(
+        default="auto", description="can agents dial the controller? no: it joins the swarm as a DHT client "
+                                    "(a laptop behind NAT); auto: yes for the local cloud, else probed")
+
+
 class ClusterSpec(_Frozen):
     name: str = Field(pattern=CLUSTER_NAME_PATTERN)
     budget: Budget
@@ -324,6 +330,7 @@ class ClusterSpec(_Frozen):
     placement: Placement = Placement()
     checkpoint: Checkpoint = Checkpoint()
     providers: Providers = Providers()
+    controller: Controller = Controller()
 
     @model_validator(mode="after")
     def _two_peers_per_stage(self) -> ClusterSpec:

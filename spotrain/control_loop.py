@@ -42,12 +42,14 @@ from spotrain.providers.base import (
     Instance,
     LaunchRequest,
     Offer,
+    PeerPublisher,
     PriceError,
     Provider,
     ProviderError,
     QuotaError,
 )
 from spotrain.swarm import Swarm
+from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
 from spotrain.throughput import TaskProfile
 
 STATUS_FRESH_SECONDS = 20.0
@@ -92,6 +94,7 @@ class ControlLoop:
         self.failed_agent: Instance | None = None  # an instance whose provider gave up on its agent
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
+        self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -100,6 +103,7 @@ class ControlLoop:
         A request in the ledger that the provider never saw is re-issued with its request id
         (the controller died between the two), or, when ending, marked failed."""
         seen = {i.request_id: i for i in self.provider.list_instances(self.spec.name)}
+        self.seen = seen
         known = {row.request_id for row in self.ledger.instances()}
         for request, found in seen.items():
             if request not in known and found.state == InstanceState.RUNNING:
@@ -211,7 +215,29 @@ class ControlLoop:
         if self.end_reason is not None:
             self.finish(self.end_reason)
         else:
+            self._share_peers(observed)
             self._progress_line(now, observed)
+
+    def _share_peers(self, observed: Observed) -> None:
+        """Tell the VMs where the live swarm is (an agent restarted at any time bootstraps from it), keep it
+        for a restarted controller, and reach running agents this peer does not hear from."""
+        running = {i.instance_id for i in observed.instances if i.state == InstanceState.RUNNING and i.instance_id}
+        peers = live_peers(self.swarm.addresses(), self.statuses.values(), running)
+        if isinstance(self.provider, PeerPublisher):
+            try:
+                self.provider.publish_peers(self.spec.name, peers)
+            except ProviderError as error:
+                self.say(f"live peers not published: {error}")
+        if peers != self.ledger.meta(PUBLISHED_PEERS_META):
+            self.ledger.set_meta(PUBLISHED_PEERS_META, peers)
+        unheard = running - set(self.statuses)
+        join = getattr(self.swarm, "join", None)
+        if unheard and join is not None:  # a controller that started alone, or a client nobody dials
+            instances = [i for i in self.seen.values() if i.instance_id in unheard]
+            try:
+                join(bootstrap_peers(instances, peers))
+            except Exception as error:  # the DHT is best effort
+                self.say(f"joining agents failed: {type(error).__name__}: {error}")
 
     def _reconcile_and_apply(self, now: float) -> Observed:
         observed = self.observe(now)

@@ -39,15 +39,20 @@ class SwarmUnavailable(RuntimeError):
 
 
 class SwarmView:
-    def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1"):
+    def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1",
+                 client_mode: bool = False):
         from hivemind.dht.crypto import RSASignatureValidator
 
         self.cluster = cluster
-        self.dht = _orphan_safe_dht_class()(
-            initial_peers=list(initial_peers), host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
-            record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
-            ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
-        )
+        self.client_mode = client_mode  # behind NAT: it dials agents, nobody dials it
+        options = dict(host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
+                       record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
+                       ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
+                       client_mode=client_mode)
+        try:
+            self.dht = _orphan_safe_dht_class()(initial_peers=list(initial_peers), **options)
+        except Exception:  # p2pd refuses to start when no bootstrap peer answers: alone, the loop joins agents later
+            self.dht = _orphan_safe_dht_class()(initial_peers=[], **options)
 
     def alive(self) -> bool:
         return self.dht.is_alive()
@@ -66,7 +71,17 @@ class SwarmView:
                                    f"within {DHT_CALL_TIMEOUT_SECONDS:.0f}s") from None
 
     def addresses(self) -> list[str]:
+        """Where agents can bootstrap from this peer: nowhere when it is a client."""
+        if self.client_mode:
+            return []
         return [str(a) for a in self._answer(partial(self.dht.run_coroutine, _visible_maddrs))]
+
+    def join(self, peers: Sequence[str]) -> int:
+        """Ping these peers into the routing table (a peer that started alone, or agents that came up
+        after this peer found nobody); returns how many answered."""
+        from spotrain.agents.swarm_join import ping_peers
+
+        return self._answer(partial(self.dht.run_coroutine, partial(ping_peers, list(peers))))
 
     def statuses(self) -> dict[str, AgentStatus]:
         """The newest status of every agent whose record has not expired."""

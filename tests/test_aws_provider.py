@@ -107,3 +107,22 @@ def test_missing_credentials_fail_with_a_line_naming_aws(aws, monkeypatch):
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
     with pytest.raises(AuthError, match=r"^aws: no credentials found"):
         provider().check_credentials()
+
+
+def test_instances_report_their_private_and_public_addresses_and_carry_the_live_peers(aws):
+    p = provider()
+    instance = p.launch(request(p, "c1-r00010"))
+    (described,) = aws_instances()
+    private, public = described["PrivateIpAddress"], described.get("PublicIpAddress")
+    assert private and instance.addresses[0] == f"/ip4/{private}/tcp/31337"
+    assert instance.addresses[1:] == ((f"/ip4/{public}/tcp/31337",) if public else ())
+    assert described["MetadataOptions"]["InstanceMetadataTags"] == "enabled"  # the agent reads the tag via IMDS
+
+    peer = "/ip4/198.51.100.{}/tcp/31337/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+    p.publish_peers("c1", [peer.format(n) for n in range(5)])
+    (described,) = aws_instances()
+    value = {t["Key"]: t["Value"] for t in described["Tags"]}["spotrain:peers"]
+    assert len(value) <= 256 and value.split() == [peer.format(n) for n in range(len(value.split()))]
+    assert len(value.split()) >= 2  # whole multiaddrs, as many as fit in a tag
+    (listed,) = p.list_instances("c1")
+    assert listed.addresses == instance.addresses

@@ -88,6 +88,25 @@ def test_controller_sigkill_then_relaunch_adopts_and_down_cleans_up(tmp_path):
     log = (home / "clusters" / "e2e" / "controller.log").read_text()
     assert "adopting 3 running instance(s)" in log
 
+    # an agent restarted after the controller's restart (its user-data names the dead controller)
+    # rejoins through the live peers, under the same peer id
+    vm = home / "local-cloud" / "vms" / sorted(before)[0]
+    address_file = vm / "work" / "swarm-addresses.json"
+    first = json.loads(address_file.read_text())
+    address_file.unlink()
+    agent_pid = int(wait_for(lambda: [line for line in (vm / "supervisor.log").read_text().splitlines()
+                                      if "agent started (pid" in line], 10, "the agent's pid")[-1]
+                    .split("pid ")[1].rstrip(")"))
+    os.kill(agent_pid, signal.SIGKILL)  # the supervisor restarts it, as systemd would
+    assert wait_for(lambda: address_file.exists() and json.loads(address_file.read_text()), 120,
+                    "the restarted agent in the swarm") == first
+    restarted = wait_for(lambda: [w for w in json.loads(run_cli("status", "--json", home=home).stdout)["workers"]
+                                  if w["instance_id"] == vm.name and w["agent_state"] == "training"], 120,
+                         "the restarted agent training")
+    assert restarted
+    agent_log = (vm / "agent.log").read_text()
+    assert "failed to connect to bootstrap peers" not in agent_log and "swarm alone" not in agent_log
+
     result = run_cli("down", home=home, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     cloud = LocalProvider(LocalConfig(), home / "local-cloud").list_instances("e2e")

@@ -141,3 +141,12 @@ def test_credentials_missing_or_refused_fail_with_a_line_naming_gcp(gce, tmp_pat
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
     with pytest.raises(AuthError, match=r"^gcp: no credentials found"):
         provider(gce).check_credentials()
+
+
+def test_instances_report_their_internal_and_nat_addresses(gce):
+    p = provider(gce)
+    instance = p.launch(request(p, "c2-r00010"))
+    (nic,) = gce.state.instances["us-central1-a"][instance.instance_id]["networkInterfaces"]
+    (nat,) = nic["accessConfigs"]
+    assert instance.addresses == (f"/ip4/{nic['networkIP']}/tcp/31337", f"/ip4/{nat['natIP']}/tcp/31337")
+    assert [i.addresses for i in p.list_instances("c2")] == [instance.addresses]

@@ -84,8 +84,10 @@ class AgentConfig(_Contract):
     instance_id: str | None = None  # None on EC2: only the VM knows its id, the agent asks IMDS
     location: str | None = None
     metadata: MetadataEndpoint | None = None
-    host: str = "127.0.0.1"  # where the agent's swarm peer listens; port 0: any free port
+    host: str = "127.0.0.1"  # where the agent's swarm peer listens; port 0: a free port, kept across restarts
     port: int = Field(default=0, ge=0, le=65535)
+    # the address peers reach the agent at; None: ask the metadata service (a VM's private and public IPs)
+    announce_host: str | None = None
 
     @model_validator(mode="after")
     def _pipeline_in_swarm_mode(self) -> AgentConfig:
@@ -96,10 +98,10 @@ class AgentConfig(_Contract):
         return self
 
     def for_vm(self, *, location: str, instance_id: str | None = None, metadata: MetadataEndpoint | None = None,
-               host: str | None = None, port: int | None = None) -> AgentConfig:
+               host: str | None = None, port: int | None = None, announce_host: str | None = None) -> AgentConfig:
         """This config completed with what only the provider knows; fields left None stay as they are."""
         update: dict[str, Any] = {"location": location, "instance_id": instance_id, "metadata": metadata,
-                                  "host": host, "port": port}
+                                  "host": host, "port": port, "announce_host": announce_host}
         return self.model_copy(update={k: v for k, v in update.items() if v is not None})
 
     def wire(self) -> dict[str, Any]:
