@@ -109,7 +109,7 @@ def test_the_sane_upper_bounds_leave_real_specs_alone(tmp_path):
     assert load_spec(spec_file(tmp_path, "name: t1\nbudget: {total_usd: 1e308}\n")).budget.total_usd == 1e308
 
 
-@pytest.mark.parametrize("content", [b"\x00\x01binary", GOOD + "budget: {total_usd: 2}\n"])
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00binary", GOOD + "budget: {total_usd: 2}\n"])
 def test_cli_launch_of_a_bad_spec_is_one_line_nonzero_and_writes_nothing(tmp_path, content):
     home = tmp_path / "home"
     path = spec_file(tmp_path, content)

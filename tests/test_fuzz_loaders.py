@@ -34,8 +34,8 @@ YAML_BITS = [": ", "\n", "\n  ", "- ", "{", "}", "[", "]", ", ", "&a ", "*a", "!
              "yes", "\t", "\\", "\x85", "\u2028", "\ufeff", "é", "💥"]
 SCALARS = (st.none() | st.booleans() | st.integers() | st.integers(min_value=10**20)
            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20))
-VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
-                      | st.dictionaries(st.sampled_from(SPEC_WORDS) | st.text(max_size=6), inner, max_size=4),
+KEYS = st.sampled_from(SPEC_WORDS) | st.sampled_from(["a\nb", "\u2028", "\r"]) | st.text(max_size=6)
+VALUES = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
                       max_leaves=20)
 
 
@@ -64,14 +64,28 @@ def test_any_bytes_are_a_spec_or_one_line(tmp_path, content):
     load_or_error(written(tmp_path, content))
 
 
-@FUZZ
-@given(st.lists(st.sampled_from(YAML_BITS) | st.sampled_from(SPEC_WORDS) | st.text(max_size=4), max_size=60))
-def test_any_yaml_ish_text_is_a_spec_or_one_line(tmp_path, pieces):
-    load_or_error(written(tmp_path, ("name: t1\nbudget: {total_usd: 1}\n" + "".join(pieces)).encode()))
+PRINTABLE = st.characters(blacklist_categories=("Cc", "Cs"))  # control characters: the bytes test has them
+BITS = st.sampled_from(YAML_BITS) | st.sampled_from(SPEC_WORDS) | st.text(PRINTABLE, max_size=4)
+# values that parse, mostly, so that the loader's later stages (tags, keys, validation) are reached
+VALUE_BITS = st.sampled_from([".inf", "-.inf", ".nan", "1e999", "1.0e400", "100000000", "-5", "0", "2001-02-30",
+                              "2001-02-03", "!!int abc", "!!float x", "!!binary ###", "&a 1", "*a", "*b", "[1, 2]",
+                              "{a: 1, a: 2}", "{T4: .nan}", "~", "yes", "'x'", '"\\u2028"', "<<: {}"]) | st.text(PRINTABLE, max_size=6)
+WORDS = st.sampled_from(SPEC_WORDS) | st.text("abcT4_-", min_size=1, max_size=5)
+YAML_LINES = st.lists(st.tuples(WORDS, st.lists(WORDS, max_size=2), st.lists(VALUE_BITS, min_size=1, max_size=2)),
+                      max_size=12)
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(SPEC_WORDS) | st.text(max_size=8), VALUES, max_size=6))
+@given(YAML_LINES, st.lists(BITS, max_size=3))
+def test_any_yaml_ish_text_is_a_spec_or_one_line(tmp_path, lines, tail):
+    """Lines `key: {inner: {...: value-ish}}`, then free pieces: many reach the loader's later stages."""
+    body = "".join(f"{key}: " + "".join(f"{{{inner}: " for inner in nest) + "".join(value) + "}" * len(nest) + "\n"
+                   for key, nest, value in lines)
+    load_or_error(written(tmp_path, ("name: t1\nbudget: {total_usd: 1}\n" + body + "".join(tail)).encode()))
+
+
+@FUZZ
+@given(st.dictionaries(KEYS, VALUES, max_size=6))
 def test_any_mapping_is_a_spec_or_one_line(data):
     path = Path("/spec/from/fuzz.yaml")
     try:
