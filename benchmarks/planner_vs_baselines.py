@@ -30,7 +30,6 @@ from spotrain.providers.base import Offer
 from spotrain.sim.engine import STARTUP_SECONDS, Job, compare, fleet_pace
 from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import LocationTrace, load_trace
-from spotrain.throughput import TaskProfile
 
 POLICIES = ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
 SPOT = "spot-traces"
@@ -156,7 +155,7 @@ def run_set(entry: dict, tick: float, offset_hours: float = 0.0) -> dict | None:
     eager = results["eager-next-region"]
     # What no policy can beat, against eager-next-region: the oracle's cost, the time of the whole
     # fleet in one zone from the start, never preempted (on-demand's run), and spot's best time.
-    spot_hours = fastest_spot_hours(traces, TaskProfile.from_spec(spec), entry["workers"], job.target_samples,
+    spot_hours = fastest_spot_hours(traces, spec.task_profile(), entry["workers"], job.target_samples,
                                     job.deadline_hours, tick, job.start_offset)
     bounds = {"oracle_cost_vs_eager": results["oracle"]["spent_usd"] / eager["spent_usd"],
               "fastest_hours_vs_eager": results["on-demand"]["hours"] / eager["hours"],

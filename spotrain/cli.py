@@ -13,7 +13,7 @@ from rich.console import Console
 from spotrain.errors import SpotrainError
 
 if TYPE_CHECKING:
-    from spotrain.config import ClusterSpec
+    pass
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
@@ -40,20 +40,6 @@ def say(message: str) -> None:
     console.print(f"[dim]{__import__('time').strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
 
 
-def load_checked_spec(config: Path) -> ClusterSpec:
-    """The spec, its policy name checked against the registry (config.py imports no policy)."""
-    from spotrain.config import load_spec
-    from spotrain.errors import SpecError
-    from spotrain.policies import check_policy_name
-
-    spec = load_spec(config)
-    try:
-        check_policy_name(spec.placement.policy)
-    except ValueError as error:
-        raise SpecError(f"{config}: placement.policy: {error}") from None
-    return spec
-
-
 @app.callback()
 def _root() -> None:
     """Train one model on spot VMs within a hard budget."""
@@ -70,14 +56,14 @@ def launch(
     report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
-    from spotrain.config import MAX_HOURS
+    from spotrain.config import MAX_HOURS, load_spec
     from spotrain.providers.base import ProviderError
 
     try:
         check_number("--duration", duration, MAX_HOURS * 3600.0)
         check_number("--tick", tick, 3600.0, least=0.1)
         check_number("--target-epoch", target_epoch, 10**9)
-        spec = load_checked_spec(config)
+        spec = load_spec(config)
         if budget is not None:
             spec = spec.with_budget(budget)
         from spotrain import cluster_ops
@@ -226,12 +212,13 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
          as_json: bool = typer.Option(False, "--json"), tick: float = typer.Option(2.0, "--tick")) -> None:
     """Dry run: offers, placement, $/h, samples/s, $/1M samples, hours the budget pays for."""
     from spotrain import plan as planning
+    from spotrain.config import load_spec
     from spotrain.provider_factory import make_provider
     from spotrain.providers.base import ProviderError
 
     try:
         check_number("--tick", tick, 3600.0, least=0.1)
-        spec = load_checked_spec(config)
+        spec = load_spec(config)
         notes = planning.check_plannable(spec)
         offers = planning.offers_for(spec, make_provider(spec), say=lambda line: print(line, file=sys.stderr))
         planning.check_budget_covers_a_tick(spec, offers, tick)
@@ -268,6 +255,7 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
              as_json: bool = typer.Option(False, "--json")) -> None:
     """Replay real spot traces: every policy on the same job, with the real controller code."""
     from spotrain import plan as planning
+    from spotrain.config import load_spec
     from spotrain.policies import policy_names
     from spotrain.sim.engine import compare, default_job
     from spotrain.sim.traces import load_traces
@@ -279,7 +267,7 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
         for name in names:
             if name not in valid:
                 raise SpotrainError(f"--policy: unknown policy {name!r}; valid: {', '.join(sorted(valid))}")
-        spec = load_checked_spec(config)
+        spec = load_spec(config)
         traces = load_traces(trace)
         job = default_job(spec, traces)
         from spotrain.sim.clock import SimClock

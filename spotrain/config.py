@@ -21,8 +21,10 @@ from pydantic import (
 )
 
 from spotrain.errors import SpecError
+from spotrain.policies import check_policy_name
 from spotrain.store_domains import PROVIDERS, DomainStore, StorePlacement, failure_domain
 from spotrain.textfiles import UnreadableText, read_user_text
+from spotrain.throughput import TaskProfile, counted_parameters, wire_ratio
 
 if TYPE_CHECKING:
     from spotrain.providers.base import Offer
@@ -147,12 +149,16 @@ class Training(_Frozen):
 
 
 class Placement(_Frozen):
-    # checked against spotrain.policies by the CLI: the spec imports no policy
     policy: str = "spotrain"
     workers: int = Field(default=2, gt=0, le=MAX_INSTANCES)
     backups: int = Field(default=0, ge=0, le=MAX_INSTANCES)
     gpu: tuple[str, ...] = ()
     locations: tuple[str, ...] | None = None
+
+    @field_validator("policy")
+    @classmethod
+    def _registered_policy(cls, value: str) -> str:
+        return check_policy_name(value)  # the registry names every policy; none is imported by name
 
 
 class CheckpointStoreSpec(_Frozen):
@@ -396,6 +402,17 @@ class ClusterSpec(_Frozen):
         gpus = set(self.placement.gpu)
         return tuple(o for o in offers
                      if self.allows(o.location) and (not gpus or o.gpu in gpus or o.provider == "local"))
+
+    def task_profile(self) -> TaskProfile:
+        """The task as planning sees it, for plan, launch and simulate alike: its parameters (the
+        spec's count, else counted from the task's model) and its gradient codec's wire share
+        from the codec table."""
+        training = self.training
+        parameters = training.model_parameters or counted_parameters(training.task, training.mode == "swarm")
+        return TaskProfile(t4_samples_per_second=training.t4_samples_per_second, model_bytes=4.0 * parameters,
+                           target_batch_size=training.target_batch_size,
+                           compression_ratio=wire_ratio(training.compression.gradients),
+                           per_gpu=dict(training.throughput))
 
     def default_checkpoint_store(self) -> str:
         """The store of every failure domain when the spec names none: the cluster's folder here."""

@@ -50,7 +50,6 @@ from spotrain.providers.base import (
 )
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
-from spotrain.throughput import TaskProfile
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
@@ -72,7 +71,7 @@ class ControlLoop:
                  policy: PlacementPolicy | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
         self.settings, self.say, self.clock = settings, say, clock
-        self.policy = policy or get_policy(spec.placement.policy, TaskProfile.from_spec(spec))
+        self.policy = policy or get_policy(spec.placement.policy, spec.task_profile())
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())

@@ -11,7 +11,7 @@ from spotrain.market import Location, catalog_offers
 from spotrain.policies import FleetMember, PlacementContext, get_policy
 from spotrain.providers.base import AuthError, Offer
 from spotrain.providers.multi import MultiProvider
-from spotrain.throughput import TaskProfile, Worker, estimate
+from spotrain.throughput import Worker, estimate
 
 
 def offers_for(spec: ClusterSpec, provider: MultiProvider, say: Callable[[str], None]) -> list[Offer]:
@@ -86,7 +86,7 @@ def check_budget_covers_a_tick(spec: ClusterSpec, offers: list[Offer], tick_seco
 
 
 def plan(spec: ClusterSpec, offers: list[Offer], now: float = 0.0) -> dict:
-    profile = TaskProfile.from_spec(spec)
+    profile = spec.task_profile()
     policy = get_policy(spec.placement.policy, profile)
     ctx = PlacementContext(now=now, workers=spec.placement.workers, allowed=tuple(spec.allowed_locations()))
     chosen: list[Offer] = []

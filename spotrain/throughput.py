@@ -4,7 +4,7 @@ time per optimizer step).
 
 Per-GPU rates are relative to one T4 and scaled by the task's T4 rate; the spec may override
 them (`training.throughput`), and agents' reported samples/s correct them at run time.
-`TaskProfile.from_spec` is the one way a spec becomes a profile, for plan, launch and simulate.
+`ClusterSpec.task_profile()` is the one way a spec becomes a profile, for plan, launch and simulate.
 """
 
 from __future__ import annotations
@@ -12,13 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 from spotrain.kernels.table import nominal_ratio
 from spotrain.market import Location, egress_usd_per_gb
-
-if TYPE_CHECKING:
-    from spotrain.config import ClusterSpec
 
 # Training speed relative to one T4 (mixed precision, transformer-like models); public benchmark ratios.
 RELATIVE_GPU_SPEED = {"T4": 1.0, "K80": 0.35, "L4": 2.0, "A10G": 2.2, "V100": 2.6, "A100": 6.0, "H100": 12.0}
@@ -54,16 +50,6 @@ class TaskProfile:
     target_batch_size: int = 4096
     compression_ratio: float = 1.0  # bytes on the wire / fp32 bytes
     per_gpu: dict[str, float] = field(default_factory=dict)  # samples/s overrides by GPU type
-
-    @classmethod
-    def from_spec(cls, spec: ClusterSpec) -> TaskProfile:
-        """The spec's task as planning sees it: its parameters (the spec's count, else counted
-        from the task's model) and its gradient codec's wire share from the codec table."""
-        training = spec.training
-        parameters = training.model_parameters or counted_parameters(training.task, training.mode == "swarm")
-        return cls(t4_samples_per_second=training.t4_samples_per_second, model_bytes=4.0 * parameters,
-                   target_batch_size=training.target_batch_size,
-                   compression_ratio=wire_ratio(training.compression.gradients), per_gpu=dict(training.throughput))
 
     def rate(self, gpu: str | None, gpu_count: int = 1) -> float:
         if gpu in self.per_gpu:

@@ -69,7 +69,8 @@ BITS = st.sampled_from(YAML_BITS) | st.sampled_from(SPEC_WORDS) | st.text(PRINTA
 # values that parse, mostly, so that the loader's later stages (tags, keys, validation) are reached
 VALUE_BITS = st.sampled_from([".inf", "-.inf", ".nan", "1e999", "1.0e400", "100000000", "-5", "0", "2001-02-30",
                               "2001-02-03", "!!int abc", "!!float x", "!!binary ###", "&a 1", "*a", "*b", "[1, 2]",
-                              "{a: 1, a: 2}", "{T4: .nan}", "~", "yes", "'x'", '"\\u2028"', "<<: {}"]) | st.text(PRINTABLE, max_size=6)
+                              "{a: 1, a: 2}", "{T4: .nan}", "~", "yes", "'x'", '"\\u2028"', "<<: {}"]) \
+    | st.text(PRINTABLE, max_size=6)
 WORDS = st.sampled_from(SPEC_WORDS) | st.text("abcT4_-", min_size=1, max_size=5)
 YAML_LINES = st.lists(st.tuples(WORDS, st.lists(WORDS, max_size=2), st.lists(VALUE_BITS, min_size=1, max_size=2)),
                       max_size=12)

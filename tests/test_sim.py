@@ -10,7 +10,6 @@ from spotrain.config import ClusterSpec
 from spotrain.sim.engine import STARTUP_SECONDS, Job, compare, simulate
 from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import TraceError, load_trace, load_traces
-from spotrain.throughput import TaskProfile
 
 DATA = ROOT.parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="the shared trace data is not beside this checkout")
@@ -165,7 +164,7 @@ def test_no_spot_policy_finishes_before_the_spot_time_bound(tmp_path):
     traces = load_traces([synthetic(tmp_path, "us-east-1a", [1] * 12 + [0] * 132),
                           synthetic(tmp_path, "us-east-1b", [0] * 24 + [1] * 120)])
     job = Job(target_samples=260 * 3600 * 6, deadline_hours=20)
-    bound = fastest_spot_hours(traces, TaskProfile.from_spec(spec()), 1, job.target_samples, job.deadline_hours)
+    bound = fastest_spot_hours(traces, spec().task_profile(), 1, job.target_samples, job.deadline_hours)
     assert bound == pytest.approx(8.0)  # 2 h in zone a, a 2 h gap, then 4 h in zone b
     assert simulate(spec(), traces, "spotrain", job).hours >= bound
 

@@ -14,7 +14,6 @@ from spotrain.market import catalog_offers
 from spotrain.plan import offers_for
 from spotrain.providers.base import AuthError
 from spotrain.providers.multi import MultiProvider
-from spotrain.throughput import TaskProfile
 
 CLOUDS = ROOT / "examples" / "clouds.yaml"
 NAMED_REGIONS = ("aws:us-east-1", "gcp:us-central1")
@@ -81,16 +80,16 @@ def spec_with(**training) -> ClusterSpec:
 def test_the_profile_counts_the_task_model_unless_the_spec_gives_a_count():
     task = "spotrain.examples.tiny_gpt:task"
     parameters = sum(p.numel() for p in load_task(task).build_model().parameters())
-    assert TaskProfile.from_spec(spec_with(task=task)).model_bytes == 4.0 * parameters
-    assert TaskProfile.from_spec(spec_with(task=task, model_parameters=7_000)).model_bytes == 4.0 * 7_000
+    assert spec_with(task=task).task_profile().model_bytes == 4.0 * parameters
+    assert spec_with(task=task, model_parameters=7_000).task_profile().model_bytes == 4.0 * 7_000
 
 
 @pytest.mark.parametrize("codec", ["none", "float16", "uniform8", "blockwise8", "blockwise4"])
 def test_the_profile_prices_a_codec_as_the_codec_table_does(codec):
-    profile = TaskProfile.from_spec(spec_with(compression={"gradients": codec}, model_parameters=1_000))
+    profile = spec_with(compression={"gradients": codec}, model_parameters=1_000).task_profile()
     assert profile.compression_ratio == pytest.approx(1.0 / nominal_ratio(codec))
 
 
 def test_blockwise4_sends_about_an_eighth_of_fp32():
-    profile = TaskProfile.from_spec(spec_with(compression={"gradients": "blockwise4"}, model_parameters=1_000))
+    profile = spec_with(compression={"gradients": "blockwise4"}, model_parameters=1_000).task_profile()
     assert profile.compression_ratio == pytest.approx(0.129, abs=0.001)

@@ -15,7 +15,7 @@ from spotrain.sim.clock import SimClock
 from spotrain.sim.provider import SimProvider
 from spotrain.sim.swarm import SimSwarm
 from spotrain.sim.traces import LocationTrace
-from spotrain.throughput import TaskProfile, Worker, estimate
+from spotrain.throughput import Worker, estimate
 
 STARTUP_SECONDS = 360.0  # boot, install, load state from peers or a checkpoint
 
@@ -50,7 +50,7 @@ def fleet_pace(spec: ClusterSpec, traces: list[LocationTrace], workers: int | No
 
     count = spec.placement.workers if workers is None else workers
     fleet = [Worker(Location.parse(traces[0].location), traces[0].gpu)] * count
-    return estimate(fleet, TaskProfile.from_spec(spec)).samples_per_second
+    return estimate(fleet, spec.task_profile()).samples_per_second
 
 
 def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
@@ -75,7 +75,7 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         "budget": spec.budget.model_copy(update={"deadline_hours": job.deadline_hours}),
         "placement": spec.placement.model_copy(update={"locations": locations, "gpu": ()}),
     })
-    profile = TaskProfile.from_spec(sim_spec)
+    profile = sim_spec.task_profile()
     swarm = SimSwarm(provider, profile, clock, startup_seconds)
     ledger = Ledger(":memory:")
     run = ledger.open_run(spec.budget.total_usd, json.loads(sim_spec.model_dump_json()), clock.now())
