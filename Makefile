@@ -29,11 +29,11 @@ demo: venv
 	SPOTRAIN_HOME=$(DEMO_HOME) $(PY) examples/check_demo.py
 
 lint: venv
-	$(VENV)/bin/ruff check .
+	$(PY) -m ruff check .
 	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/spotrain
 	ln -s $(CURDIR)/spotrain/* $(TYPECHECK_TREE)/spotrain/
 	for dir in $(MAPPED_DIRS); do ln -s $(CURDIR)/$$dir $(TYPECHECK_TREE)/spotrain/$$dir; done
-	cd $(TYPECHECK_TREE) && $(abspath $(VENV))/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+	cd $(TYPECHECK_TREE) && $(abspath $(PY)) -m mypy --config-file $(CURDIR)/pyproject.toml \
 		--cache-dir $(CURDIR)/.mypy_cache -p spotrain
 
 test: lint

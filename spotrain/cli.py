@@ -15,7 +15,8 @@ from spotrain.errors import SpotrainError
 if TYPE_CHECKING:
     pass
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+# add_completion: `--install-completion` / `--show-completion` for bash, zsh, fish and PowerShell
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False)
 console = Console(soft_wrap=True)
 
 
@@ -40,8 +41,17 @@ def say(message: str) -> None:
     console.print(f"[dim]{__import__('time').strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import version
+
+        print(f"spotrain {version('spotrain')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print spotrain's version and exit")) -> None:
     """Train one model on spot VMs within a hard budget."""
 
 
@@ -125,7 +135,7 @@ def status(cluster: str | None = typer.Argument(None, help="cluster name; withou
 
 
 @app.command()
-def down(cluster: str | None = typer.Argument(None)) -> None:
+def down(cluster: str | None = typer.Argument(None, help="cluster name; may be left out when there is one")) -> None:
     """Final checkpoint, then terminate every worker of the cluster."""
     from spotrain import cluster_ops
 
@@ -181,8 +191,9 @@ def report(cluster: str | None = typer.Argument(None, help="cluster name; may be
 
 
 @app.command()
-def prices(gpu: str | None = typer.Option(None, "--gpu"), provider: str | None = typer.Option(None, "--provider"),
-           as_json: bool = typer.Option(False, "--json")) -> None:
+def prices(gpu: str | None = typer.Option(None, "--gpu", help="only offers with this GPU, e.g. T4"),
+           provider: str | None = typer.Option(None, "--provider", help="only this provider's offers: aws or gcp"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON list on stdout")) -> None:
     """The market as spotrain sees it: catalog offers, spot and on-demand."""
     from rich.table import Table
 
@@ -209,7 +220,9 @@ def prices(gpu: str | None = typer.Option(None, "--gpu"), provider: str | None =
 
 @app.command()
 def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
-         as_json: bool = typer.Option(False, "--json"), tick: float = typer.Option(2.0, "--tick")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+         tick: float = typer.Option(2.0, "--tick", help="seconds between controller ticks (the budget guard's lag)"),
+         ) -> None:
     """Dry run: offers, placement, $/h, samples/s, $/1M samples, hours the budget pays for."""
     from spotrain import plan as planning
     from spotrain.config import load_spec
@@ -252,7 +265,8 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
              trace: list[Path] = typer.Option(..., "--trace", help="trace file or folder (one file per location)"),
              policy: list[str] = typer.Option(None, "--policy", help="policy to compare (repeatable); default: all"),
              tick: float = typer.Option(120.0, "--tick", help="simulated seconds between controller ticks"),
-             as_json: bool = typer.Option(False, "--json")) -> None:
+             as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout (bars stay on stderr)"),
+             ) -> None:
     """Replay real spot traces: every policy on the same job, with the real controller code."""
     from spotrain import plan as planning
     from spotrain.config import load_spec
@@ -274,7 +288,10 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
         from spotrain.sim.provider import SimProvider
 
         planning.check_budget_covers_a_tick(spec, SimProvider(traces, SimClock()).offers(), tick)
-        results = compare(spec, traces, names, job, tick, progress=lambda m: print(m, file=sys.stderr))
+        from spotrain.progress_bars import StepBars
+
+        with StepBars(len(names)) as bars:
+            results = compare(spec, traces, names, job, tick, progress=bars)
     except SpotrainError as error:
         fail(str(error))
         return
@@ -356,6 +373,14 @@ def logs(cluster: str | None = typer.Argument(None, help="cluster name; may be l
 
 
 @app.command()
+def schema() -> None:
+    """The cluster spec's JSON schema (for editors: yaml-language-server, VS Code, PyCharm)."""
+    from spotrain.config import ClusterSpec
+
+    print(json.dumps(ClusterSpec.model_json_schema(mode="validation"), indent=2))
+
+
+@app.command(hidden=True)  # started by cloud-init/systemd or the local provider, not by a user
 def agent(user_data: Path = typer.Option(..., "--user-data", help="the agent's user-data JSON")) -> None:
     """The worker daemon (started on each VM by cloud-init/systemd, or by the local provider)."""
     from spotrain.agents.daemon import main as agent_main

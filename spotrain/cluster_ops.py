@@ -31,6 +31,7 @@ from spotrain.provider_factory import make_provider
 from spotrain.swarm import NoSwarm
 
 if TYPE_CHECKING:
+    from spotrain.metrics import MetricsEndpoint
     from spotrain.swarm_view import SwarmView
 
 
@@ -57,8 +58,9 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
 
     provider = checked_provider(spec)
     stop = threading.Event()
-    with (controller_lock(spec.name), opened_ledger(ledger_path(spec.name), create=True) as ledger,
-          stop_on_signals(stop)):
+    # the metrics port is taken before the ledger is touched: a busy port writes nothing
+    with (controller_lock(spec.name), metrics_endpoint(spec) as endpoint,
+          opened_ledger(ledger_path(spec.name), create=True) as ledger, stop_on_signals(stop)):
         run = ledger.open_run(spec.budget.total_usd, spec.model_dump(mode="json"), time.time())
         end_at = run_end(ledger, run, duration)
         tell_parent_ready()  # before the DHT forks: its process must not inherit the pipe
@@ -72,9 +74,27 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
                                     target_epoch=target_epoch or spec.training.target_epoch,
                                     checkpoint_store=spec.default_checkpoint_store())
             loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say)
+            if endpoint is not None:
+                endpoint.serve(loop)
+                say(f"metrics for Prometheus at http://{spec.controller.metrics_host}:{endpoint.port}/metrics")
             return _drive(loop, swarm, tick_seconds, stop)
         finally:
             swarm.shutdown()
+
+
+@contextmanager
+def metrics_endpoint(spec: ClusterSpec) -> Iterator[MetricsEndpoint | None]:
+    """The Prometheus endpoint the spec asks for (`controller.metrics_port`) while the run lasts; None without."""
+    if spec.controller.metrics_port is None:
+        yield None
+        return
+    from spotrain.metrics import MetricsEndpoint
+
+    endpoint = MetricsEndpoint(str(spec.controller.metrics_host), spec.controller.metrics_port)
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
 
 
 def run_end(ledger: Ledger, run: Run, duration: float | None) -> float | None:

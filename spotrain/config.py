@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Iterable
+from ipaddress import IPv4Address
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -13,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyAddress,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -327,6 +329,11 @@ class Controller(_Frozen):
     reachable: Literal["auto", "yes", "no"] = Field(
         default="auto", description="can agents dial the controller? no: it joins the swarm as a DHT client "
                                     "(a laptop behind NAT); auto: yes for the local cloud, else probed")
+    metrics_port: int | None = Field(default=None, ge=1, le=65535,
+                                     description="serve Prometheus metrics (spend, burn rate, workers, epoch, "
+                                                 "samples/s) on this port while the controller runs")
+    metrics_host: IPvAnyAddress = Field(default=IPv4Address("127.0.0.1"),
+                                        description="the address the metrics endpoint listens on")
 
 
 class ClusterSpec(_Frozen):

@@ -94,6 +94,8 @@ class ControlLoop:
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
+        self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
+        self.last_tick_at: float | None = None
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -211,6 +213,7 @@ class ControlLoop:
             observed = self._reconcile_and_apply(now)
             if not self.refused_this_tick or self.end_reason is not None:
                 break
+        self.last_observed, self.last_tick_at = observed, now
         if self.end_reason is not None:
             self.finish(self.end_reason)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 from spotrain.config import ClusterSpec
 from spotrain.contracts.states import InstanceState
@@ -64,9 +65,25 @@ def default_job(spec: ClusterSpec, traces: list[LocationTrace]) -> Job:
     return Job(float(target), float(deadline))
 
 
+class Progress(Protocol):
+    """Where a long comparison reports how far it is (the CLI draws bars on stderr)."""
+
+    def start(self, policy: str) -> None: ...
+
+    def update(self, fraction: float) -> None: ...
+
+
+class NoProgress:
+    def start(self, policy: str) -> None:
+        pass
+
+    def update(self, fraction: float) -> None:
+        pass
+
+
 def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, job: Job,
              tick_seconds: float = 120.0, startup_seconds: float = STARTUP_SECONDS,
-             say=lambda _: None) -> SimResult:
+             say=lambda _: None, progress: Progress | None = None) -> SimResult:
     clock = SimClock(0.0)
     provider = SimProvider(traces, clock, job.start_offset)
     locations = tuple(t.location for t in traces)
@@ -91,6 +108,8 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         if finished_at is None and swarm.total >= job.target_samples:
             finished_at = clock.now()
         loop.tick()
+        if progress is not None:
+            progress.update(min(1.0, clock.now() / horizon))
     if not loop.ended.is_set():
         loop.finish("trace ended")
     spent = ledger.spent(run.id)
@@ -108,13 +127,14 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
 
 
 def compare(spec: ClusterSpec, traces: list[LocationTrace], policies: list[str], job: Job,
-            tick_seconds: float = 120.0, progress=lambda _: None) -> list[dict]:
+            tick_seconds: float = 120.0, progress: Progress | None = None) -> list[dict]:
     """Every policy on the same job and traces; `oracle` is the offline optimum."""
     from spotrain.sim.oracle import oracle_cost
 
+    progress = progress or NoProgress()
     results = []
     for name in policies:
-        progress(f"simulating {name} over {len(traces)} location(s)")
+        progress.start(name)
         if name == "oracle":
             workers = spec.placement.workers + spec.placement.backups  # backups train too
             rates = [fleet_pace(spec, traces, k) for k in range(workers + 1)]  # one zone, with communication
@@ -124,6 +144,7 @@ def compare(spec: ClusterSpec, traces: list[LocationTrace], policies: list[str],
             results.append(SimResult("oracle", done, not done, best.hours, best.spent_usd, job.target_samples,
                                      best.spent_usd / job.target_samples * 1e6 if done else None, 0,
                                      best.spent_usd > spec.budget.total_usd).to_json() | {"exact": best.exact})
+            progress.update(1.0)
         else:
-            results.append(simulate(spec, traces, name, job, tick_seconds).to_json())
+            results.append(simulate(spec, traces, name, job, tick_seconds, progress=progress).to_json())
     return results

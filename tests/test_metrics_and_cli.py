@@ -1,0 +1,137 @@
+"""The controller's Prometheus endpoint over a real control loop, and the CLI's polish: version,
+help on every option, the hidden agent command, the spec's JSON schema, progress off stdout."""
+
+import json
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from conftest import ROOT, run_cli
+from prometheus_client.parser import text_string_to_metric_families
+
+from spotrain.cli import app
+from spotrain.config import ClusterSpec, load_spec
+from spotrain.contracts.states import InstanceState
+from spotrain.control_loop import ControlLoop, LoopSettings
+from spotrain.errors import SpecError, SpotrainError
+from spotrain.ledger import Ledger
+from spotrain.metrics import MetricsEndpoint
+from spotrain.sim.clock import SimClock
+from spotrain.sim.provider import SimProvider
+from spotrain.sim.swarm import SimSwarm
+from spotrain.sim.traces import load_traces
+
+
+def _simulated_loop(tmp_path: Path) -> tuple[ControlLoop, Ledger, SimSwarm, SimClock]:
+    trace = tmp_path / "us-east-1a_v100_1.json"
+    trace.write_text(json.dumps({"metadata": {"gap_seconds": 600}, "data": [2] * 20}))
+    spec = ClusterSpec.model_validate({"name": "metered", "budget": {"total_usd": 50.0},
+                                       "placement": {"workers": 2, "locations": ["aws:us-east-1a"]}})
+    clock = SimClock(0.0)
+    provider = SimProvider(load_traces([trace]), clock)
+    swarm = SimSwarm(provider, spec.task_profile(), clock, startup_seconds=60.0)
+    ledger = Ledger(":memory:")
+    run = ledger.open_run(spec.budget.total_usd, json.loads(spec.model_dump_json()), clock.now())
+    loop = ControlLoop(spec, ledger, run, provider, swarm, LoopSettings(tick_seconds=120.0), say=lambda _: None,
+                       clock=clock.now)
+    return loop, ledger, swarm, clock
+
+
+def _scrape(port: int) -> dict[str, list]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        text = answer.read().decode()
+    return {family.name: family.samples for family in text_string_to_metric_families(text)}
+
+
+def test_the_endpoint_serves_what_the_loop_last_saw(tmp_path):
+    loop, ledger, swarm, clock = _simulated_loop(tmp_path)
+    endpoint = MetricsEndpoint("127.0.0.1", 0)
+    try:
+        assert "spotrain_budget_usd" not in _scrape(endpoint.port)  # no loop yet: nothing to say
+        endpoint.serve(loop)
+        assert _scrape(endpoint.port)["spotrain_budget_usd"][0].value == 50.0  # before a tick: the budget only
+        for _ in range(6):
+            swarm.advance(120.0)
+            clock.advance(120.0)
+            loop.tick()
+        families = _scrape(endpoint.port)
+        observed = loop.last_observed
+        assert observed is not None and observed.spent_usd > 0
+        assert families["spotrain_spent_usd"][0].value == pytest.approx(observed.spent_usd)
+        assert families["spotrain_samples_per_second"][0].value == pytest.approx(observed.samples_per_second)
+        assert families["spotrain_global_epoch"][0].value == observed.global_epoch
+        running = [i for i in observed.instances if i.state == InstanceState.RUNNING]
+        assert sum(s.value for s in families["spotrain_workers"]) == len(running) == 2
+        assert {s.labels["location"] for s in families["spotrain_workers"]} == {"aws:us-east-1a"}
+        burn = sum(i.price_usd_per_hour for i in running)
+        assert families["spotrain_burn_usd_per_hour"][0].value == pytest.approx(burn)
+        left = families["spotrain_budget_left_seconds"][0].value
+        assert left == pytest.approx((50.0 - observed.spent_usd) / burn * 3600.0)
+    finally:
+        endpoint.close()
+        ledger.close()
+
+
+def test_a_busy_metrics_port_is_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SpotrainError, match=f"controller.metrics_port: cannot listen on 127.0.0.1:{port}"):
+            MetricsEndpoint("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("controller, problem", [
+    ({"metrics_port": 0}, "controller.metrics_port"),
+    ({"metrics_port": 70000}, "controller.metrics_port"),
+    ({"metrics_port": 9464, "metrics_host": "not-an-address"}, "controller.metrics_host"),
+])
+def test_bad_metrics_settings_name_the_key(tmp_path, controller, problem):
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(yaml.safe_dump({"name": "m", "budget": {"total_usd": 1.0}, "controller": controller}))
+    with pytest.raises(SpecError, match=problem):
+        load_spec(spec)
+
+
+def test_version_is_the_installed_distribution(tmp_path):
+    from importlib.metadata import version
+
+    result = run_cli("--version", home=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"spotrain {version('spotrain')}"
+
+
+def test_every_option_and_argument_has_help_and_agent_is_hidden(tmp_path):
+    root = typer.main.get_command(app)
+    assert hasattr(root, "commands")
+    for name, command in root.commands.items():
+        for param in command.params:
+            if param.name in ("help",):
+                continue
+            assert getattr(param, "help", None), f"`spotrain {name}`: {param.name} has no help text"
+    assert root.commands["agent"].hidden
+    assert "agent" not in run_cli("--help", home=tmp_path).stdout.split("Commands")[-1].split()
+
+
+def test_the_schema_describes_every_example_spec(tmp_path):
+    result = run_cli("schema", home=tmp_path)
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert schema["additionalProperties"] is False and schema["required"] == ["name", "budget"]
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        keys = set(yaml.safe_load(example.read_text()))
+        assert keys <= set(schema["properties"]), f"{example.name}: {keys - set(schema['properties'])}"
+
+
+def test_simulate_keeps_stdout_one_json_object(tmp_path):
+    trace = tmp_path / "us-east-1a_v100_1.json"
+    trace.write_text(json.dumps({"metadata": {"gap_seconds": 600}, "data": [1] * 24}))
+    spec = tmp_path / "sim.yaml"
+    spec.write_text(yaml.safe_dump({"name": "sim", "budget": {"total_usd": 100.0}}))
+    result = run_cli("simulate", str(spec), "--trace", str(trace), "--policy", "spotrain", "--policy", "oracle",
+                     "--json", home=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [p["policy"] for p in json.loads(result.stdout)["policies"]] == ["spotrain", "oracle"]
+    assert "[2/2] oracle" in result.stderr  # the bars went to stderr
