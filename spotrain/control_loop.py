@@ -71,7 +71,7 @@ class ControlLoop:
                  policy: PlacementPolicy | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
         self.settings, self.say, self.clock = settings, say, clock
-        self.policy = policy or get_policy(spec.placement.policy, spec.task_profile())
+        self._policy = policy  # built on first use: its task profile imports the task, which `down` must not
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())
@@ -96,6 +96,12 @@ class ControlLoop:
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
         self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
         self.last_tick_at: float | None = None
+
+    @property
+    def policy(self) -> PlacementPolicy:
+        if self._policy is None:
+            self._policy = get_policy(self.spec.placement.policy, self.spec.task_profile())
+        return self._policy
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:

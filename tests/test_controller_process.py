@@ -227,7 +227,7 @@ class DeadDHT(SilentDHT):
 
 def view_of(dht) -> SwarmView:
     view = SwarmView.__new__(SwarmView)  # without starting a real DHT
-    view.cluster, view.dht = "idle", dht
+    view.cluster, view.dht, view.client_mode = "idle", dht, False
     return view
 
 

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,27 @@ def spotrain(*args: str, home: Path, cwd: Path, timeout: float = 600) -> subproc
     env.pop("PYTHONPATH", None)
     return subprocess.run([*command, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           check=False)
+
+
+def follow_until(args: list[str], home: Path, cwd: Path, wanted: list[str], limit: float = 120.0) -> str:
+    """What a command that never ends by itself (`logs -f`) printed once every `wanted` text showed
+    (or `limit` seconds passed); it must still be running then."""
+    script = Path(sys.executable).parent / "spotrain"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "spotrain"]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"} | {"SPOTRAIN_HOME": str(home)}
+    process = subprocess.Popen([*command, *args], env=env, cwd=cwd, stdout=subprocess.PIPE, text=True)
+    seen: list[str] = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(process.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: all(text in "".join(seen) for text in wanted) or process.poll() is not None, limit,
+                 f"`spotrain {' '.join(args)}` printing {wanted}")
+        assert process.poll() is None, f"`spotrain {' '.join(args)}` ended by itself"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        reader.join(timeout=5)
+    return "".join(seen)
 
 
 def ok(result: subprocess.CompletedProcess) -> str:
@@ -110,12 +132,8 @@ def test_the_read_only_commands_work_once_the_task_is_gone(trained, tmp_path):
     instance = next(line.split()[2] for line in controller_only.splitlines() if " launched i-" in line)
     one = ok(spotrain("logs", instance, "-n", "3", home=home, cwd=tmp_path))  # the only cluster's instance
     assert one.startswith(f"==> {instance} (local:") and len(one.splitlines()) == 4
-    try:
-        spotrain("logs", "-f", "-n", "1", home=home, cwd=tmp_path, timeout=8)
-        raise AssertionError("logs -f ended by itself")
-    except subprocess.TimeoutExpired as following:
-        followed = following.stdout.decode() if isinstance(following.stdout, bytes) else following.stdout or ""
-        assert "[controller] " in followed and f"[{instance}] " in followed
+    followed = follow_until(["logs", "-f", "-n", "1"], home, tmp_path, ["[controller] ", f"[{instance}] "])
+    assert "[controller] " in followed and f"[{instance}] " in followed
     ok(spotrain("down", home=home, cwd=tmp_path))
     ok(spotrain("export", "my-model", str(tmp_path / "again.pt"), home=home, cwd=tmp_path))
     assert wait_for(lambda: processes_under(home) == [], 30, "no process left")
