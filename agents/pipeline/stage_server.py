@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -74,6 +75,9 @@ class StageServer:
         self.state = AgentState.STARTING
         self.queued = 0
         self.served = 0  # microbatch calls answered
+        self.steps = 0  # optimizer steps applied here (carried over by a restore)
+        # held while a microbatch computes and steps, so averaging and checkpoints see whole steps
+        self.lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}")
         self._ops: tuple[StageOp, ...] = (StageOp.TAIL,) if self.tail else (StageOp.FORWARD, StageOp.BACKWARD)
 
@@ -127,7 +131,8 @@ class StageServer:
         inputs = [decode_activation(message) for message in request.tensors]
         if not inputs:
             raise StageUnavailable("a stage request without tensors")
-        outputs, loss = job(inputs)
+        with self.lock:
+            outputs, loss = job(inputs)
         encoded = [encode_activation(tensor, self.codec) for tensor in outputs]
         self.meter.add(op, inputs[0].shape[0], time.perf_counter() - started)
         return encoded, loss
@@ -157,6 +162,7 @@ class StageServer:
     def _step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
 
 
 def _two(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
