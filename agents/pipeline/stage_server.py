@@ -65,8 +65,10 @@ class ThroughputMeter:
 
 
 class StageServer:
-    def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8"):
+    def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8",
+                 estimate: float = 0.0):
         self.p2p, self.task, self.stage, self.cluster = p2p, task, stage, cluster
+        self.estimate = estimate  # samples/s published until this peer measured its own (a joined or moved peer)
         self.tail = task.is_tail(stage)
         self.module = task.build_stage(stage)
         self.optimizer = task.make_optimizer(stage, self.module.parameters())
@@ -104,7 +106,8 @@ class StageServer:
 
     def record(self, instance_id: str, now: float) -> StageRecord:
         return StageRecord(stage=self.stage, peer_id=str(self.p2p.peer_id), instance_id=instance_id,
-                           samples_per_second=self.meter.samples_per_second(self.tail), queue=self.queued,
+                           samples_per_second=self.meter.samples_per_second(self.tail) or self.estimate,
+                           queue=self.queued,
                            state=self.state, time=now)
 
     def _handler(self, op: StageOp, job: Job) -> Callable[[runtime_pb2.ExpertRequest, P2PContext],
