@@ -90,6 +90,8 @@ class Pipeline(_Frozen):
     stages: int = Field(default=3, ge=2, description="must equal the PipelineTask's number of stages")
     trainers: int = Field(default=1, gt=0, description="workers that draw batches; the rest serve stages")
     max_in_flight: int = Field(default=2, gt=0, description="microbatches each trainer has in flight")
+    rebalance_seconds: float = Field(default=30.0, gt=0, le=86_400,
+                                     description="how often (jittered) a stage peer checks whether to move stage")
 
 
 class Training(_Frozen):
@@ -112,6 +114,10 @@ class Training(_Frozen):
         default=None, gt=0, le=10**13,
         description="parameters averaged each step; None = counted from the task's model")
     compression: Compression = Compression()
+    memory_per_worker_gb: float | None = Field(
+        default=None, gt=0, le=1e6,
+        description="memory one worker has for training; a task that needs more (weights, gradients, Adam) is "
+                    "refused: the whole model in data-parallel mode, the largest stage in swarm mode")
     matchmaking_time: float = Field(default=3.0, gt=0, le=3600)
     delayed_updates: bool = Field(
         default=True, description="average gradients and step the optimizer in the background, one epoch stale")
@@ -352,6 +358,18 @@ class ClusterSpec(_Frozen):
         if self.training.mode == "swarm" and workers < needed:
             raise ValueError(f"placement.workers: swarm mode needs 2 peers per stage plus the trainers, "
                              f"at least {needed} (2*{pipeline.stages}+{pipeline.trainers}), got {workers}")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_worker_memory(self, info: ValidationInfo) -> ClusterSpec:
+        from spotrain.worker_memory import memory_refusal
+
+        training = self.training
+        if training.memory_per_worker_gb is None or not (info.context or {}).get("import_task", True):
+            return self
+        refusal = memory_refusal(training.task, training.mode == "swarm", training.memory_per_worker_gb)
+        if refusal is not None:
+            raise ValueError(refusal)
         return self
 
     @model_validator(mode="after")

@@ -369,7 +369,8 @@ class ControlLoop:
         trainers = [i for i in live if self.roles.get(i) == "trainer"
                     and not (i in self.statuses and self.statuses[i].state == AgentState.DRAINING)]
         return PipelineSettings(role="trainer" if len(trainers) < pipeline.trainers else "stage",
-                                stages=pipeline.stages, max_in_flight=pipeline.max_in_flight)
+                                stages=pipeline.stages, max_in_flight=pipeline.max_in_flight,
+                                rebalance_seconds=pipeline.rebalance_seconds)
 
     def _observe_stages(self, now: float) -> None:
         """Swarm mode: each stage's peers and samples/s, kept in the ledger when they change (`report`

@@ -22,6 +22,7 @@ slowest stage, and the controller's launches fill them.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -110,12 +111,26 @@ def should_move(records: Sequence[StageRecord], num_stages: int, peer_id: str, *
     return move if move is not None and move.peer_id == peer_id else None
 
 
+def measured_stage_costs(records: Sequence[StageRecord], num_stages: int) -> list[float]:
+    """Seconds per sample of a typical peer on each stage: the inverse of the median samples/s of
+    its serving peers, or of all serving peers for a stage none measured. With peers of similar
+    speed this is what a peer would serve after a move; `best_move` takes it as `stage_costs`."""
+    measured: list[list[float]] = [[] for _ in range(num_stages)]
+    for record in records:
+        if record.state == AgentState.TRAINING and record.stage < num_stages and record.samples_per_second > 0:
+            measured[record.stage].append(record.samples_per_second)
+    every = [speed for stage in measured for speed in stage]
+    if not every:
+        return [1.0] * num_stages
+    fallback = statistics.median(every)
+    return [1.0 / (statistics.median(stage) if stage else fallback) for stage in measured]
+
+
 def rebalance_delay(period: float, jitter: float, draw: float) -> float:
     """Seconds to the next check: `period` spread by +-`jitter` of itself, `draw` uniform in [0, 1)."""
     if not 0 <= jitter < 1 or not 0 <= draw < 1:
         raise ValueError(f"jitter and draw must lie in [0, 1), got {jitter}, {draw}")
     return period * (1 + jitter * (2 * draw - 1))
-
 
 
 def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float) -> int:

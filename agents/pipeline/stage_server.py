@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -64,8 +65,10 @@ class ThroughputMeter:
 
 
 class StageServer:
-    def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8"):
+    def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8",
+                 estimate: float = 0.0):
         self.p2p, self.task, self.stage, self.cluster = p2p, task, stage, cluster
+        self.estimate = estimate  # samples/s published until this peer measured its own (a joined or moved peer)
         self.tail = task.is_tail(stage)
         self.module = task.build_stage(stage)
         self.optimizer = task.make_optimizer(stage, self.module.parameters())
@@ -74,6 +77,9 @@ class StageServer:
         self.state = AgentState.STARTING
         self.queued = 0
         self.served = 0  # microbatch calls answered
+        self.steps = 0  # optimizer steps applied here (carried over by a restore)
+        # held while a microbatch computes and steps, so averaging and checkpoints see whole steps
+        self.lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}")
         self._ops: tuple[StageOp, ...] = (StageOp.TAIL,) if self.tail else (StageOp.FORWARD, StageOp.BACKWARD)
 
@@ -100,7 +106,8 @@ class StageServer:
 
     def record(self, instance_id: str, now: float) -> StageRecord:
         return StageRecord(stage=self.stage, peer_id=str(self.p2p.peer_id), instance_id=instance_id,
-                           samples_per_second=self.meter.samples_per_second(self.tail), queue=self.queued,
+                           samples_per_second=self.meter.samples_per_second(self.tail) or self.estimate,
+                           queue=self.queued,
                            state=self.state, time=now)
 
     def _handler(self, op: StageOp, job: Job) -> Callable[[runtime_pb2.ExpertRequest, P2PContext],
@@ -127,7 +134,8 @@ class StageServer:
         inputs = [decode_activation(message) for message in request.tensors]
         if not inputs:
             raise StageUnavailable("a stage request without tensors")
-        outputs, loss = job(inputs)
+        with self.lock:
+            outputs, loss = job(inputs)
         encoded = [encode_activation(tensor, self.codec) for tensor in outputs]
         self.meter.add(op, inputs[0].shape[0], time.perf_counter() - started)
         return encoded, loss
@@ -157,6 +165,7 @@ class StageServer:
     def _step(self) -> None:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
 
 
 def _two(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,64 +1,97 @@
-"""SWARM stage peer: joins the stage that limits the pipeline, serves it, publishes its record.
+"""SWARM stage peer: joins the stage that limits the pipeline, serves it, averages it with the
+stage's other peers, checkpoints it when on duty, and moves to another stage when that raises
+the pipeline's throughput enough.
 
 Joining (`balance.stage_for_joining`): the peer reads the stage records, names its stage in a
 `starting` record stamped with the time it began to join, waits `JOIN_SETTLE_SECONDS` so that
 peers started at the same moment see each other's records, and decides again from what it then
-reads. Joins count in order of that time, so a fleet launched at once spreads over the stages
-instead of every peer picking the first. Then it builds its stage (`pipeline.stage_server.StageServer` on the agent's
-own P2P) and refreshes its record every `PUBLISH_SECONDS`. On a drain it refuses new microbatches
-at once (trainers retry on the stage's other peers), publishes `draining`, and finishes the
-microbatches it holds before the lifecycle leaves.
+reads. Joins count in order of that time, so a fleet launched at once spreads over the stages.
 
-Not yet: averaging parameters with the stage's other peers, stage checkpoints, moving stages.
+Entering a stage (`_enter`): the stage's parameters come from a live peer of the stage first
+(its averager serves them), from the newest valid stage checkpoint in the stores otherwise, and
+are the task's initial weights only when neither exists.
+
+While serving: the record is refreshed every `PUBLISH_SECONDS`; an averaging thread averages the
+stage with its mates round after round and, every `every_epochs` rounds, writes a stage checkpoint
+if this peer holds the stage's duty; every `rebalance_seconds` (jittered) the peer runs
+`balance.should_move` on the records and, when the move is its own, downloads the target stage's
+parameters from that stage's peers, and only then stops serving its old stage (finishing the
+microbatches it holds) and serves the new one.
+
+On a drain it refuses new microbatches at once (trainers retry on the stage's other peers),
+publishes `draining` (the stage's next peer takes the checkpoint duty from that record), finishes
+the microbatches it holds and, if it held the duty, writes the stage's last checkpoint.
 """
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
 from dataclasses import dataclass
 
 from spotrain.agents.log import log
-from spotrain.agents.pipeline.balance import stage_for_joining
+from spotrain.agents.pipeline.balance import measured_stage_costs, rebalance_delay, should_move, stage_for_joining
+from spotrain.agents.pipeline.stage_averaging import StageAverager
+from spotrain.agents.pipeline.stage_checkpoints import StageCheckpoints, stage_duty_holders
 from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.event_loop import EventLoopThread
 from spotrain.agents.stage_directory import publish_stage_record, read_stage_records
-from spotrain.contracts.stage_records import StageRecord
+from spotrain.contracts.pipeline import PipelineTask
+from spotrain.contracts.stage_records import StageRecord, latest_records
 from spotrain.contracts.states import AgentState
 
 JOIN_SETTLE_SECONDS = 3.0
 PUBLISH_SECONDS = 2.0
+# a record not refreshed for this long is a peer gone without notice: it counts for nothing in
+# moves and duty (the DHT keeps records for STAGE_TTL_SECONDS, too long to react to a kill)
+FRESH_SECONDS = 5 * PUBLISH_SECONDS
+REBALANCE_JITTER = 0.2
+CLOSE_SECONDS = 30.0  # the last checkpoint's upload when no drain window says otherwise
 
 
 @dataclass(frozen=True)
-class _Serving:
-    context: RoleContext
-    loop: EventLoopThread
+class _Stage:
+    """One stage as this peer serves it."""
+
     server: StageServer
+    averager: StageAverager
+    checkpoints: StageCheckpoints
 
 
 class StageServerRole:
     def __init__(self) -> None:
-        self._serving: _Serving | None = None
+        self._context: RoleContext | None = None
+        self._task: PipelineTask | None = None
+        self._loop: EventLoopThread | None = None
+        self._stage: _Stage | None = None
+        self._records: list[StageRecord] = []
+        self._records_before_drain: list[StageRecord] = []  # who held duty when the drain began
+        self._switch = threading.Lock()  # an averaging round or a stage move, never both
+        self._leaving = threading.Event()
+        self._averaging: threading.Thread | None = None
+        self.moves = 0
 
     def start(self, context: RoleContext) -> None:
         from spotrain.contracts.task import load_pipeline_task
 
-        config = context.config
-        task = load_pipeline_task(config.task)
-        loop = EventLoopThread("stage-p2p")
-        p2p = loop.run(context.dht.replicate_p2p())
-        stage = self._join(context, str(p2p.peer_id), task.num_stages)
-        server = StageServer(p2p, task, stage, cluster=config.cluster,
-                             activations=config.training.compression.activations or "none")
-        loop.run(server.start())
-        self._serving = _Serving(context, loop, server)
+        self._context, self._task = context, load_pipeline_task(context.config.task)
+        self._loop = loop = EventLoopThread("stage-p2p")
+        stage, estimate = self._join(str(context.dht.peer_id), self._task.num_stages)
+        entered = self._enter(stage, estimate, moving=False)
+        if entered is None:
+            raise RuntimeError(f"stage {stage}: could not enter")  # a fresh start cannot fail to download
+        loop.run(entered.server.start())
+        self._stage = entered
         self._publish()
-        log(f"serving stage {stage} of {task.num_stages} as {p2p.peer_id}")
+        self._averaging = threading.Thread(target=self._average_rounds, name="stage-averaging", daemon=True)
+        self._averaging.start()
+        log(f"serving stage {stage} of {self._task.num_stages} as {context.dht.peer_id}")
 
-    def _join(self, context: RoleContext, peer_id: str, num_stages: int) -> int:
+    def _join(self, peer_id: str, num_stages: int) -> tuple[int, float]:
+        context = self._started_context()
         dht, cluster, joined_at = context.dht, context.config.cluster, time.time()
         records = read_stage_records(dht, cluster)
         measured = [r.samples_per_second for r in records
@@ -72,35 +105,165 @@ class StageServerRole:
             stage = stage_for_joining(records, num_stages, peer_id, joined_at)
             publish_stage_record(dht, cluster, StageRecord(stage, peer_id, context.instance_id, estimate, 0,
                                                            AgentState.STARTING, joined_at))
-        return stage
+        return stage, estimate
+
+    def _enter(self, stage: int, estimate: float, *, moving: bool) -> _Stage | None:
+        """Build `stage` with its parameters from a live peer, else (not when moving) the stores."""
+        context, task, loop = self._started_context(), self._started_task(), self._started_loop()
+        config = context.config
+        from spotrain.kernels import get_codec
+
+        p2p = loop.run(context.dht.replicate_p2p())
+        server = StageServer(p2p, task, stage, cluster=config.cluster, estimate=estimate,
+                             activations=config.training.compression.activations or "none")
+        state = config.training.compression.state
+        averager = StageAverager(context.dht, server.module, server.lock, cluster=config.cluster, stage=stage,
+                                 steps=lambda: server.steps, compression=get_codec(state),
+                                 # a downloaded stage is taken as it is: never coarser than 8 bits
+                                 state_compression=get_codec("blockwise8" if state == "blockwise4" else state),
+                                 matchmaking_time=config.training.matchmaking_time,
+                                 averaging_timeout=config.training.averaging_timeout)
+        checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}")
+        steps = averager.load_from_peers(timeout=config.training.averaging_timeout)
+        if steps is not None:
+            server.steps = steps
+            log(f"stage {stage}: parameters downloaded from a live peer (step {steps})")
+        elif moving:
+            log(f"stage {stage}: no peer of the stage served its parameters: not moving")
+            averager.shutdown()
+            checkpoints.close(0.0)
+            return None
+        elif (loaded := checkpoints.restore()) is not None:
+            log(f"stage {stage}: restored step {loaded.epoch} from {loaded.store_url}")
+        else:
+            log(f"stage {stage}: no live peer and no checkpoint: starting from the task's weights")
+        return _Stage(server, averager, checkpoints)
 
     def run_until(self, stop: threading.Event) -> None:
-        serving = self._started()
+        period = self._started_context().config.pipeline
+        seconds = period.rebalance_seconds if period is not None else 30.0
+        next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
         while not stop.wait(PUBLISH_SECONDS):
             self._publish()
+            if time.monotonic() >= next_check and not stop.is_set():
+                self._maybe_move()
+                next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
+        serving = self._started_stage()
         serving.server.drain()  # a plain flag: new microbatches are refused from now on
+        serving.averager.allow_state_sharing = False  # newcomers download from the peers that stay
         self._publish()
-        serving.loop.run(serving.server.stop())  # finishes the microbatches in flight
+        self._started_loop().run(serving.server.stop())  # finishes the microbatches in flight
         log(f"stage {serving.server.stage}: drained after {serving.server.served} microbatch calls")
 
+    def _maybe_move(self) -> None:
+        serving, task = self._started_stage(), self._started_task()
+        records = self._records
+        move = should_move(records, task.num_stages, str(serving.server.p2p.peer_id),
+                           stage_costs=measured_stage_costs(records, task.num_stages))
+        if move is None:
+            return
+        costs = measured_stage_costs(records, task.num_stages)
+        estimate = serving.server.record("", 0.0).samples_per_second * costs[move.source] / costs[move.target]
+        log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
+            f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
+        entered = self._enter(move.target, estimate, moving=True)
+        if entered is None:
+            return
+        with self._switch:
+            old = self._stage
+            assert old is not None
+            self._leave_stage(old, write=self._on_duty(old))
+            self._started_loop().run(entered.server.start())
+            self._stage = entered
+            self.moves += 1
+        self._publish()
+        log(f"now serving stage {move.target} (move {self.moves})")
+
+    def _leave_stage(self, old: _Stage, *, write: bool) -> None:
+        """Stop serving `old` (finishing what it holds), write its checkpoint if owed, end its parts."""
+        loop = self._started_loop()
+        loop.run(old.server.stop())
+        if write:
+            old.checkpoints.submit()
+        old.checkpoints.close(CLOSE_SECONDS)
+        old.averager.shutdown()
+        loop.run(old.server.p2p.shutdown())  # this stage's replica of the P2P; the DHT's daemon stays
+
+    def _average_rounds(self) -> None:
+        """Average the stage with its mates, round after round; checkpoint every `every_epochs` on duty."""
+        config = self._started_context().config
+        rounds = 0
+        while not self._leaving.is_set():
+            with self._switch:
+                serving = self._started_stage()
+                if serving.server.state != AgentState.TRAINING:
+                    break
+                averaged = serving.averager.average_once(timeout=config.training.averaging_timeout)
+                rounds += 1
+                if rounds % config.checkpoint.every_epochs == 0 and self._on_duty(serving):
+                    epoch = serving.checkpoints.submit()
+                    if epoch is not None:
+                        log(f"stage {serving.server.stage}: checkpoint of step {epoch} submitted")
+            if not averaged:
+                self._leaving.wait(1.0)  # alone on the stage, or mates busy: do not spin
+
+    def _on_duty(self, serving: _Stage) -> bool:
+        """This peer checkpoints its stage: the stage's duty by the records, or the controller's."""
+        me = str(serving.server.p2p.peer_id)
+        return me in stage_duty_holders(self._records, serving.server.stage) or self._started_context().has_duty()
+
     def flush_duty(self) -> None:
-        """Stage peers hold no checkpoint duty yet: a stage's parameters live on its peers."""
+        """The stage's last checkpoint, if this peer held its duty when it began to drain."""
+        self._leaving.set()
+        serving, context = self._started_stage(), self._started_context()
+        holders = stage_duty_holders(self._records_before_drain, serving.server.stage)
+        if str(serving.server.p2p.peer_id) in holders or context.has_duty():
+            epoch = serving.checkpoints.submit()
+            left = context.drain_seconds_left()
+            written = serving.checkpoints.close(CLOSE_SECONDS if left is None else left)
+            log(f"stage {serving.server.stage}: last checkpoint (step {epoch}) "
+                f"{'written' if written else 'not written in time'} before leaving")
 
     def shutdown(self) -> None:
-        if self._serving is not None:
-            self._serving.loop.run(self._serving.server.p2p.shutdown())  # the replica; the DHT's daemon stays
-            self._serving.loop.stop()
+        self._leaving.set()
+        if self._averaging is not None:
+            self._averaging.join(timeout=10)
+        if self._stage is not None and self._loop is not None:
+            self._stage.averager.shutdown()
+            self._loop.run(self._stage.server.p2p.shutdown())  # the replica; the DHT's daemon stays
+            self._loop.stop()
 
     def _publish(self) -> None:
-        serving = self._started()
+        """Refresh this peer's record and read everyone's (for duty and moves)."""
+        serving, context = self._started_stage(), self._started_context()
         try:
-            publish_stage_record(serving.context.dht, serving.context.config.cluster,
-                                 serving.server.record(serving.context.instance_id, time.time()))
+            publish_stage_record(context.dht, context.config.cluster,
+                                 serving.server.record(context.instance_id, time.time()))
+            records = latest_records(read_stage_records(context.dht, context.config.cluster), time.time(),
+                                     ttl=FRESH_SECONDS)
         except Exception as error:  # a DHT hiccup must not stop serving; the record is refreshed next period
-            log(f"stage record not published: {type(error).__name__}: {error}")
+            log(f"stage records not exchanged: {type(error).__name__}: {error}")
+            return
+        if serving.server.state == AgentState.TRAINING:
+            self._records_before_drain = records
+        self._records = records
 
-    def _started(self) -> _Serving:
-        if self._serving is None:
+    def _started_context(self) -> RoleContext:
+        if self._context is None:
             raise RuntimeError("StageServerRole used before start()")
-        return self._serving
+        return self._context
 
+    def _started_task(self) -> PipelineTask:
+        if self._task is None:
+            raise RuntimeError("StageServerRole used before start()")
+        return self._task
+
+    def _started_loop(self) -> EventLoopThread:
+        if self._loop is None:
+            raise RuntimeError("StageServerRole used before start()")
+        return self._loop
+
+    def _started_stage(self) -> _Stage:
+        if self._stage is None:
+            raise RuntimeError("StageServerRole used before start()")
+        return self._stage

@@ -110,7 +110,7 @@ class SwarmTrainerRole:
         batch_size = context.config.training.batch_size
         seed = int(hashlib.sha256(f"{context.instance_id}:{os.getpid()}".encode()).hexdigest()[:8], 16)
         batches = driving.task.batches(seed, batch_size)
-        dropped = 0
+        dropped = retried = 0
         while not stop.is_set():
             if not driving.peers.every_stage_served(driving.task.num_stages):
                 stop.wait(REFRESH_SECONDS)  # a stage without a serving peer: nothing can complete
@@ -122,6 +122,9 @@ class SwarmTrainerRole:
             if stats.dropped > dropped:
                 log(f"{stats.dropped - dropped} microbatches dropped ({stats.completed} completed so far)")
                 dropped = stats.dropped
+            if stats.failed_calls > retried:  # examples/check_swarm_demo.py reads this line
+                retried = stats.failed_calls
+                log(f"stage calls retried on another peer so far: {retried}")
         log(f"trainer leaving: {trainer.stats.completed} microbatches completed, {trainer.stats.dropped} dropped, "
             f"{trainer.stats.failed_calls} calls retried")
 

@@ -51,6 +51,7 @@ class PipelineSettings(_Contract):
     role: Literal["trainer", "stage"]
     stages: int = Field(ge=2)
     max_in_flight: int = Field(default=2, gt=0)  # a trainer's microbatches in flight
+    rebalance_seconds: float = Field(default=30.0, gt=0)  # a stage peer's move checks, jittered
 
 
 class CheckpointSettings(_Contract):

@@ -91,3 +91,5 @@ def make_pipeline_task(width: int, depth: int, heads: int, context: int, stages:
 
 
 task = make_pipeline_task(width=192, depth=3, heads=4, context=CONTEXT, stages=3)
+# two stages of a narrower model: the rebalancing benchmark's, where moves between stages are easy to see
+task_2stage = make_pipeline_task(width=128, depth=2, heads=4, context=CONTEXT, stages=2)

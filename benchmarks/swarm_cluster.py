@@ -1,0 +1,168 @@
+"""A SWARM on this machine for benchmarks: real `spotrain agent` processes (stage peers and a
+trainer) on 127.0.0.1, each stage peer in its own cgroup-v1 CPU cgroup with a fixed quota, so
+peers behave like separate machines of a given speed on a shared box (needs root).
+
+The cluster reads the swarm through a `SwarmView` DHT peer (as the controller does): stage records
+and the trainer's status, whose `samples` count the microbatches' samples the trainer completed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from spotrain.contracts.stage_records import StageRecord, found_stage_records, latest_records, stages_key
+from spotrain.contracts.states import AgentState
+from spotrain.swarm_view import SwarmView
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+CFS_PERIOD_US = 100_000
+
+
+@dataclass
+class Peer:
+    name: str
+    process: subprocess.Popen[bytes]
+    cgroup: Path | None
+
+
+@dataclass
+class LocalSwarm:
+    work: Path
+    task: str
+    stages: int
+    rebalance_seconds: float
+    cluster: str = "bench-swarm"
+    peers: dict[str, Peer] = field(default_factory=dict)
+    view: SwarmView | None = None
+
+    def start_view(self) -> None:
+        self.view = SwarmView(self.cluster)
+
+    def user_data(self, name: str, role: str) -> dict[str, object]:
+        assert self.view is not None
+        return {"cluster": self.cluster, "instance_id": name, "initial_peers": self.view.addresses(),
+                "task": self.task, "torch_threads": 1, "sigterm_grace_seconds": 5.0,
+                "training": {"batch_size": 4, "target_batch_size": 64, "matchmaking_time": 2.0,
+                             "averaging_timeout": 10.0,
+                             "compression": {"gradients": "none", "state": "float16", "activations": "blockwise8"}},
+                "mode": "swarm",
+                "pipeline": {"role": role, "stages": self.stages, "max_in_flight": 8,
+                             "rebalance_seconds": self.rebalance_seconds},
+                "checkpoint": {"store": str(self.work / "store"), "every_epochs": 5}}
+
+    def start(self, name: str, role: str, cgroup: bool) -> None:
+        folder = self.work / name
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "user-data.json").write_text(json.dumps(self.user_data(name, role)))
+        group = _make_cgroup(f"spotrain-bench-{os.getpid()}-{name}") if cgroup else None
+
+        def enter_cgroup() -> None:  # in the child before exec: every process it starts stays in the cgroup
+            if group is not None:
+                (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        log = open(folder / "agent.log", "wb")  # noqa: SIM115 - the child holds it
+        process = subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"],
+                                   cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=enter_cgroup, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.peers[name] = Peer(name, process, group)
+
+    def set_quota(self, cores: float) -> None:
+        """Every stage peer's CPU quota from now on (-1: unlimited)."""
+        for peer in self.peers.values():
+            if peer.cgroup is not None:
+                quota = -1 if cores < 0 else int(cores * CFS_PERIOD_US)
+                (peer.cgroup / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def kill(self, name: str) -> None:
+        """Without notice: the peer's whole process group at once, as a VM that vanishes."""
+        peer = self.peers[name]
+        _kill_group(peer.process)
+
+    def records(self) -> list[StageRecord]:
+        assert self.view is not None
+        found = self.view.dht.get(stages_key(self.cluster), latest=True)
+        return latest_records(found_stage_records(found), time.time(), ttl=10.0)
+
+    def serving(self) -> dict[int, list[StageRecord]]:
+        by_stage: dict[int, list[StageRecord]] = {}
+        for record in self.records():
+            if record.state == AgentState.TRAINING:
+                by_stage.setdefault(record.stage, []).append(record)
+        return by_stage
+
+    def trainer_samples(self, name: str) -> tuple[float, int] | None:
+        """(status time, samples completed) of the trainer's newest status record."""
+        assert self.view is not None
+        status = self.view.statuses().get(name)
+        return None if status is None else (status.time, status.samples)
+
+    def throughput(self, trainer: str, seconds: float) -> float:
+        """Samples/s the trainer completed over about `seconds`, from its own status records."""
+        first = self._sample(trainer)
+        time.sleep(seconds)
+        last = self._sample(trainer)
+        return (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+
+    def _sample(self, trainer: str) -> tuple[float, int]:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            found = self.trainer_samples(trainer)
+            if found is not None:
+                return found
+            time.sleep(0.5)
+        raise RuntimeError(f"no status from {trainer}")
+
+    def stop(self) -> None:
+        for peer in self.peers.values():
+            if peer.process.poll() is None:
+                peer.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for peer in self.peers.values():
+            try:
+                peer.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(peer.process)
+            if peer.cgroup is not None:
+                _remove_cgroup(peer.cgroup)
+        if self.view is not None:
+            self.view.shutdown()
+
+
+def _make_cgroup(name: str) -> Path:
+    group = CGROUP_ROOT / name
+    group.mkdir()
+    (group / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
+    return group
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _remove_cgroup(group: Path) -> None:
+    """Kill whatever still runs in the cgroup (a process that left the agent's group), then remove it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        if not pids:
+            group.rmdir()
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    print(f"cgroup {group} still has processes; left in place", file=sys.stderr)
