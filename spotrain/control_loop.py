@@ -34,7 +34,7 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
-from spotrain.egress import EgressReading, PathPrice, egress_readings
+from spotrain.egress import EGRESS_WINDOW_SECONDS, EgressReading, PathPrice, egress_readings, peer_instances
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.providers.base import (
@@ -55,7 +55,6 @@ from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_pee
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
 MAX_OFFERS_PER_TICK = 8
-EGRESS_WINDOW_SECONDS = 60.0  # the egress burn the budget guard reserves for: the mean over this window
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,7 @@ class ControlLoop:
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
         self.egress_price: PathPrice | None = None  # USD/GB per path; None: the market's (spotrain.egress)
+        self.peers_seen: dict[str, str] = {}  # peer id -> instance id, from every status record read
 
     # -- observe -------------------------------------------------------------------------
     def sync_instances(self, now: float, reissue: bool = True) -> dict[str, Instance]:
@@ -184,7 +184,8 @@ class ControlLoop:
         """The egress counters of this run's agents (an ended agent's last record too), priced per path."""
         location_of = {row.instance_id: row.location for row in self.ledger.instances(run_id=self.run.id)
                        if row.instance_id}
-        return egress_readings(self.statuses.values(), location_of, self.egress_price)
+        self.peers_seen.update(peer_instances(self.statuses.values()))  # a gone peer's bytes keep their path
+        return egress_readings(self.statuses.values(), location_of, self.egress_price, self.peers_seen)
 
     def desired(self) -> Desired:
         return Desired(

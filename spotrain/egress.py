@@ -21,6 +21,7 @@ from spotrain.contracts.records import AgentStatus
 from spotrain.market import INTERNET, Location, egress_usd_per_gb
 
 BYTES_PER_GB = 1e9
+EGRESS_WINDOW_SECONDS = 60.0  # the egress burn the budget guard reserves for: the mean over this window
 UNKNOWN = "unknown"  # the destination of bytes sent to a peer no status record names
 
 PathPrice = Callable[[str, str], float]  # (source location, destination location or UNKNOWN) -> USD/GB
@@ -61,12 +62,13 @@ def path_usd_per_gb(source: str, destination: str, known: Iterable[str] = ()) ->
 
 
 def egress_readings(statuses: Iterable[AgentStatus], location_of: Mapping[str, str],
-                    price: PathPrice | None = None) -> list[EgressReading]:
+                    price: PathPrice | None = None, peers_seen: Mapping[str, str] = {}) -> list[EgressReading]:
     """Every counter of every status whose instance `location_of` places (instance id -> location).
 
-    `price` defaults to the market's model; an emulated cloud may pass its own."""
+    `peers_seen` (peer id -> instance id) names peers whose records have expired since; `price`
+    defaults to the market's model, an emulated cloud may pass its own."""
     statuses = list(statuses)
-    instance_of = peer_instances(statuses)
+    instance_of = {**peers_seen, **peer_instances(statuses)}
     known = sorted(set(location_of.values()))
     if price is None:
         def price(source: str, destination: str) -> float:

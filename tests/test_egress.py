@@ -176,3 +176,84 @@ def test_the_budget_guard_counts_egress_in_the_fleets_burn():
     busy = replace(quiet, egress_usd_per_hour=20.0)
     assert [a for a in reconcile(busy, desired, 100.0, SpreadCheapest()) if isinstance(a, EndRun)] \
         == [EndRun("budget nearly spent")]
+
+
+def test_two_real_averagers_meter_what_they_send_each_other_and_the_ledger_charges_it(tmp_path):
+    """The hook on hivemind's own send path: averaging both ways, then a state download served."""
+    import hivemind
+    import torch
+    from hivemind.averaging import DecentralizedAverager
+
+    from spotrain.agents import egress
+    from spotrain.kernels import get_codec
+
+    egress.install()
+    numel = 300_000
+    dht_a = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    dht_b = hivemind.DHT(initial_peers=dht_a.get_visible_maddrs(), start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    a_id, b_id = str(dht_a.peer_id), str(dht_b.peer_id)
+    averagers = [DecentralizedAverager([torch.full((numel,), float(i))], dht, prefix="egress-test",
+                                       target_group_size=2, min_group_size=2, min_matchmaking_time=2.0,
+                                       request_timeout=1.0, compression=get_codec("none"), start=True)
+                 for i, dht in enumerate((dht_a, dht_b))]
+    try:
+        before = egress.sent_to.snapshot()
+        steps = [averager.step(wait=False, timeout=60) for averager in averagers]
+        assert all(step.result(timeout=90) for step in steps)
+        with averagers[1].get_tensors() as (averaged,):
+            assert torch.allclose(averaged, torch.full((numel,), 0.5))
+        averaged_counts = egress.sent_to.snapshot()
+        # each peer sends the half the other averages and returns the averaged half it took: 4 bytes a value
+        for peer in (a_id, b_id):
+            sent = averaged_counts[peer] - before.get(peer, 0)
+            assert 4 * numel <= sent <= 4 * numel * 1.01, (peer, sent)
+        averagers[1].load_state_from_peers(timeout=30)  # a serves b its state: the whole tensor
+        served = egress.sent_to.snapshot()[b_id] - averaged_counts[b_id]
+        assert 4 * numel <= served <= 4 * numel * 1.01
+    finally:
+        for averager in averagers:
+            averager.shutdown()
+        dht_b.shutdown()
+        dht_a.shutdown()
+    counts = egress.sent_to.snapshot()
+    statuses = [status("i-a", a_id, {b_id: counts[b_id]}), status("i-b", b_id, {a_id: counts[a_id]})]
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(10.0, {}, now=0.0)
+    ledger.charge(run.id, 1.0, egress=egress_readings(statuses, {"i-a": AWS, "i-b": GCP}))
+    charged = {(p["source"], p["destination"]): p["usd"] for p in ledger.egress_by_path(run.id)}
+    assert charged[(AWS, GCP)] == pytest.approx(counts[b_id] / 1e9 * 0.09, rel=0.01)
+    assert charged[(GCP, AWS)] == pytest.approx(counts[a_id] / 1e9 * 0.12, rel=0.01)
+    ledger.close()
+
+
+def test_report_status_csv_and_html_show_egress_by_path(loop, tmp_path):
+    from rich.console import Console
+
+    from spotrain.report import build_report, print_report
+    from spotrain.report_csv import write_csv
+    from spotrain.report_data import series
+    from spotrain.report_html import render
+    from spotrain.status_view import live_figures
+
+    loop, clock = loop
+    loop.swarm.records = {"i-gcp": status("i-gcp", PEER_B, {})}
+    loop.tick()  # the controller learns where PEER_B is; its record may expire later
+    loop.swarm.records = {"i-aws": status("i-aws", PEER_A, {PEER_B: 2_000_000_000})}
+    clock[0] = 30.0
+    loop.tick()
+    report = build_report(loop.ledger, loop.run, "c")
+    assert report["egress_usd"] == pytest.approx(0.18)
+    assert report["egress_by_path"] == [{"source": AWS, "destination": GCP, "gb": 2.0, "usd": pytest.approx(0.18)}]
+    assert report["spent_usd"] == pytest.approx(0.18 + 0.8 * 30 / 3600)
+    console = Console(record=True, width=120)
+    print_report(report, console)
+    text = console.export_text()
+    assert "egress by path" in text and "$0.1800" in text
+    written = {path.name: path for path in write_csv(loop.ledger, loop.run, tmp_path / "csv")}
+    assert "aws:us-east-1a,gcp:europe-west4-a,2000000000" in written["egress.csv"].read_text()
+    page = render(report, series(loop.ledger, loop.run, now=30.0))
+    assert "Egress by path" in page and "$0.1800" in page
+    figures = live_figures(loop.ledger, loop.run, report, [], now=31.0)
+    # $0.18 charged at t=30, the first egress charge: its burn is over the tick before it
+    assert figures["egress_usd_per_hour"] == pytest.approx(0.18 / 3.0 * 3600)
+    assert figures["egress_by_path"] == report["egress_by_path"]
