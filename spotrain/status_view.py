@@ -70,7 +70,7 @@ def render(data: dict) -> Group:
     checkpoint = data["checkpoint_path"] or "none yet"
     progress = (f"epoch {data['epoch']}   samples {data['samples']:,}   "
                 f"{data['samples_per_second']:.1f} samples/s   newest checkpoint {checkpoint}")
-    parts = [Text(head, style="bold"), Text(money), Text(progress), _workers_table(data)]
+    parts: list[Text | Table] = [Text(head, style="bold"), Text(money), Text(progress), _workers_table(data)]
     if data.get("egress_by_path"):
         parts.append(egress_table(data["egress_by_path"]))
     return Group(*parts)
