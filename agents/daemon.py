@@ -108,6 +108,7 @@ class Agent:
 
     # -- status -------------------------------------------------------------------------
     def snapshot(self) -> AgentStatus:
+        from spotrain.agents.egress import sent_to
         from spotrain.kernels import traffic
 
         rate, loss = self.progress.rate_and_loss()
@@ -116,18 +117,21 @@ class Agent:
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
             checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
             codec_table=self.codec_table, role=self.config.pipeline.role if self.config.pipeline else "",
+            egress_bytes=sent_to.snapshot(), egress_since=sent_to.since,
         )
 
     # -- lifecycle ----------------------------------------------------------------------
     def run(self) -> int:
         import torch
 
+        from spotrain.agents import egress
         from spotrain.agents.memory import keep_freed_memory
         from spotrain.kernels import codec_table_fingerprint, install_codecs
 
         keep_freed_memory()  # before training allocates: steps reuse their buffers instead of faulting them in
         torch.set_num_threads(self.config.torch_threads)
         install_codecs()
+        egress.install()  # before hivemind forks its averagers: they count into shared memory
         compression = self.config.training.compression
         # swarm peers also exchange activations, so their codec joins the table they must share
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,

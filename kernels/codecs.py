@@ -35,7 +35,7 @@ from hivemind.compression import (
 )
 from hivemind.proto import runtime_pb2
 
-from spotrain.kernels import native, wire
+from spotrain.kernels import accelerated, native, wire
 from spotrain.kernels.table import (
     BLOCK_SIZES,
     RAW_BELOW,
@@ -106,12 +106,13 @@ class BlockwiseCodec(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         requires_grad = tensor.requires_grad
-        tensor = tensor.detach().cpu()
+        raw = not tensor.is_floating_point() or tensor.numel() < RAW_BELOW or info.role == TensorRole.OPTIMIZER
+        tensor = tensor.detach().to(encoding_device(tensor.device, raw, accelerated.available()))
         dtype_name = str(tensor.dtype).removeprefix("torch.")
-        if not tensor.is_floating_point() or tensor.numel() < RAW_BELOW or info.role == TensorRole.OPTIMIZER:
+        if raw:
             buffer = wire.pack_raw(self._finite(tensor, info))
         else:
-            residual = self._residual(info, tensor.numel()) if self.error_feedback else None
+            residual = self._residual(info, tensor.numel(), tensor.device) if self.error_feedback else None
             buffer, nonfinite = wire.quantize_and_pack(tensor, self.bits, self.block_size, residual, self.codec_id)
             if nonfinite:
                 self._report_nonfinite(nonfinite, info)
@@ -127,14 +128,16 @@ class BlockwiseCodec(CompressionBase):
             return 1.0
         return blockwise_bits_per_value(self.bits, self.block_size) / torch.finfo(info.descriptor.dtype).bits
 
-    def _residual(self, info: CompressionInfo, numel: int) -> torch.Tensor | None:
+    def _residual(self, info: CompressionInfo, numel: int, device: torch.device) -> torch.Tensor | None:
         if info.key is None:
             return None  # an anonymous tensor cannot be matched with its next value
         key = (info.key, info.part_index)
         with self._lock:
             residual = self._residuals.get(key)
             if residual is None or residual.numel() != numel:
-                residual = self._residuals[key] = torch.zeros(numel, dtype=torch.float32)
+                residual = self._residuals[key] = torch.zeros(numel, dtype=torch.float32, device=device)
+            elif residual.device != device:  # the tensor moved: what was dropped moves with it
+                residual = self._residuals[key] = residual.to(device)
         return residual
 
     def _finite(self, tensor: torch.Tensor, info: CompressionInfo) -> torch.Tensor:
@@ -153,6 +156,15 @@ class BlockwiseCodec(CompressionBase):
     def __repr__(self) -> str:
         feedback = ", error_feedback=True" if self.error_feedback else ""
         return f"spotrain.BlockwiseCodec(bits={self.bits}, block_size={self.block_size}{feedback})"
+
+
+def encoding_device(device: torch.device, raw: bool, triton: bool) -> torch.device:
+    """Where a tensor is encoded: a CUDA tensor that is quantized stays on its GPU when the Triton
+    path is there; everything else (raw payloads, no Triton, any other device) is copied to the
+    CPU first, where the wire format's bytes are made."""
+    if device.type == "cuda" and triton and not raw:
+        return device
+    return torch.device("cpu")
 
 
 class CountingCodec(CompressionBase):

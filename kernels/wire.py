@@ -60,7 +60,8 @@ def quantize_and_pack(tensor: torch.Tensor, bits: int, block_size: int, residual
 
 def pack_quantized(q: Quantized, codec_id: int) -> bytes:
     header = HEADER.pack(MAGIC, WIRE_VERSION, codec_id, q.bits, q.block_size, q.numel)
-    return b"".join((header, q.absmax.numpy().data, q.codes.numpy().data))
+    # the Triton path leaves the codes on the GPU: the wire takes host bytes
+    return b"".join((header, q.absmax.cpu().numpy().data, q.codes.cpu().numpy().data))
 
 
 def pack_raw(tensor: torch.Tensor) -> bytes:

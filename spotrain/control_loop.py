@@ -34,6 +34,7 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
+from spotrain.egress import EGRESS_WINDOW_SECONDS, EgressReading, PathPrice, egress_readings, peer_instances
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.providers.base import (
@@ -94,6 +95,8 @@ class ControlLoop:
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
+        self.egress_price: PathPrice | None = None  # USD/GB per path; None: the market's (spotrain.egress)
+        self.peers_seen: dict[str, str] = {}  # peer id -> instance id, from every status record read
         self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
         self.last_tick_at: float | None = None
 
@@ -142,12 +145,12 @@ class ControlLoop:
 
     def observe(self, now: float) -> Observed:
         self.sync_instances(now)
-        self.ledger.charge(self.run.id, now)
         try:
             self.statuses = self.swarm.statuses()
             self._observe_stages(now)
         except Exception as error:  # the DHT is best effort; the ledger and provider are the truth
             self.say(f"swarm read failed: {type(error).__name__}: {error}")
+        self.ledger.charge(self.run.id, now, egress=self._egress_readings())
         for status in self.statuses.values():  # a restarted controller learns the roles it had named
             if status.role:
                 self.roles.setdefault(status.instance_id, status.role)
@@ -181,7 +184,16 @@ class ControlLoop:
             samples=float(sum(self.samples_by_instance.values())),
             samples_per_second=sum(s.samples_per_second for s in fresh if s.state == AgentState.TRAINING),
             hours_observed=hours, failed_at=dict(self.failed_at),
+            egress_usd_per_hour=self.ledger.egress_usd_per_hour(self.run.id, now, EGRESS_WINDOW_SECONDS,
+                                                                self.settings.tick_seconds),
         )
+
+    def _egress_readings(self) -> list[EgressReading]:
+        """The egress counters of this run's agents (an ended agent's last record too), priced per path."""
+        location_of = {row.instance_id: row.location for row in self.ledger.instances(run_id=self.run.id)
+                       if row.instance_id}
+        self.peers_seen.update(peer_instances(self.statuses.values()))  # a gone peer's bytes keep their path
+        return egress_readings(self.statuses.values(), location_of, self.egress_price, self.peers_seen)
 
     def desired(self) -> Desired:
         return Desired(
@@ -395,7 +407,7 @@ class ControlLoop:
             time.sleep(0.5)
         now = self.clock()
         self.sync_instances(now, reissue=False)
-        self.ledger.charge(self.run.id, now)
+        self.ledger.charge(self.run.id, now, egress=self._egress_readings())
         self.ledger.end_run(self.run.id, reason, now)
         self.ended.set()
 

@@ -41,6 +41,7 @@ class Observed:
     samples_per_second: float = 0.0  # the fleet's pace now
     hours_observed: dict[str, float] = field(default_factory=dict)  # instance-hours per location, this run
     failed_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # last refusal, refusals in a row
+    egress_usd_per_hour: float = 0.0  # what the fleet's traffic costs now (spotrain.egress, charged in the ledger)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,17 @@ def burn_usd_per_hour(instances: tuple[ObservedInstance, ...]) -> float:
     return sum(i.price_usd_per_hour for i in instances if i.state in LIVE_STATES)
 
 
+def fleet_burn_usd_per_hour(observed: Observed) -> float:
+    """Instance time and egress: what the budget guard reserves for."""
+    return burn_usd_per_hour(observed.instances) + observed.egress_usd_per_hour
+
+
+def egress_per_instance_usd_per_hour(observed: Observed) -> float:
+    """What one more instance is expected to add in egress: the live fleet's mean."""
+    live = sum(1 for i in observed.instances if i.state in LIVE_STATES)
+    return observed.egress_usd_per_hour / live if live else 0.0
+
+
 def end_reason(observed: Observed, desired: Desired, now: float) -> str | None:
     if desired.stop_requested:
         return "stopped by user"
@@ -106,7 +118,7 @@ def end_reason(observed: Observed, desired: Desired, now: float) -> str | None:
         return "reached target samples"
     if desired.end_at is not None and now >= desired.end_at:
         return "duration reached"
-    if desired.guard.must_end(observed.spent_usd, burn_usd_per_hour(observed.instances)):
+    if desired.guard.must_end(observed.spent_usd, fleet_burn_usd_per_hour(observed)):
         return "budget nearly spent"
     return None
 
@@ -131,28 +143,29 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
             actions.append(Terminate(instance.request_id, instance.instance_id, EndReason.RETIRED))
     serving = [i for i in serving if i.request_id not in retired]
     ctx = placement_context(observed, desired, now, serving + pending)
-    burn = burn_usd_per_hour(observed.instances)
+    burn = fleet_burn_usd_per_hour(observed)
+    egress_each = egress_per_instance_usd_per_hour(observed)
     missing = desired.workers + desired.backups - len(serving) - len(pending)
     sequence = observed.launches
     for _ in range(max(0, missing)):
         affordable = [o for o in desired.offers
-                      if desired.guard.can_launch(observed.spent_usd, burn, o.spot_usd_per_hour)]
+                      if desired.guard.can_launch(observed.spent_usd, burn, o.spot_usd_per_hour + egress_each)]
         offer = policy.choose(affordable, ctx)
         if offer is None:
             break
         actions.append(Launch(request_id(desired.cluster, sequence), offer,
                               LaunchReason.REPLACEMENT if desired.initial_fleet_launched else LaunchReason.INITIAL))
         sequence += 1
-        burn += offer.spot_usd_per_hour
+        burn += offer.spot_usd_per_hour + egress_each
         member = FleetMember.from_offer(request_id(desired.cluster, sequence - 1), offer)
         ctx = replace(ctx, fleet=ctx.fleet + (member,))
     if sequence == observed.launches and not pending:  # a settled fleet: the policy may move part of it
         for offer in policy.migrate(desired.offers, ctx):
-            if not desired.guard.can_launch(observed.spent_usd, burn, offer.spot_usd_per_hour):
+            if not desired.guard.can_launch(observed.spent_usd, burn, offer.spot_usd_per_hour + egress_each):
                 break
             actions.append(Launch(request_id(desired.cluster, sequence), offer, LaunchReason.MIGRATION))
             sequence += 1
-            burn += offer.spot_usd_per_hour
+            burn += offer.spot_usd_per_hour + egress_each
 
     duty = choose_duty_holders(serving, observed.duty, desired.checkpoint_replicas, desired.checkpoint_store_of)
     if duty:

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from spotrain.contracts.states import LIVE_STATES, EndReason, InstanceState, LaunchReason
+from spotrain.egress import BYTES_PER_GB, EgressReading, usd_of
 from spotrain.ledger_schema import migrate
 
 
@@ -184,10 +185,12 @@ class Ledger:
         return self._db.execute("SELECT COUNT(*) FROM instances").fetchone()[0]
 
     # spend ------------------------------------------------------------------------------
-    def charge(self, run_id: int, now: float) -> float:
-        """Charge every instance that ran since it was last charged; returns the USD added."""
+    def charge(self, run_id: int, now: float, egress: Iterable[EgressReading] = ()) -> float:
+        """Charge every instance that ran since it was last charged, and the growth of every egress
+        counter, in one transaction; returns the USD added."""
         added = 0.0
         with self.transaction() as db:
+            added += _charge_egress(db, run_id, now, egress)
             rows = db.execute(
                 "SELECT * FROM instances WHERE launched_at IS NOT NULL AND charged_until IS NOT NULL "
                 "AND charged_until < COALESCE(ended_at, ?)", (now,)
@@ -204,7 +207,36 @@ class Ledger:
         return added
 
     def spent(self, run_id: int) -> float:
-        return self._db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE run_id = ?", (run_id,)).fetchone()[0]
+        """Instance time and egress."""
+        return self._db.execute(
+            "SELECT (SELECT COALESCE(SUM(usd), 0) FROM spend WHERE run_id = ?)"
+            " + (SELECT COALESCE(SUM(usd), 0) FROM egress WHERE run_id = ?)", (run_id, run_id)).fetchone()[0]
+
+    def egress_spent(self, run_id: int) -> float:
+        return self._db.execute("SELECT COALESCE(SUM(usd), 0) FROM egress WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+    def egress_by_path(self, run_id: int) -> list[dict]:
+        """{source, destination, gb, usd} per path the run sent tensors over, dearest first."""
+        rows = self._db.execute(
+            "SELECT source, destination, SUM(bytes) AS bytes, SUM(usd) AS usd FROM egress WHERE run_id = ?"
+            " GROUP BY source, destination ORDER BY SUM(usd) DESC, source, destination", (run_id,))
+        return [{"source": r["source"], "destination": r["destination"], "gb": r["bytes"] / BYTES_PER_GB,
+                 "usd": r["usd"]} for r in rows]
+
+    def egress_intervals(self, run_id: int) -> list[sqlite3.Row]:
+        """Every egress charge of the run: t, instance_id, peer, source, destination, bytes, usd_per_gb, usd."""
+        return self._db.execute("SELECT * FROM egress WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+
+    def egress_usd_per_hour(self, run_id: int, now: float, window_seconds: float, tick_seconds: float) -> float:
+        """The fleet's egress burn over the last `window_seconds` (less when the run's first egress
+        charge is younger; each charge covers about the tick before it)."""
+        total, first = self._db.execute(
+            "SELECT COALESCE(SUM(usd), 0), (SELECT MIN(t) FROM egress WHERE run_id = ?) FROM egress"
+            " WHERE run_id = ? AND t > ?", (run_id, run_id, now - window_seconds)).fetchone()
+        if not total:
+            return 0.0
+        span = min(window_seconds, now - first + tick_seconds)
+        return total / max(span, tick_seconds) * 3600.0
 
     def spend_intervals(self, run_id: int) -> list[sqlite3.Row]:
         """Every charge of the run: request_id, location, t_start, t_end, usd, in the order charged."""
@@ -245,6 +277,25 @@ class Ledger:
 
     def metrics(self, run_id: int) -> list[sqlite3.Row]:
         return self._db.execute("SELECT * FROM metrics WHERE run_id = ? ORDER BY t, id", (run_id,)).fetchall()
+
+
+def _charge_egress(db: sqlite3.Connection, run_id: int, now: float, readings: Iterable[EgressReading]) -> float:
+    """Charge what each counter grew by since it was last charged; a stale (smaller) reading charges nothing."""
+    added = 0.0
+    for r in readings:
+        key = (run_id, r.instance_id, r.since, r.peer)
+        row = db.execute("SELECT bytes FROM egress_counters WHERE run_id = ? AND instance_id = ? AND since = ?"
+                         " AND peer = ?", key).fetchone()
+        grown = r.total_bytes - (row["bytes"] if row else 0)
+        if grown <= 0:
+            continue
+        usd = usd_of(grown, r.usd_per_gb)
+        db.execute("INSERT INTO egress (run_id, t, instance_id, peer, source, destination, bytes, usd_per_gb, usd)"
+                   " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                   (run_id, now, r.instance_id, r.peer, r.source, r.destination, grown, r.usd_per_gb, usd))
+        db.execute("INSERT OR REPLACE INTO egress_counters VALUES (?, ?, ?, ?, ?)", (*key, r.total_bytes))
+        added += usd
+    return added
 
 
 def _run(row: sqlite3.Row) -> Run:

@@ -82,7 +82,27 @@ def legacy_end_reason(state: InstanceState, text: str) -> tuple[EndReason, str]:
     return EndReason.ENDED_BY_PROVIDER, text  # a cloud's own state code or status
 
 
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (create_tables, type_end_reasons)
+# Version 3: egress. `egress` holds every charge (the growth of one agent's counter for one destination
+# since the last charge); `egress_counters` the counter value charged so far, per agent process
+# (`since`) and destination, so a record read twice or a controller restarted charges nothing twice.
+SCHEMA_3 = """
+CREATE TABLE IF NOT EXISTS egress (
+    id INTEGER PRIMARY KEY, run_id INTEGER NOT NULL, t REAL NOT NULL, instance_id TEXT NOT NULL,
+    peer TEXT NOT NULL, source TEXT NOT NULL, destination TEXT NOT NULL, bytes INTEGER NOT NULL,
+    usd_per_gb REAL NOT NULL, usd REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS egress_run ON egress (run_id, t);
+CREATE TABLE IF NOT EXISTS egress_counters (
+    run_id INTEGER NOT NULL, instance_id TEXT NOT NULL, since REAL NOT NULL, peer TEXT NOT NULL,
+    bytes INTEGER NOT NULL, PRIMARY KEY (run_id, instance_id, since, peer));
+"""
+
+
+def add_egress(db: sqlite3.Connection) -> None:
+    for statement in SCHEMA_3.split(";"):
+        db.execute(statement)
+
+
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (create_tables, type_end_reasons, add_egress)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

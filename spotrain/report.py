@@ -49,6 +49,8 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "loss_first": _mean(losses_by_time[loss_times[0]]) if loss_times else None,
         "loss_last": _mean(losses_by_time[loss_times[-1]]) if loss_times else None,
         "spend_by_location": ledger.spend_by_location(run.id),
+        "egress_usd": ledger.egress_spent(run.id),  # part of spent_usd
+        "egress_by_path": ledger.egress_by_path(run.id),
         "traffic_by_worker": [{"instance_id": k, "bytes_sent": v[0], "bytes_received": v[1]}
                               for k, v in sorted(traffic.items())],
         "compression": _compression(run.spec),
@@ -97,6 +99,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
     rows = [
         ("duration", format_duration(report["duration_seconds"])),
         ("spent / budget", f"${report['spent_usd']:.4f} / ${report['budget_usd']:.2f}"),
+        ("of which egress", f"${report.get('egress_usd', 0.0):.4f}"),
         ("on demand it would cost (saved)", _on_demand(report)),
         ("samples", f"{report['samples']:,}"),
         ("global epoch", str(report["epochs"])),
@@ -124,12 +127,24 @@ def print_report(report: dict, console: Console | None = None) -> None:
                             f"{row['samples']:,}", format_usd(row["cost_per_million_samples_usd"]),
                             format_usd(row["on_demand_cost_per_million_samples_usd"]))
     console.print(by_location)
+    if report.get("egress_by_path"):
+        console.print(egress_table(report["egress_by_path"]))
     traffic = Table(title="tensor traffic by worker")
     for column in ("worker", "MB sent", "MB received"):
         traffic.add_column(column, justify="left" if column == "worker" else "right")
     for row in report["traffic_by_worker"]:
         traffic.add_row(row["instance_id"], f"{row['bytes_sent'] / 1e6:.2f}", f"{row['bytes_received'] / 1e6:.2f}")
     console.print(traffic)
+
+
+def egress_table(paths: list[dict]) -> Table:
+    """Egress dollars by path (source -> destination location), as charged."""
+    table = Table(title="egress by path")
+    for column in ("from", "to", "GB", "usd"):
+        table.add_column(column, justify="left" if column in ("from", "to") else "right")
+    for path in paths:
+        table.add_row(path["source"], path["destination"], f"{path['gb']:.3f}", f"${path['usd']:.4f}")
+    return table
 
 
 def _on_demand(report: dict) -> str:

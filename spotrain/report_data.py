@@ -128,9 +128,11 @@ def series(ledger: Ledger, run: Run, now: float | None = None) -> dict:
     """Seconds since the run started against: spend so far, each instance's life, samples/s and loss."""
     t0, end = run.started_at, run.ended_at if run.ended_at is not None else (now or time.time())
     spend, total = [(0.0, 0.0)], 0.0
-    for charge in sorted(ledger.spend_intervals(run.id), key=lambda c: c["t_end"]):
-        total += charge["usd"]
-        spend.append((charge["t_end"] - t0, total))
+    charges = [(c["t_end"], c["usd"]) for c in ledger.spend_intervals(run.id)]
+    charges += [(c["t"], c["usd"]) for c in ledger.egress_intervals(run.id)]  # the budget pays egress too
+    for t, usd in sorted(charges):
+        total += usd
+        spend.append((t - t0, total))
     fleet = [{"instance_id": r.instance_id, "location": r.location, "start": r.launched_at - t0,
               "end": (r.ended_at if r.ended_at is not None else end) - t0, "state": r.state,
               "end_reason": r.end_reason or ""}

@@ -37,6 +37,7 @@ def render(report: dict, series: dict) -> str:
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>{html.escape(title)}</h1>\n{_headline(report)}\n{figures}\n"
             f"<h2>By location</h2>\n{_location_table(report['locations'])}\n"
+            f"{_egress_table(report.get('egress_by_path', []))}"
             f'<p class="muted">written {time.strftime("%Y-%m-%d %H:%M:%S")} by spotrain from the cluster\'s '
             f"ledger</p>\n</body></html>\n")
 
@@ -57,6 +58,7 @@ def _headline(report: dict) -> str:
     rows = [
         ("Duration", format_duration(report["duration_seconds"])),
         ("Spent / budget", f"${report['spent_usd']:.4f} / ${report['budget_usd']:.2f}"),
+        ("Of which egress", f"${report.get('egress_usd', 0.0):.4f}"),
         ("On demand it would cost", on_demand),
         ("Samples (global epoch)", f"{report['samples']:,} ({report['epochs']})"),
         ("Cost per 1M samples", format_usd(report["cost_per_million_samples_usd"])),
@@ -68,6 +70,15 @@ def _headline(report: dict) -> str:
     ]
     cells = "".join(f"<tr><th>{key}</th><td>{value}</td></tr>" for key, value in rows)
     return f'<table class="headline">{cells}</table>'
+
+
+def _egress_table(paths: list[dict]) -> str:
+    """Egress dollars by path; nothing when the run sent nothing that was charged."""
+    if not paths:
+        return ""
+    rows = "".join(f"<tr><td>{html.escape(p['source'])}</td><td>{html.escape(p['destination'])}</td>"
+                   f"<td>{p['gb']:.3f}</td><td>${p['usd']:.4f}</td></tr>" for p in paths)
+    return f"<h2>Egress by path</h2>\n<table><tr><th>from</th><th>to</th><th>GB</th><th>spent</th></tr>{rows}</table>\n"
 
 
 def _location_table(locations: list[dict]) -> str:

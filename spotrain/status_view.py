@@ -13,7 +13,9 @@ from rich.table import Table
 from rich.text import Text
 
 from spotrain.contracts.states import AgentState, InstanceState
+from spotrain.egress import EGRESS_WINDOW_SECONDS
 from spotrain.ledger import Ledger, Run
+from spotrain.report import egress_table
 from spotrain.report_data import format_duration
 
 WATCH_SECONDS = 2.0
@@ -27,12 +29,17 @@ def live_figures(ledger: Ledger, run: Run, report: dict, workers: list[dict],
     end_at = ledger.meta(f"run-{run.id}-end-at")  # set by `launch --duration`
     remaining = max(0.0, float(end_at) - now) if running and isinstance(end_at, (int, float)) else None
     burn = sum(w["price_usd_per_hour"] for w in workers if w["state"] == InstanceState.RUNNING) if running else 0.0
+    egress_burn = ledger.egress_usd_per_hour(run.id, now, EGRESS_WINDOW_SECONDS, WATCH_SECONDS) if running else 0.0
+    burn += egress_burn
     left = max(0.0, run.budget_usd - report["spent_usd"])
     duty = [e["detail"] for e in ledger.events(run.id, kinds=("duty",))]
     return {
         "elapsed_seconds": report["duration_seconds"],
         "remaining_seconds": remaining,
-        "burn_usd_per_hour": burn,
+        "burn_usd_per_hour": burn,  # instances and egress
+        "egress_usd_per_hour": egress_burn,
+        "egress_usd": report["egress_usd"],
+        "egress_by_path": report["egress_by_path"],
         "budget_runs_out_in_seconds": left / burn * 3600.0 if burn else None,
         "duty": duty[-1].split(",") if duty and duty[-1] else [],
         "checkpoint_path": report["checkpoint_path"],
@@ -58,11 +65,15 @@ def render(data: dict) -> Group:
                      Text(f"ended: {data['end_reason'] or '-'}; see `spotrain report {data['cluster']}`"))
     horizon = data["budget_runs_out_in_seconds"]
     money += f"   burn ${data['burn_usd_per_hour']:.3f}/h" + (
+        f" (egress ${data['egress_usd_per_hour']:.3f}/h)" if data.get("egress_usd_per_hour") else "") + (
         f", the budget lasts {format_duration(horizon)} at this rate" if horizon is not None else "")
     checkpoint = data["checkpoint_path"] or "none yet"
     progress = (f"epoch {data['epoch']}   samples {data['samples']:,}   "
                 f"{data['samples_per_second']:.1f} samples/s   newest checkpoint {checkpoint}")
-    return Group(Text(head, style="bold"), Text(money), Text(progress), _workers_table(data))
+    parts: list[Text | Table] = [Text(head, style="bold"), Text(money), Text(progress), _workers_table(data)]
+    if data.get("egress_by_path"):
+        parts.append(egress_table(data["egress_by_path"]))
+    return Group(*parts)
 
 
 def _workers_table(data: dict) -> Table:

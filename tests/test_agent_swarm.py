@@ -71,6 +71,9 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
             i in s and s[i].epoch >= 3 for i in ("i-a", "i-b")) and s, 240, "both agents at epoch 3")
         assert statuses["i-a"].state == "training" and statuses["i-a"].samples > 0
         assert statuses["i-a"].bytes_sent > 0 and statuses["i-b"].bytes_received > 0
+        # the bytes each sent are metered per destination: the other agent's peer id
+        b_peer = {a.rsplit("/p2p/", 1)[-1] for a in statuses["i-b"].addresses}
+        assert set(statuses["i-a"].egress_bytes) & b_peer and sum(statuses["i-a"].egress_bytes.values()) > 0
         assert statuses["i-a"].loss is not None
         swarm.assign_duty(["i-a"])
         wait_for(lambda: epochs(store), 120, "a checkpoint from the duty holder")

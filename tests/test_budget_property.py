@@ -1,7 +1,9 @@
 """Property: spend never exceeds the budget, whatever the prices, preemptions and tick jitter.
 
 The same reconcile() and BudgetGuard as a real run are driven over random traces; the money is
-the exact integral of price over instance lifetime, including the drain after termination.
+the exact integral of price over instance lifetime, including the drain after termination, plus
+the egress each instance's traffic costs meanwhile (a share of its price, seen by the guard as the
+fleet's egress burn).
 """
 
 from hypothesis import given, settings
@@ -28,6 +30,7 @@ def scenarios(draw):
         "workers": workers,
         "backups": backups,
         "max_hourly": draw(st.none() | st.floats(0.05, 100.0)),
+        "egress_share": draw(st.just(0.0) | st.floats(0.0, 1.0)),  # egress USD/h per instance, per USD/h of price
         "ticks": draw(st.lists(st.tuples(st.floats(TICK, 2 * TICK),  # a tick may come late, up to 2x
                                          st.floats(0.0, 1.0),  # preemption draw for this tick
                                          st.just(LAG) | st.floats(0.0, LAG)),  # how long termination takes
@@ -43,7 +46,8 @@ def test_spend_never_exceeds_budget(s):
     now, launches, ended = 0.0, 0, False
 
     def cost(until: float) -> float:
-        return sum(i["price"] * (min(until, i["end"] if i["end"] is not None else until) - i["start"]) / 3600
+        rate = 1 + s["egress_share"]  # the price, and its share in egress
+        return sum(i["price"] * rate * (min(until, i["end"] if i["end"] is not None else until) - i["start"]) / 3600
                    for i in fleet.values())
 
     for gap, preempt_draw, lag in s["ticks"]:
@@ -52,10 +56,12 @@ def test_spend_never_exceeds_budget(s):
             if i["end"] is None and preempt_draw < 0.1:
                 i["end"] = now
                 break
+        live = {r: i for r, i in fleet.items() if i["end"] is None or i["end"] > now}
         observed = Observed(
             instances=tuple(ObservedInstance(r, r, i["location"], i["price"], "running", "training")
-                            for r, i in fleet.items() if i["end"] is None or i["end"] > now),
-            spent_usd=cost(now), global_epoch=0, launches=launches)
+                            for r, i in live.items()),
+            spent_usd=cost(now), global_epoch=0, launches=launches,
+            egress_usd_per_hour=sum(i["price"] for i in live.values()) * s["egress_share"])
         desired = Desired("c", s["workers"], s["backups"], s["offers"], guard, 1, initial_fleet_launched=launches > 0)
         for action in reconcile(observed, desired, now, SpreadCheapest()):
             if isinstance(action, Launch):

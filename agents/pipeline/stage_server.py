@@ -27,6 +27,7 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 
+from spotrain.agents.egress import sent_to
 from spotrain.agents.pipeline.protocol import (
     StageOp,
     StageReply,
@@ -122,8 +123,10 @@ class StageServer:
             finally:
                 self.queued -= 1
             self.served += 1
-            return reply_message(StageReply(tensors=tuple(tensors), queued=self.queued, loss=loss,
-                                            samples_per_second=self.meter.samples_per_second(self.tail)))
+            reply = reply_message(StageReply(tensors=tuple(tensors), queued=self.queued, loss=loss,
+                                             samples_per_second=self.meter.samples_per_second(self.tail)))
+            sent_to.add(str(context.remote_id), reply.ByteSize())  # egress, charged by the controller
+            return reply
 
         return handle
 

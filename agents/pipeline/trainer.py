@@ -20,6 +20,7 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
+from spotrain.agents.egress import sent_to
 from spotrain.agents.pipeline.protocol import (
     StageOp,
     StageReply,
@@ -122,6 +123,7 @@ class PipelineTrainer:
                 continue
             attempts += 1
             self.routes.sent(choice)
+            sent_to.add(choice, request.ByteSize())  # activations and gradients are egress too
             try:
                 response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                     peers[choice], name, request, runtime_pb2.ExpertResponse), self.call_timeout)

@@ -37,6 +37,8 @@ class _Training:
     model: torch.nn.Module
     optimizer: Any  # spotrain.kernels.SwarmOptimizer
     writer: CheckpointWriter
+    device: torch.device  # the model's, every batch's and the optimizer state's
+    precision: str | None  # the task's mixed precision (autocast on CUDA), None for full
 
 
 class DataParallelRole:
@@ -45,18 +47,22 @@ class DataParallelRole:
         self._submitted: int | None = None  # the epoch of the last snapshot handed to the writer
 
     def start(self, context: RoleContext) -> None:
+        from spotrain.agents.device import choose_device, describe, task_precision
         from spotrain.contracts.task import load_task
         from spotrain.kernels import SwarmOptimizer, optimizer_options
         from spotrain.stores import CheckpointWriter, ReplicatedStore, named_constants
 
         config, training = context.config, context.config.training
         task = load_task(config.task)
+        device, precision = choose_device(), task_precision(task)
         model = task.build_model()
         # a model's buffers (an attention mask's -inf) are the only tensors that may be non-finite
         constants = named_constants(_buffer_paths(model))
         checkpoint = _restore(config.checkpoint.restore_order(), constants)
         if checkpoint is not None:
             model.load_state_dict(checkpoint.state["model"])
+        model.to(device)  # before the optimizer is built: its state follows the parameters
+        log(f"training on {describe(device)}" + (f" with {precision} autocast" if precision else ""))
         compression = training.compression
         optimizer = SwarmOptimizer(
             dht=context.dht, run_id=config.cluster, params=model.parameters(), optimizer=task.make_optimizer,
@@ -73,7 +79,7 @@ class DataParallelRole:
         context.progress.epoch = optimizer.local_epoch
         writer = CheckpointWriter(ReplicatedStore.from_urls([config.checkpoint.store]), _writer_name(context),
                                   keep=KEEP_CHECKPOINTS, constants=constants)
-        self._training = _Training(context, task, model, optimizer, writer)
+        self._training = _Training(context, task, model, optimizer, writer, device, precision)
 
     def run_until(self, stop: threading.Event) -> None:
         training = self._started()
@@ -142,10 +148,12 @@ def _step(training: _Training, batch: Any) -> float | None:
     """One local step; None when it was skipped (nothing reached the peers)."""
     import torch
 
+    from spotrain.agents.device import autocast, to_device
     from spotrain.kernels.guards import gradients_finite
 
     model, optimizer = training.model, training.optimizer
-    loss = training.task.loss(model, batch)
+    with autocast(training.device, training.precision):
+        loss = training.task.loss(model, to_device(batch, training.device)).float()
     if not torch.isfinite(loss):
         log(f"non-finite loss {loss.item()}: step skipped")
         optimizer.zero_grad()

@@ -7,14 +7,17 @@ instance ids the controller asks to write checkpoints.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from spotrain.contracts.states import AgentState
 
 STATUS_TTL_SECONDS = 30.0
 DUTY_TTL_SECONDS = 60.0
+MAX_EGRESS_DESTINATIONS = 256  # agents.egress keeps 255 peers apart and adds the rest under "other"
+MAX_PEER_NAME = 64
 
 
 def status_key(cluster: str) -> str:
@@ -40,11 +43,25 @@ class AgentStatus:
     time: float
     codec_table: str = ""  # spotrain.kernels.codec_table_fingerprint; peers that differ cannot average
     role: str = ""  # swarm mode: "trainer" or "stage"; "" for data parallelism
+    # tensor bytes sent per destination peer id since `egress_since` (the agent process's start):
+    # cumulative, so the controller charges the growth and a lost record loses nothing
+    egress_bytes: dict[str, int] = field(default_factory=dict)
+    egress_since: float = 0.0
+
+    def __post_init__(self) -> None:
+        egress = self.egress_bytes
+        if not isinstance(egress, dict) or len(egress) > MAX_EGRESS_DESTINATIONS or not all(
+                isinstance(peer, str) and 0 < len(peer) <= MAX_PEER_NAME and type(count) is int and 0 <= count < 2**62
+                for peer, count in egress.items()):
+            raise ValueError("egress_bytes must map at most 256 peer ids to byte counts")
+        if not isinstance(self.egress_since, (int, float)) or not math.isfinite(self.egress_since):
+            raise ValueError("egress_since must be a finite time")
 
     def to_record(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = AgentState(self.state).value
         data["addresses"] = list(self.addresses)
+        data["egress_bytes"] = dict(self.egress_bytes)
         return data
 
     @classmethod
@@ -53,7 +70,7 @@ class AgentStatus:
         if not isinstance(data, dict):
             return None
         names = {f.name for f in fields(cls)}
-        required = {f.name for f in fields(cls) if f.default is MISSING}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         if not required <= set(data):
             return None
         try:

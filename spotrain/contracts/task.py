@@ -28,6 +28,9 @@ class TrainingTask(Protocol):
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer: ...
 
+    # Optional: `mixed_precision = "bfloat16"` runs the forward and the loss under autocast on a
+    # GPU (the agent trains on the VM's GPU when it has one; batches are moved there for you).
+
 
 @dataclass(frozen=True)
 class SimpleTask:
@@ -37,6 +40,7 @@ class SimpleTask:
     batches: Callable[[int, int], Iterator[Any]]
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     make_optimizer: Callable[[Any], torch.optim.Optimizer]
+    mixed_precision: str | None = None  # "bfloat16": autocast on CUDA
 
 
 _REQUIRED = ("build_model", "batches", "loss", "make_optimizer")
