@@ -48,8 +48,9 @@ class LoopCollector:
         if observed is None:  # before the first tick: the budget is all there is to say
             return
         burn = sum(i.price_usd_per_hour for i in observed.instances if i.state == InstanceState.RUNNING)
+        burn += observed.egress_usd_per_hour  # the fleet's traffic costs money too
         yield gauge("spent_usd", "spend of this run so far (instance time and egress)", observed.spent_usd)
-        yield gauge("burn_usd_per_hour", "what the running instances cost per hour now", burn)
+        yield gauge("burn_usd_per_hour", "what the fleet costs per hour now (instances and egress)", burn)
         left = (budget - observed.spent_usd) / burn * 3600.0 if burn > 0 else float("inf")
         yield gauge("budget_left_seconds", "when the budget runs out at this burn rate", max(0.0, left))
         yield gauge("global_epoch", "the swarm's epoch", observed.global_epoch)

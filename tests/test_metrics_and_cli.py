@@ -66,7 +66,7 @@ def test_the_endpoint_serves_what_the_loop_last_saw(tmp_path):
         running = [i for i in observed.instances if i.state == InstanceState.RUNNING]
         assert sum(s.value for s in families["spotrain_workers"]) == len(running) == 2
         assert {s.labels["location"] for s in families["spotrain_workers"]} == {"aws:us-east-1a"}
-        burn = sum(i.price_usd_per_hour for i in running)
+        burn = sum(i.price_usd_per_hour for i in running) + observed.egress_usd_per_hour
         assert families["spotrain_burn_usd_per_hour"][0].value == pytest.approx(burn)
         left = families["spotrain_budget_left_seconds"][0].value
         assert left == pytest.approx((50.0 - observed.spent_usd) / burn * 3600.0)
