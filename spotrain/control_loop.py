@@ -7,15 +7,18 @@ provider's idempotency makes sure nothing is launched twice.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
 from spotrain.contracts.agent_config import (
+    AdmissionSettings,
     AgentConfig,
     CheckpointSettings,
     CompressionSettings,
@@ -51,6 +54,9 @@ from spotrain.providers.base import (
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
 
+if TYPE_CHECKING:
+    from spotrain.access import ClusterAccess
+
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
 MAX_OFFERS_PER_TICK = 8
@@ -68,8 +74,11 @@ class LoopSettings:
 class ControlLoop:
     def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider: Provider, swarm: Swarm,
                  settings: LoopSettings, say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
-                 policy: PlacementPolicy | None = None):
+                 policy: PlacementPolicy | None = None, access: ClusterAccess | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
+        self.access = access  # None: no admission (the simulator, `down`)
+        self.admission_record: dict | None = None  # the newest signed admission, handed to new VMs
+        self._admission_issued = 0.0
         self.settings, self.say, self.clock = settings, say, clock
         self.policy = policy or get_policy(spec.placement.policy, spec.task_profile())
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
@@ -214,8 +223,23 @@ class ControlLoop:
         if self.end_reason is not None:
             self.finish(self.end_reason)
         else:
+            self._publish_admission()  # instances that ended are revoked: the record leaves them out
             self._share_peers(observed)
             self._progress_line(now, observed)
+
+    def _publish_admission(self) -> None:
+        """Sign the live instances' peers and publish them (spotrain/access.py)."""
+        publish = getattr(self.swarm, "publish_admission", None)
+        if self.access is None or publish is None:
+            return
+        live = {row.request_id: row.instance_id for row in self.ledger.instances(states=LIVE_STATES)}
+        issued = self._admission_issued = max(self.clock(), self._admission_issued + 0.001)  # newer each time
+        admission = self.access.admission(live, issued, self.settings.tick_seconds)
+        self.admission_record = self.access.sign_admission(admission)
+        try:
+            publish(self.admission_record, admission.expires)
+        except Exception as error:  # the gates keep the last record; the next tick publishes again
+            self.say(f"admission record not stored: {type(error).__name__}: {error}")
 
     def _share_peers(self, observed: Observed) -> None:
         """Tell the VMs where the live swarm is (an agent restarted at any time bootstraps from it), keep it
@@ -294,7 +318,9 @@ class ControlLoop:
             self.ledger.record_request(self.run.id, request_id, offer.provider, offer.location,
                                        offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
                                        offer.gpu_count, offer.market)
-        config = self.agent_config(offer.location)
+        identity = self.access.identity_for(request_id) if self.access is not None else None
+        self._publish_admission()  # publish first, launch second: the VM is admitted before it can talk
+        config = self.agent_config(offer.location, identity)
         try:
             instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, config))
         except ProviderError as error:
@@ -307,6 +333,8 @@ class ControlLoop:
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
+        if self.access is not None:
+            self.access.launched(request_id)
         if config.pipeline is not None:
             self.roles[instance.instance_id] = config.pipeline.role
         self.failed_at.pop(offer.location, None)
@@ -323,11 +351,15 @@ class ControlLoop:
         except Exception as error:
             self.say(f"duty record not stored: {type(error).__name__}: {error}")
 
-    def agent_config(self, location: str | None = None) -> AgentConfig:
-        """What a new agent at `location` needs to join, no secrets: it writes its failure domain's
-        store and restores from every store, nearest first. Its provider adds what only it knows
+    def agent_config(self, location: str | None = None, identity: bytes | None = None) -> AgentConfig:
+        """What a new agent at `location` needs to join: it writes its failure domain's store and
+        restores from every store, nearest first. Its one secret is `identity`, the libp2p identity
+        generated for that VM alone (spotrain/access.py). Its provider adds what only it knows
         (`AgentConfig.for_vm`)."""
+        from spotrain.kernels import codec_table_fingerprint
+
         training = self.spec.training
+        swarm_mode = training.mode == "swarm"
         agent_peers = [a for s in self.statuses.values() if s.state == AgentState.TRAINING for a in s.addresses][:4]
         return AgentConfig(
             cluster=self.spec.name,
@@ -337,7 +369,7 @@ class ControlLoop:
                 batch_size=training.batch_size, target_batch_size=training.target_batch_size,
                 compression=CompressionSettings(
                     gradients=training.compression.gradients, state=training.compression.state,
-                    activations=training.compression.activations if training.mode == "swarm" else None),
+                    activations=training.compression.activations if swarm_mode else None),
                 matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
                 delayed_updates=training.delayed_updates,
             ),
@@ -347,7 +379,16 @@ class ControlLoop:
             torch_threads=1,
             mode=training.mode,
             pipeline=self._pipeline_settings(),
+            admission=self._admission_settings(identity),
+            codec_table=codec_table_fingerprint(training.compression.gradients, training.compression.state,
+                                                training.compression.activations if swarm_mode else None),
         )
+
+    def _admission_settings(self, identity: bytes | None) -> AdmissionSettings | None:
+        if self.access is None or identity is None or self.admission_record is None:
+            return None
+        return AdmissionSettings(cluster_key=self.access.public_key, record=self.admission_record,
+                                 identity=base64.b64encode(identity).decode())
 
     def _pipeline_settings(self) -> PipelineSettings | None:
         """Swarm mode: a trainer while fewer than `training.pipeline.trainers` live (draining ones do
