@@ -71,3 +71,18 @@ def processes_under(path: Path) -> list[str]:
         if str(path) in cmdline or str(path).encode() in environ:
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+def admit(swarm, instance_ids) -> dict[str, dict]:
+    """What a controller does before launching these instances (and revokes every other): generate
+    each one's identity, sign and publish the admission. Returns each one's user-data `admission`."""
+    import base64
+    import time
+
+    access = swarm.access
+    identities = {i: access.identity_for(f"r-{i}") for i in instance_ids}
+    admission = access.admission({f"r-{i}": i for i in instance_ids}, time.time(), 2.0)
+    record = access.sign_admission(admission)
+    swarm.publish_admission(record, admission.expires)
+    return {i: {"cluster_key": access.public_key, "record": record,
+                "identity": base64.b64encode(identity).decode()} for i, identity in identities.items()}
