@@ -29,6 +29,7 @@ class StatusPublisher:
         self.gate = gate  # None: no admission, so no duty record can be trusted
         # the process-wide key, which hivemind.Optimizer signs with too: the VM's libp2p identity's
         # (agents/admission.py: use_identity), so the subkey's owner is this agent's admitted peer id
+        validator = RSASignatureValidator()
         dht.add_validators([validator])
         self.subkey = instance_id.encode() + validator.local_public_key
         self.has_duty = False

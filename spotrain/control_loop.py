@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pydantic import SecretStr
+
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
 from spotrain.contracts.agent_config import (
@@ -388,7 +390,7 @@ class ControlLoop:
         if self.access is None or identity is None or self.admission_record is None:
             return None
         return AdmissionSettings(cluster_key=self.access.public_key, record=self.admission_record,
-                                 identity=base64.b64encode(identity).decode())
+                                 identity=SecretStr(base64.b64encode(identity).decode()))
 
     def _pipeline_settings(self) -> PipelineSettings | None:
         """Swarm mode: a trainer while fewer than `training.pipeline.trainers` live (draining ones do

@@ -73,16 +73,24 @@ def processes_under(path: Path) -> list[str]:
     return found
 
 
-def admit(swarm, instance_ids) -> dict[str, dict]:
+
+def admissions(access, instance_ids) -> tuple[dict, float, dict[str, dict]]:
     """What a controller does before launching these instances (and revokes every other): generate
-    each one's identity, sign and publish the admission. Returns each one's user-data `admission`."""
+    each one's identity and sign the admission. Returns the record, its expiry and each instance's
+    user-data `admission`."""
     import base64
     import time
 
-    access = swarm.access
     identities = {i: access.identity_for(f"r-{i}") for i in instance_ids}
     admission = access.admission({f"r-{i}": i for i in instance_ids}, time.time(), 2.0)
     record = access.sign_admission(admission)
-    swarm.publish_admission(record, admission.expires)
-    return {i: {"cluster_key": access.public_key, "record": record,
-                "identity": base64.b64encode(identity).decode()} for i, identity in identities.items()}
+    return record, admission.expires, {i: {"cluster_key": access.public_key, "record": record,
+                                           "identity": base64.b64encode(identity).decode()}
+                                       for i, identity in identities.items()}
+
+
+def admit(swarm, instance_ids) -> dict[str, dict]:
+    """`admissions`, published through the controller's SwarmView; each instance's user-data `admission`."""
+    record, expires, each = admissions(swarm.access, instance_ids)
+    swarm.publish_admission(record, expires)
+    return each

@@ -202,7 +202,7 @@ def _peer_id_of_der(der: bytes) -> str:
     import hashlib
 
     import base58
-    import multihash
+    import multihash  # type: ignore[import-untyped]
     from hivemind.proto import crypto_pb2
 
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
