@@ -53,8 +53,10 @@ from spotrain.providers.base import (
     ProviderError,
     QuotaError,
 )
+from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
+from spotrain.throughput import TaskProfile
 
 if TYPE_CHECKING:
     from spotrain.access import ClusterAccess
@@ -98,6 +100,9 @@ class ControlLoop:
         self.duty: tuple[str, ...] = ()
         self.statuses: dict[str, AgentStatus] = {}
         self.max_epoch = max((m["epoch"] for m in ledger.metrics(run.id)), default=0)
+        # what the ledger, the progress line and the end conditions believe of the agents' claims
+        self.bounds = ProgressBounds(spec.training.target_batch_size, self._plausible_rate, self.max_epoch or None,
+                                     self.samples_by_instance)
         self._last_line = 0.0
         self.failures = 0
         self.refused_this_tick = False
@@ -147,7 +152,9 @@ class ControlLoop:
         self.sync_instances(now)
         self.ledger.charge(self.run.id, now)
         try:
-            self.statuses = self.swarm.statuses()
+            launched = {r.instance_id: r.launched_at for r in self.ledger.instances(run_id=self.run.id)
+                        if r.instance_id and r.launched_at is not None}
+            self.statuses = self.bounds.bound(self.swarm.statuses(), launched, now)
             self._observe_stages(now)
         except Exception as error:  # the DHT is best effort; the ledger and provider are the truth
             self.say(f"swarm read failed: {type(error).__name__}: {error}")
@@ -185,6 +192,13 @@ class ControlLoop:
             samples_per_second=sum(s.samples_per_second for s in fresh if s.state == AgentState.TRAINING),
             hours_observed=hours, failed_at=dict(self.failed_at),
         )
+
+    def _plausible_rate(self, instance_id: str) -> float:
+        """samples/s an agent on this instance may claim (progress_bounds)."""
+        training = self.spec.training
+        profile = TaskProfile(t4_samples_per_second=training.t4_samples_per_second, per_gpu=dict(training.throughput))
+        row = next((r for r in self.ledger.instances(run_id=self.run.id) if r.instance_id == instance_id), None)
+        return plausible_rate(profile.rate(row.gpu, row.gpu_count) if row is not None else 0.0)
 
     def desired(self) -> Desired:
         return Desired(
