@@ -41,6 +41,7 @@ from spotrain.controller import (
 )
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
+from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.providers.base import (
     CapacityError,
     ConsoleProvider,
@@ -53,7 +54,6 @@ from spotrain.providers.base import (
     ProviderError,
     QuotaError,
 )
-from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
 from spotrain.throughput import TaskProfile
