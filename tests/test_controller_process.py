@@ -231,7 +231,7 @@ def view_of(dht) -> SwarmView:
     from spotrain.access import ClusterAccess
 
     view = SwarmView.__new__(SwarmView)  # without starting a real DHT
-    view.cluster, view.dht = "idle", dht
+    view.cluster, view.dht, view.client_mode = "idle", dht, False
     view.access = ClusterAccess(Path(tempfile.mkdtemp()) / "idle", "idle")
     return view
 
