@@ -30,6 +30,7 @@ from spotrain.contracts.states import AgentState
 if TYPE_CHECKING:
     from hivemind import DHT
 
+    from spotrain.agents.admission import Gate
     from spotrain.agents.status import StatusPublisher
 
 DRAIN_MARGIN_SECONDS = 1.5  # exit this long before the notice's termination time
@@ -54,6 +55,7 @@ class Agent:
         self.addresses: tuple[str, ...] = ()
         self.codec_table = ""
         self.publisher: StatusPublisher | None = None
+        self.gate: Gate | None = None  # agents/admission.py: None when the user-data admits everyone
         self.drain_deadline: float | None = None  # time.monotonic() when the drain window's timer fires
 
     def _instance_id_from_metadata(self) -> str:
@@ -137,6 +139,13 @@ class Agent:
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,
                                                    compression.activations if self.config.mode == "swarm" else None)
         try:
+            from spotrain.agents.admission import AdmissionError, admit_self
+
+            try:  # before hivemind forks anything: every process of this agent inherits the gate
+                self.gate = admit_self(self.config, Path.cwd(), log)
+            except AdmissionError as error:
+                log(f"agent: {error}")
+                return EXIT_BAD_CONFIG
             dht = self._join()
             return self._serve(dht)
         finally:
@@ -158,10 +167,11 @@ class Agent:
         from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH, CodecTableMismatch, check_codec_table
         from spotrain.agents.status import StatusPublisher
 
-        self.publisher = publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot)
+        self.publisher = publisher = StatusPublisher(dht, self.cluster, self.instance_id, self.snapshot, self.gate)
         publisher.publish_now()  # our codec table is visible before we check theirs
         try:
-            check_codec_table(dht, self.cluster, self.instance_id, self.codec_table)
+            admitted = self.gate.peers() if self.gate is not None else None
+            check_codec_table(dht, self.cluster, self.instance_id, self.codec_table, self.config.codec_table, admitted)
         except CodecTableMismatch as error:
             log(f"refusing to train: {error}")
             dht.shutdown()

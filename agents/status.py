@@ -1,4 +1,5 @@
-"""Publishes this agent's signed status record and reads its checkpoint duty from the DHT."""
+"""Publishes this agent's signed status record, reads its checkpoint duty (signed by the cluster
+key) and the newest admission record (for the gate of every process of this agent) from the DHT."""
 
 from __future__ import annotations
 
@@ -10,20 +11,25 @@ from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.timed_storage import get_dht_time
 
-from spotrain.contracts.records import STATUS_TTL_SECONDS, AgentStatus, duty_holders, duty_key, status_key
+from spotrain.agents.admission import Gate
+from spotrain.contracts.admission import newest_duty
+from spotrain.contracts.records import STATUS_TTL_SECONDS, AgentStatus, duty_key, status_key
 
 
 class StatusPublisher:
     """Every `period` seconds: store `snapshot()` in the DHT, refresh whether we hold duty."""
 
     def __init__(self, dht: DHT, cluster: str, instance_id: str, snapshot: Callable[[], AgentStatus],
-                 period: float = 2.0):
+                 gate: Gate | None, period: float = 2.0):
         self.dht = dht
         self.cluster = cluster
         self.instance_id = instance_id
         self.snapshot = snapshot
         self.period = period
-        validator = RSASignatureValidator()  # the process-wide key hivemind.Optimizer signs with too
+        self.gate = gate  # None: no admission, so no duty record can be trusted
+        # the process-wide key, which hivemind.Optimizer signs with too: the VM's libp2p identity's
+        # (agents/admission.py: use_identity), so the subkey's owner is this agent's admitted peer id
+        validator = RSASignatureValidator()
         dht.add_validators([validator])
         self.subkey = instance_id.encode() + validator.local_public_key
         self.has_duty = False
@@ -43,13 +49,19 @@ class StatusPublisher:
                        expiration_time=get_dht_time() + STATUS_TTL_SECONDS)
 
     def refresh_duty(self) -> None:
-        self.has_duty = self.instance_id in duty_holders(self.dht.get(duty_key(self.cluster), latest=True))
+        if self.gate is None:
+            return
+        duty = newest_duty(self.dht.get(duty_key(self.cluster), latest=True), self.gate.cluster_key, self.cluster,
+                           time.time())
+        self.has_duty = duty is not None and self.instance_id in duty.holders
 
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 self.publish_now()
+                if self.gate is not None:
+                    self.gate.refresh(self.dht)
                 self.refresh_duty()
             except Exception as error:  # a DHT hiccup must not stop training
                 print(f"status publish failed: {type(error).__name__}: {error}", flush=True)

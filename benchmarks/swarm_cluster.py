@@ -19,6 +19,7 @@ from pathlib import Path
 
 from spotrain.contracts.stage_records import StageRecord, found_stage_records, latest_records, stages_key
 from spotrain.contracts.states import AgentState
+from spotrain.access import ClusterAccess
 from spotrain.swarm_view import SwarmView
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
@@ -41,13 +42,23 @@ class LocalSwarm:
     cluster: str = "bench-swarm"
     peers: dict[str, Peer] = field(default_factory=dict)
     view: SwarmView | None = None
+    access: ClusterAccess | None = None
 
     def start_view(self) -> None:
-        self.view = SwarmView(self.cluster)
+        self.access = ClusterAccess(self.work / "controller", self.cluster)
+        self.view = SwarmView(self.cluster, self.access)
+
+    def _admission(self, name: str) -> dict[str, str]:
+        """Admit `name` beside every peer started so far (the gate refuses anyone else)."""
+        assert self.view is not None and self.access is not None
+        record, expires, each = self.access.admit_only([*self.peers, name], time.time(), 2.0)
+        self.view.publish_admission(record, expires)
+        return each[name]
 
     def user_data(self, name: str, role: str) -> dict[str, object]:
         assert self.view is not None
         return {"cluster": self.cluster, "instance_id": name, "initial_peers": self.view.addresses(),
+                "admission": self._admission(name),
                 "task": self.task, "torch_threads": 1, "sigterm_grace_seconds": 5.0,
                 "training": {"batch_size": 4, "target_batch_size": 64, "matchmaking_time": 2.0,
                              "averaging_timeout": 10.0,

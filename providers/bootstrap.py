@@ -1,8 +1,9 @@
 """Renders a cloud VM's user-data from infra/: cloud-init that installs and starts the agent.
 
 The agent's config (`spotrain.contracts.agent_config.AgentConfig`) goes in as JSON (see
-infra/README.md); nothing secret may be in it, and `render_cloud_init` refuses keys that look
-like credentials.
+infra/README.md); its one secret is the VM's own libp2p identity (`admission.identity`, written
+0600 and handed to the agent as a systemd credential); `render_cloud_init` refuses keys that look
+like cloud credentials.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from spotrain import __version__
 from spotrain.contracts.agent_config import AgentConfig, MetadataEndpoint
 
 SECRET_KEY = re.compile(r"secret|password|passwd|token|credential|private_key|access_key", re.IGNORECASE)
-AGENT_CONFIG_PATH = "/etc/spotrain/user-data.json"
+AGENT_CONFIG_PATH = "/etc/spotrain/user-data.json"  # 0600, root's: it holds the VM's identity
+CREDENTIAL_PATH = "%d/user-data.json"  # systemd's LoadCredential copy, readable by the agent's dynamic user
 METADATA = {  # where each cloud's agent finds its metadata service
     "aws": MetadataEndpoint(kind="aws-imdsv2", url="http://169.254.169.254"),
     "gcp": MetadataEndpoint(kind="gce", url="http://metadata.google.internal"),
@@ -52,13 +54,13 @@ def render_cloud_init(config: AgentConfig, cloud: str, worker_image: str | None 
     if worker_image:
         install = f"docker pull {shlex.quote(worker_image)}"
         exec_start = (f"/usr/bin/docker run --rm --name spotrain-agent --network host --gpus all "
-                      f"-v /etc/spotrain:/etc/spotrain:ro -e SPOTRAIN_METADATA_KIND -e SPOTRAIN_METADATA_URL "
+                      f"-v {CREDENTIAL_PATH}:{AGENT_CONFIG_PATH}:ro -e SPOTRAIN_METADATA_KIND -e SPOTRAIN_METADATA_URL "
                       f"{worker_image} --user-data {AGENT_CONFIG_PATH}")
         groups = "docker"
     else:
         package = f"spotrain=={__version__}"
         install = f"python3 -m venv /opt/spotrain && /opt/spotrain/bin/pip install --quiet '{package}'"
-        exec_start = f"/opt/spotrain/bin/spotrain agent --user-data {AGENT_CONFIG_PATH}"
+        exec_start = f"/opt/spotrain/bin/spotrain agent --user-data {CREDENTIAL_PATH}"
         groups = ""
     unit = Template(infra_text("spotrain-agent.service")).substitute(
         metadata_kind=metadata.kind, metadata_url=metadata.url, exec_start=exec_start, groups=groups)

@@ -85,7 +85,8 @@ class LocalProvider:
     def launch(self, request: LaunchRequest) -> Instance:
         instance_id = instance_id_for(request.request_id)
         vm_dir = self.vms / instance_id
-        self.vms.mkdir(parents=True, exist_ok=True)
+        self.vms.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.vms, 0o700)  # each VM's folder holds its identity: no other user looks in
         with open(self.root / "launch.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one launch per request id, even across processes
             if not (vm_dir / "vm.json").exists():
@@ -100,7 +101,7 @@ class LocalProvider:
             self.root / "schedule.json", zone, location.trace, now, self.config.time_compression,
             location.trace_offset_hours * 3600.0, self.config.unannounced_every,
         )
-        vm_dir.mkdir(parents=True, exist_ok=True)
+        vm_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # the supervisor gives the agent its metadata service through the environment
         # every interface, as on a cloud VM; peers on this machine reach it at 127.0.0.1
         user_data = request.user_data.for_vm(location=request.offer.location, instance_id=instance_id,

@@ -27,8 +27,12 @@ PEERS_FILE = "peers"  # the live swarm's peers, rewritten by the provider each t
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
+    """0600: a VM's files are its own (user-data holds its identity; vm.json the command it runs)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        os.fchmod(fd, 0o600)
+        out.write(json.dumps(data))
     os.replace(tmp, path)
 
 

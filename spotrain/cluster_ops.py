@@ -24,7 +24,7 @@ from spotrain.controller_process import (
     tell_parent_ready,
 )
 from spotrain.errors import ControllerRunning, SpotrainError
-from spotrain.home import existing_cluster, ledger_path
+from spotrain.home import cluster_dir, existing_cluster, ledger_path
 from spotrain.ledger import Ledger, Run
 from spotrain.ledger_file import opened_ledger
 from spotrain.provider_factory import make_provider
@@ -53,6 +53,7 @@ def checked_provider(spec: ClusterSpec):
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
+    from spotrain.access import ClusterAccess
     from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
     from spotrain.swarm_view import SwarmView
 
@@ -67,13 +68,14 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
-        swarm = SwarmView(spec.name, **swarm_options(spec.providers.enabled(), spec.controller.reachable, running,
-                                                     ledger.meta(PUBLISHED_PEERS_META)))
+        access = ClusterAccess(cluster_dir(spec.name), spec.name)  # the cluster key: who may join the swarm
+        swarm = SwarmView(spec.name, access, **swarm_options(spec.providers.enabled(), spec.controller.reachable,
+                                                             running, ledger.meta(PUBLISHED_PEERS_META)))
         try:
             settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                     target_epoch=target_epoch or spec.training.target_epoch,
                                     checkpoint_store=spec.default_checkpoint_store())
-            loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say)
+            loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say, access=access)
             if endpoint is not None:
                 endpoint.serve(loop)
                 say(f"metrics for Prometheus at http://{spec.controller.metrics_host}:{endpoint.port}/metrics")

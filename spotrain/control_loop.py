@@ -7,15 +7,20 @@ provider's idempotency makes sure nothing is launched twice.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import SecretStr
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
 from spotrain.contracts.agent_config import (
+    AdmissionSettings,
     AgentConfig,
     CheckpointSettings,
     CompressionSettings,
@@ -37,6 +42,7 @@ from spotrain.controller import (
 from spotrain.egress import EGRESS_WINDOW_SECONDS, EgressReading, PathPrice, egress_readings, peer_instances
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
+from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.providers.base import (
     CapacityError,
     ConsoleProvider,
@@ -51,6 +57,10 @@ from spotrain.providers.base import (
 )
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
+from spotrain.throughput import TaskProfile
+
+if TYPE_CHECKING:
+    from spotrain.access import ClusterAccess
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
@@ -69,8 +79,11 @@ class LoopSettings:
 class ControlLoop:
     def __init__(self, spec: ClusterSpec, ledger: Ledger, run: Run, provider: Provider, swarm: Swarm,
                  settings: LoopSettings, say: Callable[[str], None] = print, clock: Callable[[], float] = time.time,
-                 policy: PlacementPolicy | None = None):
+                 policy: PlacementPolicy | None = None, access: ClusterAccess | None = None):
         self.spec, self.ledger, self.run, self.provider, self.swarm = spec, ledger, run, provider, swarm
+        self.access = access  # None: no admission (the simulator, `down`)
+        self.admission_record: dict | None = None  # the newest signed admission, handed to new VMs
+        self._admission_issued = 0.0
         self.settings, self.say, self.clock = settings, say, clock
         self._policy = policy  # built on first use: its task profile imports the task, which `down` must not
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
@@ -88,6 +101,9 @@ class ControlLoop:
         self.duty: tuple[str, ...] = ()
         self.statuses: dict[str, AgentStatus] = {}
         self.max_epoch = max((m["epoch"] for m in ledger.metrics(run.id)), default=0)
+        # what the ledger, the progress line and the end conditions believe of the agents' claims
+        self.bounds = ProgressBounds(spec.training.target_batch_size, self._plausible_rate, self.max_epoch or None,
+                                     self.samples_by_instance)
         self._last_line = 0.0
         self.failures = 0
         self.refused_this_tick = False
@@ -146,7 +162,9 @@ class ControlLoop:
     def observe(self, now: float) -> Observed:
         self.sync_instances(now)
         try:
-            self.statuses = self.swarm.statuses()
+            launched = {r.instance_id: r.launched_at for r in self.ledger.instances(run_id=self.run.id)
+                        if r.instance_id and r.launched_at is not None}
+            self.statuses = self.bounds.bound(self.swarm.statuses(), launched, now)
             self._observe_stages(now)
         except Exception as error:  # the DHT is best effort; the ledger and provider are the truth
             self.say(f"swarm read failed: {type(error).__name__}: {error}")
@@ -195,6 +213,13 @@ class ControlLoop:
         self.peers_seen.update(peer_instances(self.statuses.values()))  # a gone peer's bytes keep their path
         return egress_readings(self.statuses.values(), location_of, self.egress_price, self.peers_seen)
 
+    def _plausible_rate(self, instance_id: str) -> float:
+        """samples/s an agent on this instance may claim (progress_bounds)."""
+        training = self.spec.training
+        profile = TaskProfile(t4_samples_per_second=training.t4_samples_per_second, per_gpu=dict(training.throughput))
+        row = next((r for r in self.ledger.instances(run_id=self.run.id) if r.instance_id == instance_id), None)
+        return plausible_rate(profile.rate(row.gpu, row.gpu_count) if row is not None else 0.0)
+
     def desired(self) -> Desired:
         return Desired(
             cluster=self.spec.name, workers=self.spec.placement.workers, backups=self.spec.placement.backups,
@@ -235,8 +260,23 @@ class ControlLoop:
         if self.end_reason is not None:
             self.finish(self.end_reason)
         else:
+            self._publish_admission()  # instances that ended are revoked: the record leaves them out
             self._share_peers(observed)
             self._progress_line(now, observed)
+
+    def _publish_admission(self) -> None:
+        """Sign the live instances' peers and publish them (spotrain/access.py)."""
+        publish = getattr(self.swarm, "publish_admission", None)
+        if self.access is None or publish is None:
+            return
+        live = {row.request_id: row.instance_id for row in self.ledger.instances(states=LIVE_STATES)}
+        issued = self._admission_issued = max(self.clock(), self._admission_issued + 0.001)  # newer each time
+        admission = self.access.admission(live, issued, self.settings.tick_seconds)
+        self.admission_record = self.access.sign_admission(admission)
+        try:
+            publish(self.admission_record, admission.expires)
+        except Exception as error:  # the gates keep the last record; the next tick publishes again
+            self.say(f"admission record not stored: {type(error).__name__}: {error}")
 
     def _share_peers(self, observed: Observed) -> None:
         """Tell the VMs where the live swarm is (an agent restarted at any time bootstraps from it), keep it
@@ -315,7 +355,9 @@ class ControlLoop:
             self.ledger.record_request(self.run.id, request_id, offer.provider, offer.location,
                                        offer.spot_usd_per_hour, now, reason, offer.instance_type, offer.gpu,
                                        offer.gpu_count, offer.market)
-        config = self.agent_config(offer.location)
+        identity = self.access.identity_for(request_id) if self.access is not None else None
+        self._publish_admission()  # publish first, launch second: the VM is admitted before it can talk
+        config = self.agent_config(offer.location, identity)
         try:
             instance = self.provider.launch(LaunchRequest(request_id, self.spec.name, offer, config))
         except ProviderError as error:
@@ -328,6 +370,8 @@ class ControlLoop:
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
+        if self.access is not None:
+            self.access.launched(request_id)
         if config.pipeline is not None:
             self.roles[instance.instance_id] = config.pipeline.role
         self.failed_at.pop(offer.location, None)
@@ -344,11 +388,15 @@ class ControlLoop:
         except Exception as error:
             self.say(f"duty record not stored: {type(error).__name__}: {error}")
 
-    def agent_config(self, location: str | None = None) -> AgentConfig:
-        """What a new agent at `location` needs to join, no secrets: it writes its failure domain's
-        store and restores from every store, nearest first. Its provider adds what only it knows
+    def agent_config(self, location: str | None = None, identity: bytes | None = None) -> AgentConfig:
+        """What a new agent at `location` needs to join: it writes its failure domain's store and
+        restores from every store, nearest first. Its one secret is `identity`, the libp2p identity
+        generated for that VM alone (spotrain/access.py). Its provider adds what only it knows
         (`AgentConfig.for_vm`)."""
+        from spotrain.kernels import codec_table_fingerprint
+
         training = self.spec.training
+        swarm_mode = training.mode == "swarm"
         agent_peers = [a for s in self.statuses.values() if s.state == AgentState.TRAINING for a in s.addresses][:4]
         return AgentConfig(
             cluster=self.spec.name,
@@ -358,7 +406,7 @@ class ControlLoop:
                 batch_size=training.batch_size, target_batch_size=training.target_batch_size,
                 compression=CompressionSettings(
                     gradients=training.compression.gradients, state=training.compression.state,
-                    activations=training.compression.activations if training.mode == "swarm" else None),
+                    activations=training.compression.activations if swarm_mode else None),
                 matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
                 delayed_updates=training.delayed_updates,
             ),
@@ -368,7 +416,16 @@ class ControlLoop:
             torch_threads=1,
             mode=training.mode,
             pipeline=self._pipeline_settings(),
+            admission=self._admission_settings(identity),
+            codec_table=codec_table_fingerprint(training.compression.gradients, training.compression.state,
+                                                training.compression.activations if swarm_mode else None),
         )
+
+    def _admission_settings(self, identity: bytes | None) -> AdmissionSettings | None:
+        if self.access is None or identity is None or self.admission_record is None:
+            return None
+        return AdmissionSettings(cluster_key=self.access.public_key, record=self.admission_record,
+                                 identity=SecretStr(base64.b64encode(identity).decode()))
 
     def _pipeline_settings(self) -> PipelineSettings | None:
         """Swarm mode: a trainer while fewer than `training.pipeline.trainers` live (draining ones do

@@ -1,5 +1,10 @@
 """The controller's window on the training swarm: its own hivemind DHT peer.
 
+The peer has the controller's stable identity and the cluster key (spotrain/access.py): it signs
+the admission and duty records, its process refuses peers that are not admitted (the gate of
+agents/admission.py, installed before the DHT's process forks), and it counts a status only when
+the admitted peer of that instance signed it.
+
 Every call into the DHT's process is bounded (DHT_CALL_TIMEOUT_SECONDS) and first checks that the
 process lives: a DHT process killed with the controller's process group (SIGTERM to a foreground
 `spotrain launch`), or by the OOM killer, turns each call into SwarmUnavailable instead of a tick
@@ -13,17 +18,16 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
+from typing import TYPE_CHECKING
 
-from spotrain.contracts.records import (
-    DUTY_TTL_SECONDS,
-    AgentStatus,
-    duty_key,
-    duty_record,
-    newest_statuses,
-    status_key,
-)
+from spotrain.agents.admission import Gate, install
+from spotrain.contracts.admission import admission_key, owner_marker
+from spotrain.contracts.records import DUTY_TTL_SECONDS, AgentStatus, duty_key, newest_statuses, status_key
 from spotrain.contracts.stage_records import found_stage_records, stage_summary, stages_key
 from spotrain.orphans import die_with_parent
+
+if TYPE_CHECKING:
+    from spotrain.access import ClusterAccess
 
 # Read when hivemind is first imported. Its futures share a few bytes with the DHT's process; the
 # default "file_system" strategy routes that through torch's shm manager daemon, which the
@@ -39,14 +43,21 @@ class SwarmUnavailable(RuntimeError):
 
 
 class SwarmView:
-    def __init__(self, cluster: str, initial_peers: Sequence[str] = (), host: str = "127.0.0.1",
-                 client_mode: bool = False):
+    def __init__(self, cluster: str, access: ClusterAccess, initial_peers: Sequence[str] = (),
+                 host: str = "127.0.0.1", client_mode: bool = False):
         from hivemind.dht.crypto import RSASignatureValidator
 
         self.cluster = cluster
+        self.access = access
         self.client_mode = client_mode  # behind NAT: it dials agents, nobody dials it
+        # before the DHT's process forks: it inherits the gate, which reads the newest admission record
+        self.gate = Gate(access.record_path, cluster, access.public_key, access.controller_peer_id)
+        install(self.gate)
+        # hivemind merges one RSASignatureValidator per DHT: the cluster key's signs what this peer
+        # stores under the cluster key's owner marker, and verifies every owner's signature (the agents')
         options = dict(host_maddrs=[f"/ip4/{host}/tcp/0"], start=True,
-                       record_validators=[RSASignatureValidator()],  # verifies the agents' signed status records
+                       identity_path=str(access.controller_identity_path),
+                       record_validators=[RSASignatureValidator(access.hivemind_key())],
                        ensure_bootstrap_success=False,  # agents we knew may have gone while we were down
                        client_mode=client_mode)
         try:
@@ -84,8 +95,9 @@ class SwarmView:
         return self._answer(partial(self.dht.run_coroutine, partial(ping_peers, list(peers))))
 
     def statuses(self) -> dict[str, AgentStatus]:
-        """The newest status of every agent whose record has not expired."""
-        return newest_statuses(self._answer(partial(self.dht.get, status_key(self.cluster), latest=True)))
+        """The newest status of every admitted agent whose record has not expired, signed by its own key."""
+        found = self._answer(partial(self.dht.get, status_key(self.cluster), latest=True))
+        return newest_statuses(found, time.time(), self.gate.peers())
 
     def stages(self) -> list[dict[str, float]]:
         """`{stage, peers, samples_per_second}` of every stage with a serving peer, from the stage records."""
@@ -95,8 +107,17 @@ class SwarmView:
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         from hivemind.utils.timed_storage import get_dht_time
 
-        self._answer(partial(self.dht.store, duty_key(self.cluster), duty_record(instance_ids),
-                             get_dht_time() + DUTY_TTL_SECONDS))
+        now = get_dht_time()
+        record = self.access.sign_duty(tuple(instance_ids), now, DUTY_TTL_SECONDS)
+        self._answer(partial(self.dht.store, duty_key(self.cluster), record, now + DUTY_TTL_SECONDS,
+                             subkey=owner_marker(self.access.public_key)))
+
+    def publish_admission(self, record: dict, expires: float) -> None:
+        """Hand a signed admission record (ClusterAccess.sign_admission) to this process's gate (and its
+        DHT process's), and store it for the agents' gates: before a new VM launches, and every tick."""
+        self.gate.accept(record)
+        self._answer(partial(self.dht.store, admission_key(self.cluster), record, expires,
+                             subkey=owner_marker(self.access.public_key)))
 
     def shutdown(self) -> None:
         self.dht.shutdown()

@@ -71,3 +71,18 @@ def processes_under(path: Path) -> list[str]:
         if str(path) in cmdline or str(path).encode() in environ:
             found.append(f"{proc.name}: {cmdline}")
     return found
+
+
+
+def admissions(access, instance_ids) -> tuple[dict, float, dict[str, dict]]:
+    """What a controller does before launching these instances (and revokes every other)."""
+    import time
+
+    return access.admit_only(instance_ids, time.time(), 2.0)
+
+
+def admit(swarm, instance_ids) -> dict[str, dict]:
+    """`admissions`, published through the controller's SwarmView; each instance's user-data `admission`."""
+    record, expires, each = admissions(swarm.access, instance_ids)
+    swarm.publish_admission(record, expires)
+    return each

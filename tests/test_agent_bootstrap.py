@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import agent_config, wait_for
+from conftest import admissions, admit, agent_config, wait_for
 
+from spotrain.access import ClusterAccess
 from spotrain.contracts.live_peers import PEERS_TAG
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 from spotrain.swarm_view import SwarmView
@@ -18,11 +19,11 @@ from spotrain.swarm_view import SwarmView
 GONE = "/ip4/127.0.0.1/tcp/9/p2p/QmTr1gcgqcGU8U2wjzR1KHF9JoZZHe6oEB9nGAtxSWgbu9"  # a controller that died
 
 
-def start(work: Path, instance_id: str, metadata_url: str) -> subprocess.Popen:
+def start(work: Path, instance_id: str, metadata_url: str, admission: dict) -> subprocess.Popen:
     work.mkdir(exist_ok=True)
     store = {"store": str(work.parent / "ckpt"), "every_epochs": 50}
     config = agent_config("boot", instance_id=instance_id, initial_peers=[GONE], host="0.0.0.0",
-                          announce_host="127.0.0.1", checkpoint=store)
+                          announce_host="127.0.0.1", checkpoint=store, admission=admission)
     (work / "user-data.json").write_text(config.to_json())
     env = dict(os.environ, SPOTRAIN_METADATA_URL=metadata_url)
     with open(work / "agent.log", "a") as log:
@@ -44,6 +45,8 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.mark.slow  # about 2 minutes on 2 cores; tests/test_cluster_e2e.py proves the rejoin in the default suite
 def test_alone_then_same_identity_after_a_restart_then_joined_through_live_peers(tmp_path):
     servers, processes, swarm = [], [], None
+    access = ClusterAccess(tmp_path / "cluster", "boot")
+    admitted = admissions(access, ["i-a", "i-b"])[2]  # as the controller does before it launches them
     try:
         def vm(name: str) -> tuple[Path, str]:
             peers = tmp_path / f"{name}-peers"
@@ -55,7 +58,7 @@ def test_alone_then_same_identity_after_a_restart_then_joined_through_live_peers
         a_peers, a_url = vm("i-a")
         a_peers.write_text("")  # the controller lists nobody: an empty cluster
         a_work = tmp_path / "i-a"
-        processes.append(start(a_work, "i-a", a_url))
+        processes.append(start(a_work, "i-a", a_url, admitted["i-a"]))
         first = wait_for(lambda: addresses(a_work), 120, "a in the swarm")
         assert first[0].startswith("/ip4/127.0.0.1/tcp/")  # announced, although it listens on 0.0.0.0
         log = (a_work / "agent.log").read_text()
@@ -64,14 +67,15 @@ def test_alone_then_same_identity_after_a_restart_then_joined_through_live_peers
 
         stop(processes.pop())
         (a_work / "swarm-addresses.json").unlink()
-        processes.append(start(a_work, "i-a", a_url))
+        processes.append(start(a_work, "i-a", a_url, admitted["i-a"]))
         assert wait_for(lambda: addresses(a_work), 120, "a back") == first  # same peer id, same port
 
-        swarm = SwarmView("boot", first)
+        swarm = SwarmView("boot", access, first)
+        admit(swarm, ["i-a", "i-b"])  # the same identities, a fresh record
         b_peers, b_url = vm("i-b")
         b_peers.write_text(" ".join(first))  # what a controller publishes: the live agents
         b_work = tmp_path / "i-b"
-        processes.append(start(b_work, "i-b", b_url))
+        processes.append(start(b_work, "i-b", b_url, admitted["i-b"]))
         statuses = wait_for(lambda: (s := swarm.statuses()).keys() >= {"i-a", "i-b"} and s, 180, "a and b report")
         assert statuses["i-b"].addresses == tuple(addresses(b_work))
         log = (b_work / "agent.log").read_text()

@@ -14,18 +14,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import agent_config, processes_under, wait_for
+from conftest import admit, agent_config, processes_under, wait_for
 
+from spotrain.access import ClusterAccess
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 from spotrain.swarm_view import SwarmView
 
 MARK = "SPOTRAIN_TEST_AGENT_DIR"  # inherited by everything an agent starts: finds them after it exits
 
 
-def start_agent(tmp_path: Path, instance_id: str, peers: list[str], metadata_url: str | None = None):
+def start_agent(tmp_path: Path, instance_id: str, peers: list[str], admission: dict, metadata_url: str | None = None):
     work = tmp_path / instance_id
     work.mkdir()
-    config = agent_config("drain-test", instance_id=instance_id, initial_peers=peers,
+    config = agent_config("drain-test", instance_id=instance_id, initial_peers=peers, admission=admission,
                           checkpoint={"store": str(tmp_path / "ckpt"), "every_epochs": 1000})
     (work / "user-data.json").write_text(config.to_json())
     env = dict(os.environ, **{MARK: str(work)})
@@ -56,12 +57,13 @@ def agents(tmp_path):
 
 
 def test_a_drain_window_ending_mid_shutdown_leaves_no_process_of_the_agent(tmp_path, agents):
-    swarm = SwarmView("drain-test")
+    swarm = SwarmView("drain-test", ClusterAccess(tmp_path / "cluster", "drain-test"))
+    admitted = admit(swarm, ["i-a", "i-b"])
     imds = MetadataServer(MetadataState("i-a", "zone-a"))
     imds.start_background()
     try:
-        a = start_agent(tmp_path, "i-a", swarm.addresses(), imds.url)
-        b = start_agent(tmp_path, "i-b", swarm.addresses())
+        a = start_agent(tmp_path, "i-a", swarm.addresses(), admitted["i-a"], imds.url)
+        b = start_agent(tmp_path, "i-b", swarm.addresses(), admitted["i-b"])
         agents += [a, b]
         wait_for(lambda: (s := swarm.statuses()) and all(i in s and s[i].epoch >= 2 for i in ("i-a", "i-b")), 240,
                  "both agents averaging (epoch 2)")

@@ -9,16 +9,17 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import wait_for
+from conftest import admit, wait_for
 
+from spotrain.access import ClusterAccess
 from spotrain.contracts.records import status_key
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 from spotrain.stores import open_store
 from spotrain.swarm_view import SwarmView
 
 
-def user_data(cluster, instance_id, peers, store) -> dict:
-    return {
+def user_data(cluster, instance_id, peers, store, admission: dict) -> dict:
+    return {"admission": admission,
         "cluster": cluster, "instance_id": instance_id, "initial_peers": peers,
         "task": "spotrain.examples.tiny_gpt:task",
         "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": "float16", "state": "none"},
@@ -57,13 +58,14 @@ def cleanup():
 
 def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
     cluster, store = "swarm-test", tmp_path / "ckpt"
-    swarm = SwarmView(cluster)
+    swarm = SwarmView(cluster, ClusterAccess(tmp_path / "cluster", cluster))
+    admitted = admit(swarm, ["i-a", "i-b", "i-c"])
     imds = MetadataServer(MetadataState("i-b", "zone-b"))
     imds.start_background()
     try:
         peers = swarm.addresses()
-        a = start_agent(tmp_path, user_data(cluster, "i-a", peers, store))
-        b = start_agent(tmp_path, user_data(cluster, "i-b", peers, store), imds.url)
+        a = start_agent(tmp_path, user_data(cluster, "i-a", peers, store, admitted["i-a"]))
+        b = start_agent(tmp_path, user_data(cluster, "i-b", peers, store, admitted["i-b"]), imds.url)
         cleanup += [a, b]
         swarm.assign_duty(["i-a"])
 
@@ -99,7 +101,7 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
                           "a newer checkpoint")
         os.killpg(a.pid, 9)
         a.wait()
-        c = start_agent(tmp_path, user_data(cluster, "i-c", swarm.addresses(), store))
+        c = start_agent(tmp_path, user_data(cluster, "i-c", swarm.addresses(), store, admitted["i-c"]))
         cleanup.append(c)
         wait_for(lambda: (s := swarm.statuses().get("i-c")) and s.epoch >= newest, 120, "c resumed")
         assert "resumed from checkpoint epoch" in (tmp_path / "i-c" / "agent.log").read_text()

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from averaging_peer import peer_tensors
-from conftest import wait_for
+from conftest import admit, wait_for
 
+from spotrain.access import ClusterAccess
 from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH
 from spotrain.kernels.table import nominal_ratio
 from spotrain.swarm_view import SwarmView
@@ -52,8 +53,8 @@ def test_two_peers_average_with_blockwise8_close_to_the_true_mean(tmp_path):
         assert 0.9 * nominal_ratio("blockwise8") < ratio < 1.1 * nominal_ratio("blockwise8")
 
 
-def agent_config(cluster, instance_id, peers, store, gradients, state) -> dict:
-    return {
+def agent_config(cluster, instance_id, peers, store, gradients, state, admission: dict) -> dict:
+    return {"admission": admission,
         "cluster": cluster, "instance_id": instance_id, "initial_peers": peers,
         "task": "spotrain.examples.tiny_gpt:task",
         "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": gradients, "state": state},
@@ -86,11 +87,14 @@ def test_agents_train_with_blockwise_codecs_and_a_different_codec_table_fails_lo
     from spotrain.kernels import codec_table_fingerprint
 
     cluster, store = "codec-test", tmp_path / "ckpt"
-    swarm = SwarmView(cluster)
+    swarm = SwarmView(cluster, ClusterAccess(tmp_path / "cluster", cluster))
+    admitted = admit(swarm, ["i-a", "i-b", "i-c"])
     try:
         peers = swarm.addresses()
-        agents.append(start_agent(tmp_path, agent_config(cluster, "i-a", peers, store, "blockwise4", "blockwise8")))
-        agents.append(start_agent(tmp_path, agent_config(cluster, "i-c", peers, store, "blockwise4", "blockwise8")))
+        agents.append(start_agent(tmp_path, agent_config(cluster, "i-a", peers, store, "blockwise4", "blockwise8",
+                                                          admitted["i-a"])))
+        agents.append(start_agent(tmp_path, agent_config(cluster, "i-c", peers, store, "blockwise4", "blockwise8",
+                                                          admitted["i-c"])))
         statuses = wait_for(lambda: (s := swarm.statuses()) and all(
             i in s and s[i].epoch >= 3 and s[i].bytes_sent > 0 and s[i].bytes_received > 0 for i in ("i-a", "i-c"))
             and s, 240, "both agents at epoch 3, having averaged")
@@ -99,7 +103,8 @@ def test_agents_train_with_blockwise_codecs_and_a_different_codec_table_fails_lo
         assert "CodecMismatchError" not in (tmp_path / "i-a" / "agent.log").read_text()
 
         # same spotrain, another choice of codecs: it must refuse at join, not decode garbage
-        b = start_agent(tmp_path, agent_config(cluster, "i-b", swarm.addresses(), store, "blockwise8", "blockwise8"))
+        b = start_agent(tmp_path, agent_config(cluster, "i-b", swarm.addresses(), store, "blockwise8", "blockwise8",
+                                               admitted["i-b"]))
         agents.append(b)
         assert b.wait(timeout=120) == EXIT_CODEC_MISMATCH
         log = (tmp_path / "i-b" / "agent.log").read_text()
@@ -115,13 +120,15 @@ def test_agents_train_with_blockwise_codecs_and_a_different_codec_table_fails_lo
 def test_nan_gradients_skip_the_step_and_never_reach_the_peers(tmp_path, agents):
     """nan_task makes every third backward pass NaN (with a finite loss) on one agent."""
     cluster, store = "nan-test", tmp_path / "ckpt"
-    swarm = SwarmView(cluster)
+    swarm = SwarmView(cluster, ClusterAccess(tmp_path / "cluster", cluster))
+    admitted = admit(swarm, ["i-sick", "i-well"])
     try:
         peers = swarm.addresses()
-        sick = agent_config(cluster, "i-sick", peers, store, "blockwise8", "blockwise8")
+        sick = agent_config(cluster, "i-sick", peers, store, "blockwise8", "blockwise8", admitted["i-sick"])
         sick["task"] = "nan_task:task"
         agents.append(start_agent(tmp_path, sick))
-        agents.append(start_agent(tmp_path, agent_config(cluster, "i-well", peers, store, "blockwise8", "blockwise8")))
+        agents.append(start_agent(tmp_path, agent_config(cluster, "i-well", peers, store, "blockwise8", "blockwise8",
+                                                          admitted["i-well"])))
         statuses = wait_for(lambda: (s := swarm.statuses()) and all(
             i in s and s[i].epoch >= 4 and s[i].bytes_received > 0 for i in ("i-sick", "i-well")) and s, 240,
             "both agents at epoch 4, having averaged")

@@ -226,8 +226,13 @@ class DeadDHT(SilentDHT):
 
 
 def view_of(dht) -> SwarmView:
+    import tempfile
+
+    from spotrain.access import ClusterAccess
+
     view = SwarmView.__new__(SwarmView)  # without starting a real DHT
     view.cluster, view.dht, view.client_mode = "idle", dht, False
+    view.access = ClusterAccess(Path(tempfile.mkdtemp()) / "idle", "idle")
     return view
 
 

@@ -2,7 +2,7 @@
 
 from types import SimpleNamespace
 
-from spotrain.contracts.records import AgentStatus, duty_holders, duty_record, newest_statuses
+from spotrain.contracts.records import AgentStatus, newest_statuses
 from spotrain.contracts.states import AgentState
 
 
@@ -31,11 +31,13 @@ def test_unknown_states_and_malformed_records_are_skipped():
 
 def test_the_newest_status_of_each_instance_wins():
     older, newer, other = status("i-a", 1.0), status("i-a", 2.0, AgentState.DRAINING), status("i-b", 1.5)
-    got = newest_statuses(found(newer.to_record(), older.to_record(), other.to_record(), {"bad": 1}))
+    got = newest_statuses(found(newer.to_record(), older.to_record(), other.to_record(), {"bad": 1}), 10.0, None)
     assert got == {"i-a": newer, "i-b": other}
-    assert newest_statuses(None) == {} and newest_statuses(SimpleNamespace(value=[1])) == {}
+    assert newest_statuses(None, 10.0, None) == {} and newest_statuses(SimpleNamespace(value=[1]), 10.0, None) == {}
 
 
-def test_the_duty_record_round_trips():
-    assert duty_holders(SimpleNamespace(value=duty_record(("i-a", "i-b")))) == ("i-a", "i-b")
-    assert duty_holders(None) == () and duty_holders(SimpleNamespace(value="i-a")) == ()
+def test_counters_must_be_non_negative_integers_and_times_finite():
+    good = status("i-a", 1.0).to_record()
+    for key, bad in [("epoch", -1), ("epoch", 1.5), ("samples", True), ("samples", "9"), ("time", float("nan")),
+                     ("samples_per_second", float("inf")), ("loss", float("nan")), ("bytes_sent", -5)]:
+        assert AgentStatus.from_record({**good, key: bad}) is None, (key, bad)

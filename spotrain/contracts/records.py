@@ -1,17 +1,22 @@
 """The DHT records through which the controller and the agents meet.
 
-`<cluster>.status`: one signed subkey per agent (the subkey carries the agent's RSA public key,
-so hivemind's RSASignatureValidator only accepts that agent's writes). `<cluster>.duty`: the
-instance ids the controller asks to write checkpoints.
+`<cluster>.status`: one signed subkey per agent: its instance id and its RSA public key's owner
+marker, so hivemind's RSASignatureValidator only accepts that key's writes. The key is the
+agent's libp2p identity, so its peer id is the key's: a status counts only when the admission
+record (spotrain.contracts.admission) lists that peer id for the record's instance id, and when
+its time is not ahead of the reader's clock. `<cluster>.duty`: the instance ids on checkpoint
+duty, a record signed by the cluster key (`contracts.admission.duty_record`), stored under the
+cluster key's owner marker.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from spotrain.contracts.admission import MAX_CLOCK_SKEW_SECONDS, owner_public_key, peer_id_of_public_key
 from spotrain.contracts.states import AgentState
 
 STATUS_TTL_SECONDS = 30.0
@@ -77,31 +82,45 @@ class AgentStatus:
             values = {name: data[name] for name in names & set(data)}
             values["state"] = AgentState(values["state"])
             values["addresses"] = tuple(str(a) for a in values["addresses"])
-            return cls(**values)
+            status = cls(**values)
         except (TypeError, ValueError):
             return None
+        return status if status._well_typed() else None
+
+    def _well_typed(self) -> bool:
+        """Counters are non-negative integers, rates and times finite: a peer's record is input."""
+        counters = (self.epoch, self.samples, self.bytes_sent, self.bytes_received,
+                    0 if self.checkpoint_epoch is None else self.checkpoint_epoch)
+        reals = (self.samples_per_second, self.time, 0.0 if self.loss is None else self.loss)
+        return (all(type(c) is int and c >= 0 for c in counters)
+                and all(type(r) in (int, float) and math.isfinite(r) for r in reals)
+                and self.samples_per_second >= 0 and isinstance(self.codec_table, str) and isinstance(self.role, str))
 
 
-def newest_statuses(found: Any) -> dict[str, AgentStatus]:
+def newest_statuses(found: Any, now: float, admitted: Mapping[str, str] | None) -> dict[str, AgentStatus]:
     """instance id -> its newest status, from what `DHT.get(status_key(cluster), latest=True)`
-    returned: None, or a value whose `.value` maps each subkey to an entry with a `.value` record."""
+    returned: None, or a value whose `.value` maps each subkey to an entry with a `.value` record.
+
+    `admitted` (peer id -> instance id, from the admission record): a record counts only when the
+    key that signed it (its subkey's owner) is the admitted peer of its instance id. None: an open
+    swarm (no admission: the simulator, hand-made test configs). Records timed more than
+    MAX_CLOCK_SKEW_SECONDS ahead of `now` never count (they would never go stale)."""
     entries = getattr(found, "value", None)
     if not isinstance(entries, dict):
         return {}
     newest: dict[str, AgentStatus] = {}
-    for entry in entries.values():
+    for subkey, entry in entries.items():
         status = AgentStatus.from_record(getattr(entry, "value", None))
-        if status is not None and (status.instance_id not in newest or status.time > newest[status.instance_id].time):
+        if status is None or not status.time <= now + MAX_CLOCK_SKEW_SECONDS:
+            continue
+        if admitted is not None and admitted.get(signer_peer_id(subkey) or "") != status.instance_id:
+            continue
+        if status.instance_id not in newest or status.time > newest[status.instance_id].time:
             newest[status.instance_id] = status
     return newest
 
 
-def duty_record(instance_ids: Iterable[str]) -> list[str]:
-    """The value stored under `duty_key`: the instance ids on checkpoint duty."""
-    return [str(i) for i in instance_ids]
-
-
-def duty_holders(found: Any) -> Sequence[str]:
-    """The instance ids on duty, from what `DHT.get(duty_key(cluster), latest=True)` returned."""
-    value = getattr(found, "value", None)
-    return tuple(str(i) for i in value) if isinstance(value, list) else ()
+def signer_peer_id(subkey: object) -> str | None:
+    """The peer id of the key whose owner marker a status subkey carries."""
+    owner = owner_public_key(subkey)
+    return peer_id_of_public_key(owner) if owner is not None else None
