@@ -24,6 +24,7 @@ from spotrain.agents.progress import Progress
 from spotrain.agents.roles.base import Role, RoleContext
 from spotrain.agents.roles.data_parallel import DataParallelRole
 from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
+from spotrain.contracts.log_format import configure as configure_logging
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import AgentState
 
@@ -227,6 +228,7 @@ def _seconds_until(iso_time: str) -> float:
 
 
 def main(user_data: Path) -> int:
+    configure_logging()  # hivemind's lines too, in the agent's format, on the VM's console
     try:
         config = AgentConfig.from_json(user_data.read_text(), source=user_data)
     except OSError as error:
@@ -235,7 +237,7 @@ def main(user_data: Path) -> int:
         config_error = str(error)
     else:
         return Agent(config).run()
-    print(f"agent: {config_error}", file=sys.stderr, flush=True)
+    print(f"agent: {config_error}", file=sys.stderr, flush=True)  # the one line naming the file and the key
     return EXIT_BAD_CONFIG
 
 

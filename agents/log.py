@@ -1,9 +1,11 @@
-"""The agent's log line: a timestamp, "agent:", the message (systemd and the local VM keep stdout)."""
+"""The agent's log: `HH:MM:SS agent: message` on stdout, the VM's console (spotrain.contracts.log_format)."""
 
 from __future__ import annotations
 
-import time
+import logging
+
+_agent = logging.getLogger("spotrain.agent")  # shown as "agent"
 
 
 def log(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} agent: {message}", flush=True)
+    _agent.info(message)

@@ -12,6 +12,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils.timed_storage import get_dht_time
 
 from spotrain.agents.admission import Gate
+from spotrain.agents.log import log
 from spotrain.contracts.admission import newest_duty
 from spotrain.contracts.records import STATUS_TTL_SECONDS, AgentStatus, duty_key, status_key
 
@@ -64,7 +65,7 @@ class StatusPublisher:
                     self.gate.refresh(self.dht)
                 self.refresh_duty()
             except Exception as error:  # a DHT hiccup must not stop training
-                print(f"status publish failed: {type(error).__name__}: {error}", flush=True)
+                log(f"status publish failed: {type(error).__name__}: {error}")
             self._stop.wait(max(0.0, self.period - (time.monotonic() - started)))
 
 

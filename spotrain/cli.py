@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -38,7 +39,15 @@ def check_number(flag: str, value: float | None, most: float, least: float | Non
 
 
 def say(message: str) -> None:
-    console.print(f"[dim]{__import__('time').strftime('%H:%M:%S')}[/dim] {message}", highlight=False)
+    """A line of the controller's log (spotrain.contracts.log_format: on stdout once `controller_logging` ran)."""
+    logging.getLogger("spotrain.controller").info(message)
+
+
+def controller_logging(route_hivemind: bool) -> None:
+    """`launch` and `down` speak as the controller: their lines on stdout, in the one log format."""
+    from spotrain.contracts.log_format import configure
+
+    configure(sys.stdout, route_hivemind=route_hivemind)
 
 
 def _print_version(wanted: bool) -> None:
@@ -91,10 +100,11 @@ def launch(
             console.print(f"controller of {spec.name} started in the background (pid {pid}); "
                           f"follow with `spotrain status {spec.name}` and `spotrain logs {spec.name} -f`")
             return
-        from spotrain.logs import teed
+        from spotrain.logs import log_to_file
 
-        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick,
-                                    say=teed(say, spec.name))
+        controller_logging(route_hivemind=True)
+        log_to_file(spec.name)
+        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
@@ -139,6 +149,7 @@ def down(cluster: str | None = typer.Argument(None, help="cluster name; may be l
     """Final checkpoint, then terminate every worker of the cluster."""
     from spotrain import cluster_ops
 
+    controller_logging(route_hivemind=False)
     try:
         name = cluster_ops.down(cluster, say=say)
     except SpotrainError as error:

@@ -25,20 +25,16 @@ def controller_log_path(name: str) -> Path:
     return cluster_dir(name) / "controller.log"
 
 
-def teed(say: Callable[[str], None], name: str) -> Callable[[str], None]:
-    """`say` that also appends each line to the controller's log, unless stdout already is that file
+def log_to_file(name: str) -> None:
+    """Append the controller's log lines to its log file too, unless stdout already is that file
     (a detached controller)."""
+    from spotrain.contracts.log_format import add_file
+
     path = controller_log_path(name)
     if _stdout_is(path):
-        return say
-
-    def say_and_log(message: str) -> None:
-        say(message)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as handle:
-            handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
-
-    return say_and_log
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    add_file(str(path))
 
 
 def _stdout_is(path: Path) -> bool:

@@ -129,7 +129,8 @@ def test_the_read_only_commands_work_once_the_task_is_gone(trained, tmp_path):
     assert "ending the run: duration reached" in logs and "agent: joined the swarm" in logs
     controller_only = ok(spotrain("logs", "--controller", "-n", "0", home=home, cwd=tmp_path))
     assert "agent:" not in controller_only and "launched i-" in controller_only
-    instance = next(line.split()[2] for line in controller_only.splitlines() if " launched i-" in line)
+    instance = next(line.split(" launched ")[1].split()[0] for line in controller_only.splitlines()
+                    if " controller: launched i-" in line)  # HH:MM:SS controller: launched i-... (the one format)
     one = ok(spotrain("logs", instance, "-n", "3", home=home, cwd=tmp_path))  # the only cluster's instance
     assert one.startswith(f"==> {instance} (local:") and len(one.splitlines()) == 4
     followed = follow_until(["logs", "-f", "-n", "1"], home, tmp_path, ["[controller] ", f"[{instance}] "])
