@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotrain.access import ClusterAccess
 from spotrain.contracts.stage_records import StageRecord, found_stage_records, latest_records, stages_key
 from spotrain.contracts.states import AgentState
-from spotrain.access import ClusterAccess
 from spotrain.swarm_view import SwarmView
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")

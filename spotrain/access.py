@@ -106,7 +106,7 @@ class ClusterAccess:
         return Admission(self.cluster, self.controller_peer_id, peers, now, expires)
 
     def admit_only(self, instance_ids: Sequence[str], now: float, tick_seconds: float,
-                   ) -> tuple[dict[str, Any], float, dict[str, dict[str, str]]]:
+                   ) -> tuple[dict[str, Any], float, dict[str, dict[str, Any]]]:
         """Agents started by hand (tests, benchmarks), one request per instance id: sign an admission
         of exactly these. Returns the record, its expiry and each instance's user-data `admission`."""
         identities = {i: self.identity_for(f"r-{i}") for i in instance_ids}
