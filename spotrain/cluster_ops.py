@@ -65,8 +65,8 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
-        swarm = SwarmView(spec.name, **swarm_options(spec.providers.enabled(), spec.controller.reachable, running,
-                                                     ledger.meta(PUBLISHED_PEERS_META)))
+        swarm = SwarmView(spec.name, **swarm_options(spec.providers.on_this_host(), spec.controller.reachable,
+                                                     running, ledger.meta(PUBLISHED_PEERS_META)))
         try:
             settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                     target_epoch=target_epoch or spec.training.target_epoch,
@@ -137,6 +137,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
         left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
         if left:
             raise SpotrainError(f"instances still running after down: {', '.join(left)}")
+        provider.release_cluster(name)  # the emulated cloud: namespaces, links, cgroups, buckets
     return name
 
 
