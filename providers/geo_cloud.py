@@ -79,6 +79,7 @@ class EmulatedCloud:
         """A VM in `region` at its lowest free address (not in `used`); returns the address."""
         address = self.plan.free_address(region, used)
         try:
+            self.cgroups.make(self.plan.cloud, instance_id, self.plan.vm_cpus)  # its "instance size"
             self.network.add_vm(instance_id, region, address)
         except BaseException:
             self.release_vm(instance_id)
@@ -86,8 +87,8 @@ class EmulatedCloud:
         return address
 
     def vm_command(self, instance_id: str, argv: list[str]) -> list[str]:
-        """`argv` as the VM's first process: in its cgroup (its CPU quota) and its namespace."""
-        group = self.cgroups.make(self.plan.cloud, instance_id, self.plan.vm_cpus)
+        """`argv` as a process of the VM (`add_vm`): in its cgroup (its CPU quota) and its namespace."""
+        group = self.cgroups.group(self.plan.cloud, instance_id)
         return in_cgroup(group, in_namespace(self.plan.vm_namespace(instance_id), argv))
 
     def vm_exists(self, instance_id: str) -> bool:

@@ -148,7 +148,7 @@ def plan_cloud(cloud: str, subnets: Mapping[str, str], within_region_mbit: float
 
 def bridge_port(instance_id: str) -> str:
     """The VM's link as its region's bridge names it (interface names hold at most 15 bytes)."""
-    return "v" + instance_id.removeprefix("i-")[:12]
+    return "v" + instance_id.removeprefix("i-")[-12:]
 
 
 def tbf_arguments(rate_mbit: float) -> list[str]:
