@@ -60,9 +60,15 @@ class EmulatedCloud:
     def complete(self) -> bool:
         return self.network.complete() and all(store_running(self.plan, r, self.cgroups) for r in self.plan.regions)
 
-    def ensure(self) -> bool:
-        """The cloud, built when it is not complete; True when it was (re)built."""
+    def ensure(self, live_vms: set[str]) -> bool:
+        """The cloud, built when it is not complete; True when it was (re)built. A complete cloud is
+        kept with the VMs in `live_vms` (a relaunched controller adopts them); any other VM it holds
+        is a crashed run's leftover and is powered off."""
         if self.complete():
+            for namespace in self.network.vm_namespaces():
+                instance_id = namespace.removeprefix(self.plan.cloud + "-")
+                if instance_id not in live_vms:
+                    self.release_vm(instance_id)
             return False
         self.teardown()  # a crashed run's leftovers (and VMs in a cloud that lost a part) go first
         self.state_dir.mkdir(parents=True, exist_ok=True)

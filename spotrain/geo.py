@@ -52,7 +52,10 @@ def run_controller_behind_nat(spec: ClusterSpec, say) -> None:
     pid = controller_pid(spec.name)
     if pid:
         raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
-    if cloud.ensure():
+    from spotrain.contracts.states import InstanceState
+
+    running = {i.instance_id for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING}
+    if cloud.ensure(running):
         say(f"emulated cloud {cloud.plan.cloud}: {len(cloud.plan.regions)} region(s), "
             f"{cloud.plan.between_regions_mbit:g} Mbit/s between, {cloud.plan.within_region_mbit:g} within; "
             f"the controller behind NAT")

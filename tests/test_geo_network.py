@@ -56,7 +56,7 @@ def test_two_regions_a_controller_behind_nat_and_nothing_left(tmp_path):
     cloud = EmulatedCloud(plan, tmp_path / "state")
     servers: list[subprocess.Popen] = []
     try:
-        assert cloud.ensure() and cloud.complete() and not cloud.ensure()  # built once, then kept
+        assert cloud.ensure(set()) and cloud.complete() and not cloud.ensure(set())  # built once, then kept
         address = {}
         for instance_id, region in VMS.items():
             address[instance_id] = cloud.add_vm(instance_id, region, set(address.values()))
@@ -114,9 +114,14 @@ def test_a_crashed_clouds_leftovers_are_swept_at_the_next_build(tmp_path):
         orphan = subprocess.Popen(cloud.vm_command("i-00000000000000c1", ["sleep", "600"]))
         time.sleep(0.5)
         assert not cloud.complete()
-        assert cloud.ensure() and cloud.complete()
+        assert cloud.ensure(set()) and cloud.complete()
         assert orphan.wait(timeout=10) == -9
         assert plan.vm_namespace("i-00000000000000c1") not in namespaces()
+        # a complete cloud is kept, with the VMs still running, and without any other
+        for instance_id in ("i-00000000000000c2", "i-00000000000000c3"):
+            cloud.add_vm(instance_id, "r-one", set())
+        assert not cloud.ensure({"i-00000000000000c2"})
+        assert [n.rsplit("-", 1)[1] for n in cloud.network.vm_namespaces()] == ["00000000000000c2"]
     finally:
         cloud.teardown()
     assert cloud.leftovers() == []
