@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, ip_network
+from ipaddress import IPv4Network, ip_network
 from pathlib import Path
 
 PREFIX = "spg-"
-REGION_SPACE = ip_network("198.18.0.0/16")  # where region subnets may lie (RFC 2544's benchmark range)
-UPLINK_SPACE = ip_network("198.19.0.0/16")  # core <-> region links, one /30 each
-CONTROLLER_NET = ip_network("192.168.255.0/30")  # the laptop's home network, behind the core's NAT
+REGION_SPACE = IPv4Network("198.18.0.0/16")  # where region subnets may lie (RFC 2544's benchmark range)
+UPLINK_SPACE = IPv4Network("198.19.0.0/16")  # core <-> region links, one /30 each
+CONTROLLER_NET = IPv4Network("192.168.255.0/30")  # the laptop's home network, behind the core's NAT
 STORE_PORT = 9000
 FIRST_VM_HOST = 10  # .1 gateway, .2 store, the rest below .10 kept free
 MAX_REGIONS = 64
@@ -161,7 +161,3 @@ def tbf_arguments(rate_mbit: float) -> list[str]:
 def cpu_quota_us(cpus: float, period_us: int = CPU_PERIOD_US) -> int:
     """CFS quota per period for `cpus` CPUs (cgroup v1 cpu.cfs_quota_us, v2 cpu.max's first field)."""
     return max(1000, round(cpus * period_us))
-
-
-def is_address_in(address: str, network: IPv4Network) -> bool:
-    return IPv4Address(address) in network

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spotrain.contracts.live_peers import peers_value
 from spotrain.contracts.states import EndReason, InstanceState
@@ -139,7 +139,7 @@ class LocalProvider:
         )
         vm_dir.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "spotrain.providers.local_vm", str(vm_dir)]
-        env, geo = dict(os.environ), {}
+        env, geo = dict(os.environ), dict[str, Any]()
         if self.geo:
             geo, command = self._geo_vm(request.cluster, instance_id, location.region, command)
             env.update(EMULATED_CREDENTIALS)
@@ -166,7 +166,7 @@ class LocalProvider:
         self._wait_until_booted(vm_dir, process)
 
     def _geo_vm(self, cluster: str, instance_id: str, region: str | None,
-                command: list[str]) -> tuple[dict, list[str]]:
+                command: list[str]) -> tuple[dict[str, Any], list[str]]:
         """The VM's namespace at a free address of its region; what vm.json records of it, and its
         supervisor's command (in the VM's cgroup and namespace).
 
