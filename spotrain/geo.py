@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ def _local(spec: ClusterSpec) -> LocalProvider:
     return LocalProvider(spec.providers.local, local_cloud_dir())
 
 
-def run_controller_behind_nat(spec: ClusterSpec, say) -> None:
+def run_controller_behind_nat(spec: ClusterSpec, say: Callable[[str], None]) -> None:
     """Build the spec's emulated cloud and re-execute this command in its controller namespace.
     Returns only when there is nothing to do: no emulated cloud, or already inside."""
     from spotrain.controller_process import controller_pid
