@@ -101,3 +101,11 @@ class PeerPublisher(Protocol):
     an agent whose launch-time peers are gone reads them through its metadata service."""
 
     def publish_peers(self, cluster: str, peers: list[str]) -> None: ...
+
+
+@runtime_checkable
+class ClusterResources(Protocol):
+    """A provider that holds something for a cluster besides its instances (the emulated cloud's
+    namespaces, links, cgroups and buckets), released at `spotrain down`."""
+
+    def release_cluster(self, cluster: str) -> None: ...

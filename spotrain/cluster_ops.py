@@ -69,7 +69,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
         access = ClusterAccess(cluster_dir(spec.name), spec.name)  # the cluster key: who may join the swarm
-        swarm = SwarmView(spec.name, access, **swarm_options(spec.providers.enabled(), spec.controller.reachable,
+        swarm = SwarmView(spec.name, access, **swarm_options(spec.providers.on_this_host(), spec.controller.reachable,
                                                              running, ledger.meta(PUBLISHED_PEERS_META)))
         try:
             settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
@@ -159,6 +159,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
         left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
         if left:
             raise SpotrainError(f"instances still running after down: {', '.join(left)}")
+        provider.release_cluster(name)  # the emulated cloud: namespaces, links, cgroups, buckets
     return name
 
 

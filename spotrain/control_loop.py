@@ -89,7 +89,7 @@ class ControlLoop:
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())
-        self.stores = spec.checkpoint.placement(settings.checkpoint_store)
+        self.stores = spec.store_placement(settings.checkpoint_store)
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
