@@ -222,6 +222,10 @@ class LocalRegion(_Frozen):
 
     subnet: str | None = Field(default=None, description="its VMs' subnet inside 198.18.0.0/16 (namespaces: "
                                                          "required): .1 gateway, .2 its S3 endpoint, VMs from .10")
+    egress_priced_as: str | None = Field(
+        default=None, pattern=r"^(aws|gcp|azure):[a-z0-9-]+$",
+        description="a catalog region (e.g. aws:us-east-1) whose egress prices this region's traffic; "
+                    "None: traffic is free, as between processes on one host")
 
 
 class LinkRates(_Frozen):
@@ -387,6 +391,15 @@ class Providers(_Frozen):
         """True when every VM shares this machine's network: the local provider alone, without
         its emulated cloud."""
         return self.enabled() == ["local"] and self.local.network == "host"
+
+    def egress_priced_as(self) -> dict[str, str]:
+        """Local location -> the catalog region whose egress prices its traffic (the emulated cloud's
+        regions that name one)."""
+        if "local" not in self.enabled():
+            return {}
+        regions = self.local.regions
+        return {f"local:{name}": priced for name, location in self.local.locations.items()
+                if location.region in regions and (priced := regions[location.region].egress_priced_as)}
 
     def emulated_cloud(self) -> bool:
         """True when the local provider builds its emulated multi-region cloud."""

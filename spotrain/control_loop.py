@@ -39,7 +39,14 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
-from spotrain.egress import EGRESS_WINDOW_SECONDS, EgressReading, PathPrice, egress_readings, peer_instances
+from spotrain.egress import (
+    EGRESS_WINDOW_SECONDS,
+    EgressReading,
+    PathPrice,
+    egress_readings,
+    emulated_cloud_prices,
+    peer_instances,
+)
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.progress_bounds import ProgressBounds, plausible_rate
@@ -111,7 +118,9 @@ class ControlLoop:
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
-        self.egress_price: PathPrice | None = None  # USD/GB per path; None: the market's (spotrain.egress)
+        # USD/GB per path; None: the market's (spotrain.egress); the emulated cloud's as the catalog regions it names
+        self.egress_price: PathPrice | None = emulated_cloud_prices(priced) if (
+            priced := spec.providers.egress_priced_as()) else None
         self.peers_seen: dict[str, str] = {}  # peer id -> instance id, from every status record read
         self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
         self.last_tick_at: float | None = None
