@@ -86,3 +86,13 @@ def admit(swarm, instance_ids) -> dict[str, dict]:
     record, expires, each = admissions(swarm.access, instance_ids)
     swarm.publish_admission(record, expires)
     return each
+
+
+@pytest.fixture(autouse=True)
+def _no_gate_outlives_its_test():
+    """A test's admission gate is process-wide (agents.admission.install): the next test's peers
+    in this process would be refused by it."""
+    yield
+    admission = sys.modules.get("spotrain.agents.admission")
+    if admission is not None:
+        admission.install(None)
