@@ -265,11 +265,11 @@ def test_the_emulated_cloud_prices_its_paths_as_the_catalog_regions_it_names():
 
     spec = ClusterSpec.model_validate({
         "name": "geo", "budget": {"total_usd": 1.0},
-        "providers": {"local": {"regions": {"us": {"egress_priced_as": "aws:us-east-1"},
-                                            "eu": {"egress_priced_as": "aws:eu-west-1"}, "free": {}},
-                                "locations": {"us-a": {"price_usd_per_hour": 0.2, "region": "us"},
-                                              "us-b": {"price_usd_per_hour": 0.2, "region": "us"},
-                                              "eu-a": {"price_usd_per_hour": 0.2, "region": "eu"},
+        "providers": {"local": {"regions": {"usa": {"egress_priced_as": "aws:us-east-1"},
+                                            "eur": {"egress_priced_as": "aws:eu-west-1"}, "free": {}},
+                                "locations": {"us-a": {"price_usd_per_hour": 0.2, "region": "usa"},
+                                              "us-b": {"price_usd_per_hour": 0.2, "region": "usa"},
+                                              "eu-a": {"price_usd_per_hour": 0.2, "region": "eur"},
                                               "x-a": {"price_usd_per_hour": 0.2, "region": "free"}}}}})
     priced = spec.providers.egress_priced_as()
     assert priced == {"local:us-a": "aws:us-east-1", "local:us-b": "aws:us-east-1", "local:eu-a": "aws:eu-west-1"}
