@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
@@ -52,6 +53,9 @@ from spotrain.providers.base import (
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
 
+if TYPE_CHECKING:  # shipping imports the stores (and torch): `down` and `status` need neither
+    from spotrain.shipping import Shipment
+
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
 MAX_OFFERS_PER_TICK = 8
@@ -77,6 +81,7 @@ class ControlLoop:
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())
         self.stores = spec.checkpoint.placement(settings.checkpoint_store)
+        self.shipment: Shipment | None = None  # cloud VMs' build and code (spotrain/shipping.py); set by launch
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
@@ -368,6 +373,7 @@ class ControlLoop:
             torch_threads=1,
             mode=training.mode,
             pipeline=self._pipeline_settings(),
+            code=self.shipment.code_for(location) if self.shipment else None,
         )
 
     def _pipeline_settings(self) -> PipelineSettings | None:

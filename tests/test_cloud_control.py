@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
-from conftest import agent_config
+from conftest import agent_config, shipped_code
 from test_control_loop import WORKLOAD, QuietSwarm
 
 from spotrain.config import ClusterSpec
@@ -74,13 +74,19 @@ def test_user_data_refuses_credentials_and_carries_the_agent_config():
     with pytest.raises(ValueError, match="training.aws_secret_access_key"):
         render_cloud_init(LeakyConfig.model_validate(agent_config().wire()), "aws")
     config = agent_config()
-    rendered = yaml.safe_load(render_cloud_init(config, "gcp", worker_image="registry/w:1"))
+    rendered = yaml.safe_load(render_cloud_init(agent_config(code=shipped_code()), "gcp", worker_image="registry/w:1"))
     files = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}
     assert json.loads(files["/etc/spotrain/user-data.json"]) == config.wire()
     assert AgentConfig.from_json(files["/etc/spotrain/user-data.json"]) == config
     unit = files["/etc/systemd/system/spotrain-agent.service"]
     assert "docker run" in unit and "SPOTRAIN_METADATA_KIND=gce" in unit and "Restart=on-failure" in unit
-    assert rendered["runcmd"][-1] == ["systemctl", "enable", "--now", "spotrain-agent.service"]
+    assert rendered["runcmd"][-1][-1].endswith("systemctl enable --now spotrain-agent.service")
+    assert "code" not in json.loads(files["/etc/spotrain/user-data.json"])  # the image carries the build
+
+
+def test_user_data_without_a_shipped_build_or_an_image_is_refused():
+    with pytest.raises(ValueError, match="no shipped build"):
+        render_cloud_init(agent_config(), "aws")
 
 
 def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_path):
@@ -179,7 +185,7 @@ def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image
 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    rendered = yaml.safe_load(render_cloud_init(agent_config(), "aws", worker_image=worker_image))
+    rendered = yaml.safe_load(render_cloud_init(agent_config(code=shipped_code()), "aws", worker_image=worker_image))
     unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
         "/etc/systemd/system/spotrain-agent.service"]
     # the command exists on the VM, not here: verify everything else with a stand-in

@@ -40,7 +40,8 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
             "config = AgentConfig.model_validate({'cluster': 'c', 'initial_peers': [], 'task': 'm:t', "
             "'training': {'batch_size': 8, 'target_batch_size': 64, "
             "'compression': {'gradients': 'none', 'state': 'none'}, "
-            "'matchmaking_time': 2.0, 'averaging_timeout': 15.0}, 'checkpoint': {'store': 'c', 'every_epochs': 1}}); "
+            "'matchmaking_time': 2.0, 'averaging_timeout': 15.0}, 'checkpoint': {'store': 'c', 'every_epochs': 1}, "
+            "'code': {'wheel': {'url': 'file:///w', 'name': 'w.whl', 'sha256': 64 * 'a', 'size': 1}}}); "
             "print(render_cloud_init(config, 'aws').splitlines()[0]); "
             "from spotrain.stores import open_store; print(open_store('s3://bucket/run').url)")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
