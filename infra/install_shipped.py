@@ -71,8 +71,8 @@ def fetch(shipped: dict[str, Any], folder: Path) -> Path:
     except OSError as error:  # URLError and HTTPError are OSErrors
         raise BootstrapError(f"cannot fetch {name} from {_describe(url)}: {error}") from None
     if got != size:
-        raise BootstrapError(f"{name} from {_describe(url)}: {'over' if got > size else 'only'} "
-                             f"{got} bytes, {size} were shipped; refusing to install")
+        amount = f"more than the {size} bytes" if got > size else f"only {got} of the {size} bytes"
+        raise BootstrapError(f"{name} from {_describe(url)}: {amount} shipped; refusing to install")
     if digest.hexdigest() != want:
         raise BootstrapError(f"{name} from {_describe(url)}: sha256 {digest.hexdigest()} differs from the "
                              f"shipped {want}; refusing to install")

@@ -85,10 +85,10 @@ def archive_code(code_dir: Path, max_bytes: int = MAX_BYTES) -> CodeArchive:
     entries = _entries(code_dir, skipped.append)
     sizes = {name: path.stat().st_size for name, path in entries if path.is_file()}
     if sum(sizes.values()) > max_bytes:
-        largest = ", ".join(f"{name} ({size / 1e6:.1f} MB)"
-                            for name, size in sorted(sizes.items(), key=lambda item: -item[1])[:3])
-        raise CodeArchiveError(f"training.code_dir {code_dir}: {sum(sizes.values()) / 1e6:.1f} MB to ship, over "
-                               f"the {max_bytes / 1e6:.0f} MB limit; largest: {largest}")
+        largest = ", ".join(f"{name} ({size:,} bytes)"
+                            for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0]))[:3])
+        raise CodeArchiveError(f"training.code_dir {code_dir}: {sum(sizes.values()):,} bytes to ship, over the "
+                               f"limit of {max_bytes:,}; largest: {largest}")
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, path in entries:

@@ -84,6 +84,15 @@ def test_user_data_refuses_credentials_and_carries_the_agent_config():
     assert "code" not in json.loads(files["/etc/spotrain/user-data.json"])  # the image carries the build
 
 
+class StaticShipment:
+    """What `spotrain launch` ships (spotrain/shipping.py), stood in for where a loop is driven directly."""
+
+    def code_for(self, location):
+        from spotrain.contracts.agent_config import ShippedCode
+
+        return ShippedCode.model_validate(shipped_code())
+
+
 def test_user_data_without_a_shipped_build_or_an_image_is_refused():
     with pytest.raises(ValueError, match="no shipped build"):
         render_cloud_init(agent_config(), "aws")
@@ -97,7 +106,8 @@ def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_pat
     multi = MultiProvider([local, GcpProvider(s.providers.gcp)])
     assert multi.termination_lag_seconds == max(local.termination_lag_seconds, 90.0)
     offers = {o.location: o for o in multi.offers()}
-    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"], agent_config("cc")))
+    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"],
+                                          agent_config("cc", code=shipped_code())))
     on_local = multi.launch(LaunchRequest("cc-r00001", "cc", offers["local:zone-a"], agent_config("cc")))
     assert {i.instance_id: i.location for i in multi.list_instances("cc")} == {
         on_gcp.instance_id: "gcp:us-central1-b", on_local.instance_id: "local:zone-a"}
@@ -115,6 +125,7 @@ def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(g
     lines: list[str] = []
     loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(),
                        say=lines.append)
+    loop.shipment = StaticShipment()
     gce.state.inject("us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED", times=5)
     try:
         for _ in range(3):
@@ -143,6 +154,7 @@ def test_an_aws_capacity_error_in_one_region_moves_the_controller_to_another(ec2
     run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
     lines: list[str] = []
     loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    loop.shipment = StaticShipment()
     try:
         for _ in range(3):
             loop.tick()
