@@ -53,10 +53,9 @@ def checked_provider(spec: ClusterSpec):
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
+    from spotrain.shipping import ship_spec
     from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
     from spotrain.swarm_view import SwarmView
-
-    from spotrain.shipping import ship_spec
 
     provider = checked_provider(spec)
     shipment = ship_spec(spec, say)  # before the ledger: a spec whose VMs cannot get the code writes nothing

@@ -96,7 +96,8 @@ def test_user_data_carries_the_shipped_build_and_code_not_a_package_name(aws, mo
         assert reply.read() == b"the bytes of a wheel"
     assert "def install_shipped" in files["/etc/spotrain/install_shipped.py"]
     (step,) = cloud_init["runcmd"]
-    assert step[-1].startswith("python3 /etc/spotrain/install_shipped.py /etc/spotrain/user-data.json /opt/spotrain && ")
+    assert step[-1].startswith(
+        "python3 /etc/spotrain/install_shipped.py /etc/spotrain/user-data.json /opt/spotrain && ")
     assert "PYTHONPATH=/opt/spotrain/code /opt/spotrain/bin/spotrain agent" in \
         files["/etc/systemd/system/spotrain-agent.service"]
 

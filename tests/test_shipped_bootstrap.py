@@ -54,7 +54,8 @@ def test_a_vm_installs_the_shipped_build_from_the_bucket_and_imports_the_task(aw
     python = vm / "opt" / "bin" / "python"
     assert "include-system-site-packages = true" in (vm / "opt" / "pyvenv.cfg").read_text()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(vm / "opt" / "code"), sysconfig.get_paths()["purelib"]]))
-    probe = "import spotrain, my_task; from spotrain.agents import daemon; print(spotrain.__file__); print(my_task.ANSWER)"
+    probe = ("import spotrain, my_task; from spotrain.agents import daemon; "
+             "print(spotrain.__file__); print(my_task.ANSWER)")
     out = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path,
                          timeout=120, check=True).stdout.splitlines()
     assert Path(out[0]).is_relative_to(vm / "opt")  # the shipped build, not this checkout
