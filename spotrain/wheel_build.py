@@ -79,12 +79,22 @@ def running_wheel(cache: Path | None = None) -> Path:
     if root is not None:
         files = source_files(root)
         return _cached(cache / content_hash(root, files), lambda out: _build(root, files, out))
-    dist = metadata.distribution("spotrain")
+    dist = running_distribution()
     entries = _installed_files(dist)
     digest = hashlib.sha256()
     for relative, path in entries:
         digest.update(relative.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
     return _cached(cache / digest.hexdigest(), lambda out: _pack(dist, entries, out))
+
+
+def running_distribution() -> metadata.Distribution:
+    """The installed distribution `spotrain` was imported from (another one may come first on the
+    path: an editable install's records, say)."""
+    running = Path(spotrain.__file__).resolve()
+    for dist in metadata.distributions(name="spotrain"):
+        if Path(str(dist.locate_file("spotrain/__init__.py"))).resolve() == running:
+            return dist
+    raise WheelBuildError(f"no installed distribution holds the running {running}: cannot pack it into a wheel")
 
 
 def _cached(folder: Path, make: Callable[[Path], None]) -> Path:

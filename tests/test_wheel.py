@@ -5,6 +5,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -51,3 +52,17 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     assert out[3] == "True"  # the C source of the fused codec path ships beside its loader
     assert out[4] == "#cloud-config"  # infra/ templates ship as package data
     assert out[5] == "s3://bucket/run"  # the stores wing, with its schemes
+
+    # an installed spotrain ships itself: its files are packed back into a wheel (spotrain/wheel_build.py)
+    repack = ("from pathlib import Path; from spotrain.wheel_build import running_wheel, source_root; "
+              f"print(source_root()); print(running_wheel(Path({str(tmp_path / 'cache')!r})))")
+    out = subprocess.run([str(python), "-c", repack], check=True, capture_output=True, text=True, env=env,
+                         cwd=tmp_path).stdout.splitlines()
+    assert out[0] == "None"
+    packed = zipfile.ZipFile(out[1])
+    assert packed.testzip() is None and Path(out[1]).name == wheel.name
+    original = {n for n in names if not n.endswith("/RECORD")}
+    assert {n for n in packed.namelist() if not n.endswith("/RECORD")} == original
+    again = subprocess.run([str(python), "-c", repack], check=True, capture_output=True, text=True, env=env,
+                           cwd=tmp_path).stdout.splitlines()
+    assert again[1] == out[1]  # cached by the content's hash
