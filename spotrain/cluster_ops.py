@@ -54,10 +54,12 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
     from spotrain.access import ClusterAccess
+    from spotrain.shipping import ship_spec
     from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
     from spotrain.swarm_view import SwarmView
 
     provider = checked_provider(spec)
+    shipment = ship_spec(spec, say)  # before the ledger: a spec whose VMs cannot get the code writes nothing
     stop = threading.Event()
     # the metrics port is taken before the ledger is touched: a busy port writes nothing
     with (controller_lock(spec.name), metrics_endpoint(spec) as endpoint,
@@ -76,6 +78,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
                                     target_epoch=target_epoch or spec.training.target_epoch,
                                     checkpoint_store=spec.default_checkpoint_store())
             loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say, access=access)
+            loop.shipment = shipment
             if endpoint is not None:
                 endpoint.serve(loop)
                 say(f"metrics for Prometheus at http://{spec.controller.metrics_host}:{endpoint.port}/metrics")

@@ -69,6 +69,9 @@ from spotrain.throughput import TaskProfile
 if TYPE_CHECKING:
     from spotrain.access import ClusterAccess
 
+if TYPE_CHECKING:  # shipping imports the stores (and torch): `down` and `status` need neither
+    from spotrain.shipping import Shipment
+
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
 MAX_OFFERS_PER_TICK = 8
@@ -97,6 +100,7 @@ class ControlLoop:
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())
         self.stores = spec.store_placement(settings.checkpoint_store)
+        self.shipment: Shipment | None = None  # cloud VMs' build and code (spotrain/shipping.py); set by launch
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
@@ -428,6 +432,7 @@ class ControlLoop:
             admission=self._admission_settings(identity),
             codec_table=codec_table_fingerprint(training.compression.gradients, training.compression.state,
                                                 training.compression.activations if swarm_mode else None),
+            code=self.shipment.code_for(location) if self.shipment else None,
         )
 
     def _admission_settings(self, identity: bytes | None) -> AdmissionSettings | None:

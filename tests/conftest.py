@@ -45,6 +45,14 @@ def agent_config(cluster: str = "c", **changes: object):
     return AgentConfig.model_validate({**data, **changes})
 
 
+SHIPPED_SHA = "ab" * 32
+
+
+def shipped_code(url: str = "https://bucket.example/code/wheel.whl") -> dict[str, object]:
+    """A user-data `code` section, for tests where the shipping itself is not the subject."""
+    return {"wheel": {"url": url, "name": "spotrain-0.1.0-py3-none-any.whl", "sha256": SHIPPED_SHA, "size": 10}}
+
+
 def run_cli(*args: str, home: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, SPOTRAIN_HOME=str(home))
     result = subprocess.run([sys.executable, "-m", "spotrain", *args], env=env, capture_output=True, text=True,
