@@ -410,9 +410,11 @@ class ControlLoop:
         losses = [s.loss for s in training if s.loss is not None]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         wanted = self.spec.placement.workers + self.spec.placement.backups
+        # the epoch the swarm trains at now (after a whole-fleet loss: the store's), not the highest seen
+        epoch = max((s.epoch for s in training), default=observed.global_epoch)
         self.say(f"workers {len(training)}/{wanted}"  # agents that train, not VMs that merely run
                  + (f" (+{len(starting)} starting)" if starting else "")
                  + (f" (+{len(draining)} draining)" if draining else "") + "  "
-                 f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
+                 f"epoch {epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")
 
