@@ -22,10 +22,11 @@ from typing import Any
 
 import hivemind
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.logging import get_logger
 
 REPORT_INTERVAL_SECONDS = 2.0
 PROGRESS_EXPIRATION_SECONDS = 15.0
-logger = hivemind.get_logger(__name__)
+logger = get_logger(__name__)
 
 
 class _PacedSignal(threading.Event):

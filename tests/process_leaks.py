@@ -5,8 +5,8 @@ test runs; children inherit it, and so do hivemind's DHT processes and p2pd daem
 are orphaned to init) or descends from the pytest process. After each test, the processes of ours
 that appeared during it and are still alive after a grace period are killed and the test errors,
 naming them; at the session's end, any process of ours still alive fails the session the same way.
-multiprocessing's own helpers (resource tracker, forkserver) live as long as pytest does and are
-not counted.
+multiprocessing's and torch's own helpers (resource tracker, forkserver, shared-memory manager)
+live as long as pytest does and are not counted.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ import pytest
 MARKER = "SPOTRAIN_TEST_SESSION"
 # a process ending at a test's teardown gets this long to finish ending
 GRACE_SECONDS = float(os.environ.get("SPOTRAIN_LEAK_GRACE_SECONDS", "15"))
-HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "multiprocessing.semaphore_tracker")
+# helpers that serve the pytest process itself and end with it (torch's shared-memory manager ends
+# when its last client does)
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "multiprocessing.semaphore_tracker",
+           "torch_shm_manager")
 _session = {"marker": b"", "pid": 0}
 
 
