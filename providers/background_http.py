@@ -26,20 +26,25 @@ class BoundedHandler(BaseHTTPRequestHandler):
         negative one, too large a body, or one cut short) and closing the connection."""
         header = self.headers.get("Content-Length")
         if self.headers.get("Transfer-Encoding"):
-            return self._refuse("Transfer-Encoding is not accepted")
+            self._refuse("Transfer-Encoding is not accepted")
+            return None
         if header is None:
             return b""
         if not _LENGTH.fullmatch(header.strip()):
-            return self._refuse("Content-Length must be a count of bytes")
+            self._refuse("Content-Length must be a count of bytes")
+            return None
         length = int(header)
         if length > MAX_BODY_BYTES:
-            return self._refuse(f"a body over {MAX_BODY_BYTES} bytes")
+            self._refuse(f"a body over {MAX_BODY_BYTES} bytes")
+            return None
         try:
             body = self.rfile.read(length)
         except OSError:  # the socket's timeout: the client announced more than it sent
-            return self._refuse("the body was cut short")
+            self._refuse("the body was cut short")
+            return None
         if len(body) != length:
-            return self._refuse("the body was cut short")
+            self._refuse("the body was cut short")
+            return None
         return body
 
     def reply(self, status: int, body: str, headers: dict[str, str] | None = None) -> None:
@@ -59,7 +64,6 @@ class BoundedHandler(BaseHTTPRequestHandler):
             self.reply(400, f"Bad Request: {why}", {"Content-Type": "text/plain"})
         except OSError:
             pass  # the client is gone; nothing to tell
-        return None
 
 
 class BackgroundHTTPServer(ThreadingHTTPServer):
