@@ -37,8 +37,9 @@ def started(tmp_path) -> tuple:
     return home, samples, running, first
 
 
+@pytest.mark.slow  # 256 s on 2 shared cores: more than the default suite's 15 minutes leave room for
 def test_kill_9_of_an_agent_loses_nothing(tmp_path):
-    """The lean case of the default suite: the VM's supervisor restarts the agent, as systemd would."""
+    """The VM's supervisor restarts the agent, as systemd would."""
     home, samples, running, first = started(tmp_path)
     vm = vm_dirs(home, running)[0]
     os.kill(agent_pid(vm), signal.SIGKILL)
