@@ -30,7 +30,16 @@ class PriceError(ProviderError):
 
 
 class AuthError(ProviderError):
-    """Credentials are missing or refused."""
+    """Credentials are missing or refused, or lack a permission the call needs."""
+
+
+class SettingError(ProviderError):
+    """The request names something the cloud does not have (an image, an instance profile, a service
+    account, a key pair): no retry fixes it. `setting` is the spec key to change."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,10 @@ def status(name: str | None) -> dict:
                             "epoch": m.get("epoch"), "samples_per_second": m.get("samples_per_second"),
                             "loss": m.get("loss")})
         pid = controller_pid(name)
+        # the epoch the live workers train at (after a rollback to the store, that one), else the highest seen
+        training = [w["epoch"] for w in workers if w["agent_state"] == "training" and w["epoch"] is not None]
         return {"cluster": name, "run": run.id, "state": report["state"], "controller_pid": pid,
-                "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"], "epoch": report["epochs"],
+                "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"],
+                "epoch": max(training, default=report["epochs"]),
                 "samples": report["samples"], "workers": workers,
                 **live_figures(ledger, run, report, workers)}

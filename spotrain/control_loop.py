@@ -51,6 +51,7 @@ from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.providers.base import (
+    AuthError,
     CapacityError,
     ConsoleProvider,
     Instance,
@@ -61,6 +62,7 @@ from spotrain.providers.base import (
     Provider,
     ProviderError,
     QuotaError,
+    SettingError,
 )
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
@@ -319,6 +321,8 @@ class ControlLoop:
             return observed
         refused_before = set(self.failed_at)
         for action in reconcile(observed, self.desired(), now, self.policy):
+            if isinstance(action, Launch) and self.end_reason is not None:
+                continue  # a launch refused for good ends the run: launch nothing more
             if isinstance(action, Launch):
                 refused_in_this_pass = action.offer.location in self.failed_at and (
                     action.offer.location not in refused_before or self.failed_at[action.offer.location][0] == now)
@@ -380,6 +384,9 @@ class ControlLoop:
                 self.refused_this_tick = True
             self.ledger.mark_ended(request_id, InstanceState.FAILED, now, EndReason.LAUNCH_FAILED, self.run.id,
                                    f"{type(error).__name__}: {error}")
+            if isinstance(error, (SettingError, AuthError)):  # no retry can fix it: end the run with one line
+                self.end_reason = f"launch refused in {offer.location}, no retry can fix it: {error}"
+                return
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
@@ -496,9 +503,11 @@ class ControlLoop:
         losses = [s.loss for s in training if s.loss is not None]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         wanted = self.spec.placement.workers + self.spec.placement.backups
+        # the epoch the swarm trains at now (after a whole-fleet loss: the store's), not the highest seen
+        epoch = max((s.epoch for s in training), default=observed.global_epoch)
         self.say(f"workers {len(training)}/{wanted}"  # agents that train, not VMs that merely run
                  + (f" (+{len(starting)} starting)" if starting else "")
                  + (f" (+{len(draining)} draining)" if draining else "") + "  "
-                 f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
+                 f"epoch {epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")
 

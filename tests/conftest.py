@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["clouds"]  # moto's server, the GCE fake and their helpers, as fixtures
+pytest_plugins = ["clouds", "process_leaks"]  # cloud fakes as fixtures; no test may leave a process behind
 
 
 @pytest.fixture
