@@ -89,10 +89,6 @@ def test_a_notice_to_every_vm_at_once_leaves_a_checkpoint_of_the_epoch_in_progre
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "found by this case (run of 2026-12-04): a VM lost without notice is recorded as ended at its boot time "
-    "(findings §2) while it was charged until the controller saw it go, so `charged_until > ended_at`; the "
-    "ledger's end of a lost VM is another branch's (local provider / ledger) to fix"))
 def test_every_vm_killed_at_once_resumes_from_the_store_without_waiting_on_dead_peers(tmp_path):
     home, samples, running, first = started(tmp_path)
     vms = vm_dirs(home, running)
