@@ -109,6 +109,7 @@ class Agent:
     # -- status -------------------------------------------------------------------------
     def snapshot(self) -> AgentStatus:
         from spotrain.kernels import traffic
+        from spotrain.kernels.poison_guard import offences
 
         rate, loss = self.progress.rate_and_loss()
         return AgentStatus(
@@ -116,6 +117,7 @@ class Agent:
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
             checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
             codec_table=self.codec_table, role=self.config.pipeline.role if self.config.pipeline else "",
+            offenders=offences.snapshot(),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -124,10 +126,13 @@ class Agent:
 
         from spotrain.agents.memory import keep_freed_memory
         from spotrain.kernels import codec_table_fingerprint, install_codecs
+        from spotrain.kernels.poison_guard import install_poison_guard
 
         keep_freed_memory()  # before training allocates: steps reuse their buffers instead of faulting them in
         torch.set_num_threads(self.config.torch_threads)
         install_codecs()
+        if not install_poison_guard():  # before hivemind forks its averagers
+            log("poison guard OFF (SPOTRAIN_POISON_GUARD=0): received parts are averaged unchecked")
         compression = self.config.training.compression
         # swarm peers also exchange activations, so their codec joins the table they must share
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,

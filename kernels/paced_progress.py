@@ -17,6 +17,8 @@ from typing import Any
 import hivemind
 from hivemind.optim.progress_tracker import ProgressTracker
 
+from spotrain.kernels.finite_state import FiniteStateAverager
+
 REPORT_INTERVAL_SECONDS = 2.0
 
 
@@ -60,7 +62,8 @@ class PacedProgressTracker(ProgressTracker):
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer whose progress tracker paces its reports (see the module's doc)."""
+    """hivemind.Optimizer whose progress tracker paces its reports (see the module's doc) and whose
+    state averager serves and loads finite states only (`spotrain.kernels.finite_state`)."""
 
     def __init__(self, *args: Any, progress_report_interval: float = REPORT_INTERVAL_SECONDS, **kwargs: Any):
         self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
@@ -71,4 +74,14 @@ class SwarmOptimizer(hivemind.Optimizer):
             dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
             status_loglevel=self.status_loglevel, report_interval=self._progress_report_interval, start=True,
             **kwargs,
+        )
+
+    def _make_state_averager(self, **kwargs: Any) -> FiniteStateAverager:
+        # hivemind 1.1.12's own arguments, with the checked class
+        return FiniteStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
         )

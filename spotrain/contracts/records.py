@@ -7,14 +7,15 @@ instance ids the controller asks to write checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import MISSING, asdict, dataclass, fields
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from spotrain.contracts.states import AgentState
 
 STATUS_TTL_SECONDS = 30.0
 DUTY_TTL_SECONDS = 60.0
+MAX_OFFENDERS = 16  # peer ids an agent reports offences of (its poison guard keeps as many)
 
 
 def status_key(cluster: str) -> str:
@@ -40,11 +41,15 @@ class AgentStatus:
     time: float
     codec_table: str = ""  # spotrain.kernels.codec_table_fingerprint; peers that differ cannot average
     role: str = ""  # swarm mode: "trainer" or "stage"; "" for data parallelism
+    # peer id -> averaging rounds in which this agent's poison guard dropped that peer's parts
+    # (spotrain.kernels.poison_guard); the controller revokes repeat offenders
+    offenders: Mapping[str, int] = field(default_factory=dict)
 
     def to_record(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = AgentState(self.state).value
         data["addresses"] = list(self.addresses)
+        data["offenders"] = dict(self.offenders)
         return data
 
     @classmethod
@@ -60,9 +65,17 @@ class AgentStatus:
             values = {name: data[name] for name in names & set(data)}
             values["state"] = AgentState(values["state"])
             values["addresses"] = tuple(str(a) for a in values["addresses"])
+            if "offenders" in values and not _valid_offenders(values["offenders"]):
+                return None
             return cls(**values)
         except (TypeError, ValueError):
             return None
+
+
+def _valid_offenders(value: object) -> bool:
+    """At most MAX_OFFENDERS peer ids (short strings), each with a count >= 0."""
+    return isinstance(value, dict) and len(value) <= MAX_OFFENDERS and all(
+        isinstance(k, str) and 0 < len(k) <= 128 and type(v) is int and v >= 0 for k, v in value.items())
 
 
 def newest_statuses(found: Any) -> dict[str, AgentStatus]:
