@@ -120,7 +120,7 @@ class OffenceCounter:
     of the one with the fewest offences, so repeat offenders stay."""
 
     def __init__(self, slots: int = MAX_OFFENDERS) -> None:
-        self._ids = multiprocessing.Array(ctypes.c_char, slots * PEER_ID_BYTES, lock=False)
+        self._ids: Any = multiprocessing.Array(ctypes.c_char, slots * PEER_ID_BYTES, lock=False)
         self._counts = multiprocessing.Array(ctypes.c_longlong, slots, lock=False)
         self._lock = multiprocessing.Lock()
         self._slots = slots
@@ -188,6 +188,13 @@ class _RoundOffences:
 class GuardedReducer(TensorPartReducer):
     """hivemind's reducer, with every part from another sender checked first (see `part_verdict`)."""
 
+    # hivemind's own attributes, read below (its classes are not annotated)
+    accumulator: torch.Tensor
+    denominator: float
+    current_part_index: int
+    current_part_accumulated_from: int
+    num_current_senders: int
+
     def attach(self, senders: Sequence[str], local_index: int | None, local_parts: Sequence[torch.Tensor],
                own_scale: float, round_offences: _RoundOffences) -> None:
         self.senders, self.local_index, self.local_parts = senders, local_index, local_parts
@@ -221,6 +228,8 @@ class GuardedReducer(TensorPartReducer):
 class GuardedAllReduceRunner(AllReduceRunner):
     """hivemind's AllReduceRunner whose reducer checks received parts and whose container checks
     replies (see the module's doc for the hivemind internals this relies on)."""
+
+    tensor_part_reducer: TensorPartReducer
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

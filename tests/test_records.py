@@ -39,3 +39,17 @@ def test_the_newest_status_of_each_instance_wins():
 def test_the_duty_record_round_trips():
     assert duty_holders(SimpleNamespace(value=duty_record(("i-a", "i-b")))) == ("i-a", "i-b")
     assert duty_holders(None) == () and duty_holders(SimpleNamespace(value="i-a")) == ()
+
+
+def test_offence_counts_round_trip_and_a_malformed_or_oversized_table_is_refused():
+    from dataclasses import replace
+
+    from spotrain.contracts.records import MAX_OFFENDERS
+
+    accusing = replace(status("i-a", 1.0), offenders={"QmEvil": 4})
+    assert AgentStatus.from_record(accusing.to_record()) == accusing
+    assert AgentStatus.from_record(status("i-a", 1.0).to_record()).offenders == {}  # an older agent: none
+    record = status("i-a", 1.0).to_record()
+    for bad in ([["QmEvil", 4]], {"QmEvil": -1}, {"QmEvil": 1.5}, {"QmEvil": True}, {"": 1}, {"x" * 129: 1},
+                {f"Qm{i}": 1 for i in range(MAX_OFFENDERS + 1)}):
+        assert AgentStatus.from_record({**record, "offenders": bad}) is None
