@@ -7,7 +7,8 @@ into the parameters and the optimizer. `FiniteStateAverager` checks both. It rel
 1.1.12's `TrainingStateAverager.load_state_from_peers` calling `DecentralizedAverager`'s through
 `super()`: `_CheckedDownload` sits between the two in the method order, sees the downloaded
 `(metadata, tensors)` first and answers None ("no state found") for a non-finite one, so the
-agent keeps its own state. Checkpoints are checked the same way in `spotrain.stores.payload`.
+agent keeps its own state. hivemind names a peer's RPC handlers after its class, so the class
+answers to TrainingStateAverager's names (`_get_handle_name`). Checkpoints are checked the same way in `spotrain.stores.payload`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class _CheckedDownload(DecentralizedAverager):
 
 class FiniteStateAverager(TrainingStateAverager, _CheckedDownload):
     """hivemind's TrainingStateAverager that serves and loads finite states only."""
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        # hivemind names a peer's handlers after its class: answer to TrainingStateAverager's names,
+        # so this peer and hivemind's (or an older spotrain's) still average and download together
+        return str(TrainingStateAverager._get_handle_name(namespace, method_name))
 
     def get_current_state(self) -> Any:
         metadata, tensors, infos = super().get_current_state()

@@ -111,6 +111,7 @@ def armed_payload(marker: Path) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.slow  # a whole agent; the same refusals run in the default suite in tests/test_store_backends.py
 def test_a_malicious_checkpoint_is_refused_with_a_line_and_the_agent_starts_without_it(tmp_path, agents):
     from spotrain.examples import tiny_gpt
 
