@@ -8,7 +8,8 @@ into the parameters and the optimizer. `FiniteStateAverager` checks both. It rel
 `super()`: `_CheckedDownload` sits between the two in the method order, sees the downloaded
 `(metadata, tensors)` first and answers None ("no state found") for a non-finite one, so the
 agent keeps its own state. hivemind names a peer's RPC handlers after its class, so the class
-answers to TrainingStateAverager's names (`_get_handle_name`). Checkpoints are checked the same way in `spotrain.stores.payload`.
+answers to TrainingStateAverager's names (`_get_handle_name`). Checkpoints are checked the same
+way in `spotrain.stores.payload`.
 """
 
 from __future__ import annotations
