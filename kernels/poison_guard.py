@@ -253,8 +253,9 @@ def _checked_replies(container: Any, own_index: int, peers: Sequence[str], own_s
     register = container.register_processed_part
 
     def register_checked(peer_index: int, part_index: int, delta: torch.Tensor) -> None:
-        if peer_index != own_index:
-            mine = container._input_parts_by_peer[peer_index][part_index][0]
+        sent = container._input_parts_by_peer[peer_index]
+        if peer_index != own_index and 0 <= part_index < len(sent):  # hivemind refuses other indices itself
+            mine = sent[part_index][0]
             reason = delta_verdict(delta, mine, own_scale)
             if reason is not None:
                 round_offences.report(peers[peer_index], f"averaged part {part_index}", reason)
