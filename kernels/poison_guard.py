@@ -17,7 +17,7 @@ is treated as hivemind treats a failed reducer: that peer's slice keeps our own 
 drop is counted against the sender's peer id once per all-reduce round (`offences`, shared with
 the agent's status record) and logged once per round and sender.
 
-What this relies on in hivemind 1.1.12 (checked by tests/chaos/test_poison.py with real peers):
+What this relies on in hivemind 1.1.12 (checked with real peers by tests/chaos/test_poison_*.py):
 - `hivemind.averaging.averager` builds each round's `AllReduceRunner` by that module-level name
   (`install_poison_guard` replaces it; averagers fork after the agent installs it);
 - `AllReduceRunner.__init__` sets `tensor_part_reducer` (a `TensorPartReducer` whose
