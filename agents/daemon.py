@@ -115,6 +115,7 @@ class Agent:
     def snapshot(self) -> AgentStatus:
         from spotrain.agents.egress import sent_to
         from spotrain.kernels import traffic
+        from spotrain.kernels.poison_guard import offences
 
         rate, loss = self.progress.rate_and_loss()
         return AgentStatus(
@@ -123,6 +124,7 @@ class Agent:
             checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
             codec_table=self.codec_table, role=self.config.pipeline.role if self.config.pipeline else "",
             egress_bytes=sent_to.snapshot(), egress_since=sent_to.since,
+            offenders=offences.snapshot(),
         )
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -132,11 +134,14 @@ class Agent:
         from spotrain.agents import egress
         from spotrain.agents.memory import keep_freed_memory
         from spotrain.kernels import codec_table_fingerprint, install_codecs
+        from spotrain.kernels.poison_guard import install_poison_guard
 
         keep_freed_memory()  # before training allocates: steps reuse their buffers instead of faulting them in
         torch.set_num_threads(self.config.torch_threads)
         install_codecs()
         egress.install()  # before hivemind forks its averagers: they count into shared memory
+        if not install_poison_guard():  # before hivemind forks its averagers
+            log("poison guard OFF (SPOTRAIN_POISON_GUARD=0): received parts are averaged unchecked")
         compression = self.config.training.compression
         # swarm peers also exchange activations, so their codec joins the table they must share
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,

@@ -8,7 +8,9 @@ whose links are shaped with tc tbf (benchmarks/wan_emulation.py). Measured in th
                   last, or after every point with --bracket; the fastest run is the limit)
   hivemind        hivemind.Optimizer as it comes: Float16Compression, no delayed updates
   ddp             torch DistributedDataParallel (gloo) over the same links
-  spotrain G/S    hivemind.Optimizer with spotrain's gradient codec G and state codec S
+  spotrain G/S    hivemind.Optimizer with spotrain's gradient codec G and state codec S, its
+                  all-reduce guarded against poisoned parts as the agent's (kernels/poison_guard.py);
+                  --guard-cost runs each such point again without the guard and prints the ratio
 
 spotrain runs use kernels.optimizer_options as the agent does (delayed updates on, the spec's
 default; --no-delayed-updates for foreground averaging), with group_size = the number of
@@ -68,11 +70,12 @@ def main() -> int:
                 baselines = [("hivemind", "float16", "float16")] * (not args.skip_hivemind)
                 baselines += [("ddp", "-", "-")] * (not args.skip_ddp)
                 for mode, gradients, state in baselines + [("spotrain", *c.split("/")) for c in args.codecs]:
-                    point = _run(wan, args, mode, rate, gradients, state)
-                    points.append(point)
-                    _progress(point)
-                    if args.bracket:
-                        _measure_limit(wan, args, points)
+                    for guard in (True, False) if mode == "spotrain" and args.guard_cost else (True,):
+                        point = _run(wan, args, mode, rate, gradients, state, guard)
+                        points.append(point)
+                        _progress(point)
+                        if args.bracket:
+                            _measure_limit(wan, args, points)
             if not args.bracket:
                 _measure_limit(wan, args, points)  # shared machines drift: the limit is the faster of two
     except WanEmulationError as error:
@@ -112,13 +115,15 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--skip-hivemind", action="store_true")
     parser.add_argument("--bracket", action="store_true",
                         help="measure the compute limit again after every point (x bracket: its own pair)")
+    parser.add_argument("--guard-cost", action="store_true",
+                        help="run every spotrain point twice, with and without the poison guard, and print the ratio")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     return parser.parse_args()
 
 
 def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | None = None,
-         gradients: str = "-", state: str = "-") -> dict:
-    point = {"mode": mode, "rate_mbit": rate, "gradients": gradients, "state": state}
+         gradients: str = "-", state: str = "-", guard: bool = True) -> dict:
+    point = {"mode": mode, "rate_mbit": rate, "gradients": gradients, "state": state, "poison_guard": guard}
     with tempfile.TemporaryDirectory(prefix="spotrain-wan-") as work:
         processes = []
         for index, host in enumerate(wan.hosts):
@@ -135,6 +140,8 @@ def _run(wan: WanEmulation, args: argparse.Namespace, mode: str, rate: float | N
             if not args.no_pin:  # one core per agent, like one VM each
                 argv += ["--cpu", str(index % os.cpu_count())]
             env = dict(os.environ, GLOO_SOCKET_IFNAME=host.interface, OMP_NUM_THREADS="1")
+            if not guard:
+                env["SPOTRAIN_POISON_GUARD"] = "0"
             with open(f"{work}/log{index}", "w") as log:  # the child keeps its own descriptor
                 processes.append(wan.popen(index, argv, env=env, stdout=log, stderr=subprocess.STDOUT))
         deadline = time.monotonic() + args.timeout
@@ -200,7 +207,25 @@ def _figures(points: list[dict], args: argparse.Namespace) -> dict:
             "compute_limit_samples_per_second": limit, "compute_limit_measurements": limits,
             # hivemind's foreground averaging costs seconds per epoch: its ratio depends on this
             "epoch_seconds_at_limit": args.target_batch / limit if limit else None, "points": rows,
-            "alone_points": alone}
+            "alone_points": alone, "guard_cost": _guard_cost(rows)}
+
+
+def _guard_cost(rows: list[dict]) -> list[dict]:
+    """Each spotrain point measured with and without the poison guard: x limit both ways, and their ratio."""
+    pairs = []
+    for row in rows:
+        if row["mode"] != "spotrain" or "error" in row or not row.get("poison_guard", True):
+            continue
+        bare = next((r for r in rows if r["mode"] == "spotrain" and "error" not in r and not r.get("poison_guard", True)
+                     and (r["rate_mbit"], r["gradients"], r["state"]) == (row["rate_mbit"], row["gradients"],
+                                                                          row["state"])), None)
+        if bare is not None:
+            pairs.append({"rate_mbit": row["rate_mbit"], "codecs": f"{row['gradients']}/{row['state']}",
+                          "x_limit_with_guard": row["vs_compute_limit"], "x_limit_without": bare["vs_compute_limit"],
+                          "x_bracket_with_guard": row["vs_bracketing_limits"],
+                          "x_bracket_without": bare["vs_bracketing_limits"],
+                          "with_vs_without": row["samples_per_second"] / bare["samples_per_second"]})
+    return pairs
 
 
 def _bracketing_limit(points: list[dict], position: int) -> float | None:
@@ -214,7 +239,8 @@ def _bracketing_limit(points: list[dict], position: int) -> float | None:
 
 def _name(point: dict) -> str:
     if point["mode"] == "spotrain":
-        return f"spotrain {point['gradients']}/{point['state']}"
+        return f"spotrain {point['gradients']}/{point['state']}" + ("" if point.get("poison_guard", True)
+                                                                    else " no guard")
     return {"alone": "compute limit", "hivemind": "hivemind as it comes", "ddp": "torch DDP (gloo)"}[point["mode"]]
 
 
@@ -265,6 +291,12 @@ def _table(figures: dict) -> str:
                      f"{_fmt(row.get('background_cpu_share'), '{:.2f}'):>8}"
                      f"{_fmt(row.get('compute_cpu_vs_alone'), '{:.3f}'):>11}"
                      f"{_fmt(row.get('trainer_preemptions_per_second'), '{:.1f}'):>10}")
+    for pair in figures["guard_cost"]:
+        lines.append(f"poison guard cost, {pair['codecs']} @ {pair['rate_mbit']:g} Mbit: x limit "
+                     f"{_fmt(pair['x_limit_with_guard'], '{:.3f}')} with, {_fmt(pair['x_limit_without'], '{:.3f}')} "
+                     f"without (x bracket {_fmt(pair['x_bracket_with_guard'], '{:.3f}')} with, "
+                     f"{_fmt(pair['x_bracket_without'], '{:.3f}')} without); "
+                     f"with/without {pair['with_vs_without']:.3f}")
     return "\n".join(lines)
 
 

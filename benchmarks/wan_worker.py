@@ -211,6 +211,10 @@ def _swarm(args: argparse.Namespace, task, model: torch.nn.Module) -> dict:
     from spotrain.kernels import SwarmOptimizer, install_codecs, optimizer_options, traffic
 
     install_codecs()  # also counts bytes for the hivemind baseline
+    if args.mode == "spotrain":
+        from spotrain.kernels.poison_guard import install_poison_guard
+
+        install_poison_guard()  # as the agent does; SPOTRAIN_POISON_GUARD=0 (wan_scaling --guard-cost) leaves it off
     peers = [] if args.index == 0 else _wait_for_peers(args.peers)
     dht = hivemind.DHT(initial_peers=peers, host_maddrs=[f"/ip4/{args.host}/tcp/0"], start=True)
     if args.index == 0:

@@ -24,6 +24,8 @@ import hivemind
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils.logging import get_logger
 
+from spotrain.kernels.finite_state import FiniteStateAverager
+
 REPORT_INTERVAL_SECONDS = 2.0
 PROGRESS_EXPIRATION_SECONDS = 15.0
 logger = get_logger(__name__)
@@ -69,7 +71,8 @@ class PacedProgressTracker(ProgressTracker):
 
 
 class SwarmOptimizer(hivemind.Optimizer):
-    """hivemind.Optimizer whose progress tracker paces its reports (see the module's doc)."""
+    """hivemind.Optimizer whose progress tracker paces its reports (see the module's doc) and whose
+    state averager serves and loads finite states only (`spotrain.kernels.finite_state`)."""
 
     def __init__(self, *args: Any, progress_report_interval: float = REPORT_INTERVAL_SECONDS, **kwargs: Any):
         self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
@@ -96,4 +99,14 @@ class SwarmOptimizer(hivemind.Optimizer):
             dht=self.dht, prefix=self.run_id, target_batch_size=target_batch_size, client_mode=self.client_mode,
             status_loglevel=self.status_loglevel, report_interval=self._progress_report_interval, start=True,
             **kwargs,
+        )
+
+    def _make_state_averager(self, **kwargs: Any) -> FiniteStateAverager:
+        # hivemind 1.1.12's own arguments, with the checked class
+        return FiniteStateAverager(
+            dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
+            allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
+            offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,
+            status_loglevel=self.status_loglevel, next_chunk_timeout=self.next_chunk_timeout,
+            client_mode=self.client_mode, auxiliary=self.auxiliary, start=True, **kwargs,
         )

@@ -39,6 +39,7 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
+from spotrain.offenders import REVOKE_AFTER_OFFENCES, instances_to_revoke
 from spotrain.egress import (
     EGRESS_WINDOW_SECONDS,
     EgressReading,
@@ -316,6 +317,7 @@ class ControlLoop:
 
     def _reconcile_and_apply(self, now: float) -> Observed:
         observed = self.observe(now)
+        self._revoke_offenders()
         if self.failed_agent is not None:  # a task that crashes its agents would crash every replacement too
             self.end_reason = self._agent_failure(self.failed_agent)
             return observed
@@ -338,6 +340,23 @@ class ControlLoop:
             elif isinstance(action, EndRun):
                 self.end_reason = action.reason
         return observed
+
+    def _revoke_offenders(self) -> None:
+        """An instance whose parts a majority of its peers kept dropping (spotrain.offenders) is left
+        out of the next admission record, so every peer refuses it, and is terminated: a
+        replacement with a fresh identity takes its place."""
+        if self.access is None:
+            return
+        for instance_id in instances_to_revoke(self.statuses):
+            if instance_id in self.access.revoked():
+                continue
+            self.access.revoke(instance_id)
+            self.say(f"revoked {instance_id}: most of its peers dropped its averaging parts in "
+                     f"{REVOKE_AFTER_OFFENCES} or more rounds (non-finite or implausibly large); terminating it")
+            try:
+                self.provider.terminate(instance_id)
+            except ProviderError as error:
+                self.say(f"terminating revoked {instance_id} failed: {error}")
 
     def _agent_failure(self, instance: Instance) -> str:
         """The end reason for an agent that kept failing, after its log's last error lines."""

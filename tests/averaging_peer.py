@@ -43,14 +43,17 @@ def main(index: int, work: Path, codec: str) -> int:
             break
     with averager.get_tensors() as tensors:
         torch.save([t.clone() for t in tensors], work / f"result{index}.pt")
-    (work / f"traffic{index}.json").write_text(json.dumps(
-        {"group_size": len(group) if group else 0, "sent": traffic.sent, "received": traffic.received}))
-    # Stay up until the other peer has its result too: a peer's step can end while it still streams
-    # replies for the other's parts, and leaving then makes hivemind keep those parts un-averaged.
+    # A peer's step ends once it has its own results, which can be before it has encoded and sent
+    # the averages it owes the other peer (hivemind averages a part, hands the result to the local
+    # step, and only then encodes the reply). So stay up until the other peer has its result too:
+    # leaving earlier cuts that reply and hivemind keeps the other's part un-averaged. And count
+    # the bytes only then: read earlier, the reply is not in them yet.
     (work / f"done{index}").touch()
     deadline = time.monotonic() + 120
     while not (work / f"done{1 - index}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
+    (work / f"traffic{index}.json").write_text(json.dumps(
+        {"group_size": len(group) if group else 0, "sent": traffic.sent, "received": traffic.received}))
     averager.shutdown()
     dht.shutdown()
     return 0

@@ -121,3 +121,48 @@ def test_refusals_and_retirements_are_typed_and_told(tmp_path):
     retired = {r.request_id: r for r in ledger.instances()}["c-r00001"]
     assert (retired.state, retired.end_reason) == (InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST)
     ledger.close()
+
+
+class AccusingSwarm(QuietSwarm):
+    """Two agents: the first one's poison guard counted the second's parts as offences."""
+
+    def __init__(self, loop: ControlLoop):
+        self.loop = loop
+
+    def statuses(self):
+        import time
+
+        from spotrain.contracts.records import AgentStatus
+        from spotrain.contracts.states import AgentState
+
+        running = sorted(i.instance_id for i in self.loop.provider.list_instances("c")
+                         if i.state == InstanceState.RUNNING)[:2]
+        if len(running) < 2:
+            return {}
+        honest, evil = running
+
+        def status(instance_id: str, peer: str, offenders: dict) -> AgentStatus:
+            return AgentStatus(instance_id, AgentState.TRAINING, 1, 10, 1.0, 2.0, 0, 0, None,
+                               (f"/ip4/127.0.0.1/tcp/1/p2p/{peer}",), time.time(), offenders=offenders)
+
+        return {honest: status(honest, "QmHonest", {"QmEvil": 3}), evil: status(evil, "QmEvil", {})}
+
+
+def test_an_instance_most_peers_caught_poisoning_is_revoked_and_terminated(loop, tmp_path):
+    from spotrain.access import ClusterAccess
+
+    loop.access = ClusterAccess(tmp_path / "access", "c")
+    loop.tick()  # the fleet is launched
+    loop.swarm = AccusingSwarm(loop)
+    evil = sorted(i.instance_id for i in loop.provider.list_instances("c"))[1]
+    loop.tick()
+    assert loop.access.revoked() == {evil}  # the accused alone: its one witness is the honest agent
+    ended = {i.instance_id: i.state for i in loop.provider.list_instances("c")}
+    assert ended[evil] != InstanceState.RUNNING or wait_ended(loop, evil)
+
+
+def wait_ended(loop: ControlLoop, instance_id: str) -> bool:
+    from conftest import wait_for
+
+    return wait_for(lambda: {i.instance_id: i.state for i in loop.provider.list_instances("c")}[instance_id]
+                    != InstanceState.RUNNING, 30, f"{instance_id} terminated")

@@ -41,3 +41,17 @@ def test_counters_must_be_non_negative_integers_and_times_finite():
     for key, bad in [("epoch", -1), ("epoch", 1.5), ("samples", True), ("samples", "9"), ("time", float("nan")),
                      ("samples_per_second", float("inf")), ("loss", float("nan")), ("bytes_sent", -5)]:
         assert AgentStatus.from_record({**good, key: bad}) is None, (key, bad)
+
+
+def test_offence_counts_round_trip_and_a_malformed_or_oversized_table_is_refused():
+    from dataclasses import replace
+
+    from spotrain.contracts.records import MAX_OFFENDERS
+
+    accusing = replace(status("i-a", 1.0), offenders={"QmEvil": 4})
+    assert AgentStatus.from_record(accusing.to_record()) == accusing
+    assert AgentStatus.from_record(status("i-a", 1.0).to_record()).offenders == {}  # an older agent: none
+    record = status("i-a", 1.0).to_record()
+    for bad in ([["QmEvil", 4]], {"QmEvil": -1}, {"QmEvil": 1.5}, {"QmEvil": True}, {"": 1}, {"x" * 129: 1},
+                {f"Qm{i}": 1 for i in range(MAX_OFFENDERS + 1)}):
+        assert AgentStatus.from_record({**record, "offenders": bad}) is None

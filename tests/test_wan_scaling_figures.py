@@ -44,3 +44,12 @@ def test_the_epoch_length_is_the_target_batch_at_the_fastest_limit():
     assert _figures([alone(16), swarm(15), alone(20)], ARGS)["epoch_seconds_at_limit"] == 512 / 20
     assert _figures([failed_limit(), swarm(15)], ARGS)["epoch_seconds_at_limit"] is None
     assert "20.0 samples/s, an epoch every 25.6 s" in _table(_figures([alone(16), swarm(15), alone(20)], ARGS))
+
+
+def test_the_guard_cost_pairs_each_guarded_point_with_its_unguarded_twin():
+    guarded, bare = swarm(18), dict(swarm(20), poison_guard=False)
+    figures = _figures([alone(20), guarded, alone(20), bare, alone(20)], ARGS)
+    (pair,) = figures["guard_cost"]
+    assert (pair["x_limit_with_guard"], pair["x_limit_without"], pair["with_vs_without"]) == (0.9, 1.0, 0.9)
+    assert "x limit 0.900 with, 1.000 without" in _table(figures) and "with/without 0.900" in _table(figures)
+    assert _figures([alone(20), swarm(18)], ARGS)["guard_cost"] == []  # no twin, no ratio

@@ -23,6 +23,7 @@ STATUS_TTL_SECONDS = 30.0
 DUTY_TTL_SECONDS = 60.0
 MAX_EGRESS_DESTINATIONS = 256  # agents.egress keeps 255 peers apart and adds the rest under "other"
 MAX_PEER_NAME = 64
+MAX_OFFENDERS = 16  # peer ids an agent reports offences of (its poison guard keeps as many)
 
 
 def status_key(cluster: str) -> str:
@@ -52,6 +53,9 @@ class AgentStatus:
     # cumulative, so the controller charges the growth and a lost record loses nothing
     egress_bytes: dict[str, int] = field(default_factory=dict)
     egress_since: float = 0.0
+    # peer id -> averaging rounds in which this agent's poison guard dropped that peer's parts
+    # (spotrain.kernels.poison_guard); the controller revokes repeat offenders
+    offenders: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         egress = self.egress_bytes
@@ -61,12 +65,15 @@ class AgentStatus:
             raise ValueError("egress_bytes must map at most 256 peer ids to byte counts")
         if not isinstance(self.egress_since, (int, float)) or not math.isfinite(self.egress_since):
             raise ValueError("egress_since must be a finite time")
+        if not _valid_offenders(self.offenders):
+            raise ValueError("offenders must map at most 16 peer ids to counts")
 
     def to_record(self) -> dict[str, Any]:
         data = asdict(self)
         data["state"] = AgentState(self.state).value
         data["addresses"] = list(self.addresses)
         data["egress_bytes"] = dict(self.egress_bytes)
+        data["offenders"] = dict(self.offenders)
         return data
 
     @classmethod
@@ -95,6 +102,12 @@ class AgentStatus:
         return (all(type(c) is int and c >= 0 for c in counters)
                 and all(type(r) in (int, float) and math.isfinite(r) for r in reals)
                 and self.samples_per_second >= 0 and isinstance(self.codec_table, str) and isinstance(self.role, str))
+
+
+def _valid_offenders(value: object) -> bool:
+    """At most MAX_OFFENDERS peer ids (short strings), each with a count >= 0."""
+    return isinstance(value, dict) and len(value) <= MAX_OFFENDERS and all(
+        isinstance(k, str) and 0 < len(k) <= 128 and type(v) is int and v >= 0 for k, v in value.items())
 
 
 def newest_statuses(found: Any, now: float, admitted: Mapping[str, str] | None) -> dict[str, AgentStatus]:
