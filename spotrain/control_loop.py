@@ -39,7 +39,6 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
-from spotrain.offenders import REVOKE_AFTER_OFFENCES, instances_to_revoke
 from spotrain.egress import (
     EGRESS_WINDOW_SECONDS,
     EgressReading,
@@ -49,6 +48,7 @@ from spotrain.egress import (
     peer_instances,
 )
 from spotrain.ledger import Ledger, Run
+from spotrain.offenders import REVOKE_AFTER_OFFENCES, instances_to_revoke
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.providers.base import (
