@@ -139,9 +139,11 @@ class Agent:
         keep_freed_memory()  # before training allocates: steps reuse their buffers instead of faulting them in
         torch.set_num_threads(self.config.torch_threads)
         install_codecs()
-        egress.install()  # before hivemind forks its averagers: they count into shared memory
-        if not install_poison_guard():  # before hivemind forks its averagers
+        # both before hivemind forks its averagers; the guard first: it sets hivemind's runner class,
+        # and the egress meter subclasses whichever runner class is set when it installs
+        if not install_poison_guard():
             log("poison guard OFF (SPOTRAIN_POISON_GUARD=0): received parts are averaged unchecked")
+        egress.install()  # the averagers count into shared memory
         compression = self.config.training.compression
         # swarm peers also exchange activations, so their codec joins the table they must share
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,
