@@ -41,9 +41,11 @@ from typing import Any, TypeVar
 
 import yaml
 
-from benchmarks import recovery_figures as fig
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script: benchmarks/ is then not on the path
+
+from benchmarks import recovery_figures as fig  # noqa: E402
+
 CLUSTER = "recovery-bench"
 SUBNETS = {"us-east": 31, "eu-west": 32}  # 198.18.N.0/24: apart from the example's and the e2e test's
 T = TypeVar("T")
