@@ -118,6 +118,7 @@ def figures(replacement: Mapping[str, Any], notice: Mapping[str, Any], fleet: Ma
     step = stall.get("mean_step_seconds")
     mean_stall = sum(blocked) / len(blocked) if blocked else None
     worst = max(blocked) if blocked else None
+    waited = sum(w for _, w in stall["stalls"]) / len(blocked) if blocked else None
     return {
         "replacement": {**replacement, "seconds_per_epoch": epoch_s,
                         "epochs_from_agent_start": ratio(from_start, epoch_s), "target_epochs_from_agent_start": 1.0,
@@ -129,8 +130,10 @@ def figures(replacement: Mapping[str, Any], notice: Mapping[str, Any], fleet: Ma
                        "met": None if lost is None or every is None else lost <= every},
         "checkpoint_stall": {"checkpoints": len(blocked), "mean_stall_seconds": mean_stall,
                              "max_stall_seconds": worst, "mean_step_seconds": step,
-                             "mean_waiting_for_delayed_update_seconds":
-                                 sum(w for _, w in stall["stalls"]) / len(blocked) if blocked else None,
+                             "mean_waiting_for_delayed_update_seconds": waited,
+                             # the in-memory copy alone, what the writer itself costs the training thread
+                             "snapshot_only_fraction_of_step":
+                                 ratio(None if mean_stall is None or waited is None else mean_stall - waited, step),
                              "stall_fraction_of_step": ratio(mean_stall, step),
                              "max_stall_fraction_of_step": ratio(worst, step), "target_fraction_of_step": 1.0,
                              "met": _lt(ratio(worst, step), 1.0)},
