@@ -12,6 +12,7 @@ import hashlib
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -158,16 +159,19 @@ class DataParallelRole:
 
     def _submit(self) -> None:
         training = self._started()
-        epoch = training.context.progress.epoch
+        epoch, started = training.context.progress.epoch, time.monotonic()
         # with delayed updates an optimizer step may still run in the background: finish and apply
         # it first, so the checkpoint's parameters and optimizer state belong to the same step
         training.optimizer.state_averager.step(wait_for_delayed_updates=True)
+        waited = time.monotonic() - started
         with self._submit_lock:
-            stall = training.writer.submit(epoch, {"model": training.model.state_dict(),
-                                                   "optimizer": training.optimizer.state_dict(),
-                                                   "constants": sorted(_buffer_paths(training.model))})
+            training.writer.submit(epoch, {"model": training.model.state_dict(),
+                                           "optimizer": training.optimizer.state_dict(),
+                                           "constants": sorted(_buffer_paths(training.model))})
             self._submitted = epoch
-        log(f"checkpoint epoch {epoch}: snapshot took {stall:.3f}s of training (the stall), "
+        # the stall is all the training thread waited for: the delayed update and the snapshot
+        log(f"checkpoint epoch {epoch}: snapshot took {time.monotonic() - started:.3f}s of training (the stall), "
+            f"{waited:.3f}s of it waiting for the delayed update, "
             f"uploading to {training.context.config.checkpoint.store} in the background")
 
     def _started(self) -> _Training:
