@@ -103,6 +103,10 @@ def honest_checkpoints(home: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir(home).glob("ckpt-*.json") if "-evil-" not in p.name)
 
 
+def newest_honest_epoch(home: Path) -> int:
+    return max((int(p.name.split("-")[1]) for p in honest_checkpoints(home)), default=-1)
+
+
 def assert_secrets_closed(home: Path) -> None:
     """Every secret 0600, in folders 0700: the cluster key, the controller's identity, the admission
     table and record, each VM's user-data, identity and admission record."""
@@ -197,6 +201,8 @@ def test_a_stranger_that_knows_every_address_gets_nothing_and_changes_nothing(tm
         got = run_stranger(home, tmp_path, average_seconds=5)
         after = status(home)["epoch"]
         wait_for(lambda: status(home)["epoch"] >= after + 2, 120, "two more epochs after the attack", every=1.0)
+        # the forged duty records stopped no checkpoint: the duty holder writes one after the attack
+        wait_for(lambda: newest_honest_epoch(home) > after, 120, "a checkpoint after the attack", every=1.0)
         seen = watch.stop()
         assert_stranger_got_nothing(got, home)
         assert_nothing_forged(seen, instances)
@@ -204,7 +210,7 @@ def test_a_stranger_that_knows_every_address_gets_nothing_and_changes_nothing(tm
         controller_log = (home / "clusters" / CLUSTER / "controller.log").read_text()
         assert "exit 78" not in controller_log and "retiring" not in controller_log
         assert controller_log.count("launched i-") == 2, controller_log  # the first two, no replacement
-        assert honest_checkpoints(home) and assert_no_nan_in_checkpoints(home)
+        assert assert_no_nan_in_checkpoints(home)
     finally:
         assert_down_cleans_up(home)
     assert_secrets_closed(home)
@@ -234,7 +240,7 @@ def plant_malicious_checkpoints(home: Path, marker: Path) -> int:
         return buffer.getvalue()
 
     store, model = LocalDirStore(checkpoint_dir(home)), tiny_gpt.build_model()
-    epoch = max(int(p.name.split("-")[1]) for p in honest_checkpoints(home)) + 100
+    epoch = newest_honest_epoch(home) + 100
     store.write(epoch, {"model.pt": saved({"weights": _CreatesMarker(marker)}), "optimizer.pt": saved({})},
                 "evil-pickle")
     nan_model = {name: torch.full_like(value, math.nan) for name, value in model.state_dict().items()}
@@ -269,7 +275,7 @@ def test_a_stranger_averaging_nan_then_a_malicious_checkpoint_before_a_restart(t
                            "the restarted agent to resume")
         restarted_log = (vm / "agent.log").read_text(errors="replace")[log_before:]
         print("".join(line + "\n" for line in restarted_log.splitlines() if "skipping checkpoint" in line))
-        assert f"ckpt-{forged - 1:08d}-evil-pickle" in restarted_log and "weights-only" in restarted_log
+        assert f"ckpt-{forged - 1:08d}-evil-pickle" in restarted_log and "it names io.open" in restarted_log
         assert f"ckpt-{forged:08d}-evil-nan" in restarted_log and "NaN" in restarted_log
         assert int(resumed[0].split("epoch ")[1].split()[0]) < forged - 1  # an honest one
         after = status(home)["epoch"]
