@@ -51,6 +51,7 @@ class Agent:
         self.state = AgentState.STARTING
         self.leaving = False  # past the role's work: flushing duty, shutting hivemind down
         self.stop = threading.Event()
+        self.draining = threading.Event()  # the role's cue to write its checkpoint duty now
         self.checkpoint_soon = threading.Event()  # a rebalance recommendation: write the next checkpoint now
         self.progress = Progress()
         self.addresses: tuple[str, ...] = ()
@@ -89,6 +90,7 @@ class Agent:
         timer.start()
         self.state = AgentState.DRAINING
         self.stop.set()
+        self.draining.set()
         try:
             if self.publisher is not None:
                 self.publisher.publish_now()
@@ -180,7 +182,7 @@ class Agent:
         publisher.start()
         self.role.start(RoleContext(self.config, self.instance_id, dht, self.progress,
                                     has_duty=lambda: publisher.has_duty, checkpoint_soon=self.checkpoint_soon,
-                                    drain_seconds_left=self._drain_seconds_left))
+                                    drain_seconds_left=self._drain_seconds_left, draining=self.draining))
         self._watch_notices()
         self.state = AgentState.TRAINING
         self.role.run_until(self.stop)

@@ -5,6 +5,12 @@ RSA-signed DHT store that every peer's DHT process validates, several times a se
 Peers already extrapolate each other's progress from the reported samples/s, so a report every
 `report_interval` seconds (and at once on every epoch change, which others must see promptly)
 tells them as much and costs a fraction of the CPU that the trainer shares with them.
+
+A peer's progress record expires after PROGRESS_EXPIRATION_SECONDS (hivemind's default is 60 s;
+live peers refresh theirs every half of it): after a whole-fleet loss the records of the dead
+peers claim a later epoch than the replacements restored from the store, and every replacement
+retries downloading their state until those records are gone. So that wait is bounded by this,
+and logged once.
 """
 
 from __future__ import annotations
@@ -16,8 +22,11 @@ from typing import Any
 
 import hivemind
 from hivemind.optim.progress_tracker import ProgressTracker
+from hivemind.utils.logging import get_logger
 
 REPORT_INTERVAL_SECONDS = 2.0
+PROGRESS_EXPIRATION_SECONDS = 15.0
+logger = get_logger(__name__)
 
 
 class _PacedSignal(threading.Event):
@@ -64,7 +73,23 @@ class SwarmOptimizer(hivemind.Optimizer):
 
     def __init__(self, *args: Any, progress_report_interval: float = REPORT_INTERVAL_SECONDS, **kwargs: Any):
         self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
+        self._told_unreachable = False
+        kwargs["tracker_opts"] = {"metadata_expiration": PROGRESS_EXPIRATION_SECONDS, **kwargs.get("tracker_opts", {})}
         super().__init__(*args, **kwargs)
+
+    def load_state_from_peers(self, **kwargs: Any) -> None:
+        """hivemind's download; when no peer gave its state, one line saying why training goes on from
+        this peer's own (store) state, and for how long the stale records may still ask for a download."""
+        before = self.local_epoch
+        super().load_state_from_peers(**kwargs)
+        behind = self.local_epoch < self.tracker.global_epoch - 1 and self.local_epoch == before
+        if behind and not self._told_unreachable:
+            self._told_unreachable = True
+            logger.warning(f"no live peer gave its state (the swarm's records claim epoch {self.tracker.global_epoch},"
+                           f" this peer is at {self.local_epoch}): those peers are gone; training on from this "
+                           f"peer's state once their records expire (at most {PROGRESS_EXPIRATION_SECONDS:.0f}s)")
+        elif not behind:
+            self._told_unreachable = False
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return PacedProgressTracker(

@@ -84,6 +84,8 @@ def unpack(buffer: bytes, dtype_name: str, shape: tuple[int, ...]) -> torch.Tens
     dtype = _DTYPES.get(dtype_name)
     if dtype is None:
         raise CorruptPayloadError(f"payload has unsupported dtype {dtype_name!r}")
+    if any(size < 0 for size in shape):  # two -1s multiply to a count that matches, then reshape fails
+        raise CorruptPayloadError(f"payload shape {tuple(shape)} has a negative size")
     if numel != math.prod(shape):
         raise CorruptPayloadError(f"payload holds {numel} values, its shape {tuple(shape)} needs {math.prod(shape)}")
     body = memoryview(buffer)[HEADER.size :]

@@ -26,6 +26,7 @@ from spotrain.providers.base import (
     PriceError,
     ProviderError,
     QuotaError,
+    SettingError,
 )
 from spotrain.providers.bootstrap import METADATA, render_cloud_init
 
@@ -40,6 +41,12 @@ QUOTA_CODES = {"MaxSpotInstanceCountExceeded", "InstanceLimitExceeded", "VcpuLim
 PRICE_CODES = {"SpotMaxPriceTooLow"}
 AUTH_CODES = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "ExpiredToken", "SignatureDoesNotMatch",
               "RequestExpired", "AccessDenied", "OptInRequired"}
+# codes that name a setting of the spec the account does not have: retrying the launch cannot help
+SETTING_CODES = {"InvalidAMIID.NotFound": "image_id", "InvalidAMIID.Malformed": "image_id",
+                 "InvalidAMIID.Unavailable": "image_id", "InvalidKeyPair.NotFound": "key_name",
+                 "InvalidSubnetID.NotFound": "subnets", "InvalidSubnetID.Malformed": "subnets"}
+# EC2 answers a missing instance profile with InvalidParameterValue naming it (moto: NoSuchEntity)
+PROFILE_CODES = {"InvalidParameterValue", "NoSuchEntity"}
 # spot request status codes that mean "the cloud took it back" (not a user's termination)
 INTERRUPTED_STATUSES = {"instance-terminated-by-price", "instance-terminated-no-capacity",
                         "instance-terminated-capacity-oversubscribed", "instance-terminated-launch-group-constraint",
@@ -75,7 +82,12 @@ def typed_error(error: Exception, where: str) -> ProviderError:
         return AuthError(f"aws: no usable credentials ({where})")
     if isinstance(error, ClientError):
         code = error.response.get("Error", {}).get("Code", "")
-        message = f"aws {where}: {code}: {error.response.get('Error', {}).get('Message', '')}"
+        text = error.response.get("Error", {}).get("Message", "")
+        message = f"aws {where}: {code}: {text}"
+        if code in SETTING_CODES:
+            return SettingError(message, f"providers.aws.{SETTING_CODES[code]}")
+        if code in PROFILE_CODES and "instance profile" in text.lower().replace("instanceprofile", "instance profile"):
+            return SettingError(message, "providers.aws.iam_instance_profile")
         for codes, kind in ((CAPACITY_CODES, CapacityError), (QUOTA_CODES, QuotaError), (PRICE_CODES, PriceError),
                             (AUTH_CODES, AuthError)):
             if code in codes:

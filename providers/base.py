@@ -30,7 +30,16 @@ class PriceError(ProviderError):
 
 
 class AuthError(ProviderError):
-    """Credentials are missing or refused."""
+    """Credentials are missing or refused, or lack a permission the call needs."""
+
+
+class SettingError(ProviderError):
+    """The request names something the cloud does not have (an image, an instance profile, a service
+    account, a key pair): no retry fixes it. `setting` is the spec key to change."""
+
+    def __init__(self, message: str, setting: str):
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
 
 
 @dataclass(frozen=True)
@@ -101,3 +110,11 @@ class PeerPublisher(Protocol):
     an agent whose launch-time peers are gone reads them through its metadata service."""
 
     def publish_peers(self, cluster: str, peers: list[str]) -> None: ...
+
+
+@runtime_checkable
+class ClusterResources(Protocol):
+    """A provider that holds something for a cluster besides its instances (the emulated cloud's
+    namespaces, links, cgroups and buckets), released at `spotrain down`."""
+
+    def release_cluster(self, cluster: str) -> None: ...

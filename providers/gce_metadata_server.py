@@ -14,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
 
-from spotrain.providers.background_http import BackgroundHTTPServer
+from spotrain.providers.background_http import BackgroundHTTPServer, BoundedHandler
 
 PREFIX = "/computeMetadata/v1/"
 MAX_WAIT_SECONDS = 300.0
@@ -73,31 +72,22 @@ class GceMetadataState:
             return self.values[path]
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     server: GceMetadataServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:
-        pass
 
     def _reply(self, status: int, body: str, etag: str | None = None) -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Metadata-Flavor", "Google")
-        self.send_header("Content-Type", "application/text")
-        if etag:
-            self.send_header("ETag", etag)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        headers = {"Metadata-Flavor": "Google", "Content-Type": "application/text"}
+        self.reply(status, body, {**headers, "ETag": etag} if etag else headers)
 
     def _refuse_other_methods(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._reply(405, "Method Not Allowed")
+        if self.read_body() is not None:
+            self._reply(405, "Method Not Allowed")
 
-    do_PUT = do_POST = do_DELETE = _refuse_other_methods
+    do_PUT = do_POST = do_DELETE = do_PATCH = _refuse_other_methods
 
     def do_GET(self) -> None:
+        if self.read_body() is None:
+            return
         state = self.server.state
         if self.headers.get("X-Forwarded-For"):
             return self._reply(403, "Forbidden: requests with X-Forwarded-For are refused")
@@ -113,6 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             timeout = min(float(query.get("timeout_sec", [MAX_WAIT_SECONDS])[0]), MAX_WAIT_SECONDS)
         except ValueError:
+            return self._reply(400, "Bad Request: timeout_sec")
+        if not 0.0 <= timeout <= MAX_WAIT_SECONDS:  # NaN and negatives too
             return self._reply(400, "Bad Request: timeout_sec")
         value = state.read(url.path[len(PREFIX):].rstrip("/"), wait, query.get("last_etag", [None])[0], timeout)
         if value is None:

@@ -29,6 +29,7 @@ from spotrain.providers.base import (
     Offer,
     ProviderError,
     QuotaError,
+    SettingError,
 )
 from spotrain.providers.bootstrap import METADATA, infra_text, render_cloud_init
 from spotrain.providers.gcp_prices import gpu_of, spot_price
@@ -95,8 +96,22 @@ def typed_error(error: Exception, where: str) -> ProviderError:
             return QuotaError(f"gcp {where}: {error.message}")
         if isinstance(error, api.Forbidden):
             return AuthError(f"gcp {where}: permission denied: {error.message}")
+        setting = _setting_named(error.message or "")
+        if setting is not None and isinstance(error, (api.NotFound, api.BadRequest)):
+            return SettingError(f"gcp {where}: {error.code} {error.message}", setting)
         return ProviderError(f"gcp {where}: {error.code} {error.message}")
     return ProviderError(f"gcp {where}: {type(error).__name__}: {error}")
+
+
+def _setting_named(message: str) -> str | None:
+    """The spec key behind an API answer that a resource the request names does not exist."""
+    if "serviceAccounts" in message or "service account" in message.lower():
+        return "providers.gcp.service_account"
+    if "/images/" in message or "sourceImage" in message:
+        return "providers.gcp.image"
+    if "/networks/" in message or "networkInterfaces" in message:
+        return "providers.gcp.network"
+    return None
 
 
 def operation_error(operation: Any, where: str) -> ProviderError | None:

@@ -12,19 +12,22 @@ recommendation, then `{"noticeTime": "2026-01-01T00:00:00Z"}`.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
-from spotrain.providers.background_http import BackgroundHTTPServer
+from spotrain.providers.background_http import BackgroundHTTPServer, BoundedHandler
 
 TOKEN_PATH = "/latest/api/token"
 TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
 TOKEN_HEADER = "X-aws-ec2-metadata-token"
 MAX_TTL_SECONDS = 21600
+MAX_LIVE_TOKENS = 1024  # issuing more drops the ones that expire soonest: memory stays bounded
+_TTL = re.compile(r"[0-9]{1,5}")
 
 
 def iso_utc(epoch_seconds: float) -> str:
@@ -35,8 +38,9 @@ class MetadataState:
     """What the metadata service knows about its instance; thread-safe."""
 
     def __init__(self, instance_id: str, zone: str, instance_type: str = "local.cpu",
-                 live_files: dict[str, Path] | None = None):
+                 live_files: dict[str, Path] | None = None, clock: Callable[[], float] = time.monotonic):
         self._lock = threading.Lock()
+        self._clock = clock
         self.live_files = live_files or {}  # documents read from a file at each request (the live peers)
         self._tokens: dict[str, float] = {}
         self._notice: dict | None = None
@@ -50,14 +54,23 @@ class MetadataState:
 
     def issue_token(self, ttl: int) -> str:
         token = secrets.token_urlsafe(32)
+        now = self._clock()
         with self._lock:
-            self._tokens[token] = time.monotonic() + ttl
+            self._tokens = {t: expiry for t, expiry in self._tokens.items() if expiry > now}  # prune the expired
+            excess = len(self._tokens) - MAX_LIVE_TOKENS + 1
+            for oldest in sorted(self._tokens, key=self._tokens.__getitem__)[:max(0, excess)]:
+                del self._tokens[oldest]
+            self._tokens[token] = now + ttl
         return token
+
+    def live_tokens(self) -> int:
+        with self._lock:
+            return len(self._tokens)
 
     def token_valid(self, token: str | None) -> bool:
         with self._lock:
             expiry = self._tokens.get(token or "")
-        return expiry is not None and expiry > time.monotonic()
+        return expiry is not None and expiry > self._clock()
 
     def post_notice(self, terminate_at: float) -> None:
         with self._lock:
@@ -78,36 +91,36 @@ class MetadataState:
             return dict(self._notice) if self._notice else None
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(BoundedHandler):
     server: MetadataServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, *args) -> None:  # quiet: the supervisor logs what matters
-        pass
 
     def _reply(self, status: int, body: str = "", content_type: str = "text/plain") -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        self.reply(status, body, {"Content-Type": content_type})
+
+    def _refuse_other_methods(self) -> None:
+        if self.read_body() is not None:
+            self._reply(405, "Method Not Allowed")
+
+    do_POST = do_DELETE = do_PATCH = _refuse_other_methods
 
     def do_PUT(self) -> None:
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.read_body() is None:
+            return
         if self.path != TOKEN_PATH:
             return self._reply(404, "Not Found")
         if self.headers.get("X-Forwarded-For"):  # EC2 refuses token requests that went through a proxy
             return self._reply(403, "Forbidden")
-        try:
-            ttl = int(self.headers.get(TTL_HEADER, ""))
-        except ValueError:
+        text = self.headers.get(TTL_HEADER, "")
+        if not _TTL.fullmatch(text):  # digits only, as EC2 takes it: no sign, spaces or exponent
             return self._reply(400, "Bad Request")
+        ttl = int(text)
         if not 1 <= ttl <= MAX_TTL_SECONDS:
             return self._reply(400, "Bad Request")
         self._reply(200, self.server.state.issue_token(ttl))
 
     def do_GET(self) -> None:
+        if self.read_body() is None:
+            return
         if not self.server.state.token_valid(self.headers.get(TOKEN_HEADER)):
             return self._reply(401, "Unauthorized")
         path = self.path.split("?", 1)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from spotrain.providers.imds_server import MetadataServer, MetadataState
 POLL_SECONDS = 0.2
 MAX_AGENT_RESTARTS = 3
 PEERS_FILE = "peers"  # the live swarm's peers, rewritten by the provider each tick
+INTERRUPT_FILE = "interrupt"  # {"notice": bool}: the cloud reclaims the VM now (LocalProvider.interrupt)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -91,6 +93,13 @@ class Supervisor:
         self.deadline, self.end_state, self.end_reason = terminate_at, state, reason
         self.log(f"notice posted: {reason}, terminate at {terminate_at:.1f}")
 
+    def interruption(self) -> bool | None:
+        """A reclaim the cloud asked for now: True with notice, False without, None when none."""
+        try:
+            return bool(json.loads((self.vm_dir / INTERRUPT_FILE).read_text())["notice"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "terminate_requested", True))
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is not the cloud's business
@@ -102,6 +111,11 @@ class Supervisor:
         restarts = 0
         while True:
             now = time.time()
+            interrupted = self.interruption()
+            if interrupted is not None:  # from now on, exactly as the trace's preemption at this moment
+                preempt_at, announced = min(preempt_at or now + notice_s, now + notice_s), interrupted
+                if not announced:
+                    preempt_at = now
             if self.terminate_requested:
                 self.post_notice(now + notice_s, InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST)
             if preempt_at is not None and announced and now >= preempt_at - notice_s:
@@ -138,6 +152,8 @@ class Supervisor:
         self.kill_agent_group()
         self.write_state(self.end_state, launched_at=self.vm["launched_at"], ended_at=time.time(),
                          end_reason=self.end_reason, end_detail=self.end_detail)
+        if self.vm.get("ephemeral_disk"):  # a cloud VM's disk goes with it
+            shutil.rmtree(self.vm_dir / "work", ignore_errors=True)
         self.log(f"{self.end_state}: {self.end_reason}" + (f" ({self.end_detail})" if self.end_detail else ""))
         self.server.shutdown()
 

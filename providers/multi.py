@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from spotrain.providers.base import (
+    ClusterResources,
     ConsoleProvider,
     Instance,
     LaunchRequest,
@@ -68,6 +69,11 @@ class MultiProvider:
         for provider in self.providers.values():
             if isinstance(provider, PeerPublisher):
                 provider.publish_peers(cluster, peers)
+
+    def release_cluster(self, cluster: str) -> None:
+        for provider in self.providers.values():
+            if isinstance(provider, ClusterResources):
+                provider.release_cluster(cluster)
 
     def terminate(self, instance_id: str) -> None:
         owner = self._owner.get(instance_id)

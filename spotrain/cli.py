@@ -100,9 +100,11 @@ def launch(
             console.print(f"controller of {spec.name} started in the background (pid {pid}); "
                           f"follow with `spotrain status {spec.name}` and `spotrain logs {spec.name} -f`")
             return
+        from spotrain.geo import run_controller_behind_nat
         from spotrain.logs import log_to_file
 
         controller_logging(route_hivemind=True)
+        run_controller_behind_nat(spec, say)  # the emulated cloud's controller: re-executed behind its NAT
         log_to_file(spec.name)
         reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback

@@ -54,10 +54,12 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
            say: Callable[[str], None]) -> str:
     """Drive the cluster until its run ends; returns why it ended."""
     from spotrain.access import ClusterAccess
+    from spotrain.shipping import ship_spec
     from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
     from spotrain.swarm_view import SwarmView
 
     provider = checked_provider(spec)
+    shipment = ship_spec(spec, say)  # before the ledger: a spec whose VMs cannot get the code writes nothing
     stop = threading.Event()
     # the metrics port is taken before the ledger is touched: a busy port writes nothing
     with (controller_lock(spec.name), metrics_endpoint(spec) as endpoint,
@@ -69,13 +71,14 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
         access = ClusterAccess(cluster_dir(spec.name), spec.name)  # the cluster key: who may join the swarm
-        swarm = SwarmView(spec.name, access, **swarm_options(spec.providers.enabled(), spec.controller.reachable,
+        swarm = SwarmView(spec.name, access, **swarm_options(spec.providers.on_this_host(), spec.controller.reachable,
                                                              running, ledger.meta(PUBLISHED_PEERS_META)))
         try:
             settings = LoopSettings(tick_seconds=tick_seconds, end_at=end_at,
                                     target_epoch=target_epoch or spec.training.target_epoch,
                                     checkpoint_store=spec.default_checkpoint_store())
             loop = ControlLoop(spec, ledger, run, provider, swarm, settings, say=say, access=access)
+            loop.shipment = shipment
             if endpoint is not None:
                 endpoint.serve(loop)
                 say(f"metrics for Prometheus at http://{spec.controller.metrics_host}:{endpoint.port}/metrics")
@@ -159,6 +162,7 @@ def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180
         left = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
         if left:
             raise SpotrainError(f"instances still running after down: {', '.join(left)}")
+        provider.release_cluster(name)  # the emulated cloud: namespaces, links, cgroups, buckets
     return name
 
 
@@ -208,7 +212,10 @@ def status(name: str | None) -> dict:
                             "epoch": m.get("epoch"), "samples_per_second": m.get("samples_per_second"),
                             "loss": m.get("loss")})
         pid = controller_pid(name)
+        # the epoch the live workers train at (after a rollback to the store, that one), else the highest seen
+        training = [w["epoch"] for w in workers if w["agent_state"] == "training" and w["epoch"] is not None]
         return {"cluster": name, "run": run.id, "state": report["state"], "controller_pid": pid,
-                "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"], "epoch": report["epochs"],
+                "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"],
+                "epoch": max(training, default=report["epochs"]),
                 "samples": report["samples"], "workers": workers,
                 **live_figures(ledger, run, report, workers)}

@@ -24,7 +24,7 @@ from pydantic import (
 
 from spotrain.errors import SpecError
 from spotrain.policies import check_policy_name
-from spotrain.store_domains import PROVIDERS, DomainStore, StorePlacement, failure_domain
+from spotrain.store_domains import PROVIDERS, DomainStore, StorePlacement
 from spotrain.textfiles import UnreadableText, read_user_text
 from spotrain.throughput import TaskProfile, counted_parameters, wire_ratio
 
@@ -202,16 +202,40 @@ class Checkpoint(_Frozen):
                 raise ValueError(f"{index}: store {url!r} is listed twice")
         return value
 
-    def placement(self, default_url: str) -> StorePlacement:
-        """Where each agent writes and restores from; `default_url` when the spec names no store."""
+    def placement(self, default_url: str, local_regions: tuple[tuple[str, str], ...] = ()) -> StorePlacement:
+        """Where each agent writes and restores from; `default_url` when the spec names no store;
+        `local_regions`: (zone, region) of local zones whose region is their failure domain."""
         return StorePlacement.of([DomainStore(s) if isinstance(s, str) else DomainStore(s.url, s.domain)
-                                  for s in self.stores], default_url)
+                                  for s in self.stores], default_url, local_regions)
 
 
 class LocalLocation(_Frozen):
     price_usd_per_hour: float = Field(gt=0)
     trace: Literal["bamboo-p3", "bamboo-g4dn"] = "bamboo-p3"
     trace_offset_hours: float = Field(default=0.0, ge=0, le=MAX_HOURS)
+    region: str | None = Field(default=None, description="a key of providers.local.regions: the location's "
+                                                         "region, its failure domain (None: the zone is its own)")
+
+
+class LocalRegion(_Frozen):
+    """A region of the emulated cloud (`network: namespaces`): a bridge, a gateway, an S3 server."""
+
+    subnet: str | None = Field(default=None, description="its VMs' subnet inside 198.18.0.0/16 (namespaces: "
+                                                         "required): .1 gateway, .2 its S3 endpoint, VMs from .10")
+    egress_priced_as: str | None = Field(
+        default=None, pattern=r"^(aws|gcp|azure):[a-z0-9-]+$",
+        description="a catalog region (e.g. aws:us-east-1) whose egress prices this region's traffic; "
+                    "None: traffic is free, as between processes on one host")
+
+
+class LinkRates(_Frozen):
+    """`tc tbf` rates of the emulated cloud's links, each way (no latency: netem is not available)."""
+
+    within_region_mbit: float = Field(default=1000.0, gt=0, le=100_000, description="each VM's link")
+    between_regions_mbit: float = Field(default=50.0, gt=0, le=100_000, description="each region's uplink")
+
+
+_REGION_NAME = re.compile(r"^[a-z][a-z0-9-]{1,61}[a-z0-9]$")  # also its bucket's name
 
 
 def _default_local_locations() -> dict[str, LocalLocation]:
@@ -228,6 +252,13 @@ class LocalProvider(_Frozen):
     notice_seconds: float = Field(default=10.0, gt=0, le=3600, description="wall seconds from notice to hard kill")
     unannounced_every: int = Field(default=0, ge=0, le=10**6,
                                    description="every Nth preemption has no notice; 0 = never")
+    network: Literal["host", "namespaces"] = Field(
+        default="host", description="host: VMs are processes on this machine's network; namespaces: the emulated "
+                                    "multi-region cloud (root only): a network namespace and a CPU quota per VM, "
+                                    "shaped links, the controller behind NAT, an S3 server per region")
+    regions: dict[str, LocalRegion] = Field(default_factory=dict, max_length=64)
+    links: LinkRates = LinkRates()
+    vm_cpus: float = Field(default=1.0, gt=0, le=1024, description="namespaces: each VM's CPU quota")
 
     @field_validator("locations")
     @classmethod
@@ -238,6 +269,38 @@ class LocalProvider(_Frozen):
             if not zone or ":" in zone:
                 raise ValueError(f"bad zone name {zone!r}")
         return value
+
+    @field_validator("regions")
+    @classmethod
+    def _region_names(cls, value: dict[str, LocalRegion]) -> dict[str, LocalRegion]:
+        for region in value:
+            if not _REGION_NAME.match(region):
+                raise ValueError(f"bad region name {region!r} (3 to 63 of a-z, 0-9 and '-'; it names its bucket)")
+        return value
+
+    @model_validator(mode="after")
+    def _regions_known(self) -> LocalProvider:
+        for zone, location in self.locations.items():
+            if location.region is not None and location.region not in self.regions:
+                raise ValueError(f"locations.{zone}.region: unknown region {location.region!r} "
+                                 f"(regions: {', '.join(self.regions) or 'none'})")
+            if self.network == "namespaces" and location.region is None:
+                raise ValueError(f"locations.{zone}.region: network: namespaces puts every location in a region")
+        if self.network == "namespaces":
+            from spotrain.providers.geo_plan import PlanError, check_subnets
+
+            missing = [name for name, region in self.regions.items() if region.subnet is None]
+            if missing:
+                raise ValueError(f"regions.{missing[0]}.subnet: network: namespaces needs each region's subnet")
+            try:
+                check_subnets({name: region.subnet or "" for name, region in self.regions.items()})
+            except PlanError as error:
+                raise ValueError(f"regions.{error}") from None
+        return self
+
+    def zone_regions(self) -> tuple[tuple[str, str], ...]:
+        """(zone, region) of every location that names its region."""
+        return tuple((zone, location.region) for zone, location in self.locations.items() if location.region)
 
 
 _ZONE_PATTERN = r"^[a-z][a-z0-9-]*[a-z0-9]$"
@@ -324,6 +387,24 @@ class Providers(_Frozen):
         clouds = [name for name in ("aws", "gcp") if getattr(self, name) is not None]
         return (["local"] if "local" in self.model_fields_set or not clouds else []) + clouds
 
+    def on_this_host(self) -> bool:
+        """True when every VM shares this machine's network: the local provider alone, without
+        its emulated cloud."""
+        return self.enabled() == ["local"] and self.local.network == "host"
+
+    def egress_priced_as(self) -> dict[str, str]:
+        """Local location -> the catalog region whose egress prices its traffic (the emulated cloud's
+        regions that name one)."""
+        if "local" not in self.enabled():
+            return {}
+        regions = self.local.regions
+        return {f"local:{name}": priced for name, location in self.local.locations.items()
+                if location.region in regions and (priced := regions[location.region].egress_priced_as)}
+
+    def emulated_cloud(self) -> bool:
+        """True when the local provider builds its emulated multi-region cloud."""
+        return "local" in self.enabled() and self.local.network == "namespaces"
+
     @model_serializer(mode="wrap")
     def _dump_enabled_only(self, handler):  # a dumped spec (the ledger keeps one) loads back the same
         data = handler(self)
@@ -383,7 +464,8 @@ class ClusterSpec(_Frozen):
 
     @model_validator(mode="after")
     def _store_domains_known(self) -> ClusterSpec:
-        domains = {failure_domain(location) for location in self.known_locations()}
+        placement = self.store_placement("unused")
+        domains = {placement.domain_of(location) for location in self.known_locations()}
         for index, store in enumerate(self.checkpoint.stores):
             domain = getattr(store, "domain", None)
             if domain is not None and domain not in PROVIDERS and domain not in domains:
@@ -438,6 +520,11 @@ class ClusterSpec(_Frozen):
                            target_batch_size=training.target_batch_size,
                            compression_ratio=wire_ratio(training.compression.gradients),
                            per_gpu=dict(training.throughput))
+
+    def store_placement(self, default_url: str) -> StorePlacement:
+        """Which store each agent writes and restores from (a local zone's region is its domain)."""
+        local = self.providers.local.zone_regions() if "local" in self.providers.enabled() else ()
+        return self.checkpoint.placement(default_url, local)
 
     def default_checkpoint_store(self) -> str:
         """The store of every failure domain when the spec names none: the cluster's folder here."""

@@ -39,11 +39,19 @@ from spotrain.controller import (
     Terminate,
     reconcile,
 )
-from spotrain.egress import EGRESS_WINDOW_SECONDS, EgressReading, PathPrice, egress_readings, peer_instances
+from spotrain.egress import (
+    EGRESS_WINDOW_SECONDS,
+    EgressReading,
+    PathPrice,
+    egress_readings,
+    emulated_cloud_prices,
+    peer_instances,
+)
 from spotrain.ledger import Ledger, Run
 from spotrain.policies import PlacementPolicy, get_policy
 from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.providers.base import (
+    AuthError,
     CapacityError,
     ConsoleProvider,
     Instance,
@@ -54,6 +62,7 @@ from spotrain.providers.base import (
     Provider,
     ProviderError,
     QuotaError,
+    SettingError,
 )
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
@@ -61,6 +70,9 @@ from spotrain.throughput import TaskProfile
 
 if TYPE_CHECKING:
     from spotrain.access import ClusterAccess
+
+if TYPE_CHECKING:  # shipping imports the stores (and torch): `down` and `status` need neither
+    from spotrain.shipping import Shipment
 
 STATUS_FRESH_SECONDS = 20.0
 MAX_TICK_FAILURES = 10
@@ -89,7 +101,8 @@ class ControlLoop:
         self.guard = BudgetGuard(spec.budget.total_usd, settings.tick_seconds, provider.termination_lag_seconds,
                                  spec.budget.max_hourly_usd)
         self.offers = spec.usable_offers(provider.offers())
-        self.stores = spec.checkpoint.placement(settings.checkpoint_store)
+        self.stores = spec.store_placement(settings.checkpoint_store)
+        self.shipment: Shipment | None = None  # cloud VMs' build and code (spotrain/shipping.py); set by launch
         self.failed_at: dict[str, tuple[float, int]] = {}  # last capacity/quota/price refusal, refusals in a row
         self.samples_by_instance: dict[str, int] = {}
         for m in ledger.metrics(run.id):
@@ -111,7 +124,9 @@ class ControlLoop:
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
-        self.egress_price: PathPrice | None = None  # USD/GB per path; None: the market's (spotrain.egress)
+        # USD/GB per path; None: the market's (spotrain.egress); the emulated cloud's as the catalog regions it names
+        self.egress_price: PathPrice | None = emulated_cloud_prices(priced) if (
+            priced := spec.providers.egress_priced_as()) else None
         self.peers_seen: dict[str, str] = {}  # peer id -> instance id, from every status record read
         self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
         self.last_tick_at: float | None = None
@@ -306,6 +321,8 @@ class ControlLoop:
             return observed
         refused_before = set(self.failed_at)
         for action in reconcile(observed, self.desired(), now, self.policy):
+            if isinstance(action, Launch) and self.end_reason is not None:
+                continue  # a launch refused for good ends the run: launch nothing more
             if isinstance(action, Launch):
                 refused_in_this_pass = action.offer.location in self.failed_at and (
                     action.offer.location not in refused_before or self.failed_at[action.offer.location][0] == now)
@@ -367,6 +384,9 @@ class ControlLoop:
                 self.refused_this_tick = True
             self.ledger.mark_ended(request_id, InstanceState.FAILED, now, EndReason.LAUNCH_FAILED, self.run.id,
                                    f"{type(error).__name__}: {error}")
+            if isinstance(error, (SettingError, AuthError)):  # no retry can fix it: end the run with one line
+                self.end_reason = f"launch refused in {offer.location}, no retry can fix it: {error}"
+                return
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return
         self.ledger.mark_running(request_id, instance.instance_id, instance.launched_at)
@@ -419,6 +439,7 @@ class ControlLoop:
             admission=self._admission_settings(identity),
             codec_table=codec_table_fingerprint(training.compression.gradients, training.compression.state,
                                                 training.compression.activations if swarm_mode else None),
+            code=self.shipment.code_for(location) if self.shipment else None,
         )
 
     def _admission_settings(self, identity: bytes | None) -> AdmissionSettings | None:
@@ -482,9 +503,11 @@ class ControlLoop:
         losses = [s.loss for s in training if s.loss is not None]
         loss = f"{sum(losses) / len(losses):.3f}" if losses else "-"
         wanted = self.spec.placement.workers + self.spec.placement.backups
+        # the epoch the swarm trains at now (after a whole-fleet loss: the store's), not the highest seen
+        epoch = max((s.epoch for s in training), default=observed.global_epoch)
         self.say(f"workers {len(training)}/{wanted}"  # agents that train, not VMs that merely run
                  + (f" (+{len(starting)} starting)" if starting else "")
                  + (f" (+{len(draining)} draining)" if draining else "") + "  "
-                 f"epoch {observed.global_epoch}  loss {loss}  {rate:.0f} samples/s  "
+                 f"epoch {epoch}  loss {loss}  {rate:.0f} samples/s  "
                  f"spent ${observed.spent_usd:.4f} of ${self.spec.budget.total_usd:.2f}")
 

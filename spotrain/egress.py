@@ -61,6 +61,22 @@ def path_usd_per_gb(source: str, destination: str, known: Iterable[str] = ()) ->
     return max([egress_usd_per_gb(src, INTERNET)] + [egress_usd_per_gb(src, Location.parse(d)) for d in known])
 
 
+def emulated_cloud_prices(priced_as: Mapping[str, str]) -> PathPrice:
+    """The emulated cloud's paths priced as the catalog regions its regions stand for (local
+    location -> catalog region, `providers.local.regions.<r>.egress_priced_as`); a location not in
+    `priced_as` sends for free, as processes on one host do."""
+    stand_ins = sorted(set(priced_as.values()))
+
+    def price(source: str, destination: str) -> float:
+        if source not in priced_as:
+            return 0.0
+        if destination == UNKNOWN:
+            return path_usd_per_gb(priced_as[source], UNKNOWN, stand_ins)
+        return path_usd_per_gb(priced_as[source], priced_as.get(destination, priced_as[source]))
+
+    return price
+
+
 def egress_readings(statuses: Iterable[AgentStatus], location_of: Mapping[str, str],
                     price: PathPrice | None = None, peers_seen: Mapping[str, str] = {}) -> list[EgressReading]:
     """Every counter of every status whose instance `location_of` places (instance id -> location).

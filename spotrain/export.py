@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spotrain.errors import SpotrainError
+
+if TYPE_CHECKING:
+    from spotrain.config import ClusterSpec
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +23,8 @@ class Exported:
     path: Path
 
 
-def checkpoint_stores(name: str) -> tuple[str, ...]:
-    """Every store of the cluster's latest run, read from the stored spec (no user code)."""
+def stored_cluster_spec(name: str) -> ClusterSpec:
+    """The spec of the cluster's latest run, as the ledger keeps it (no user code)."""
     from spotrain.config import stored_spec
     from spotrain.home import ledger_path
     from spotrain.ledger_file import opened_ledger
@@ -30,7 +33,7 @@ def checkpoint_stores(name: str) -> tuple[str, ...]:
         run = ledger.current_run()
     if run is None:
         raise SpotrainError(f"cluster {name!r} has no run")
-    return stored_spec(run.spec).checkpoint_stores()
+    return stored_spec(run.spec)
 
 
 def newest_model(urls: tuple[str, ...]) -> tuple[int, Any, str] | None:
@@ -57,13 +60,19 @@ def export_model(cluster: str | None, out: Path) -> Exported:
     """Write the newest valid checkpoint's model state_dict to `out` (torch.load(out, weights_only=True))."""
     import torch
 
+    from spotrain.geo import store_network
     from spotrain.home import existing_cluster
     from spotrain.stores import StoreError
 
     name = existing_cluster(cluster)
-    urls = checkpoint_stores(name)
+    spec = stored_cluster_spec(name)
+    urls = spec.checkpoint_stores()
     try:
-        found = newest_model(urls)
+        with store_network(spec, name) as reachable:
+            if not reachable:
+                raise SpotrainError(f"the emulated cloud of {name!r} is gone, and its buckets with it "
+                                    f"(`spotrain down` removes them): export before down")
+            found = newest_model(urls)
     except StoreError as error:
         raise SpotrainError(f"cannot read the checkpoint stores of {name!r}: {error}") from None
     if found is None:

@@ -160,10 +160,12 @@ class Ledger:
     def mark_ended(self, request_id: str, state: InstanceState, ended_at: float, reason: EndReason, run_id: int,
                    detail: str = "") -> None:
         with self.transaction() as db:
+            # never before what was charged: the controller saw it running until then (a local VM lost
+            # without notice reports its state file's last write, its boot, as its end)
             changed = db.execute(
-                "UPDATE instances SET state = ?, ended_at = ?, end_reason = ?, end_detail = ? "
-                f"WHERE request_id = ? AND state IN ({','.join('?' * len(LIVE_STATES))})",
-                (state, ended_at, reason, detail, request_id, *LIVE_STATES),
+                "UPDATE instances SET state = ?, ended_at = MAX(?, COALESCE(charged_until, ?)), end_reason = ?, "
+                f"end_detail = ? WHERE request_id = ? AND state IN ({','.join('?' * len(LIVE_STATES))})",
+                (state, ended_at, ended_at, reason, detail, request_id, *LIVE_STATES),
             ).rowcount
             if changed:
                 db.execute("INSERT INTO events (run_id, t, kind, request_id, detail) VALUES (?, ?, ?, ?, ?)",

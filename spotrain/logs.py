@@ -33,8 +33,7 @@ def log_to_file(name: str) -> None:
     path = controller_log_path(name)
     if _stdout_is(path):
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    add_file(str(path))
+    add_file(str(path))  # the file (and the cluster's folder) once a line is written
 
 
 def _stdout_is(path: Path) -> bool:

@@ -107,14 +107,19 @@ def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
     """The store holding the run's newest complete checkpoint (every store, when none does) and
     its epoch (a manifest is written last, so one that lists only present files is whole)."""
     from spotrain.config import stored_spec
+    from spotrain.geo import store_network
     from spotrain.stores import ReplicatedStore, StoreError
 
     try:
-        urls = stored_spec(run.spec).checkpoint_stores()
+        spec = stored_spec(run.spec)
     except SpecError:  # a spec from a version that knew other keys
         return None, None
+    urls = spec.checkpoint_stores()
     try:
-        audit = ReplicatedStore.from_urls(urls).audit()
+        with store_network(spec, cluster) as reachable:
+            if not reachable:  # an emulated cloud's buckets, gone with it at `down`
+                return ", ".join(urls), None
+            audit = ReplicatedStore.from_urls(urls).audit()
     except StoreError:  # a store that cannot be opened from here: the report still stands
         return ", ".join(urls), None
     held = [store for store in audit.stores if store.newest_epoch is not None]

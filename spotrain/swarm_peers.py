@@ -41,12 +41,13 @@ def live_peers(controller: Sequence[str], statuses: Iterable[AgentStatus], runni
     return list(dict.fromkeys([*controller, *agents]))[:MAX_PUBLISHED_PEERS]
 
 
-def controller_reachable(setting: str, providers: Sequence[str]) -> bool:
-    """yes/no as set; auto: yes when every VM is on this machine, else yes only when this machine's
-    route out leaves from a public address (a private or carrier-grade NAT address means NAT)."""
+def controller_reachable(setting: str, on_this_host: bool) -> bool:
+    """yes/no as set; auto: yes when every VM shares this machine's network, else yes only when
+    this machine's route out leaves from a public address (a private or carrier-grade NAT address
+    means NAT: a laptop, or the emulated cloud's controller namespace)."""
     if setting != "auto":
         return setting == "yes"
-    if set(providers) <= {"local"}:
+    if on_this_host:
         return True
     return _outbound_address_is_public()
 
@@ -61,10 +62,10 @@ def _outbound_address_is_public() -> bool:
     return address.is_global
 
 
-def swarm_options(providers: Sequence[str], reachable_setting: str, running: Iterable[Instance],
+def swarm_options(on_this_host: bool, reachable_setting: str, running: Iterable[Instance],
                   published: object) -> dict:
-    """`SwarmView`'s keyword arguments for a controller starting now (or again)."""
-    local_only = set(providers) <= {"local"}
+    """`SwarmView`'s keyword arguments for a controller starting now (or again); `on_this_host`:
+    every VM shares this machine's network (`Providers.on_this_host`)."""
     return {"initial_peers": bootstrap_peers(running, published),
-            "host": "127.0.0.1" if local_only else "0.0.0.0",  # the local cloud's VMs are on this machine
-            "client_mode": not controller_reachable(reachable_setting, providers)}
+            "host": "127.0.0.1" if on_this_host else "0.0.0.0",
+            "client_mode": not controller_reachable(reachable_setting, on_this_host)}

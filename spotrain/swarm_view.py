@@ -20,7 +20,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from functools import partial
 from typing import TYPE_CHECKING
 
-from spotrain.agents.admission import Gate, install
+from spotrain.agents.admission import Gate, current, install
 from spotrain.contracts.admission import admission_key, owner_marker
 from spotrain.contracts.records import DUTY_TTL_SECONDS, AgentStatus, duty_key, newest_statuses, status_key
 from spotrain.contracts.stage_records import found_stage_records, stage_summary, stages_key
@@ -121,6 +121,8 @@ class SwarmView:
 
     def shutdown(self) -> None:
         self.dht.shutdown()
+        if current() is self.gate:
+            install(None)  # this process may host another cluster's peers next (tests do)
 
 
 async def _visible_maddrs(_dht, node) -> list:

@@ -1,5 +1,6 @@
 """The checkpoint logic every store shares, over four primitives on keys under the store's root:
-put, get, list (with sizes), delete. A scheme (directory, S3, GCS) supplies only those."""
+put, get, list (with sizes), delete. A scheme (directory, S3, GCS) supplies only those, plus what
+shipping a build to VMs needs (spotrain/shipping.py): an object's size, and a URL a VM fetches it at."""
 
 from __future__ import annotations
 
@@ -9,12 +10,30 @@ import math
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
 
-from spotrain.stores.base import MANIFEST_KEY, CorruptCheckpoint, Manifest, MissingObject
+from spotrain.stores.base import MANIFEST_KEY, CorruptCheckpoint, Manifest, MissingObject, StoreError
 
 log = logging.getLogger(__name__)
 # a checkpoint's manifest, its files, and what a crashed local write left (".ckpt-...tmp")
 _CHECKPOINT_KEY = re.compile(r"^\.?ckpt-(\d{8,})-")
+# an object key outside the checkpoints' layout: safe segments, never "." or "..", no leading slash
+_OBJECT_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}(/[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}){0,7}$")
+
+
+@dataclass(frozen=True)
+class FetchURL:
+    """Where a VM downloads an object with nothing but an HTTP client (or a file read)."""
+
+    url: str
+    auth: Literal["none", "gce-metadata"] = "none"  # gce-metadata: the VM's service-account token
+
+
+def check_object_key(key: str) -> str:
+    if not _OBJECT_KEY.match(key):
+        raise StoreError(f"unsafe object key {key!r}")
+    return key
 
 
 class BlobStore(ABC):
@@ -35,6 +54,27 @@ class BlobStore(ABC):
     @abstractmethod
     def _delete(self, keys: Iterable[str]) -> None:
         """Remove the keys; a key already gone is fine."""
+
+    @abstractmethod
+    def _size(self, key: str) -> int | None:
+        """The object's size in bytes; None when there is none."""
+
+    @abstractmethod
+    def _fetch_url(self, key: str, expires_seconds: int) -> FetchURL:
+        """A URL that serves the object to a VM for at least `expires_seconds`."""
+
+    def put_object(self, key: str, data: bytes) -> None:
+        """Store an object outside the checkpoints' layout (e.g. `code/<sha256>/<name>`): prune keeps it."""
+        self._put(check_object_key(key), data)
+
+    def get_object(self, key: str) -> bytes:
+        return self._get(check_object_key(key))
+
+    def object_size(self, key: str) -> int | None:
+        return self._size(check_object_key(key))
+
+    def fetch_url(self, key: str, expires_seconds: int) -> FetchURL:
+        return self._fetch_url(check_object_key(key), expires_seconds)
 
     def write(self, epoch: int, files: Mapping[str, bytes], writer: str) -> Manifest:
         manifest = Manifest.describe(epoch, writer, files)

@@ -8,15 +8,18 @@ google-cloud-storage is imported when a store is opened: `pip install 'spotrain[
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 from spotrain.stores.base import MissingObject, StoreUnavailable
-from spotrain.stores.blob_store import BlobStore
+from spotrain.stores.blob_store import BlobStore, FetchURL
 from spotrain.stores.urls import join_key, parse_bucket_url
 
 _TIMEOUT = (10, 120)  # connect, read (seconds)
 _RETRY_SECONDS = 120.0
+_API_ROOT = "https://storage.googleapis.com"
 
 
 class GcsStore(BlobStore):
@@ -33,6 +36,8 @@ class GcsStore(BlobStore):
             raise StoreUnavailable("gs:// checkpoint stores need google-cloud-storage: "
                                    "pip install 'spotrain[gcp]'") from None
         self.prefix = prefix.strip("/")
+        self.bucket_name = bucket
+        self.endpoint = endpoint or os.environ.get("STORAGE_EMULATOR_HOST") or _API_ROOT
         self.url = f"gs://{bucket}/{self.prefix}".rstrip("/")
         with _GcsErrors(self.url, "(client)"):
             options = {"api_endpoint": endpoint} if endpoint else None
@@ -62,6 +67,18 @@ class GcsStore(BlobStore):
         with _GcsErrors(self.url, "(list)"):
             return {blob.name[len(root):]: int(blob.size)
                     for blob in self.bucket.list_blobs(prefix=root, timeout=_TIMEOUT, retry=self.retry)}
+
+    def _size(self, key: str) -> int | None:
+        with _GcsErrors(self.url, key):
+            blob = self.bucket.get_blob(join_key(self.prefix, key), timeout=_TIMEOUT, retry=self.retry)
+        return None if blob is None else int(blob.size)
+
+    def _fetch_url(self, key: str, expires_seconds: int) -> FetchURL:
+        # the JSON API's media download, read with the VM's own service account (a token from the
+        # GCE metadata server): signing a URL here would need a service-account key or signBlob
+        name = quote(join_key(self.prefix, key), safe="")
+        return FetchURL(f"{self.endpoint.rstrip('/')}/storage/v1/b/{self.bucket_name}/o/{name}?alt=media",
+                        auth="gce-metadata")
 
     def _delete(self, keys: Iterable[str]) -> None:
         for key in keys:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from spotrain.stores.base import MissingObject, StoreUnavailable, StoreURLError
-from spotrain.stores.blob_store import BlobStore
+from spotrain.stores.blob_store import BlobStore, FetchURL
 
 
 class LocalDirStore(BlobStore):
@@ -69,6 +69,18 @@ class LocalDirStore(BlobStore):
         except OSError as error:
             raise StoreUnavailable(f"{self.url}: cannot list: {error}") from None
         return sizes
+
+    def _size(self, key: str) -> int | None:
+        try:
+            return (self.root / key).stat().st_size
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise StoreUnavailable(f"{self.url}: cannot stat {key}: {error}") from None
+
+    def _fetch_url(self, key: str, expires_seconds: int) -> FetchURL:
+        # a directory serves VMs that share this machine's disk (the local clouds): no expiry to keep
+        return FetchURL((self.root / key).resolve().as_uri())
 
     @staticmethod
     def _entries(directory: Path) -> list[Path]:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from spotrain.stores.base import MissingObject, StoreUnavailable
-from spotrain.stores.blob_store import BlobStore
+from spotrain.stores.blob_store import BlobStore, FetchURL
 from spotrain.stores.urls import join_key, parse_bucket_url
 
 _TIMEOUTS = {"connect_timeout": 10, "read_timeout": 120}
@@ -33,7 +33,8 @@ class S3Store(BlobStore):
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
-        config = Config(retries={"max_attempts": 5, "mode": "standard"}, **_TIMEOUTS)
+        # SigV4 for presigned URLs too (boto3 would presign SigV2, which newer regions refuse)
+        config = Config(retries={"max_attempts": 5, "mode": "standard"}, signature_version="s3v4", **_TIMEOUTS)
         self.client: Any = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
 
     @classmethod
@@ -59,6 +60,23 @@ class S3Store(BlobStore):
             for item in (item for page in pages for item in page.get("Contents", ())):
                 sizes[item["Key"][len(root):]] = int(item["Size"])
         return sizes
+
+    def _size(self, key: str) -> int | None:
+        try:
+            with _S3Errors(self.url, key):
+                reply = self.client.head_object(Bucket=self.bucket, Key=join_key(self.prefix, key))
+        except MissingObject:
+            return None
+        return int(reply["ContentLength"])
+
+    def _fetch_url(self, key: str, expires_seconds: int) -> FetchURL:
+        # signed here with the controller's credentials, so a VM needs no SDK and no read permission:
+        # the URL lets its holder GET this one object until it expires (sooner if the signing
+        # credentials are temporary and expire first)
+        with _S3Errors(self.url, key):
+            return FetchURL(self.client.generate_presigned_url(
+                "get_object", Params={"Bucket": self.bucket, "Key": join_key(self.prefix, key)},
+                ExpiresIn=expires_seconds))
 
     def _delete(self, keys: Iterable[str]) -> None:
         objects = [{"Key": join_key(self.prefix, key)} for key in keys]
@@ -88,7 +106,7 @@ class _S3Errors:
 
         if isinstance(error, ClientError):
             code = error.response.get("Error", {}).get("Code", "")
-            if code in ("NoSuchKey", "404"):
+            if code in ("NoSuchKey", "404", "NotFound"):
                 raise MissingObject(f"{self.url}/{self.key}: no such object") from None
             raise StoreUnavailable(f"{self.url}: {self.key}: {code or error}") from None
         if isinstance(error, BotoCoreError):

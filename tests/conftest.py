@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-pytest_plugins = ["clouds"]  # moto's server, the GCE fake and their helpers, as fixtures
+pytest_plugins = ["clouds", "process_leaks"]  # cloud fakes as fixtures; no test may leave a process behind
 
 
 @pytest.fixture
@@ -43,6 +43,14 @@ def agent_config(cluster: str = "c", **changes: object):
         "checkpoint": {"store": "checkpoints", "every_epochs": 2},
     }
     return AgentConfig.model_validate({**data, **changes})
+
+
+SHIPPED_SHA = "ab" * 32
+
+
+def shipped_code(url: str = "https://bucket.example/code/wheel.whl") -> dict[str, object]:
+    """A user-data `code` section, for tests where the shipping itself is not the subject."""
+    return {"wheel": {"url": url, "name": "spotrain-0.1.0-py3-none-any.whl", "sha256": SHIPPED_SHA, "size": 10}}
 
 
 def run_cli(*args: str, home: Path, timeout: float = 600, check: bool = False) -> subprocess.CompletedProcess:
@@ -86,3 +94,13 @@ def admit(swarm, instance_ids) -> dict[str, dict]:
     record, expires, each = admissions(swarm.access, instance_ids)
     swarm.publish_admission(record, expires)
     return each
+
+
+@pytest.fixture(autouse=True)
+def _no_gate_outlives_its_test():
+    """A test's admission gate is process-wide (agents.admission.install): the next test's peers
+    in this process would be refused by it."""
+    yield
+    admission = sys.modules.get("spotrain.agents.admission")
+    if admission is not None:
+        admission.install(None)

@@ -8,7 +8,9 @@ endpoint that checks the service-account JWT the real google-auth library signs.
 need a bearer token it issued (401 otherwise). Errors use the API's JSON error shape.
 
 Test controls: `inject(zone, code)` makes the next inserts in a zone fail in their operation
-(ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED), `preempt(zone, name)` plays a spot preemption
+(ZONE_RESOURCE_POOL_EXHAUSTED, QUOTA_EXCEEDED), `absent` holds images and service-account e-mails
+the project does not have (inserts naming one are refused as the API refuses them),
+`preempt(zone, name)` plays a spot preemption
 (status TERMINATED plus a `compute.instances.preempted` operation; deleted shortly after when
 the instance asked for instanceTerminationAction=DELETE), `print_to_console(zone, name, text)`
 appends to a VM's serial port output (a booted VM starts with one line of its own).
@@ -94,6 +96,7 @@ class GceState:
         self.consoles: dict[tuple[str, str], str] = {}  # (zone, name) -> serial port 1 output
         self.request_ids: dict[str, tuple[str, str]] = {}  # requestId -> (scope, operation name)
         self.faults: dict[str, list[str]] = {}
+        self.absent: set[str] = set()  # images and service accounts that do not exist
         self.tokens: set[str] = set()
         self.service_accounts: dict[str, object] = {}  # client e-mail -> RSA public key
         self.ids = itertools.count(4_000_000_000_000_000_000)
@@ -209,6 +212,7 @@ class GceState:
             raise ApiError(400, "invalid", f"Invalid value for field 'resource.machineType': '{machine}'")
         if not body.get("disks"):
             raise ApiError(400, "required", "Required field 'resource.disks' not specified")
+        self._check_references(body)
         fault = self.faults.get(zone, []).pop(0) if self.faults.get(zone) else None
         instance = dict(body)
         instance.update(
@@ -228,6 +232,17 @@ class GceState:
             self.instances[zone][name] = instance
             self._finish(zone, op, then=lambda: self._boot(zone, instance))
         return op
+
+    def _check_references(self, body: dict) -> None:
+        """An image or service account that does not exist: the API's own answers."""
+        for disk in body.get("disks", []):
+            image = (disk.get("initializeParams") or {}).get("sourceImage", "")
+            if image in self.absent:
+                raise ApiError(404, "notFound", f"The resource '{image}' was not found")
+        for index, account in enumerate(body.get("serviceAccounts") or []):
+            if account.get("email") in self.absent:
+                raise ApiError(400, "invalid", f"Invalid value for field 'resource.serviceAccounts[{index}].email': "
+                                               f"'{account['email']}'. The service account does not exist.")
 
     def _boot(self, zone: str, instance: dict) -> None:
         instance.update(status="RUNNING", lastStartTimestamp=rfc3339(time.time()))

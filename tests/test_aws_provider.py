@@ -7,14 +7,14 @@ import boto3
 import pytest
 import yaml
 from clouds import AWS_IMAGE, AWS_REGION, aws_instances, preempt_aws
-from conftest import agent_config
+from conftest import agent_config, shipped_code
 
 from spotrain.config import AwsProvider as AwsConfig
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.aws import AwsProvider, client_token
 from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, PriceError, QuotaError
 
-USER_DATA = agent_config("c1", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/Qm"], task="m:t")
+USER_DATA = agent_config("c1", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/Qm"], task="m:t", code=shipped_code())
 
 
 def provider(**overrides) -> AwsProvider:
@@ -60,6 +60,46 @@ def test_launch_is_a_tagged_one_time_spot_instance_with_cloud_init(aws):
         assert rule["FromPort"] == rule["ToPort"] == 31337
         assert [pair["GroupId"] for pair in rule["UserIdGroupPairs"]] == [group["GroupId"]]
         assert [r["CidrIp"] for r in rule["IpRanges"]] == ["203.0.113.7/32"]
+
+
+def test_user_data_carries_the_shipped_build_and_code_not_a_package_name(aws, moto_url, tmp_path):
+    import hashlib
+    import urllib.request
+
+    from spotrain.code_archive import archive_code
+    from spotrain.shipping import ship
+    from spotrain.stores import open_store
+
+    boto3.client("s3", region_name=AWS_REGION).create_bucket(Bucket="ship-test")
+    wheel = tmp_path / "spotrain-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"the bytes of a wheel")
+    (tmp_path / "code").mkdir()
+    (tmp_path / "code" / "my_task.py").write_text("task = None\n")
+    build = ship(wheel, archive_code(tmp_path / "code"), open_store("s3://ship-test/run"))
+    p = provider()
+    (offer,) = [o for o in p.offers() if o.location == "aws:us-east-1a"]
+    instance = p.launch(LaunchRequest("c1-r00042", "c1", offer, agent_config("c1", task="my_task:task",
+                                                                             code=build.code())))
+    ec2 = boto3.client("ec2", region_name=AWS_REGION)
+    raw = base64.b64decode(ec2.describe_instance_attribute(InstanceId=instance.instance_id,
+                                                           Attribute="userData")["UserData"]["Value"]).decode()
+    assert "spotrain==" not in raw and "pip install" not in raw  # no package-index name anywhere
+    cloud_init = yaml.safe_load(raw)
+    files = {f["path"]: base64.b64decode(f["content"]).decode() for f in cloud_init["write_files"]}
+    code = json.loads(files["/etc/spotrain/user-data.json"])["code"]
+    digest = hashlib.sha256(b"the bytes of a wheel").hexdigest()
+    assert code["wheel"]["sha256"] == digest and code["wheel"]["size"] == len(b"the bytes of a wheel")
+    assert code["wheel"]["url"].startswith(f"{moto_url}/ship-test/run/code/{digest}/spotrain-0.1.0-py3-none-any.whl?")
+    assert "X-Amz-Signature=" in code["wheel"]["url"] and code["wheel"]["auth"] == "none"
+    assert code["archive"]["url"].split("?")[0].endswith(f"/code/{code['archive']['sha256']}/code.tar.gz")
+    with urllib.request.urlopen(code["wheel"]["url"]) as reply:  # presigned: no credentials needed
+        assert reply.read() == b"the bytes of a wheel"
+    assert "def install_shipped" in files["/etc/spotrain/install_shipped.py"]
+    (step,) = cloud_init["runcmd"]
+    assert step[-1].startswith(
+        "python3 /etc/spotrain/install_shipped.py /etc/spotrain/user-data.json /opt/spotrain && ")
+    assert "PYTHONPATH=/opt/spotrain/code /opt/spotrain/bin/spotrain agent" in \
+        files["/etc/systemd/system/spotrain-agent.service"]
 
 
 def test_a_reissued_request_returns_its_instance(aws):

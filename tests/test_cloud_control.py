@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
-from conftest import agent_config
+from conftest import agent_config, shipped_code
 from test_control_loop import WORKLOAD, QuietSwarm
 
 from spotrain.config import ClusterSpec
@@ -74,13 +74,28 @@ def test_user_data_refuses_credentials_and_carries_the_agent_config():
     with pytest.raises(ValueError, match="training.aws_secret_access_key"):
         render_cloud_init(LeakyConfig.model_validate(agent_config().wire()), "aws")
     config = agent_config()
-    rendered = yaml.safe_load(render_cloud_init(config, "gcp", worker_image="registry/w:1"))
+    rendered = yaml.safe_load(render_cloud_init(agent_config(code=shipped_code()), "gcp", worker_image="registry/w:1"))
     files = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}
     assert json.loads(files["/etc/spotrain/user-data.json"]) == config.wire()
     assert AgentConfig.from_json(files["/etc/spotrain/user-data.json"]) == config
     unit = files["/etc/systemd/system/spotrain-agent.service"]
     assert "docker run" in unit and "SPOTRAIN_METADATA_KIND=gce" in unit and "Restart=on-failure" in unit
-    assert rendered["runcmd"][-1] == ["systemctl", "enable", "--now", "spotrain-agent.service"]
+    assert rendered["runcmd"][-1][-1].endswith("systemctl enable --now spotrain-agent.service")
+    assert "code" not in json.loads(files["/etc/spotrain/user-data.json"])  # the image carries the build
+
+
+class StaticShipment:
+    """What `spotrain launch` ships (spotrain/shipping.py), stood in for where a loop is driven directly."""
+
+    def code_for(self, location):
+        from spotrain.contracts.agent_config import ShippedCode
+
+        return ShippedCode.model_validate(shipped_code())
+
+
+def test_user_data_without_a_shipped_build_or_an_image_is_refused():
+    with pytest.raises(ValueError, match="no shipped build"):
+        render_cloud_init(agent_config(), "aws")
 
 
 def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_path):
@@ -91,7 +106,8 @@ def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_pat
     multi = MultiProvider([local, GcpProvider(s.providers.gcp)])
     assert multi.termination_lag_seconds == max(local.termination_lag_seconds, 90.0)
     offers = {o.location: o for o in multi.offers()}
-    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"], agent_config("cc")))
+    on_gcp = multi.launch(LaunchRequest("cc-r00000", "cc", offers["gcp:us-central1-b"],
+                                          agent_config("cc", code=shipped_code())))
     on_local = multi.launch(LaunchRequest("cc-r00001", "cc", offers["local:zone-a"], agent_config("cc")))
     assert {i.instance_id: i.location for i in multi.list_instances("cc")} == {
         on_gcp.instance_id: "gcp:us-central1-b", on_local.instance_id: "local:zone-a"}
@@ -109,6 +125,7 @@ def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(g
     lines: list[str] = []
     loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(),
                        say=lines.append)
+    loop.shipment = StaticShipment()
     gce.state.inject("us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED", times=5)
     try:
         for _ in range(3):
@@ -137,6 +154,7 @@ def test_an_aws_capacity_error_in_one_region_moves_the_controller_to_another(ec2
     run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
     lines: list[str] = []
     loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    loop.shipment = StaticShipment()
     try:
         for _ in range(3):
             loop.tick()
@@ -179,7 +197,7 @@ def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image
 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
-    rendered = yaml.safe_load(render_cloud_init(agent_config(), "aws", worker_image=worker_image))
+    rendered = yaml.safe_load(render_cloud_init(agent_config(code=shipped_code()), "aws", worker_image=worker_image))
     unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
         "/etc/systemd/system/spotrain-agent.service"]
     # the command exists on the VM, not here: verify everything else with a stand-in

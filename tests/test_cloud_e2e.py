@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import boto3
 import yaml
 from clouds import AWS_IMAGE, PROJECT, aws_instances, preempt_aws
 from conftest import ROOT, processes_under, run_cli, wait_for
@@ -28,6 +29,9 @@ def write_spec(tmp_path: Path, gce_url: str, name: str, aws_zones: list[str], gc
         "providers": {"aws": {"regions": ["us-east-1"], "zones": aws_zones, "instance_types": ["g4dn.xlarge"],
                               "image_id": AWS_IMAGE}, "gcp": gcp},
     }
+    # the VMs of both clouds fetch the shipped build from this bucket (presigned S3 URLs)
+    boto3.client("s3", region_name="us-east-1").create_bucket(Bucket=f"{name}-bucket")
+    spec["checkpoint"] = {"stores": [f"s3://{name}-bucket/run"]}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path

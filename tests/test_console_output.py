@@ -7,7 +7,7 @@ import time
 
 import pytest
 from clouds import AWS_IMAGE, AWS_REGION, GCE_ZONES, PROJECT
-from conftest import agent_config, wait_for
+from conftest import agent_config, shipped_code, wait_for
 
 from spotrain.config import AwsProvider as AwsConfig
 from spotrain.config import GcpProvider as GcpConfig
@@ -19,7 +19,7 @@ from spotrain.providers.gcp import GcpProvider
 from spotrain.providers.local import LocalProvider
 from spotrain.providers.multi import MultiProvider
 
-USER_DATA = agent_config("c")
+USER_DATA = agent_config("c", code=shipped_code())
 
 
 def launch(provider, location: str, request_id: str):

@@ -257,3 +257,25 @@ def test_report_status_csv_and_html_show_egress_by_path(loop, tmp_path):
     # $0.18 charged at t=30, the first egress charge: its burn is over the tick before it
     assert figures["egress_usd_per_hour"] == pytest.approx(0.18 / 3.0 * 3600)
     assert figures["egress_by_path"] == report["egress_by_path"]
+
+
+def test_the_emulated_cloud_prices_its_paths_as_the_catalog_regions_it_names():
+    from spotrain.config import ClusterSpec
+    from spotrain.egress import UNKNOWN, emulated_cloud_prices, path_usd_per_gb
+
+    spec = ClusterSpec.model_validate({
+        "name": "geo", "budget": {"total_usd": 1.0},
+        "providers": {"local": {"regions": {"usa": {"egress_priced_as": "aws:us-east-1"},
+                                            "eur": {"egress_priced_as": "aws:eu-west-1"}, "free": {}},
+                                "locations": {"us-a": {"price_usd_per_hour": 0.2, "region": "usa"},
+                                              "us-b": {"price_usd_per_hour": 0.2, "region": "usa"},
+                                              "eu-a": {"price_usd_per_hour": 0.2, "region": "eur"},
+                                              "x-a": {"price_usd_per_hour": 0.2, "region": "free"}}}}})
+    priced = spec.providers.egress_priced_as()
+    assert priced == {"local:us-a": "aws:us-east-1", "local:us-b": "aws:us-east-1", "local:eu-a": "aws:eu-west-1"}
+    price = emulated_cloud_prices(priced)
+    between = path_usd_per_gb("aws:us-east-1", "aws:eu-west-1")
+    assert between > 0 and price("local:us-a", "local:eu-a") == between
+    assert price("local:us-a", "local:us-b") == 0.0  # one region: the same catalog region, free
+    assert price("local:x-a", "local:us-a") == 0.0  # a region that names no catalog region sends for free
+    assert price("local:eu-a", UNKNOWN) >= path_usd_per_gb("aws:eu-west-1", "aws:us-east-1")

@@ -8,14 +8,16 @@ import uuid
 import pytest
 import yaml
 from clouds import GCE_ZONES, PROJECT
-from conftest import agent_config
+from conftest import SHIPPED_SHA, agent_config, shipped_code
 
 from spotrain.config import GcpProvider as GcpConfig
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, QuotaError
 from spotrain.providers.gcp import GcpProvider, instance_name, request_uuid
 
-USER_DATA = agent_config("c2", task="m:t")
+GCS_URL = "https://storage.googleapis.com/storage/v1/b/b/o/run%2Fcode%2Fx%2Fw.whl?alt=media"
+USER_DATA = agent_config("c2", task="m:t", code=shipped_code(GCS_URL) | {"wheel": {
+    **shipped_code()["wheel"], "url": GCS_URL, "auth": "gce-metadata"}})
 
 
 def provider(server, **overrides) -> GcpProvider:
@@ -58,6 +60,10 @@ def test_launch_makes_a_labelled_spot_vm_after_waiting_on_its_operation(gce):
     agent = json.loads(files["/etc/spotrain/user-data.json"])
     assert agent["instance_id"] == instance.instance_id
     assert agent["metadata"] == {"kind": "gce", "url": "http://metadata.google.internal"}
+    # the shipped build, fetched with the VM's service account, verified by its digest; no package name
+    assert agent["code"]["wheel"] == {"url": GCS_URL, "auth": "gce-metadata", "sha256": SHIPPED_SHA, "size": 10,
+                                      "name": "spotrain-0.1.0-py3-none-any.whl"}
+    assert "spotrain==" not in metadata["user-data"] and "install_shipped.py" in cloud_init["runcmd"][0][-1]
     (firewall,) = gce.state.firewalls.values()
     assert {a["IPProtocol"] for a in firewall["allowed"]} == {"tcp", "udp"}
     assert all(a["ports"] == ["31337"] for a in firewall["allowed"])

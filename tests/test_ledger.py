@@ -184,3 +184,20 @@ def test_sigkill_mid_run_loses_nothing_committed(tmp_path):
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     stored = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'tick'").fetchone()[0]
     assert stored >= acknowledged + 1  # every write it reported as done is there
+
+
+def test_an_instance_never_ends_before_what_was_charged(tmp_path):
+    """A VM lost without notice may report an end (its boot) before the ticks that charged it."""
+    from spotrain.contracts.states import EndReason, InstanceState
+    from spotrain.ledger import Ledger
+
+    ledger = Ledger(str(tmp_path / "l.db"))
+    run = ledger.open_run(10.0, {"name": "c"}, 0.0)
+    ledger.record_request(run.id, "r-1", "local", "local:zone-a", 3.6, 0.0)
+    ledger.mark_running("r-1", "i-1", 0.0)
+    ledger.charge(run.id, 100.0)
+    ledger.mark_ended("r-1", InstanceState.TERMINATED, 5.0, EndReason.VM_LOST, run.id)
+    row = ledger.instances()[0]
+    assert row.ended_at == 100.0 and row.charged_until == 100.0
+    assert ledger.spent(run.id) == pytest.approx(3.6 * 100 / 3600)
+    ledger.close()

@@ -79,6 +79,22 @@ def test_unannounced_preemption_kills_the_workload_without_notice(tmp_path):
     assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]
 
 
+def test_an_interruption_reclaims_a_vm_now_with_or_without_notice(tmp_path):
+    p = provider(tmp_path, [sys.executable, "-c", WATCHER], time_compression=0.001)  # the trace never preempts
+    noticed, silent = p.launch(request(2)), p.launch(request(3))
+    for instance in (noticed, silent):
+        wait_for(lambda i=instance: (tmp_path / "vms" / i.instance_id / "work" / "started").exists())
+    p.interrupt(noticed.instance_id, notice=True)
+    p.interrupt(silent.instance_id, notice=False)
+    wait_for(lambda: (tmp_path / "vms" / noticed.instance_id / "work" / "notice").exists())
+    ends = [wait_for(lambda i=i: (e := state_of(p, i.instance_id)).state != "running" and e) for i in (noticed, silent)]
+    assert [(e.state, e.end_reason) for e in ends] == [
+        (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION),
+        (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE)]
+    assert not (tmp_path / "vms" / silent.instance_id / "work" / "notice").exists()
+    assert (tmp_path / "vms" / silent.instance_id / "work").exists()  # on this host's network the disk stays
+
+
 def test_terminate_drains_then_ends(tmp_path):
     p = provider(tmp_path, [sys.executable, "-c", WATCHER], notice_seconds=5.0)
     instance = p.launch(request(1))

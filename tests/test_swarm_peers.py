@@ -42,8 +42,8 @@ def test_published_peers_are_the_controller_and_training_agents_that_still_run()
 
 
 def test_the_local_cloud_keeps_the_controller_reachable_and_a_setting_wins():
-    assert controller_reachable("auto", ["local"])
-    assert not controller_reachable("no", ["local"]) and controller_reachable("yes", ["aws"])
+    assert controller_reachable("auto", on_this_host=True)
+    assert not controller_reachable("no", on_this_host=True) and controller_reachable("yes", on_this_host=False)
     spec = parse_spec({"name": "c", "budget": {"total_usd": 1}, "controller": {"reachable": "no"}}, Path("c.yaml"),
                       import_task=False)
     assert spec.controller.reachable == "no"

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
+from pathlib import Path
 
 from conftest import ROOT
 
@@ -40,7 +41,8 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
             "config = AgentConfig.model_validate({'cluster': 'c', 'initial_peers': [], 'task': 'm:t', "
             "'training': {'batch_size': 8, 'target_batch_size': 64, "
             "'compression': {'gradients': 'none', 'state': 'none'}, "
-            "'matchmaking_time': 2.0, 'averaging_timeout': 15.0}, 'checkpoint': {'store': 'c', 'every_epochs': 1}}); "
+            "'matchmaking_time': 2.0, 'averaging_timeout': 15.0}, 'checkpoint': {'store': 'c', 'every_epochs': 1}, "
+            "'code': {'wheel': {'url': 'file:///w', 'name': 'w.whl', 'sha256': 64 * 'a', 'size': 1}}}); "
             "print(render_cloud_init(config, 'aws').splitlines()[0]); "
             "from spotrain.stores import open_store; print(open_store('s3://bucket/run').url)")
     out = subprocess.run([str(python), "-c", code], check=True, capture_output=True, text=True, env=env,
@@ -50,3 +52,17 @@ def test_wheel_imports_the_mapped_packages(tmp_path):
     assert out[3] == "True"  # the C source of the fused codec path ships beside its loader
     assert out[4] == "#cloud-config"  # infra/ templates ship as package data
     assert out[5] == "s3://bucket/run"  # the stores wing, with its schemes
+
+    # an installed spotrain ships itself: its files are packed back into a wheel (spotrain/wheel_build.py)
+    repack = ("from pathlib import Path; from spotrain.wheel_build import running_wheel, source_root; "
+              f"print(source_root()); print(running_wheel(Path({str(tmp_path / 'cache')!r})))")
+    out = subprocess.run([str(python), "-c", repack], check=True, capture_output=True, text=True, env=env,
+                         cwd=tmp_path).stdout.splitlines()
+    assert out[0] == "None"
+    packed = zipfile.ZipFile(out[1])
+    assert packed.testzip() is None and Path(out[1]).name == wheel.name
+    original = {n for n in names if not n.endswith("/RECORD")}
+    assert {n for n in packed.namelist() if not n.endswith("/RECORD")} == original
+    again = subprocess.run([str(python), "-c", repack], check=True, capture_output=True, text=True, env=env,
+                           cwd=tmp_path).stdout.splitlines()
+    assert again[1] == out[1]  # cached by the content's hash

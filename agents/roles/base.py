@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from spotrain.agents.progress import Progress
@@ -26,6 +26,9 @@ class RoleContext:
     checkpoint_soon: threading.Event  # a cloud advisory: write the next checkpoint early
     # seconds a leaving role may still spend (its last upload), None when no drain window is set
     drain_seconds_left: Callable[[], float | None] = lambda: None
+    # set when a drain begins: a role on duty writes what it holds at once, not after a step that may
+    # never finish (every peer noticed at once leaves an averaging round waiting for the others)
+    draining: threading.Event = field(default_factory=threading.Event)
 
 
 class Role(Protocol):

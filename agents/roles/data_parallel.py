@@ -45,6 +45,7 @@ class DataParallelRole:
     def __init__(self) -> None:
         self._training: _Training | None = None
         self._submitted: int | None = None  # the epoch of the last snapshot handed to the writer
+        self._submit_lock = threading.Lock()  # the training thread and the drain's writer
 
     def start(self, context: RoleContext) -> None:
         from spotrain.agents.device import choose_device, describe, task_precision
@@ -80,6 +81,7 @@ class DataParallelRole:
         writer = CheckpointWriter(ReplicatedStore.from_urls([config.checkpoint.store]), _writer_name(context),
                                   keep=KEEP_CHECKPOINTS, constants=constants)
         self._training = _Training(context, task, model, optimizer, writer, device, precision)
+        threading.Thread(target=self._write_when_draining, name="drain-checkpoint", daemon=True).start()
 
     def run_until(self, stop: threading.Event) -> None:
         training = self._started()
@@ -121,6 +123,35 @@ class DataParallelRole:
             log(f"checkpoint epoch {self._submitted} not written in time ({timeout:.1f}s): "
                 f"the newest in {context.config.checkpoint.store} is {training.writer.last_written_epoch}")
 
+    def _write_when_draining(self) -> None:
+        """At the notice, a holder writes the state it has: the training thread may be blocked in an
+        averaging round that never completes (every peer noticed at once), so it cannot be waited for.
+        Between steps the parameters and optimizer state belong to `local_epoch`; a step that completes
+        while they are copied changes the epoch, and then the drain path writes that newer one instead."""
+        from spotrain.stores.writer import snapshot
+
+        training = self._started()
+        context = training.context
+        context.draining.wait()
+        epoch = training.optimizer.local_epoch
+        if not context.has_duty() or epoch in (self._submitted, context.progress.checkpoint_epoch):
+            return
+        state = snapshot({"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
+                          "constants": sorted(_buffer_paths(training.model))})
+        if training.optimizer.local_epoch != epoch:
+            return  # a step completed during the copy: the drain path writes the newer epoch
+        with self._submit_lock:
+            if self._submitted is not None and self._submitted >= epoch:
+                return
+            training.writer.submit(epoch, state)
+            self._submitted = epoch
+        log(f"checkpoint epoch {epoch}: the state before the step in flight, snapshot at the notice; uploading")
+        left = context.drain_seconds_left()
+        if training.writer.flush(CLOSE_SECONDS if left is None else max(0.0, left)):
+            log(f"checkpoint epoch {training.writer.last_written_epoch} in {context.config.checkpoint.store}")
+        else:
+            log(f"checkpoint epoch {epoch} still uploading when the drain window closed")
+
     def shutdown(self) -> None:
         if self._training is not None:
             self._training.optimizer.shutdown()
@@ -131,10 +162,11 @@ class DataParallelRole:
         # with delayed updates an optimizer step may still run in the background: finish and apply
         # it first, so the checkpoint's parameters and optimizer state belong to the same step
         training.optimizer.state_averager.step(wait_for_delayed_updates=True)
-        stall = training.writer.submit(epoch, {"model": training.model.state_dict(),
-                                               "optimizer": training.optimizer.state_dict(),
-                                               "constants": sorted(_buffer_paths(training.model))})
-        self._submitted = epoch
+        with self._submit_lock:
+            stall = training.writer.submit(epoch, {"model": training.model.state_dict(),
+                                                   "optimizer": training.optimizer.state_dict(),
+                                                   "constants": sorted(_buffer_paths(training.model))})
+            self._submitted = epoch
         log(f"checkpoint epoch {epoch}: snapshot took {stall:.3f}s of training (the stall), "
             f"uploading to {training.context.config.checkpoint.store} in the background")
 

@@ -87,6 +87,24 @@ class AdmissionSettings(_Contract):
         return identity.get_secret_value()  # only `wire()` dumps as JSON: the VM's own user-data
 
 
+class ShippedFile(_Contract):
+    """One object the controller shipped for the VM to install: where to fetch it and what it must be."""
+
+    url: str  # https:// (an S3 URL the controller presigned), file:// (a directory store), or a GCS media URL
+    auth: Literal["none", "gce-metadata"] = "none"  # gce-metadata: a bearer token of the VM's service account
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,199}$")  # the file name (pip reads a wheel's)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+
+class ShippedCode(_Contract):
+    """What a cloud VM installs before its agent starts (spotrain/shipping.py ships it; the VM's
+    bootstrap, spotrain/infra/install_shipped.py, fetches, verifies and installs it)."""
+
+    wheel: ShippedFile  # the exact spotrain build the controller runs
+    archive: ShippedFile | None = None  # the task's code_dir as a tar.gz, unpacked onto the agent's PYTHONPATH
+
+
 class AgentConfig(_Contract):
     version: int = Field(default=CONFIG_VERSION, ge=1)
     cluster: str  # also the hivemind run_id and the prefix of the swarm's DHT records
@@ -109,6 +127,7 @@ class AgentConfig(_Contract):
     port: int = Field(default=0, ge=0, le=65535)
     # the address peers reach the agent at; None: ask the metadata service (a VM's private and public IPs)
     announce_host: str | None = None
+    code: ShippedCode | None = None  # cloud VMs: the build and the task's code to install; absent: already there
 
     @model_validator(mode="after")
     def _pipeline_in_swarm_mode(self) -> AgentConfig:

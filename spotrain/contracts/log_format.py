@@ -13,6 +13,7 @@ ones spotrain's own settings cause knowingly (`KNOWN_NOISE`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
@@ -73,9 +74,18 @@ def configure(stream: TextIO | None = None, *, terminal: bool | None = None, lev
     return handler
 
 
+class _FileOnFirstLine(logging.FileHandler):
+    """A log file (and its folder, 0700) made only once a line is written: a command refused
+    before it says anything leaves nothing behind."""
+
+    def _open(self):  # type: ignore[no-untyped-def]
+        os.makedirs(os.path.dirname(self.baseFilename), mode=0o700, exist_ok=True)
+        return super()._open()
+
+
 def add_file(path: str) -> logging.Handler:
     """Also append every record to the file at `path`, in the one format (the controller's log)."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _FileOnFirstLine(path, encoding="utf-8", delay=True)
     handler.setFormatter(logging.Formatter(LINE_FORMAT, TIME_FORMAT))
     handler.addFilter(_Source())
     logging.getLogger().addHandler(handler)

@@ -23,6 +23,8 @@ def _first(offers: Sequence[Offer], ctx: PlacementContext) -> str:
 
 class OnDemandOneRegion(PlacementPolicy, name="on-demand"):
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
+        if not offers:  # every offer filtered out (the hourly cap, the budget): nothing to buy
+            return None
         region = Location.parse(_first(offers, ctx)).region
         same = [o for o in offers if o.market == "on-demand" and Location.parse(o.location).region == region]
         return min(same, key=lambda o: (o.spot_usd_per_hour, o.location), default=None)
@@ -46,6 +48,8 @@ class UniformProgress(PlacementPolicy, name="uniform-progress"):
 
     def choose(self, offers: Sequence[Offer], ctx: PlacementContext) -> Offer | None:
         self.started_at = ctx.now if self.started_at is None else self.started_at
+        if not offers:
+            return None
         zone = _first(offers, ctx)
         market = "on-demand" if _behind_uniform_line(ctx, self.started_at) else "spot"
         if market == "spot" and ctx.cooling_down(zone):

@@ -1,0 +1,1 @@
+"""Chaos tests: real agents on the local provider, faults injected, invariants asserted."""
