@@ -30,6 +30,8 @@ from conftest import processes_under, run_cli, wait_for
 from spotrain.config import LocalProvider as LocalConfig
 from spotrain.providers.local import LocalProvider
 
+from .invariants import assert_ledger_balances
+
 CLUSTER = "attacked"
 STRANGER = Path(__file__).with_name("stranger.py")
 FORGED_EPOCH = 10**6
@@ -189,6 +191,8 @@ def assert_down_cleans_up(home: Path) -> dict:
     report = json.loads(run_cli("report", "--json", home=home, check=True).stdout)
     assert report["preemptions"] == 0 and report["replacements"] == 0, report
     assert report["epochs"] < 1000
+    assert report["spent_usd"] <= report["budget_usd"]
+    assert_ledger_balances(home / "clusters" / CLUSTER / "ledger.db", report["spent_usd"])
     return report
 
 
