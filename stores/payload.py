@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,6 +23,8 @@ import torch
 from spotrain.stores.base import SAFE_NAME, CorruptCheckpoint, NonFiniteState, UnsafePayload
 
 SUFFIX = ".pt"
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Whether the tensor at a dotted path ("model.mask") is a constant that may hold infinities.
 Constants = Callable[[str, torch.Tensor], bool]
@@ -62,7 +65,7 @@ def decode_state(files: Mapping[str, bytes], constants: Constants = no_constants
         try:
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
-            raise UnsafePayload(f"{name}: refused by the weights-only loader: {_first_line(error)}") from None
+            raise UnsafePayload(f"{name}: refused by the weights-only loader: {_refusal(error)}") from None
         except (RuntimeError, EOFError, ValueError, OSError) as error:
             raise CorruptCheckpoint(f"{name}: unreadable: {_first_line(error)}") from None
         check_finite(value, part, constants)
@@ -89,6 +92,15 @@ def check_finite(value: Any, where: str, constants: Constants = no_constants) ->
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             check_finite(item, f"{where}[{index}]", constants)
+
+
+def _refusal(error: BaseException) -> str:
+    """What the file would have needed: torch's message is a page of advice (with terminal escapes)
+    whose useful part is the global the pickle names; the operator must not be told to load it anyway."""
+    found = _UNSUPPORTED_GLOBAL.search(str(error))
+    if found is not None:
+        return f"it names {found.group(1)}, which is code, not data"
+    return _ANSI.sub("", _first_line(error))
 
 
 def _first_line(error: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import threading
@@ -16,6 +17,7 @@ from spotrain.stores import (
     NonFiniteState,
     ReplicatedStore,
     StoreUnavailable,
+    UnsafePayload,
     decode_state,
     encode_state,
     named_constants,
@@ -232,3 +234,21 @@ def test_a_failed_upload_does_not_stop_the_writer(tmp_path):
     writer.submit(2, {"model": {"w": torch.ones(1)}})
     assert writer.close(timeout=30) and writer.written == 1
     assert [m.epoch for m in store.manifests()] == [2]
+
+
+class _OpensAFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # unpickling would create the file
+
+
+def test_a_payload_that_needs_code_is_refused_in_one_line_naming_what_it_would_call(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"weights": _OpensAFile(tmp_path / "code-ran")}, buffer)
+    with pytest.raises(UnsafePayload) as refused:
+        decode_state({"model.pt": buffer.getvalue()})
+    message = str(refused.value)
+    assert message == "model.pt: refused by the weights-only loader: it names io.open, which is code, not data"
+    assert not (tmp_path / "code-ran").exists()
