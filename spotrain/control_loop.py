@@ -129,6 +129,7 @@ class ControlLoop:
         self.egress_price: PathPrice | None = emulated_cloud_prices(priced) if (
             priced := spec.providers.egress_priced_as()) else None
         self.peers_seen: dict[str, str] = {}  # peer id -> instance id, from every status record read
+        self.upcoming: tuple[str, ...] = ()  # request ids this tick launches, admitted before the first boots
         self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
         self.last_tick_at: float | None = None
 
@@ -286,6 +287,7 @@ class ControlLoop:
         if self.access is None or publish is None:
             return
         live = {row.request_id: row.instance_id for row in self.ledger.instances(states=LIVE_STATES)}
+        live.update({request_id: None for request_id in self.upcoming if request_id not in live})
         issued = self._admission_issued = max(self.clock(), self._admission_issued + 0.001)  # newer each time
         admission = self.access.admission(live, issued, self.settings.tick_seconds)
         self.admission_record = self.access.sign_admission(admission)
@@ -322,7 +324,9 @@ class ControlLoop:
             self.end_reason = self._agent_failure(self.failed_agent)
             return observed
         refused_before = set(self.failed_at)
-        for action in reconcile(observed, self.desired(), now, self.policy):
+        actions = reconcile(observed, self.desired(), now, self.policy)
+        self._admit_upcoming([a.request_id for a in actions if isinstance(a, Launch)])
+        for action in actions:
             if isinstance(action, Launch) and self.end_reason is not None:
                 continue  # a launch refused for good ends the run: launch nothing more
             if isinstance(action, Launch):
@@ -339,7 +343,19 @@ class ControlLoop:
                 self._assign_duty(action.instance_ids)
             elif isinstance(action, EndRun):
                 self.end_reason = action.reason
+        self.upcoming = ()
         return observed
+
+    def _admit_upcoming(self, request_ids: list[str]) -> None:
+        """Every VM this tick launches is admitted before the first of them boots: a VM's user-data
+        record then lists the VMs launched after it in the same tick, so it does not refuse them
+        until it reads a newer record."""
+        if self.access is None or len(request_ids) < 2:
+            return
+        for request_id in request_ids:
+            self.access.identity_for(request_id)
+        self.upcoming = tuple(request_ids)
+        self._publish_admission()
 
     def _revoke_offenders(self) -> None:
         """An instance whose parts a majority of its peers kept dropping (spotrain.offenders) is left

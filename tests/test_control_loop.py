@@ -166,3 +166,33 @@ def wait_ended(loop: ControlLoop, instance_id: str) -> bool:
 
     return wait_for(lambda: {i.instance_id: i.state for i in loop.provider.list_instances("c")}[instance_id]
                     != InstanceState.RUNNING, 30, f"{instance_id} terminated")
+
+
+class AdmittingSwarm(QuietSwarm):
+    """Keeps every admission record the controller publishes."""
+
+    def __init__(self):
+        self.published: list[dict] = []
+
+    def publish_admission(self, record, expires):
+        self.published.append(record)
+
+
+def test_every_vm_of_a_tick_is_admitted_before_the_first_boots(loop, tmp_path):
+    import json
+
+    from spotrain.access import ClusterAccess
+    from spotrain.contracts.agent_config import AgentConfig
+
+    loop.access = ClusterAccess(tmp_path / "access", "c")
+    loop.swarm = AdmittingSwarm()
+    loop.tick()  # two workers launched in one tick
+    first = loop.swarm.published[0]["body"]["peers"]
+    assert len(first) == 2  # published before the first launch, already listing both VMs
+    instances = loop.provider.list_instances("c")
+    assert len(instances) == 2
+    for instance in instances:  # each VM's own user-data record lists the other VM too
+        vm_dir = tmp_path / "cloud" / "vms" / instance.instance_id
+        config = AgentConfig.from_json((vm_dir / "user-data.json").read_text())
+        assert len(config.admission.record["body"]["peers"]) == 2
+    json.dumps(loop.swarm.published)  # the records are plain JSON
