@@ -75,8 +75,8 @@ def write_spec(work: Path, quick: bool) -> tuple[Path, dict[str, Any]]:
 
 class Bench:
     def __init__(self, spec_path: Path, home: Path):
-        from spotrain.config import load_spec
         from spotrain.providers.local import LocalProvider
+        from spotrain.spec_file import load_spec
 
         self.spec_path, self.home = spec_path, home
         self.provider = LocalProvider(load_spec(spec_path).providers.local, home / "local-cloud")

@@ -6,11 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from spotrain.config import stored_spec
 from spotrain.home import existing_cluster, home, ledger_path
 from spotrain.ledger import Ledger
 from spotrain.providers.geo_network import namespaces
 from spotrain.providers.local import LocalProvider
+from spotrain.spec_file import stored_spec
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -75,8 +75,9 @@ def launch(
     report: bool = typer.Option(True, "--report/--no-report", help="print the report when the run ends"),
 ) -> None:
     """Bid, launch, train, replace preempted workers, stop before the budget runs out."""
-    from spotrain.config import MAX_HOURS, load_spec
+    from spotrain.config import MAX_HOURS
     from spotrain.providers.base import ProviderError
+    from spotrain.spec_file import load_spec
 
     try:
         check_number("--duration", duration, MAX_HOURS * 3600.0)
@@ -238,9 +239,9 @@ def plan(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
          ) -> None:
     """Dry run: offers, placement, $/h, samples/s, $/1M samples, hours the budget pays for."""
     from spotrain import plan as planning
-    from spotrain.config import load_spec
     from spotrain.provider_factory import make_provider
     from spotrain.providers.base import ProviderError
+    from spotrain.spec_file import load_spec
 
     try:
         check_number("--tick", tick, 3600.0, least=0.1)
@@ -282,10 +283,10 @@ def simulate(config: Path = typer.Argument(..., help="cluster spec (YAML)"),
              ) -> None:
     """Replay real spot traces: every policy on the same job, with the real controller code."""
     from spotrain import plan as planning
-    from spotrain.config import load_spec
     from spotrain.policies import policy_names
     from spotrain.sim.engine import compare, default_job
     from spotrain.sim.traces import load_traces
+    from spotrain.spec_file import load_spec
 
     names = policy or ["spotrain", "eager-next-region", "uniform-progress", "on-demand", "oracle"]
     try:

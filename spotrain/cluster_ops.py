@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-from spotrain.config import ClusterSpec, stored_spec
+from spotrain.config import ClusterSpec
 from spotrain.contracts.states import LIVE_STATES, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.controller_process import (
@@ -28,6 +28,7 @@ from spotrain.home import cluster_dir, existing_cluster, ledger_path
 from spotrain.ledger import Ledger, Run
 from spotrain.ledger_file import opened_ledger
 from spotrain.provider_factory import make_provider
+from spotrain.spec_file import stored_spec
 from spotrain.swarm import NoSwarm
 
 if TYPE_CHECKING:

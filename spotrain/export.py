@@ -25,9 +25,9 @@ class Exported:
 
 def stored_cluster_spec(name: str) -> ClusterSpec:
     """The spec of the cluster's latest run, as the ledger keeps it (no user code)."""
-    from spotrain.config import stored_spec
     from spotrain.home import ledger_path
     from spotrain.ledger_file import opened_ledger
+    from spotrain.spec_file import stored_spec
 
     with opened_ledger(ledger_path(name)) as ledger:
         run = ledger.current_run()

@@ -61,9 +61,9 @@ class LogSource:
 
 def log_sources(cluster: str | None, instance: str | None, controller: bool) -> list[LogSource]:
     """The controller's log and the agents' of the latest run (or one instance's, of any run)."""
-    from spotrain.config import stored_spec
     from spotrain.ledger_file import opened_ledger
     from spotrain.provider_factory import make_provider
+    from spotrain.spec_file import stored_spec
 
     name, instance = _resolve(cluster, instance)
     path = controller_log_path(name)

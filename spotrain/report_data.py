@@ -106,8 +106,8 @@ def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -
 def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
     """The store holding the run's newest complete checkpoint (every store, when none does) and
     its epoch (a manifest is written last, so one that lists only present files is whole)."""
-    from spotrain.config import stored_spec
     from spotrain.geo import store_network
+    from spotrain.spec_file import stored_spec
     from spotrain.stores import ReplicatedStore, StoreError
 
     try:

@@ -12,10 +12,10 @@ from conftest import run_cli
 from typer.testing import CliRunner
 
 from spotrain.cli import app
-from spotrain.config import load_spec
 from spotrain.errors import SpecError
 from spotrain.ledger import Ledger
 from spotrain.sim.traces import TraceError, load_trace, load_traces
+from spotrain.spec_file import load_spec
 
 GOOD = "name: t1\nbudget: {total_usd: 1.0}\n"
 

@@ -52,8 +52,8 @@ def test_cloud_sections_add_known_locations_and_disable_the_default_local(gce):
     ({"aws": {"regions": ["us-east-1"], "bid": 3}}, "providers.aws.bid: unknown key"),
 ])
 def test_bad_cloud_sections_are_one_line_errors(tmp_path, providers, message):
-    from spotrain.config import load_spec
     from spotrain.errors import SpecError
+    from spotrain.spec_file import load_spec
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"name": "x", "budget": {"total_usd": 1}, "providers": providers}))
@@ -182,7 +182,7 @@ def test_every_provider_satisfies_the_protocol(gce):
 def test_the_cloud_example_spec_loads():
     from conftest import ROOT
 
-    from spotrain.config import load_spec
+    from spotrain.spec_file import load_spec
 
     s = load_spec(ROOT / "examples" / "clouds.yaml")
     assert s.providers.enabled() == ["aws", "gcp"]

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from spotrain.config import load_spec
 from spotrain.errors import SpecError
 from spotrain.kernels.table import SPEC_CODECS, nominal_ratio
 from spotrain.ledger import Ledger
 from spotrain.report import build_report, print_report
+from spotrain.spec_file import load_spec
 
 SPEC = """
 name: t1

@@ -4,8 +4,8 @@ import pytest
 from conftest import ROOT, run_cli
 from pydantic import ValidationError
 
-from spotrain.config import load_spec
 from spotrain.errors import SpecError
+from spotrain.spec_file import load_spec
 
 GOOD = """
 name: t1

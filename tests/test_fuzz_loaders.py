@@ -11,9 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotrain.config import ClusterSpec, load_spec, parse_spec
+from spotrain.config import ClusterSpec
 from spotrain.errors import SpecError
 from spotrain.sim.traces import LocationTrace, TraceError, load_trace
+from spotrain.spec_file import load_spec, parse_spec
 
 # the same tmp_path serves every example of a test: each writes its file afresh
 FUZZ = settings(max_examples=120, deadline=None,

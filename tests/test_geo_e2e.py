@@ -14,10 +14,10 @@ import pytest
 import yaml
 from conftest import ROOT, processes_under, run_cli, wait_for
 
-from spotrain.config import load_spec
 from spotrain.providers.geo_cloud import host_problem
 from spotrain.providers.geo_network import namespaces
 from spotrain.providers.local import LocalProvider
+from spotrain.spec_file import load_spec
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or host_problem() is not None,

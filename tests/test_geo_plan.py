@@ -7,7 +7,6 @@ import pytest
 import yaml
 from conftest import ROOT, run_cli
 
-from spotrain.config import load_spec, parse_spec
 from spotrain.errors import SpecError
 from spotrain.providers.cgroups import CgroupError, CpuHierarchy
 from spotrain.providers.geo_plan import (
@@ -19,6 +18,7 @@ from spotrain.providers.geo_plan import (
     plan_cloud,
     tbf_arguments,
 )
+from spotrain.spec_file import load_spec, parse_spec
 
 SUBNETS = {"us-east": "198.18.1.0/24", "eu-west": "198.18.2.0/24"}
 

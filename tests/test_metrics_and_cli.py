@@ -13,7 +13,7 @@ from conftest import ROOT, run_cli
 from prometheus_client.parser import text_string_to_metric_families
 
 from spotrain.cli import app
-from spotrain.config import ClusterSpec, load_spec
+from spotrain.config import ClusterSpec
 from spotrain.contracts.states import InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import SpecError, SpotrainError
@@ -23,6 +23,7 @@ from spotrain.sim.clock import SimClock
 from spotrain.sim.provider import SimProvider
 from spotrain.sim.swarm import SimSwarm
 from spotrain.sim.traces import load_traces
+from spotrain.spec_file import load_spec
 
 
 def _simulated_loop(tmp_path: Path) -> tuple[ControlLoop, Ledger, SimSwarm, SimClock]:

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import run_cli, wait_for
 
-from spotrain.config import ClusterSpec, load_spec, stored_spec
+from spotrain.config import ClusterSpec
 from spotrain.contracts.records import AgentStatus
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import SpecError, SpotrainError
@@ -17,6 +17,7 @@ from spotrain.ledger import Ledger
 from spotrain.logs import LogSource, _added, follow, last_error_lines
 from spotrain.providers.local import LocalProvider
 from spotrain.scaffold import cluster_name_for, write_skeleton
+from spotrain.spec_file import load_spec, stored_spec
 
 TASK = textwrap.dedent("""
     from spotrain.examples.tiny_gpt import task as tiny

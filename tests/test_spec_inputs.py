@@ -7,13 +7,14 @@ import os
 import pytest
 from conftest import ROOT, run_cli
 
-from spotrain.config import ClusterSpec, load_spec
+from spotrain.config import ClusterSpec
 from spotrain.contracts.task import load_task
 from spotrain.kernels.table import nominal_ratio
 from spotrain.market import catalog_offers
 from spotrain.plan import offers_for
 from spotrain.providers.base import AuthError
 from spotrain.providers.multi import MultiProvider
+from spotrain.spec_file import load_spec
 
 CLOUDS = ROOT / "examples" / "clouds.yaml"
 NAMED_REGIONS = ("aws:us-east-1", "gcp:us-central1")

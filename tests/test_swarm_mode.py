@@ -14,7 +14,7 @@ from spotrain.agents.pipeline.balance import stage_for_joining
 from spotrain.agents.roles.data_parallel import DataParallelRole
 from spotrain.agents.roles.stage_server import StageServerRole
 from spotrain.agents.roles.swarm_trainer import SwarmTrainerRole
-from spotrain.config import ClusterSpec, load_spec
+from spotrain.config import ClusterSpec
 from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.stage_records import StageRecord, stage_summary
@@ -25,6 +25,7 @@ from spotrain.errors import SpecError
 from spotrain.ledger import Ledger
 from spotrain.providers.local import LocalProvider
 from spotrain.report import build_report
+from spotrain.spec_file import load_spec
 
 SWARM = """
 name: s1

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from spotrain.config import parse_spec
 from spotrain.contracts.live_peers import peers_value
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import AgentState, InstanceState
 from spotrain.errors import SpecError
 from spotrain.providers.base import Instance
+from spotrain.spec_file import parse_spec
 from spotrain.swarm_peers import bootstrap_peers, controller_reachable, live_peers
 
 A = "/ip4/127.0.0.1/tcp/4001/p2p/QmA"
