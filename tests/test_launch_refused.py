@@ -4,6 +4,7 @@ boto3 against moto (through the EC2 fault proxy where moto does not check) and t
 
 import pytest
 from clouds import AWS_IMAGE, GCE_ZONES, PROJECT
+from test_cloud_control import StaticShipment
 from test_control_loop import QuietSwarm
 
 from spotrain.config import ClusterSpec
@@ -17,6 +18,7 @@ def run_ticks(s: ClusterSpec, tmp_path, ticks: int = 3) -> tuple[list[str], Ledg
     run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
     lines: list[str] = []
     loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    loop.shipment = StaticShipment()  # what `spotrain launch` ships, where the loop is driven directly
     for _ in range(ticks):
         loop.tick()
     return lines, ledger, loop
