@@ -1,6 +1,8 @@
 """The whole system through the CLI: controller, local VMs, real agents on 127.0.0.1."""
 
 import json
+
+import pytest
 import os
 import signal
 import time
@@ -58,6 +60,7 @@ def test_a_run_survives_preemptions_and_stops_within_budget(tmp_path):
     assert wait_for(lambda: processes_under(home) == [], 30, "no process left")
 
 
+@pytest.mark.slow  # 80 s; the default suite keeps the preemption run above, chaos/test_kills the controller kill
 def test_controller_sigkill_then_relaunch_adopts_and_down_cleans_up(tmp_path):
     home = tmp_path / "home"
     path = spec_file(tmp_path, providers={"local": {"time_compression": 0.001}})  # no preemption in this test

@@ -139,6 +139,12 @@ def test_launch_detach_of_a_controller_that_fails_prints_its_error(tmp_path):
     assert "started in the background" not in result.stdout
 
 
+def _as_from_a_terminal() -> None:
+    """SIGINT as a terminal's foreground job has it: a suite started in the background (`make test &`,
+    a CI runner) passes SIGINT on ignored, and the controller rightly leaves an ignored signal alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def foreground_launch(tmp_path: Path, home: Path) -> tuple[subprocess.Popen, Path]:
     """A foreground `spotrain launch` in its own process group, once it ticks (its DHT runs)."""
     log = tmp_path / "launch.log"
@@ -146,7 +152,7 @@ def foreground_launch(tmp_path: Path, home: Path) -> tuple[subprocess.Popen, Pat
         process = subprocess.Popen([sys.executable, "-m", "spotrain", "launch", str(idle_spec(tmp_path)),
                                     "--duration", "600", "--tick", "1", "--no-report"],
                                    env=dict(os.environ, SPOTRAIN_HOME=str(home)), cwd=ROOT, start_new_session=True,
-                                   stdout=output, stderr=subprocess.STDOUT)
+                                   stdout=output, stderr=subprocess.STDOUT, preexec_fn=_as_from_a_terminal)
     wait_for(lambda: "workers 0/1" in log.read_text() or process.poll() is not None, 120, "the first tick")
     assert process.poll() is None, log.read_text()
     assert children_of(process.pid), "the controller's DHT process"

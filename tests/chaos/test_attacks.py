@@ -196,6 +196,7 @@ def assert_down_cleans_up(home: Path) -> dict:
     return report
 
 
+@pytest.mark.slow  # 60-200 s; the default suite keeps tests/test_admission_gate.py (the gate, real peers)
 def test_a_stranger_that_knows_every_address_gets_nothing_and_changes_nothing(tmp_path):
     home = launch(tmp_path)
     try:
