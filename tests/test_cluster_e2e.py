@@ -1,13 +1,12 @@
 """The whole system through the CLI: controller, local VMs, real agents on 127.0.0.1."""
 
 import json
-
-import pytest
 import os
 import signal
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import processes_under, run_cli, wait_for
 
