@@ -151,7 +151,8 @@ class CheckpointStore(Protocol):
         """Remove a checkpoint: its manifest first, so it is never visible half deleted."""
         ...
 
-    def prune(self, keep: int) -> list[Manifest]:
-        """Keep the `keep` newest epochs that have a manifest; remove everything older (files
-        whose manifest never came too). Returns the checkpoints removed."""
+    def prune(self, keep: int, up_to: int | None = None) -> list[Manifest]:
+        """Keep the `keep` newest epochs that have a manifest (counting only epochs up to `up_to`,
+        when given: a writer's own newest, so checkpoints planted ahead of it take no slot); remove
+        everything older (files whose manifest never came too). Returns the checkpoints removed."""
         ...

@@ -116,11 +116,11 @@ class BlobStore(ABC):
         self._delete([manifest.key])
         self._delete([manifest.file_key(entry.name) for entry in manifest.files])
 
-    def prune(self, keep: int) -> list[Manifest]:
+    def prune(self, keep: int, up_to: int | None = None) -> list[Manifest]:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         manifests = self.manifests()
-        epochs = sorted({m.epoch for m in manifests}, reverse=True)
+        epochs = sorted({m.epoch for m in manifests if up_to is None or m.epoch <= up_to}, reverse=True)
         if len(epochs) <= keep:
             return []
         oldest_kept = epochs[keep - 1]

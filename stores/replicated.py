@@ -82,10 +82,10 @@ class ReplicatedStore:
                                    + "; ".join(failed))
         return written
 
-    def prune(self, keep: int) -> None:
+    def prune(self, keep: int, up_to: int | None = None) -> None:
         for store in self.stores:
             try:
-                store.prune(keep)
+                store.prune(keep, up_to)
             except StoreError as error:
                 log.warning("%s: prune failed: %s", store.url, error)
 

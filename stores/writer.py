@@ -119,4 +119,4 @@ class CheckpointWriter:
         self.written += 1
         self.last_written_epoch = job.epoch
         log.info("checkpoint epoch %d written in %.2fs", job.epoch, time.monotonic() - started)
-        self.target.prune(self.keep)
+        self.target.prune(self.keep, up_to=job.epoch)  # epochs planted ahead of ours take no slot

@@ -183,6 +183,18 @@ def test_prune_keeps_the_newest_k_epochs_of_every_writer(store):
     assert store.prune(keep=2) == []
 
 
+def test_checkpoints_planted_ahead_of_the_writer_take_no_slot_when_it_prunes(store):
+    """Someone who can write the store plants far newer epochs: the writer's prune counts only the
+    epochs up to its own newest, so its honest history is kept (loads refuse what is planted)."""
+    for epoch in range(1, 5):
+        save(store, epoch, "vm-1")
+    save(store, 100, "planted")
+    save(store, 101, "planted")
+    removed = store.prune(keep=2, up_to=4)
+    assert sorted(m.epoch for m in removed) == [1, 2]
+    assert sorted(m.epoch for m in store.manifests()) == [3, 4, 100, 101]
+
+
 def test_a_missing_bucket_is_a_store_error(store, tmp_path):
     target = {LocalDirStore: lambda: LocalDirStore(tmp_path / "file" / "under"),
               S3Store: lambda: open_store("s3://no-such-bucket/x"),
