@@ -129,7 +129,7 @@ class _Unreachable:
     def write(self, epoch, files, writer):
         raise StoreUnavailable("connection refused")
 
-    def prune(self, keep):
+    def prune(self, keep, up_to=None):
         raise StoreUnavailable("connection refused")
 
 
