@@ -69,8 +69,11 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
         cleanup += [a, b]
         swarm.assign_duty(["i-a"])
 
+        # an epoch may pass without a group (matchmaking found none in time): wait for one that averaged
         statuses = wait_for(lambda: (s := swarm.statuses()) and all(
-            i in s and s[i].epoch >= 3 for i in ("i-a", "i-b")) and s, 240, "both agents at epoch 3")
+            i in s and s[i].epoch >= 3 for i in ("i-a", "i-b")) and s["i-a"].bytes_sent > 0
+            and s["i-b"].bytes_received > 0 and s["i-a"].egress_bytes and s, 240,
+            "both agents at epoch 3, having averaged together")
         assert statuses["i-a"].state == "training" and statuses["i-a"].samples > 0
         assert statuses["i-a"].bytes_sent > 0 and statuses["i-b"].bytes_received > 0
         # the bytes each sent are metered per destination: the other agent's peer id
