@@ -56,8 +56,9 @@ def test_launch_is_idempotent_per_request_id(tmp_path):
 
 
 def test_trace_preemption_posts_a_notice_then_the_vm_ends(tmp_path):
-    # p3's first trace node lives 34 minutes: 2.04 s at 1000x
-    p = provider(tmp_path, [sys.executable, "-c", WATCHER], time_compression=1000.0)
+    # p3's first trace node lives 34 minutes: 6.8 s at 300x, time for the watcher to import and poll
+    # before the notice (at 1000x a slow start under load missed the whole window)
+    p = provider(tmp_path, [sys.executable, "-c", WATCHER], time_compression=300.0)
     instance = p.launch(request(0))
     work = tmp_path / "vms" / instance.instance_id / "work"
     wait_for(lambda: (work / "notice").exists())
