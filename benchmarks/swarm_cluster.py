@@ -20,6 +20,7 @@ from pathlib import Path
 from spotrain.access import ClusterAccess
 from spotrain.contracts.stage_records import StageRecord, found_stage_records, latest_records, stages_key
 from spotrain.contracts.states import AgentState
+from spotrain.providers.cgroups import CgroupError, kill_and_remove
 from spotrain.swarm_view import SwarmView
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
@@ -164,16 +165,7 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
 
 def _remove_cgroup(group: Path) -> None:
     """Kill whatever still runs in the cgroup (a process that left the agent's group), then remove it."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        pids = [int(p) for p in (group / "cgroup.procs").read_text().split()]
-        if not pids:
-            group.rmdir()
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.2)
-    print(f"cgroup {group} still has processes; left in place", file=sys.stderr)
+    try:
+        kill_and_remove(group)
+    except (CgroupError, OSError) as error:
+        print(f"cgroup {group} left in place: {error}", file=sys.stderr)
