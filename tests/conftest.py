@@ -104,3 +104,30 @@ def _no_gate_outlives_its_test():
     admission = sys.modules.get("spotrain.agents.admission")
     if admission is not None:
         admission.install(None)
+
+
+def start_agent(tmp_path: Path, config: dict, metadata_url: str | None = None) -> subprocess.Popen:
+    """`spotrain agent` on `config` (its user-data) in its own folder and session, logging to agent.log;
+    the tests folder is on its import path (test tasks live here)."""
+    import json
+
+    work = tmp_path / config["instance_id"]
+    work.mkdir()
+    (work / "user-data.json").write_text(json.dumps(config))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    if metadata_url:
+        env["SPOTRAIN_METADATA_URL"] = metadata_url
+    with open(work / "agent.log", "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+
+@pytest.fixture
+def agents():
+    """Agent processes a test starts; whatever still runs at its end is killed with its children."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for process in procs:
+        if process.poll() is None:
+            os.killpg(process.pid, 9)
+            process.wait()

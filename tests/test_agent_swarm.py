@@ -1,15 +1,12 @@
 """Real agents (subprocesses) and a controller's DHT peer on 127.0.0.1: training, signed status,
 checkpoint duty, draining on an IMDSv2 notice, resuming from the newest checkpoint."""
 
-import json
 import os
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-from conftest import admit, wait_for
+from conftest import admit, start_agent, wait_for
 
 from spotrain.access import ClusterAccess
 from spotrain.contracts.records import status_key
@@ -28,16 +25,6 @@ def user_data(cluster, instance_id, peers, store, admission: dict) -> dict:
     }
 
 
-def start_agent(tmp_path: Path, config: dict, metadata_url: str | None = None) -> subprocess.Popen:
-    work = tmp_path / config["instance_id"]
-    work.mkdir()
-    (work / "user-data.json").write_text(json.dumps(config))
-    env = dict(os.environ)
-    if metadata_url:
-        env["SPOTRAIN_METADATA_URL"] = metadata_url
-    return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
-                            env=env, stdout=open(work / "agent.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
 
 
 def epochs(store) -> list[int]:

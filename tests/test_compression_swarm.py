@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from averaging_peer import peer_tensors
-from conftest import admit, wait_for
+from conftest import admit, start_agent, wait_for
 
 from spotrain.access import ClusterAccess
 from spotrain.agents.codec_check import EXIT_CODEC_MISMATCH
@@ -66,24 +65,8 @@ def agent_config(cluster, instance_id, peers, store, gradients, state, admission
     }
 
 
-def start_agent(tmp_path: Path, config: dict) -> subprocess.Popen:
-    work = tmp_path / config["instance_id"]
-    work.mkdir()
-    (work / "user-data.json").write_text(json.dumps(config))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    with open(work / "agent.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-@pytest.fixture
-def agents():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, 9)
-            p.wait()
 
 
 def test_agents_train_with_blockwise_codecs_and_a_different_codec_table_fails_loudly(tmp_path, agents):

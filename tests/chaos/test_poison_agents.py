@@ -8,17 +8,14 @@ is refused with a line naming it, without running anything.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import wait_for
+from conftest import admit, start_agent, wait_for
 
+from spotrain.access import ClusterAccess
 from spotrain.offenders import instances_to_revoke, peer_ids_of
 from spotrain.stores import ReplicatedStore, encode_state, named_constants
 from spotrain.stores.local import LocalDirStore
@@ -27,9 +24,10 @@ from spotrain.swarm_view import SwarmView
 TESTS = Path(__file__).resolve().parent.parent
 
 
-def agent_config(cluster: str, instance_id: str, peers: list[str], store: Path, task: str) -> dict:
+def agent_config(cluster: str, instance_id: str, peers: list[str], store: Path, task: str,
+                 admission: dict) -> dict:
     return {
-        "cluster": cluster, "instance_id": instance_id, "initial_peers": peers, "task": task,
+        "admission": admission, "cluster": cluster, "instance_id": instance_id, "initial_peers": peers, "task": task,
         # raw tensors on the wire: blockwise codecs would turn a NaN into 0 before sending it
         "training": {"batch_size": 8, "target_batch_size": 64, "compression": {"gradients": "none", "state": "none"},
                      "matchmaking_time": 2.0, "averaging_timeout": 15.0, "delayed_updates": True},
@@ -37,40 +35,25 @@ def agent_config(cluster: str, instance_id: str, peers: list[str], store: Path, 
     }
 
 
-def start_agent(tmp_path: Path, config: dict) -> subprocess.Popen:
-    work = tmp_path / config["instance_id"]
-    work.mkdir()
-    (work / "user-data.json").write_text(json.dumps(config))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    with open(work / "agent.log", "w") as log:
-        return subprocess.Popen([sys.executable, "-m", "spotrain", "agent", "--user-data", "user-data.json"], cwd=work,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-@pytest.fixture
-def agents():
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, 9)
-            p.wait()
 
 
 @pytest.mark.slow
 def test_an_admitted_agent_that_averages_nan_and_huge_parts_is_dropped_and_counted(tmp_path, agents):
     cluster, store = "poison-test", tmp_path / "ckpt"
-    swarm = SwarmView(cluster)
+    swarm = SwarmView(cluster, ClusterAccess(tmp_path / "cluster", cluster))
+    admitted = admit(swarm, ["i-a", "i-b", "i-evil"])  # the attacker is one of the cluster's own instances
     try:
         peers = swarm.addresses()
         honest = "spotrain.examples.tiny_gpt:task"
         for name in ("i-a", "i-b"):
-            agents.append(start_agent(tmp_path, agent_config(cluster, name, peers, store, honest)))
+            agents.append(start_agent(tmp_path, agent_config(cluster, name, peers, store, honest, admitted[name])))
         swarm.assign_duty(["i-a"])
         wait_for(lambda: all(s.epoch >= 1 for s in swarm.statuses().values()) and len(swarm.statuses()) == 2, 240,
                  "two honest agents training")
         agents.append(start_agent(tmp_path, agent_config(cluster, "i-evil", swarm.addresses(), store,
-                                                         "chaos.evil_task:task")))
+                                                         "chaos.evil_task:task", admitted["i-evil"])))
 
         def counted():
             statuses = swarm.statuses()
@@ -126,10 +109,11 @@ def test_a_malicious_checkpoint_is_refused_with_a_line_and_the_agent_starts_with
     target = LocalDirStore.from_url(str(store))
     target.write(7, files, "intruder")
     target.write(8, {"model.pt": armed_payload(marker), "optimizer.pt": files["optimizer.pt"]}, "intruder")
-    swarm = SwarmView(cluster)
+    swarm = SwarmView(cluster, ClusterAccess(tmp_path / "cluster", cluster))
+    admitted = admit(swarm, ["i-a"])
     try:
         agents.append(start_agent(tmp_path, agent_config(cluster, "i-a", swarm.addresses(), store,
-                                                         "spotrain.examples.tiny_gpt:task")))
+                                                         "spotrain.examples.tiny_gpt:task", admitted["i-a"])))
         wait_for(lambda: (s := swarm.statuses().get("i-a")) and s.state == "training", 180, "the agent training")
     finally:
         swarm.shutdown()
