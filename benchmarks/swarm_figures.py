@@ -8,8 +8,13 @@
   whole (a data-parallel agent) against one of its 4 stages (a stage peer), and of a process
   that only imported torch, hivemind and the stage server (the fixed overhead).
 - Loss: held-out loss after the same samples, data parallelism's model (the pipeline's stages
-  composed in one process, one Adam step per microbatch) against the same stages trained through
-  stage servers with blockwise8 activations (one peer per stage, 2 microbatches in flight).
+  composed in one process, one Adam step per `target_batch` samples on the mean gradient of its
+  microbatches, as hivemind's Optimizer accumulates) against the same stages trained through stage
+  servers with blockwise8 activations (one peer per stage, 2 microbatches in flight, each stage
+  stepping once per `target_batch` samples), same seeds, data order, learning rate and number of
+  optimizer steps. The trainer runs one step's microbatches per `train` call, so none is in
+  flight across a step. `loss_factors` repeats it with each factor changed in turn (activations
+  uncompressed, one microbatch in flight, a step per microbatch).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ MICROBATCH = 4
 LOOPBACK = {"nat_port_map": False, "auto_nat": False, "use_relay": False}
 
 
-async def _pipeline(codec: str, microbatches: int, seed: int) -> tuple[list[torch.nn.Module], list[float]]:
+async def _pipeline(codec: str, microbatches: int, seed: int, *, in_flight: int = 2,
+                    step_microbatches: int = 1) -> tuple[list[torch.nn.Module], list[float]]:
     from hivemind.p2p import P2P
 
     from spotrain.agents.pipeline.stage_server import StageServer
@@ -34,14 +40,17 @@ async def _pipeline(codec: str, microbatches: int, seed: int) -> tuple[list[torc
     from spotrain.examples.tiny_gpt_pipeline import task
 
     p2ps = await asyncio.gather(*(P2P.create(**LOOPBACK) for _ in range(task.num_stages)))
-    servers = [StageServer(p2p, task, stage, cluster="bench", activations=codec) for stage, p2p in enumerate(p2ps)]
+    servers = [StageServer(p2p, task, stage, cluster="bench", activations=codec,
+                           step_samples=step_microbatches * MICROBATCH) for stage, p2p in enumerate(p2ps)]
     await asyncio.gather(*(server.start() for server in servers))
     maddrs = [m for server in servers for m in await server.p2p.get_visible_maddrs()]
     trainer_p2p = await P2P.create(initial_peers=maddrs, **LOOPBACK)
     trainer = PipelineTrainer(trainer_p2p, task, lambda stage: [servers[stage].p2p.peer_id], cluster="bench",
-                              activations=codec, max_in_flight=2)
+                              activations=codec, max_in_flight=in_flight)
     try:
-        stats = await trainer.train(task.batches(seed, MICROBATCH), microbatches)
+        batches = task.batches(seed, MICROBATCH)
+        for start in range(0, microbatches, step_microbatches):  # one step's microbatches per call
+            stats = await trainer.train(batches, min(step_microbatches, microbatches - start))
         if stats.completed != microbatches:
             raise RuntimeError(f"{stats.dropped} microbatches dropped")
         return [server.module for server in servers], stats.losses
@@ -121,32 +130,72 @@ def _held_out_loss(modules: list[torch.nn.Module]) -> float:
         return sum(float(pipeline_loss(task, modules, next(batches))) for _ in range(4)) / 4
 
 
-def _data_parallel(microbatches: int, seed: int) -> float:
+def _data_parallel(microbatches: int, seed: int, step_microbatches: int) -> float:
+    """The stages composed in one process; one Adam step per `step_microbatches` on their mean gradient."""
     from spotrain.contracts.pipeline import pipeline_loss
     from spotrain.examples.tiny_gpt_pipeline import task
 
     modules = [task.build_stage(stage) for stage in range(task.num_stages)]
     optimizer = task.make_optimizer(0, [p for m in modules for p in m.parameters()])
     batches = task.batches(seed, MICROBATCH)
-    for _ in range(microbatches):
-        pipeline_loss(task, modules, next(batches)).backward()
+    for start in range(0, microbatches, step_microbatches):
+        count = min(step_microbatches, microbatches - start)
+        for _ in range(count):
+            (pipeline_loss(task, modules, next(batches)) * MICROBATCH).backward()
+        for param in (p for m in modules for p in m.parameters()):
+            if param.grad is not None:
+                param.grad.div_(count * MICROBATCH)
         optimizer.step()
         optimizer.zero_grad()
     return _held_out_loss(modules)
 
 
-def loss_against_data_parallel(samples: int, repeats: int) -> dict[str, object]:
+def _swarm(codec: str, microbatches: int, seed: int, in_flight: int, step_microbatches: int) -> float:
+    modules, _ = asyncio.run(_pipeline(codec, microbatches, seed, in_flight=in_flight,
+                                       step_microbatches=step_microbatches))
+    return _held_out_loss(modules)
+
+
+def loss_against_data_parallel(samples: int, repeats: int, target_batch: int) -> dict[str, object]:
+    from spotrain.kernels import install_codecs
+
+    install_codecs()
+    torch.set_num_threads(1)
+    microbatches, step = samples // MICROBATCH, max(target_batch // MICROBATCH, 1)
+    data_parallel, swarm = [], []
+    for repeat in range(repeats):
+        data_parallel.append(_data_parallel(microbatches, repeat, step))
+        swarm.append(_swarm("blockwise8", microbatches, repeat, 2, step))
+    dp_mean, swarm_mean = sum(data_parallel) / repeats, sum(swarm) / repeats
+    return {"samples": microbatches * MICROBATCH, "repeats": repeats, "target_batch": step * MICROBATCH,
+            "optimizer_steps": -(-microbatches // step), "data_parallel": data_parallel,
+            "swarm": swarm, "swarm_vs_data_parallel": swarm_mean / dp_mean,
+            "within_3_percent": abs(swarm_mean / dp_mean - 1) <= 0.03}
+
+
+FACTOR_ROWS = [  # (activations, microbatches in flight, target batch as microbatches)
+    ("none", 1, 1), ("none", 2, 1), ("blockwise8", 1, 1), ("blockwise8", 2, 1),
+    ("none", 1, 4), ("none", 2, 4), ("blockwise8", 1, 4), ("blockwise8", 2, 4),
+]
+
+
+def loss_factors(samples: int, repeats: int) -> list[dict[str, object]]:
+    """SWARM's held-out loss against data parallelism's at the same target batch, each factor in turn."""
     from spotrain.kernels import install_codecs
 
     install_codecs()
     torch.set_num_threads(1)
     microbatches = samples // MICROBATCH
-    data_parallel, swarm = [], []
-    for repeat in range(repeats):
-        data_parallel.append(_data_parallel(microbatches, seed=repeat))
-        modules, _ = asyncio.run(_pipeline("blockwise8", microbatches, seed=repeat))
-        swarm.append(_held_out_loss(modules))
-    dp_mean, swarm_mean = sum(data_parallel) / repeats, sum(swarm) / repeats
-    return {"samples": microbatches * MICROBATCH, "repeats": repeats, "data_parallel": data_parallel,
-            "swarm": swarm, "swarm_vs_data_parallel": swarm_mean / dp_mean,
-            "within_3_percent": abs(swarm_mean / dp_mean - 1) <= 0.03}
+    steps = sorted({step for _, _, step in FACTOR_ROWS})
+    baseline = {step: [_data_parallel(microbatches, seed, step) for seed in range(repeats)] for step in steps}
+    rows = []
+    for codec, in_flight, step in FACTOR_ROWS:
+        losses = [_swarm(codec, microbatches, seed, in_flight, step) for seed in range(repeats)]
+        ratios = [loss / dp for loss, dp in zip(losses, baseline[step], strict=True)]
+        rows.append({"activations": codec, "in_flight": in_flight, "target_batch": step * MICROBATCH,
+                     "swarm": losses, "data_parallel": baseline[step],
+                     "swarm_vs_data_parallel": sum(losses) / sum(baseline[step]), "per_seed": ratios})
+        print(f"  {codec:<11} in flight {in_flight}  target batch {step * MICROBATCH:>3}: "
+              f"{rows[-1]['swarm_vs_data_parallel']:.4f} ({', '.join(f'{r:.4f}' for r in ratios)})",
+              file=sys.stderr, flush=True)
+    return rows

@@ -86,8 +86,11 @@ def main() -> int:
     parser.add_argument("--window", type=float, default=30.0, help="seconds per throughput measurement")
     parser.add_argument("--repeats", type=int, default=3, help="loss runs per mode (the mean is compared)")
     parser.add_argument("--samples", type=int, default=4096, help="samples per loss run")
+    parser.add_argument("--target-batch", type=int, default=16,
+                        help="samples per optimizer step, data parallelism's and every stage's")
     parser.add_argument("--quick", action="store_true", help="short windows and loss runs")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: rebalance,bytes,memory,loss")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated parts to skip: rebalance,bytes,memory,loss,factors")
     parser.add_argument("--json", action="store_true", help="print one JSON object of the figures")
     args = parser.parse_args()
     if args.quick:
@@ -104,7 +107,9 @@ def main() -> int:
     if "memory" not in skip:
         figures["memory"] = swarm_figures.memory_per_stage()
     if "loss" not in skip:
-        figures["loss"] = swarm_figures.loss_against_data_parallel(args.samples, args.repeats)
+        figures["loss"] = swarm_figures.loss_against_data_parallel(args.samples, args.repeats, args.target_batch)
+    if "factors" not in skip:
+        figures["loss_factors"] = swarm_figures.loss_factors(args.samples, args.repeats)
     print(json.dumps(figures) if args.json else json.dumps(figures, indent=2))
     return 0
 

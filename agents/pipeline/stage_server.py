@@ -7,16 +7,16 @@ from targets. Three unary handlers on the agent's own P2P do what SWARM needs, i
 
 Microbatches run one at a time on one compute thread, so the event loop keeps answering and a
 backward never interleaves with another microbatch's optimizer step. A backward recomputes its
-forward (nothing is kept between calls: a trainer may send the backward to another peer of the
-stage when this one fails) and steps the stage's optimizer. Draining refuses new microbatches
-at once, so trainers retry elsewhere, and finishes those already queued.
+forward (no activation is kept between calls: a trainer may send the backward to another peer of
+the stage when this one fails) with the parameters its forward used when this peer still has
+them, and the optimizer steps once per `step_samples` samples (`stage_compute`). Draining refuses
+new microbatches at once, so trainers retry elsewhere, and finishes those already queued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -32,9 +32,12 @@ from spotrain.agents.pipeline.protocol import (
     StageOp,
     StageReply,
     StageUnavailable,
+    Version,
     handler_name,
     reply_message,
+    request_version,
 )
+from spotrain.agents.pipeline.stage_compute import NonFiniteLoss, StageCompute
 from spotrain.contracts.pipeline import PipelineTask
 from spotrain.contracts.stage_records import StageRecord
 from spotrain.contracts.states import AgentState
@@ -42,7 +45,7 @@ from spotrain.kernels.activations import activation_codec, decode_activation, en
 
 logger = logging.getLogger("spotrain.agents.pipeline")
 
-Job = Callable[[list[torch.Tensor]], tuple[list[torch.Tensor], float | None]]
+Job = Callable[[list[torch.Tensor], Version | None], tuple[list[torch.Tensor], float | None, Version | None]]
 
 
 @dataclass
@@ -67,22 +70,39 @@ class ThroughputMeter:
 
 class StageServer:
     def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8",
-                 estimate: float = 0.0):
+                 estimate: float = 0.0, step_samples: int = 1):
         self.p2p, self.task, self.stage, self.cluster = p2p, task, stage, cluster
         self.estimate = estimate  # samples/s published until this peer measured its own (a joined or moved peer)
         self.tail = task.is_tail(stage)
-        self.module = task.build_stage(stage)
-        self.optimizer = task.make_optimizer(stage, self.module.parameters())
+        self.compute = StageCompute(task, stage, step_samples)
         self.codec = activation_codec(activations)
         self.meter = ThroughputMeter()
         self.state = AgentState.STARTING
         self.queued = 0
         self.served = 0  # microbatch calls answered
-        self.steps = 0  # optimizer steps applied here (carried over by a restore)
-        # held while a microbatch computes and steps, so averaging and checkpoints see whole steps
-        self.lock = threading.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"stage{stage}")
         self._ops: tuple[StageOp, ...] = (StageOp.TAIL,) if self.tail else (StageOp.FORWARD, StageOp.BACKWARD)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.compute.module
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.compute.optimizer
+
+    @property
+    def lock(self) -> threading.Lock:
+        """Held while a microbatch computes and steps, so averaging and checkpoints see whole steps."""
+        return self.compute.lock
+
+    @property
+    def steps(self) -> int:
+        return self.compute.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:  # parameters restored or downloaded
+        self.compute.steps = value
 
     async def start(self) -> None:
         jobs: dict[StageOp, Job] = {StageOp.FORWARD: self._forward, StageOp.BACKWARD: self._backward,
@@ -119,56 +139,48 @@ class StageServer:
             self.queued += 1
             try:
                 loop = asyncio.get_running_loop()
-                tensors, loss = await loop.run_in_executor(self._executor, self._run, op, job, request)
+                tensors, loss, version = await loop.run_in_executor(self._executor, self._run, op, job, request)
             finally:
                 self.queued -= 1
             self.served += 1
-            reply = reply_message(StageReply(tensors=tuple(tensors), queued=self.queued, loss=loss,
+            reply = reply_message(StageReply(tensors=tuple(tensors), queued=self.queued, loss=loss, version=version,
                                              samples_per_second=self.meter.samples_per_second(self.tail)))
             sent_to.add(str(context.remote_id), reply.ByteSize())  # egress, charged by the controller
             return reply
 
         return handle
 
-    def _run(self, op: StageOp, job: Job,
-             request: runtime_pb2.ExpertRequest) -> tuple[list[runtime_pb2.Tensor], float | None]:
+    def _run(self, op: StageOp, job: Job, request: runtime_pb2.ExpertRequest,
+             ) -> tuple[list[runtime_pb2.Tensor], float | None, Version | None]:
         """Decode, compute, encode: all on the compute thread."""
         started = time.perf_counter()
         inputs = [decode_activation(message) for message in request.tensors]
         if not inputs:
             raise StageUnavailable("a stage request without tensors")
+        version = request_version(request)
         with self.lock:
-            outputs, loss = job(inputs)
+            outputs, loss, version = job(inputs, version)
         encoded = [encode_activation(tensor, self.codec) for tensor in outputs]
         self.meter.add(op, inputs[0].shape[0], time.perf_counter() - started)
-        return encoded, loss
+        return encoded, loss, version
 
-    def _forward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
-        with torch.no_grad():
-            return [self.module(inputs[0])], None
+    def _forward(self, inputs: list[torch.Tensor], _: Version | None) -> tuple[list[torch.Tensor], None, Version]:
+        output, version = self.compute.forward(inputs[0])
+        return [output], None, version
 
-    def _backward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
+    def _backward(self, inputs: list[torch.Tensor], version: Version | None) -> tuple[list[torch.Tensor], None, None]:
         source, output_grad = _two(inputs)
-        source.requires_grad_(source.is_floating_point())
-        self.module(source).backward(output_grad)
-        self._step()
-        return ([source.grad] if source.grad is not None else []), None
+        grad = self.compute.backward(source, output_grad, version)
+        return ([grad] if grad is not None else []), None, None
 
-    def _forward_loss_backward(self, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], float | None]:
+    def _forward_loss_backward(self, inputs: list[torch.Tensor],
+                               _: Version | None) -> tuple[list[torch.Tensor], float, None]:
         source, targets = _two(inputs)
-        source.requires_grad_(source.is_floating_point())
-        loss = self.task.loss(self.module(source), targets)
-        value = loss.item()
-        if not math.isfinite(value):
-            raise StageUnavailable(f"non-finite loss at stage {self.stage}: the microbatch is not applied")
-        loss.backward()
-        self._step()
-        return ([source.grad] if source.grad is not None else []), value
-
-    def _step(self) -> None:
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
+        try:
+            grad, loss = self.compute.tail(source, targets)
+        except NonFiniteLoss as error:
+            raise StageUnavailable(str(error)) from None
+        return ([grad] if grad is not None else []), loss, None
 
 
 def _two(inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,11 @@
 The trainer holds no layers. It encodes a batch's inputs and targets, relays each stage's
 output message to the next stage as it came (never decoded and re-encoded, so an activation is
 quantized once) and each gradient back the same way, keeping every stage's input message for
-its backward. Peers are chosen by `routing.RouteTable`; a failed or timed-out call is retried on
-another peer of the stage, a backward on any of them (they recompute the forward). At most
+its backward, with the parameter version the forward's peer replied (so that peer recomputes the
+forward with the parameters it used). Peers are chosen by `routing.RouteTable`; a failed or
+timed-out call is retried on another peer of the stage, a backward on any of them (they recompute
+the forward). One `train` call ends when all its microbatches did: calling it once per optimizer
+step's samples keeps every microbatch of a step on the same parameters. At most
 `max_in_flight` microbatches run at once. Every microbatch ends completed or counted dropped.
 """
 
@@ -25,6 +28,7 @@ from spotrain.agents.pipeline.protocol import (
     StageOp,
     StageReply,
     StageUnavailable,
+    Version,
     handler_name,
     parse_reply,
     request_message,
@@ -92,26 +96,27 @@ class PipelineTrainer:
         inputs, targets = self.task.split_batch(batch)
         tail = self.task.num_stages - 1
         stage_inputs = [encode_activation(inputs, self.codec)]
-        forward_peers: list[PeerID] = []
+        forwards: list[tuple[PeerID, StageReply]] = []
         for stage in range(tail):
             peer, reply = await self._call(stage, StageOp.FORWARD, [stage_inputs[-1]])
-            forward_peers.append(peer)
+            forwards.append((peer, reply))
             stage_inputs.append(_single(reply, stage))
         _, reply = await self._call(tail, StageOp.TAIL, [stage_inputs[-1], encode_activation(targets, self.codec)])
         if reply.loss is None:
             raise MicrobatchDropped(f"stage {tail} replied without a loss")
         gradient = _single(reply, tail)
         for stage in reversed(range(tail)):
+            peer, forward = forwards[stage]
             _, back = await self._call(stage, StageOp.BACKWARD, [stage_inputs[stage], gradient],
-                                       prefer=forward_peers[stage])
+                                       prefer=peer, version=forward.version)
             if stage:
                 gradient = _single(back, stage)
         return reply.loss
 
     async def _call(self, stage: int, op: StageOp, tensors: list[runtime_pb2.Tensor],
-                    prefer: PeerID | None = None) -> tuple[PeerID, StageReply]:
+                    prefer: PeerID | None = None, version: Version | None = None) -> tuple[PeerID, StageReply]:
         """One stage call, retried on other peers; raises MicrobatchDropped when none answers."""
-        request, name = request_message(tensors), handler_name(self.cluster, stage, op)
+        request, name = request_message(tensors, version), handler_name(self.cluster, stage, op)
         attempts, waited_since = 0, time.monotonic()
         while attempts < self.max_attempts:
             peers = {str(peer): peer for peer in self.stage_peers(stage)}
