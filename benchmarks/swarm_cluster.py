@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotrain.access import ClusterAccess
 from spotrain.contracts.stage_records import StageRecord, found_stage_records, latest_records, stages_key
 from spotrain.contracts.states import AgentState
-from spotrain.providers.cgroups import CgroupError, kill_and_remove
+from spotrain.providers.cgroups import CgroupError, kill_and_remove, procs
 from spotrain.swarm_view import SwarmView
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
@@ -85,12 +86,25 @@ class LocalSwarm:
                                    preexec_fn=enter_cgroup, env=dict(os.environ, OMP_NUM_THREADS="1"))
         self.peers[name] = Peer(name, process, group)
 
-    def set_quota(self, cores: float) -> None:
-        """Every stage peer's CPU quota from now on (-1: unlimited)."""
-        for peer in self.peers.values():
-            if peer.cgroup is not None:
-                quota = -1 if cores < 0 else int(cores * CFS_PERIOD_US)
-                (peer.cgroup / "cpu.cfs_quota_us").write_text(str(quota))
+    def set_quota(self, cores: float, names: Iterable[str] | None = None) -> None:
+        """The CPU quota of `names` (default: every peer in a cgroup) from now on (-1: unlimited)."""
+        for name in self.peers if names is None else names:
+            group = self.peers[name].cgroup
+            if group is not None:
+                quota = -1 if cores < 0 else max(int(cores * CFS_PERIOD_US), 1000)
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def cpu(self) -> dict[str, CpuUse]:
+        """Each live peer's CPU so far: seconds its processes used (p2pd and the DHT's included) and
+        the quota periods it ran in and was throttled in (the kernel's cpu.stat)."""
+        found = {}
+        for name, peer in self.peers.items():
+            if peer.cgroup is None or peer.process.poll() is not None:
+                continue
+            stat = dict(line.split() for line in (peer.cgroup / "cpu.stat").read_text().splitlines())
+            found[name] = CpuUse(time.monotonic(), sum(_cpu_seconds(pid) for pid in procs(peer.cgroup)),
+                                 int(stat["nr_periods"]), int(stat["nr_throttled"]))
+        return found
 
     def kill(self, name: str) -> None:
         """Without notice: the peer's whole process group at once, as a VM that vanishes."""
@@ -146,6 +160,29 @@ class LocalSwarm:
                 _remove_cgroup(peer.cgroup)
         if self.view is not None:
             self.view.shutdown()
+
+
+@dataclass(frozen=True)
+class CpuUse:
+    at: float  # time.monotonic()
+    seconds: float  # CPU seconds of the processes alive in the group (user + system)
+    periods: int
+    throttled: int
+
+    def since(self, before: CpuUse) -> dict[str, float]:
+        """Cores used between two readings and the share of quota periods that were throttled (the
+        quota bound when that share is large). A process that ended in between is not counted."""
+        periods = self.periods - before.periods
+        return {"cores": (self.seconds - before.seconds) / max(self.at - before.at, 1e-9),
+                "throttled_share": (self.throttled - before.throttled) / periods if periods > 0 else 0.0}
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0.0  # ended meanwhile
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def _make_cgroup(name: str) -> Path:

@@ -14,7 +14,8 @@
   stepping once per `target_batch` samples), same seeds, data order, learning rate and number of
   optimizer steps. The trainer runs one step's microbatches per `train` call, so none is in
   flight across a step. `loss_factors` repeats it with each factor changed in turn (activations
-  uncompressed, one microbatch in flight, a step per microbatch).
+  uncompressed, one microbatch in flight, a step per microbatch, microbatches in flight across
+  steps).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ MICROBATCH = 4
 LOOPBACK = {"nat_port_map": False, "auto_nat": False, "use_relay": False}
 
 
-async def _pipeline(codec: str, microbatches: int, seed: int, *, in_flight: int = 2,
-                    step_microbatches: int = 1) -> tuple[list[torch.nn.Module], list[float]]:
+async def _pipeline(codec: str, microbatches: int, seed: int, *, in_flight: int = 2, step_microbatches: int = 1,
+                    flush: bool = True) -> tuple[list[torch.nn.Module], list[float]]:
+    """One peer per stage; with `flush`, one `train` call per optimizer step's microbatches, else one
+    for all of them (microbatches in flight across steps, as several trainers' are)."""
     from hivemind.p2p import P2P
 
     from spotrain.agents.pipeline.stage_server import StageServer
@@ -49,8 +52,9 @@ async def _pipeline(codec: str, microbatches: int, seed: int, *, in_flight: int 
                               activations=codec, max_in_flight=in_flight)
     try:
         batches = task.batches(seed, MICROBATCH)
-        for start in range(0, microbatches, step_microbatches):  # one step's microbatches per call
-            stats = await trainer.train(batches, min(step_microbatches, microbatches - start))
+        per_call = step_microbatches if flush else microbatches
+        for start in range(0, microbatches, per_call):
+            stats = await trainer.train(batches, min(per_call, microbatches - start))
         if stats.completed != microbatches:
             raise RuntimeError(f"{stats.dropped} microbatches dropped")
         return [server.module for server in servers], stats.losses
@@ -150,9 +154,10 @@ def _data_parallel(microbatches: int, seed: int, step_microbatches: int) -> floa
     return _held_out_loss(modules)
 
 
-def _swarm(codec: str, microbatches: int, seed: int, in_flight: int, step_microbatches: int) -> float:
+def _swarm(codec: str, microbatches: int, seed: int, in_flight: int, step_microbatches: int,
+           flush: bool = True) -> float:
     modules, _ = asyncio.run(_pipeline(codec, microbatches, seed, in_flight=in_flight,
-                                       step_microbatches=step_microbatches))
+                                       step_microbatches=step_microbatches, flush=flush))
     return _held_out_loss(modules)
 
 
@@ -173,9 +178,11 @@ def loss_against_data_parallel(samples: int, repeats: int, target_batch: int) ->
             "within_3_percent": abs(swarm_mean / dp_mean - 1) <= 0.03}
 
 
-FACTOR_ROWS = [  # (activations, microbatches in flight, target batch as microbatches)
-    ("none", 1, 1), ("none", 2, 1), ("blockwise8", 1, 1), ("blockwise8", 2, 1),
-    ("none", 1, 4), ("none", 2, 4), ("blockwise8", 1, 4), ("blockwise8", 2, 4),
+FACTOR_ROWS = [  # (activations, microbatches in flight, target batch in microbatches, flush at each step)
+    ("none", 1, 1, True), ("blockwise8", 1, 1, True),  # a step per microbatch, one at a time
+    ("none", 2, 1, False), ("blockwise8", 2, 1, False),  # a step per microbatch, two in flight across steps
+    ("none", 2, 4, True), ("blockwise8", 2, 4, True),  # 4 microbatches per step, two in flight within a step
+    ("blockwise8", 2, 4, False),  # ... and across steps
 ]
 
 
@@ -186,16 +193,16 @@ def loss_factors(samples: int, repeats: int) -> list[dict[str, object]]:
     install_codecs()
     torch.set_num_threads(1)
     microbatches = samples // MICROBATCH
-    steps = sorted({step for _, _, step in FACTOR_ROWS})
+    steps = sorted({row[2] for row in FACTOR_ROWS})
     baseline = {step: [_data_parallel(microbatches, seed, step) for seed in range(repeats)] for step in steps}
     rows = []
-    for codec, in_flight, step in FACTOR_ROWS:
-        losses = [_swarm(codec, microbatches, seed, in_flight, step) for seed in range(repeats)]
+    for codec, in_flight, step, flush in FACTOR_ROWS:
+        losses = [_swarm(codec, microbatches, seed, in_flight, step, flush) for seed in range(repeats)]
         ratios = [loss / dp for loss, dp in zip(losses, baseline[step], strict=True)]
         rows.append({"activations": codec, "in_flight": in_flight, "target_batch": step * MICROBATCH,
-                     "swarm": losses, "data_parallel": baseline[step],
+                     "flush_at_steps": flush, "swarm": losses, "data_parallel": baseline[step],
                      "swarm_vs_data_parallel": sum(losses) / sum(baseline[step]), "per_seed": ratios})
-        print(f"  {codec:<11} in flight {in_flight}  target batch {step * MICROBATCH:>3}: "
+        print(f"  {codec:<11} in flight {in_flight}  target batch {step * MICROBATCH:>3}  flush {flush!s:<5}: "
               f"{rows[-1]['swarm_vs_data_parallel']:.4f} ({', '.join(f'{r:.4f}' for r in ratios)})",
               file=sys.stderr, flush=True)
     return rows

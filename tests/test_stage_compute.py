@@ -10,7 +10,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 
 from spotrain.agents.pipeline.protocol import StageUnavailable, request_message, request_version
-from spotrain.agents.pipeline.stage_compute import NonFiniteLoss, StageCompute
+from spotrain.agents.pipeline.stage_compute import NonFiniteLoss, StageCompute, step_samples_per_peer
 from spotrain.contracts.pipeline import pipeline_loss
 from spotrain.examples import tiny_gpt_pipeline
 
@@ -150,3 +150,10 @@ def test_a_backward_request_carries_its_version_and_a_malformed_one_is_refused()
     for bad in ({"version": [1]}, {"version": [-1, 2]}, {"version": [True, 2]}, {"version": "x"}, [1, 2]):
         with pytest.raises(StageUnavailable):
             request_version(runtime_pb2.ExpertRequest(metadata=MSGPackSerializer.dumps(bad)))
+
+
+def test_the_stage_peers_share_the_target_batch_and_step_on_at_least_a_microbatch():
+    assert step_samples_per_peer(64, 4, 4) == 16  # four peers of a stage, a quarter of the batch each
+    assert step_samples_per_peer(64, 4, 3) == 22  # rounded up: never more steps than data parallelism
+    assert step_samples_per_peer(8, 4, 4) == 4
+    assert step_samples_per_peer(64, 4, 0) == 64

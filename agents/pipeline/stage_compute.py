@@ -33,6 +33,13 @@ from spotrain.agents.pipeline.protocol import Version
 from spotrain.contracts.pipeline import PipelineTask
 
 
+def step_samples_per_peer(target_batch_size: int, batch_size: int, stage_peers: int) -> int:
+    """Samples one stage peer accumulates per optimizer step: the stage's serving peers share the
+    target batch, as data-parallel peers share hivemind's, and average their parameters; never
+    fewer than one microbatch."""
+    return max(batch_size, -(-target_batch_size // max(stage_peers, 1)))
+
+
 class NonFiniteLoss(ValueError):
     """The tail's loss was not finite: the microbatch is not applied."""
 

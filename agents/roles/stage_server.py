@@ -11,7 +11,9 @@ Entering a stage (`_enter`): the stage's parameters come from a live peer of the
 (its averager serves them), from the newest valid stage checkpoint in the stores otherwise, and
 are the task's initial weights only when neither exists.
 
-While serving: the record is refreshed every `PUBLISH_SECONDS`; an averaging thread averages the
+While serving: the peer steps its optimizer once per its share of `target_batch_size` (the target
+over the stage's serving peers, as data-parallel peers share a global batch); the record is
+refreshed every `PUBLISH_SECONDS`, and the share with it; an averaging thread averages the
 stage with its mates round after round and, every `every_epochs` rounds, writes a stage checkpoint
 if this peer holds the stage's duty; every `rebalance_seconds` (jittered) the peer runs
 `balance.should_move` on the records and, when the move is its own, downloads the target stage's
@@ -35,6 +37,7 @@ from spotrain.agents.log import log
 from spotrain.agents.pipeline.balance import measured_stage_costs, rebalance_delay, should_move, stage_for_joining
 from spotrain.agents.pipeline.stage_averaging import StageAverager
 from spotrain.agents.pipeline.stage_checkpoints import StageCheckpoints, stage_duty_holders
+from spotrain.agents.pipeline.stage_compute import step_samples_per_peer
 from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.event_loop import EventLoopThread
@@ -115,7 +118,8 @@ class StageServerRole:
 
         p2p = loop.run(context.dht.replicate_p2p())
         server = StageServer(p2p, task, stage, cluster=config.cluster, estimate=estimate,
-                             activations=config.training.compression.activations or "none")
+                             activations=config.training.compression.activations or "none",
+                             step_samples=self._step_samples(stage, joining=1))
         state = config.training.compression.state
         averager = StageAverager(context.dht, server.module, server.lock, cluster=config.cluster, stage=stage,
                                  steps=lambda: server.steps, compression=get_codec(state),
@@ -247,6 +251,13 @@ class StageServerRole:
         if serving.server.state == AgentState.TRAINING:
             self._records_before_drain = records
         self._records = records
+        serving.server.compute.step_samples = self._step_samples(serving.server.stage, joining=0)
+
+    def _step_samples(self, stage: int, *, joining: int) -> int:
+        """This peer's share of the target batch among its stage's serving peers (and itself when joining)."""
+        training = self._started_context().config.training
+        mates = sum(1 for r in self._records if r.stage == stage and r.state == AgentState.TRAINING)
+        return step_samples_per_peer(training.target_batch_size, training.batch_size, max(mates + joining, 1))
 
     def _started_context(self) -> RoleContext:
         if self._context is None:
