@@ -46,6 +46,7 @@ TRAINER = "trainer"
 
 def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object]:
     period = args.period if rebalance else NEVER
+    run: dict[str, object] = {"rebalance": rebalance}
     with tempfile.TemporaryDirectory(prefix="spotrain-swarm-bench-") as work:
         swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=period)
         try:
@@ -57,7 +58,7 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             swarm.set_quota(args.quota, [name for name in swarm.peers if name != TRAINER])
             _wait(lambda: _measured(swarm, args.peers), 300, "every stage peer measured")
             time.sleep(args.window / 2)  # settle under the quota
-            run: dict[str, object] = {"rebalance": rebalance, "load_before": os.getloadavg()}
+            run["load_before"] = os.getloadavg()
             stage_limited = _window(swarm, args.window)
             run["stage_limited"] = stage_limited
             if args.trainer_share > 0:
@@ -72,15 +73,33 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             for victim in victims:
                 swarm.kill(victim)
             killed_at = time.monotonic()
-            time.sleep(max(0.0, 2 * args.period - (time.monotonic() - killed_at)))
+            counts = []  # serving peers per stage while the survivors rebalance
+            while time.monotonic() - killed_at < 2 * args.period:
+                counts.append((round(time.monotonic() - killed_at, 1), _serving_counts(swarm)))
+                time.sleep(5)
             run["after_kill"] = _window(swarm, args.window)
             run["later"] = _window(swarm, args.window)
             run["killed"] = victims
-            run["peers_per_stage_after"] = {stage: len(records) for stage, records in swarm.serving().items()}
+            run["serving_after_kill"] = counts + [(round(time.monotonic() - killed_at, 1), _serving_counts(swarm))]
             run["load_after"] = os.getloadavg()
             return run
         finally:
             swarm.stop()
+            run["moves"] = _moves(Path(work))
+
+
+def _serving_counts(swarm: LocalSwarm) -> dict[int, int]:
+    return {stage: len(records) for stage, records in sorted(swarm.serving().items())}
+
+
+def _moves(work: Path) -> list[str]:
+    """The stage peers' log lines about moves, for reading what rebalancing did."""
+    found = []
+    for log in sorted(work.glob("peer*/agent.log")):
+        for line in log.read_text(errors="replace").splitlines():
+            if "moving from" in line or "now serving" in line or "not moving" in line:
+                found.append(f"{log.parent.name}: {line[-160:]}")
+    return found
 
 
 def _window(swarm: LocalSwarm, seconds: float) -> dict[str, object]:

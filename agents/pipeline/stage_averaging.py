@@ -1,7 +1,8 @@
 """The peers of one SWARM stage average that stage's parameters, and a newcomer downloads them.
 
-Each stage peer steps its own optimizer on every backward it serves (so a trainer never waits
-for a stage's peers to agree), and its parameters drift apart from its stage mates'. So every
+Each stage peer steps its own optimizer on its share of the target batch (`stage_compute`; so a
+trainer never waits for a stage's peers to agree), and its parameters drift apart from its stage
+mates'. So every
 peer of a stage runs a hivemind `DecentralizedAverager` under the stage's own prefix
 (`<cluster>-stage<i>`: peers of other stages never match with it) and averages its parameters
 with whichever mates are matchmaking at the same time, compressed with the spec's state codec.
