@@ -86,12 +86,17 @@ class LocalSwarm:
                                    preexec_fn=enter_cgroup, env=dict(os.environ, OMP_NUM_THREADS="1"))
         self.peers[name] = Peer(name, process, group)
 
-    def set_quota(self, cores: float, names: Iterable[str] | None = None) -> None:
-        """The CPU quota of `names` (default: every peer in a cgroup) from now on (-1: unlimited)."""
+    def set_quota(self, cores: float, names: Iterable[str] | None = None, period_us: int = CFS_PERIOD_US) -> None:
+        """The CPU quota of `names` (default: every peer in a cgroup) from now on (-1: unlimited), per
+        `period_us`. A short period keeps a peer that was idle from running a whole microbatch at
+        full speed on the quota it saved, which makes it measure itself many times faster than
+        its quota (a real slow machine is slow for every microbatch)."""
         for name in self.peers if names is None else names:
             group = self.peers[name].cgroup
             if group is not None:
-                quota = -1 if cores < 0 else max(int(cores * CFS_PERIOD_US), 1000)
+                quota = -1 if cores < 0 else max(int(cores * period_us), 1000)  # the kernel's minimum: 1 ms
+                (group / "cpu.cfs_quota_us").write_text("-1")  # the period may only shrink below a set quota
+                (group / "cpu.cfs_period_us").write_text(str(period_us))
                 (group / "cpu.cfs_quota_us").write_text(str(quota))
 
     def cpu(self) -> dict[str, CpuUse]:

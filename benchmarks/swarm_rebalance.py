@@ -42,6 +42,9 @@ from swarm_cluster import LocalSwarm  # noqa: E402
 TASK = "spotrain.examples.tiny_gpt_pipeline:task_2stage"
 NEVER = 1e6  # rebalance_seconds that never comes within a run
 TRAINER = "trainer"
+# stage peers' CFS period: short, so a peer idle for a while cannot run a microbatch at full speed on
+# saved quota and measure itself faster than its quota (which misleads the balancer's predictions)
+STAGE_PERIOD_US = 10_000
 
 
 def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object]:
@@ -53,10 +56,10 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             swarm.start_view()
             for index in range(2 * args.peers):
                 swarm.start(f"peer{index}", "stage", cgroup=True)
-            _wait(lambda: _spread(swarm, args.peers), 300, "stage peers spread over the stages")
+            _wait(lambda: _spread(swarm, args.peers), 900, "stage peers spread over the stages")
             swarm.start(TRAINER, "trainer", cgroup=True)
-            swarm.set_quota(args.quota, [name for name in swarm.peers if name != TRAINER])
-            _wait(lambda: _measured(swarm, args.peers), 300, "every stage peer measured")
+            swarm.set_quota(args.quota, [name for name in swarm.peers if name != TRAINER], STAGE_PERIOD_US)
+            _wait(lambda: _measured(swarm, args.peers), 900, "every stage peer measured")
             time.sleep(args.window / 2)  # settle under the quota
             run["load_before"] = os.getloadavg()
             stage_limited = _window(swarm, args.window)
