@@ -99,6 +99,14 @@ class LocalSwarm:
                 (group / "cpu.cfs_period_us").write_text(str(period_us))
                 (group / "cpu.cfs_quota_us").write_text(str(quota))
 
+    def set_weight(self, shares: int, names: Iterable[str] | None = None) -> None:
+        """cpu.shares of `names` (default 1024, a root process's): on a machine loaded by other work a
+        heavy weight lets a peer get what its quota allows, so the quota binds, not the contention."""
+        for name in self.peers if names is None else names:
+            group = self.peers[name].cgroup
+            if group is not None:
+                (group / "cpu.shares").write_text(str(shares))
+
     def cpu(self) -> dict[str, CpuUse]:
         """Each live peer's CPU so far: seconds its processes used (p2pd and the DHT's included) and
         the quota periods it ran in and was throttled in (the kernel's cpu.stat)."""

@@ -45,6 +45,7 @@ TRAINER = "trainer"
 # stage peers' CFS period: short, so a peer idle for a while cannot run a microbatch at full speed on
 # saved quota and measure itself faster than its quota (which misleads the balancer's predictions)
 STAGE_PERIOD_US = 10_000
+TRAINER_CALIBRATION_CORES = 0.5  # the trainer's cap while the stages limit: enough to drive them all
 
 
 def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object]:
@@ -59,6 +60,9 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             _wait(lambda: _spread(swarm, args.peers), 900, "stage peers spread over the stages")
             swarm.start(TRAINER, "trainer", cgroup=True)
             swarm.set_quota(args.quota, [name for name in swarm.peers if name != TRAINER], STAGE_PERIOD_US)
+            swarm.set_quota(TRAINER_CALIBRATION_CORES, [TRAINER])
+            if args.weight:
+                swarm.set_weight(args.weight)
             _wait(lambda: _measured(swarm, args.peers), 900, "every stage peer measured")
             time.sleep(args.window / 2)  # settle under the quota
             run["load_before"] = os.getloadavg()
@@ -100,7 +104,7 @@ def _moves(work: Path) -> list[str]:
     found = []
     for log in sorted(work.glob("peer*/agent.log")):
         for line in log.read_text(errors="replace").splitlines():
-            if "moving from" in line or "now serving" in line or "not moving" in line:
+            if any(what in line for what in ("moving from", "now serving", "not moving", "stage 0:", "stage 1:")):
                 found.append(f"{log.parent.name}: {line[-160:]}")
     return found
 
@@ -152,6 +156,9 @@ def main() -> int:
     parser.add_argument("--trainer-share", type=float, default=0.63,
                         help="the trainer's quota drives this share of the stage-limited throughput (0: unlimited)")
     parser.add_argument("--period", type=float, default=20.0, help="rebalance_seconds")
+    parser.add_argument("--weight", type=int, default=0,
+                        help="cpu.shares of every peer's cgroup (0: the default 1024); a heavy weight makes the "
+                             "quotas bind on a machine loaded by other work")
     parser.add_argument("--window", type=float, default=30.0, help="seconds per throughput measurement")
     parser.add_argument("--repeats", type=int, default=3, help="loss runs per mode (the mean is compared)")
     parser.add_argument("--samples", type=int, default=4096, help="samples per loss run")
@@ -191,7 +198,8 @@ def _rebalance_figures(args: argparse.Namespace) -> dict[str, object]:
     survivors = 2 * args.peers - args.peers // 2
     return {
         "peers_per_stage": args.peers, "quota_cores": args.quota, "trainer_share": args.trainer_share,
-        "rebalance_seconds": args.period, "window_seconds": args.window, "runs": runs,
+        "rebalance_seconds": args.period, "window_seconds": args.window, "cpu_shares": args.weight or 1024,
+        "runs": runs,
         "with_vs_balanced": with_["after_kill"] / with_["balanced"],
         "with_later_vs_balanced": with_["later"] / with_["balanced"],
         "without_vs_balanced": without["after_kill"] / without["balanced"],
