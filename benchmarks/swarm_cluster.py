@@ -42,6 +42,7 @@ class LocalSwarm:
     stages: int
     rebalance_seconds: float
     cluster: str = "bench-swarm"
+    max_in_flight: int = 8  # the trainer's microbatches in flight
     peers: dict[str, Peer] = field(default_factory=dict)
     view: SwarmView | None = None
     access: ClusterAccess | None = None
@@ -66,7 +67,7 @@ class LocalSwarm:
                              "averaging_timeout": 10.0,
                              "compression": {"gradients": "none", "state": "float16", "activations": "blockwise8"}},
                 "mode": "swarm",
-                "pipeline": {"role": role, "stages": self.stages, "max_in_flight": 8,
+                "pipeline": {"role": role, "stages": self.stages, "max_in_flight": self.max_in_flight,
                              "rebalance_seconds": self.rebalance_seconds},
                 "checkpoint": {"store": str(self.work / "store"), "every_epochs": 5}}
 

@@ -52,7 +52,7 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
     period = args.period if rebalance else NEVER
     run: dict[str, object] = {"rebalance": rebalance}
     with tempfile.TemporaryDirectory(prefix="spotrain-swarm-bench-") as work:
-        swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=period)
+        swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=period, max_in_flight=args.in_flight)
         try:
             swarm.start_view()
             for index in range(2 * args.peers):
@@ -156,7 +156,10 @@ def main() -> int:
     parser.add_argument("--trainer-share", type=float, default=0.63,
                         help="the trainer's quota drives this share of the stage-limited throughput (0: unlimited)")
     parser.add_argument("--period", type=float, default=20.0, help="rebalance_seconds")
-    parser.add_argument("--weight", type=int, default=0,
+    parser.add_argument("--in-flight", type=int, default=32,
+                        help="the trainer's microbatches in flight: enough to queue at every peer, so that "
+                             "throughput measures the stages' capacity, not one microbatch's latency")
+    parser.add_argument("--weight", type=int, default=8192,
                         help="cpu.shares of every peer's cgroup (0: the default 1024); a heavy weight makes the "
                              "quotas bind on a machine loaded by other work")
     parser.add_argument("--window", type=float, default=30.0, help="seconds per throughput measurement")
@@ -199,6 +202,7 @@ def _rebalance_figures(args: argparse.Namespace) -> dict[str, object]:
     return {
         "peers_per_stage": args.peers, "quota_cores": args.quota, "trainer_share": args.trainer_share,
         "rebalance_seconds": args.period, "window_seconds": args.window, "cpu_shares": args.weight or 1024,
+        "in_flight": args.in_flight,
         "runs": runs,
         "with_vs_balanced": with_["after_kill"] / with_["balanced"],
         "with_later_vs_balanced": with_["later"] / with_["balanced"],
