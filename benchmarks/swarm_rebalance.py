@@ -55,8 +55,9 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
         swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=period, max_in_flight=args.in_flight)
         try:
             swarm.start_view()
-            for index in range(2 * args.peers):
-                swarm.start(f"peer{index}", "stage", cgroup=True)
+            for index in range(2 * args.peers):  # one at a time: started together on a loaded machine,
+                swarm.start(f"peer{index}", "stage", cgroup=True)  # they split 5/3, and unmeasured peers never move
+                _wait(lambda count=index + 1: len(swarm.records()) >= count, 300, f"peer{index}'s stage record")
             _wait(lambda: _spread(swarm, args.peers), 900, "stage peers spread over the stages")
             swarm.start(TRAINER, "trainer", cgroup=True)
             swarm.set_quota(args.quota, [name for name in swarm.peers if name != TRAINER], STAGE_PERIOD_US)
