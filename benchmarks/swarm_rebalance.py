@@ -20,7 +20,9 @@ Phases: stage-limited calibration; balanced (trainer-limited); half of stage 0's
 without notice, measured two rebalance periods later and once more a window after, in a run where
 stage peers rebalance and in the same run repeated with rebalancing off. Each window also records
 every peer's CPU (cores used, share of quota periods throttled): the quota binds when a busy
-stage's peers are throttled, which a machine shared with other work can prevent.
+stage's peers are throttled, which a machine shared with other work can prevent (hence a heavy
+cpu.shares, `--weight`). The trainer keeps `--in-flight` 32 microbatches in flight so that queues
+form at the peers and throughput measures the stages, not one microbatch's latency.
 
     sudo .venv/bin/python benchmarks/swarm_rebalance.py [--quick] [--json]
 """
