@@ -172,6 +172,7 @@ def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports
                                                "peers_per_stage": {"0": 3, "1": 2, "2": 1}}
         loop.tick()  # the extra has not joined yet: it is the missing peer, nothing more is launched
         assert len(loop.roles) == 8
+        assert build_report(ledger, run, "c")["stage_peer_launches"] == 1
         assert build_report(ledger, run, "c")["stages"] == [  # the intruder's record counted for nothing
             {"stage": 0, "peers": 3, "samples_per_second": 30.0}, {"stage": 1, "peers": 2, "samples_per_second": 22.0},
             {"stage": 2, "peers": 1, "samples_per_second": 12.0}]
