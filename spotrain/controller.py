@@ -206,8 +206,8 @@ class Launches:
 
 def stage_fleet_of(observed: Observed, desired: Desired, serving: list[ObservedInstance],
                    pending: list[ObservedInstance]) -> StageFleet:
-    """The fleet as the stage rules see it: a live VM that will serve a stage (not a trainer) and is
-    not in the stage records yet is a peer on its way."""
+    """The fleet as the stage rules see it: a live VM that will serve a stage (not a trainer) and
+    serves none yet is a peer on its way."""
     serving_ids = {i.instance_id for i in serving if i.instance_id}
     fleet = StageFleet(desired.stages, serving_ids, 0, len(serving) + len(pending),
                        desired.workers + desired.backups)

@@ -2,12 +2,15 @@
 
 Pure functions over the newest stage records and the fleet, for `controller.reconcile`.
 
-A stage with fewer than `MIN_PEERS_PER_STAGE` live peers (serving or starting, on a running VM
+A stage with fewer than `MIN_PEERS_PER_STAGE` serving peers (a `training` record of a running VM
 that is not draining) is one preemption from stopping the whole pipeline. Every VM that will
-serve a stage but is not in the records yet (requested, booting, restarting its agent, or
-launched in this same pass) is a peer already on its way: a newcomer joins a stage under two
-peers first (`agents.pipeline.balance.stage_for_newcomer`), so each such VM fills one missing
-peer. Only what is missing beyond those is launched, and never so many that the live fleet
+serve a stage but serves none yet (requested, booting, restarting its agent, joining or moving,
+whose `starting` record may still change its stage, or launched in this same pass) is a peer
+already on its way: a newcomer joins a stage under two peers first
+(`agents.pipeline.balance.stage_for_newcomer`), so each such VM fills one missing peer. (Counting
+`starting` records as peers of their stage made a real fleet of seven launch two VMs more at
+its start: agents started together name a first stage, then decide again once they see each
+other.) Only what is missing beyond those is launched, and never so many that the live fleet
 exceeds the wanted workers plus `MIN_PEERS_PER_STAGE` per stage (the most a pipeline can lack).
 
 Extras are retired when they are no longer needed: while more VMs serve than the wanted
@@ -38,8 +41,8 @@ class StageFleet:
 
 
 def live_records(records: Sequence[StageRecord], fleet: StageFleet) -> list[StageRecord]:
-    """The records of this fleet's serving VMs that serve or are about to (draining ones left out)."""
-    return [r for r in records if r.instance_id in fleet.serving and r.state != AgentState.DRAINING
+    """The records of this fleet's serving VMs that serve a stage now (`training`)."""
+    return [r for r in records if r.instance_id in fleet.serving and r.state == AgentState.TRAINING
             and 0 <= r.stage < fleet.num_stages]
 
 
@@ -71,10 +74,9 @@ def surplus_stage_peer(records: Sequence[StageRecord], fleet: StageFleet, extras
     `launch_order` ranks instance ids oldest first."""
     if len(fleet.serving) <= fleet.wanted or fleet.waiting or not set(extras) & set(fleet.serving):
         return None
-    live = live_records(records, fleet)
     if short_stages(records, fleet):
         return None
-    serving = [r for r in live if r.state == AgentState.TRAINING]
+    serving = live_records(records, fleet)
     count = [sum(1 for r in serving if r.stage == stage) for stage in range(fleet.num_stages)]
     speed = [sum(r.samples_per_second for r in serving if r.stage == stage) for stage in range(fleet.num_stages)]
     rank = {instance: index for index, instance in enumerate(launch_order)}

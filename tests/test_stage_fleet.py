@@ -69,8 +69,16 @@ def test_a_vm_on_its_way_counts_as_the_missing_peer():
     assert launches(run(observed(vms + [booting], records))) == []
     requested = vm(8, state=InstanceState.REQUESTED, agent=None)
     assert launches(run(observed(vms + [requested], records))) == []
-    joined = [*records, rec(8, 2, AgentState.STARTING)]  # starting on the short stage: it counts as its peer
+    joined = [*records, rec(8, 2, AgentState.STARTING)]  # joining: still on its way
     assert launches(run(observed(vms + [booting], joined))) == []
+
+
+def test_peers_still_joining_are_on_their_way_whatever_stage_they_first_named():
+    # a fleet started at once: each agent names a first stage, then decides again once it sees
+    # the others (a real fleet of seven once showed 1/4/0 here)
+    vms, _ = fleet([0] * 6)
+    joining = [rec(n + 1, stage, AgentState.STARTING) for n, stage in enumerate([0, 1, 1, 1, 1, 0])]
+    assert launches(run(observed(vms, joining))) == []
 
 
 def test_a_replacement_launched_in_the_same_pass_fills_the_stage():
