@@ -14,6 +14,10 @@ from hypothesis import strategies as st
 from spotrain.agents.pipeline.balance import best_move, pipeline_throughput
 from spotrain.config import ClusterSpec
 from spotrain.contracts.stage_records import MIN_PEERS_PER_STAGE
+from spotrain.contracts.states import LaunchReason
+from spotrain.control_loop import ControlLoop, LoopSettings
+from spotrain.ledger import Ledger
+from spotrain.policies import get_policy
 from spotrain.providers.base import LaunchRequest
 from spotrain.sim.clock import SimClock
 from spotrain.sim.engine import STARTUP_SECONDS, Job, fleet_pace, simulate
@@ -114,3 +118,27 @@ def test_the_pipeline_trains_only_while_a_trainer_is_booted(tmp_path):
     statuses = swarm.statuses()
     assert statuses["sim-r4"].samples == int(swarm.total) and statuses["sim-r4"].role == "trainer"
     assert all(statuses[f"sim-r{n}"].samples == 0 and statuses[f"sim-r{n}"].role == "stage" for n in range(4))
+
+
+def test_the_controller_reads_the_simulated_stages_as_it_reads_live_ones(tmp_path):
+    traces = load_traces([synthetic(tmp_path, "us-east-1a", [8] * 72)])
+    spec = swarm_spec(workers=5)
+    spec = spec.model_copy(update={"placement": spec.placement.model_copy(  # as simulate() places it
+        update={"locations": ("aws:us-east-1a",), "gpu": ()})})
+    clock = SimClock(0.0)
+    provider = SimProvider(traces, clock)
+    swarm = SimSwarm(provider, spec.task_profile(), clock, startup_seconds=240.0, stages=2)
+    ledger = Ledger(":memory:")
+    run = ledger.open_run(1000.0, json.loads(spec.model_dump_json()), 0.0)
+    loop = ControlLoop(spec, ledger, run, provider, swarm, LoopSettings(tick_seconds=120.0), clock=clock.now,
+                       say=lambda _: None, policy=get_policy("spread-cheapest", spec.task_profile()))
+    loop.tick()
+    for _ in range(3):
+        swarm.advance(120.0)
+        clock.advance(120.0)
+        loop.tick()
+    rate = spec.task_profile().rate(provider.offers()[0].gpu)
+    # each stage peer's record is believed: its status announced its peer id
+    assert loop.stages == [{"stage": stage, "peers": 2, "samples_per_second": 4 * rate} for stage in (0, 1)]
+    assert not [row for row in ledger.instances(run_id=run.id) if row.reason == LaunchReason.STAGE_PEERS]
+    ledger.close()
