@@ -14,9 +14,10 @@ are the task's initial weights only when neither exists.
 While serving: the record is refreshed every `PUBLISH_SECONDS`; an averaging thread averages the
 stage with its mates round after round and, every `every_epochs` rounds, writes a stage checkpoint
 if this peer holds the stage's duty; every `rebalance_seconds` (jittered) the peer runs
-`balance.should_move` on the records and, when the move is its own, downloads the target stage's
-parameters from that stage's peers, and only then stops serving its old stage (finishing the
-microbatches it holds) and serves the new one.
+`balance.should_move` on the records and, when the move is its own, announces it (a `starting`
+record at the target, so that no second peer leaves the old stage meanwhile), downloads the
+target stage's parameters from that stage's peers, and only then stops serving its old stage
+(finishing the microbatches it holds) and serves the new one.
 
 On a drain it refuses new microbatches at once (trainers retry on the stage's other peers),
 publishes `draining` (the stage's next peer takes the checkpoint duty from that record), finishes
@@ -71,6 +72,7 @@ class StageServerRole:
         self._records_before_drain: list[StageRecord] = []  # who held duty when the drain began
         self._switch = threading.Lock()  # an averaging round or a stage move, never both
         self._leaving = threading.Event()
+        self._moving = threading.Event()  # a move waits for the switch lock: averaging rounds give way
         self._averaging: threading.Thread | None = None
         self.moves = 0
 
@@ -166,34 +168,60 @@ class StageServerRole:
         estimate = serving.server.record("", 0.0).samples_per_second * costs[move.source] / costs[move.target]
         log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
             f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
+        self._announce_move(move.target, estimate)
         entered = self._enter(move.target, estimate, moving=True)
         if entered is None:
+            self._publish()  # serving the old stage after all
             return
-        with self._switch:
-            old = self._stage
-            assert old is not None
-            self._leave_stage(old, write=self._on_duty(old))
-            self._started_loop().run(entered.server.start())
-            self._stage = entered
-            self.moves += 1
+        self._moving.set()
+        try:
+            with self._switch:
+                old = self._stage
+                assert old is not None
+                self._leave_stage(old, write=self._on_duty(old))
+                self._started_loop().run(entered.server.start())
+                self._stage = entered
+                self.moves += 1
+        finally:
+            self._moving.clear()
         self._publish()
         log(f"now serving stage {move.target} (move {self.moves})")
 
+    def _announce_move(self, target: int, estimate: float) -> None:
+        """Before the download: a `starting` record at the target, so that every peer's next check
+        counts this one out of its old stage (which keeps two serving peers only if no other peer
+        leaves it meanwhile) and in at the target (where no second peer needs to follow). Trainers
+        send it no new microbatches from now on; it finishes those it holds."""
+        context = self._started_context()
+        peer = str(self._started_stage().server.p2p.peer_id)
+        try:
+            publish_stage_record(context.dht, context.config.cluster,
+                                 StageRecord(target, peer, context.instance_id, estimate, 0, AgentState.STARTING,
+                                             time.time()))
+        except Exception as error:  # a DHT hiccup: the move goes on, the next check may count it twice
+            log(f"move not announced: {type(error).__name__}: {error}")
+
     def _leave_stage(self, old: _Stage, *, write: bool) -> None:
-        """Stop serving `old` (finishing what it holds), write its checkpoint if owed, end its parts."""
+        """Stop serving `old` (finishing what it holds, its handlers removed), write its checkpoint if
+        owed, end its averager."""
         loop = self._started_loop()
         loop.run(old.server.stop())
         if write:
             old.checkpoints.submit()
         old.checkpoints.close(CLOSE_SECONDS)
         old.averager.shutdown()
-        loop.run(old.server.p2p.shutdown())  # this stage's replica of the P2P; the DHT's daemon stays
+        # not old.server.p2p.shutdown(): `DHT.replicate_p2p` hands every caller in this process the
+        # same replica, so the new stage's server speaks through it too (shutting it down here left
+        # the new stage's handler registration waiting forever)
 
     def _average_rounds(self) -> None:
         """Average the stage with its mates, round after round; checkpoint every `every_epochs` on duty."""
         config = self._started_context().config
         rounds = 0
         while not self._leaving.is_set():
+            if self._moving.is_set():  # a lock is not fair: without this a round after round starves the move
+                self._leaving.wait(0.2)
+                continue
             with self._switch:
                 serving = self._started_stage()
                 if serving.server.state != AgentState.TRAINING:
