@@ -122,6 +122,7 @@ class Agent:
             instance_id=self.instance_id, state=self.state, epoch=self.progress.epoch, samples=self.progress.samples,
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
             checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
+            served=self.progress.served,
             codec_table=self.codec_table, role=self.config.pipeline.role if self.config.pipeline else "",
             egress_bytes=sent_to.snapshot(), egress_since=sent_to.since,
             offenders=offences.snapshot(),

@@ -75,6 +75,7 @@ class StageServerRole:
         self._moving = threading.Event()  # a move waits for the switch lock: averaging rounds give way
         self._averaging: threading.Thread | None = None
         self.moves = 0
+        self._served_before = 0  # microbatch calls answered on the stages this peer left
 
     def start(self, context: RoleContext) -> None:
         from spotrain.contracts.task import load_pipeline_task
@@ -179,6 +180,7 @@ class StageServerRole:
                 old = self._stage
                 assert old is not None
                 self._leave_stage(old, write=self._on_duty(old))
+                self._served_before += old.server.served  # the status counts every stage served
                 self._started_loop().run(entered.server.start())
                 self._stage = entered
                 self.moves += 1
@@ -264,6 +266,7 @@ class StageServerRole:
     def _publish(self) -> None:
         """Refresh this peer's record and read everyone's (for duty and moves)."""
         serving, context = self._started_stage(), self._started_context()
+        context.progress.served = self._served_before + serving.server.served
         try:
             publish_stage_record(context.dht, context.config.cluster,
                                  serving.server.record(context.instance_id, time.time()))
