@@ -34,6 +34,8 @@ from spotrain.contracts.agent_config import AgentConfig
 if TYPE_CHECKING:
     from hivemind import DHT
 
+    from spotrain.stores import ManifestSigner, Trust
+
 ADMISSION_FILE = "admitted.json"
 REFUSAL_LOG_SECONDS = 60.0  # one line per refused peer per minute
 
@@ -47,6 +49,7 @@ class Gate:
         self.own_peer_id = own_peer_id
         self.log = log
         self.admission: Admission | None = None
+        self.record: dict[str, Any] | None = None  # the signed record `admission` was read from
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
         self._refused: dict[str, float] = {}
 
@@ -62,10 +65,11 @@ class Gate:
         self._reload()
         admission = parse_admission(record, self.cluster_key, self.cluster, now)
         newer = admission is not None and (self.admission is None or admission.issued > self.admission.issued)
-        if admission is None or not (newer if from_user_data else admission.replaces(self.admission, now)):
+        if (admission is None or not isinstance(record, dict)
+                or not (newer if from_user_data else admission.replaces(self.admission, now))):
             return None
         write_private(self.record_path, json.dumps(record).encode())
-        self.admission = admission
+        self.admission, self.record = admission, record
         return admission
 
     def refresh(self, dht: DHT) -> None:
@@ -102,7 +106,20 @@ class Gate:
             return
         admission = parse_admission(record, self.cluster_key, self.cluster, time.time())
         if admission is not None and (self.admission is None or admission.issued >= self.admission.issued):
-            self.admission = admission
+            self.admission, self.record = admission, record
+
+
+def checkpoint_keys(gate: Gate | None, work: Path) -> tuple[Trust, ManifestSigner | None]:
+    """Which checkpoint manifests this agent believes, and how it seals its own (spotrain.stores.seal):
+    those signed by a peer the cluster admitted, sealed with this VM's identity and its newest
+    admission record. Without admission (a hand-made config) it has no cluster key to check a seal
+    with: it believes every manifest and writes unsigned ones, as it admits every peer."""
+    from spotrain.stores.seal import ANY_WRITER, AdmittedWriters, ManifestSigner
+
+    if gate is None:
+        return ANY_WRITER, None
+    signer = ManifestSigner.from_identity((work / IDENTITY_FILE).read_bytes(), lambda: gate.record)
+    return AdmittedWriters(gate.cluster, gate.cluster_key), signer
 
 
 class AdmissionError(ValueError):
