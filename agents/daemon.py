@@ -188,8 +188,12 @@ class Agent:
             dht.shutdown()
             return EXIT_CODEC_MISMATCH
         publisher.start()
+        from spotrain.agents.admission import checkpoint_keys
+
+        trust, signer = checkpoint_keys(self.gate, Path.cwd())
         self.role.start(RoleContext(self.config, self.instance_id, dht, self.progress,
                                     has_duty=lambda: publisher.has_duty, checkpoint_soon=self.checkpoint_soon,
+                                    checkpoint_trust=trust, checkpoint_signer=signer,
                                     drain_seconds_left=self._drain_seconds_left, draining=self.draining))
         self._watch_notices()
         self.state = AgentState.TRAINING

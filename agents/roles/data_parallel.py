@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from spotrain.contracts.task import TrainingTask
-    from spotrain.stores import CheckpointWriter, LoadedCheckpoint
+    from spotrain.stores import CheckpointWriter, LoadedCheckpoint, Trust
 
 KEEP_CHECKPOINTS = 3
 CLOSE_SECONDS = 30.0  # how long a leaving agent waits for its last upload when no drain window says
@@ -60,7 +60,7 @@ class DataParallelRole:
         model = task.build_model()
         # a model's buffers (an attention mask's -inf) are the only tensors that may be non-finite
         constants = named_constants(_buffer_paths(model))
-        checkpoint = _restore(config.checkpoint.restore_order(), constants)
+        checkpoint = _restore(config.checkpoint.restore_order(), constants, context.checkpoint_trust)
         if checkpoint is not None:
             model.load_state_dict(checkpoint.state["model"])
         model.to(device)  # before the optimizer is built: its state follows the parameters
@@ -79,8 +79,9 @@ class DataParallelRole:
             context.progress.checkpoint_epoch = checkpoint.epoch
             log(f"resumed from checkpoint epoch {checkpoint.epoch} of {checkpoint.store_url}")
         context.progress.epoch = optimizer.local_epoch
-        writer = CheckpointWriter(ReplicatedStore.from_urls([config.checkpoint.store]), _writer_name(context),
-                                  keep=KEEP_CHECKPOINTS, constants=constants)
+        target = ReplicatedStore.from_urls([config.checkpoint.store], trust=context.checkpoint_trust,
+                                           signer=context.checkpoint_signer)
+        writer = CheckpointWriter(target, _writer_name(context), keep=KEEP_CHECKPOINTS, constants=constants)
         self._training = _Training(context, task, model, optimizer, writer, device, precision)
         threading.Thread(target=self._write_when_draining, name="drain-checkpoint", daemon=True).start()
 
@@ -204,10 +205,11 @@ def _step(training: _Training, batch: Any) -> float | None:
     return float(loss.item())
 
 
-def _restore(urls: tuple[str, ...], constants: Any) -> LoadedCheckpoint | None:
+def _restore(urls: tuple[str, ...], constants: Any, trust: Trust) -> LoadedCheckpoint | None:
+    """The newest checkpoint an admitted peer sealed that verifies and loads, nearest store first."""
     from spotrain.stores import ReplicatedStore
 
-    return ReplicatedStore.from_urls(urls).load_newest(constants)
+    return ReplicatedStore.from_urls(urls, trust=trust).load_newest(constants)
 
 
 def _durable_epoch(training: _Training, known: int | None) -> int | None:

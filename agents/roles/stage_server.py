@@ -126,7 +126,8 @@ class StageServerRole:
                                  state_compression=get_codec("blockwise8" if state == "blockwise4" else state),
                                  matchmaking_time=config.training.matchmaking_time,
                                  averaging_timeout=config.training.averaging_timeout)
-        checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}")
+        checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}",
+                                       context.checkpoint_trust, context.checkpoint_signer)
         steps = averager.load_from_peers(timeout=config.training.averaging_timeout)
         if steps is not None:
             server.steps = steps
