@@ -8,7 +8,8 @@ uses the optimizer statistics it downloaded. Real hivemind peers (spotrain's Swa
 thread each, in one process. Peer 0 trains alone for `--warmup` epochs; then each round a new
 peer joins (its first step downloads the state), trains beside the others for `--epochs-per-round`
 global epochs, and the oldest leaves when more than `--live` peers are up. The figure is the
-newest peer's loss on fixed held-out batches after each round; `peak` is the worst of them.
+newest peer's loss on fixed held-out batches after each round (`peak` is the worst of them), and
+the bytes one state download takes with the pair's state codec.
 
     .venv/bin/python benchmarks/replacements.py [--codecs float16/float16,blockwise8/float16] [--json]
 """
@@ -63,8 +64,9 @@ def main() -> int:
     held_out = [next(task.batches(HELD_OUT_SEED + i, 32)) for i in range(2)]
     rows = []
     for codec in ["none/none"] + [c for c in args.codecs if c != "none/none"]:
-        losses = _run(args, task, held_out, *codec.split("/"))
-        rows.append({"codec": codec, "losses": losses, "final": losses[-1], "peak": max(losses)})
+        losses, download = _run(args, task, held_out, *codec.split("/"))
+        rows.append({"codec": codec, "losses": losses, "final": losses[-1], "peak": max(losses),
+                     "download_mb": round(download / 1e6, 2)})
         print(f"  {codec}: loss after each round {losses}", file=sys.stderr, flush=True)
     for row in rows:
         row["final_vs_uncompressed"] = row["final"] / rows[0]["final"]
@@ -76,15 +78,16 @@ def main() -> int:
         print(json.dumps(figures))
     else:
         print(f"replacements: {args.rounds} replacements, {args.epochs_per_round} epochs each, held-out loss")
-        print(f"{'gradients/state':<24}{'final':>8}{'x none':>8}{'peak':>8}{'x none':>8}")
+        print(f"{'gradients/state':<24}{'final':>10}{'x none':>10}{'peak':>10}{'x none':>10}{'download MB':>13}")
         for row in rows:
-            print(f"{row['codec']:<24}{row['final']:>8.3f}{row['final_vs_uncompressed']:>8.3f}"
-                  f"{row['peak']:>8.3f}{row['peak_vs_uncompressed']:>8.3f}")
+            print(f"{row['codec']:<24}{row['final']:>10.3f}{row['final_vs_uncompressed']:>10.3f}"
+                  f"{row['peak']:>10.3f}{row['peak_vs_uncompressed']:>10.3f}{row['download_mb']:>13.2f}")
     return 0
 
 
 def _run(args: argparse.Namespace, task: Any, held_out: list[torch.Tensor], gradients: str,
-         state: str) -> list[float]:
+         state: str) -> tuple[list[float], int]:
+    """The newest peer's held-out loss after each round, and the bytes of one state download."""
     run_id = f"replacements-{gradients.replace(':', '')}-{state}-{time.monotonic_ns()}"
     options = optimizer_options(gradients, state, delayed_updates=True)
     peers = [_start(task, args, run_id, [], options, seed=0)]
@@ -100,10 +103,17 @@ def _run(args: argparse.Namespace, task: Any, held_out: list[torch.Tensor], grad
             while len(peers) > args.live:
                 _stop(peers.pop(0))
             losses.append(round(_held_out_loss(task, peers[-1], held_out), 4))
+        download = _download_bytes(peers[-1], options["load_state_compression"])
     finally:
         for peer in peers:
             _stop(peer)
-    return losses
+    return losses, download
+
+
+def _download_bytes(peer: Peer, codec: Any) -> int:
+    """What a peer serving its state sends with `codec` (hivemind's messages, before streaming)."""
+    _, tensors, infos = peer.optimizer.state_averager.get_current_state()
+    return sum(codec.compress(tensor, info).ByteSize() for tensor, info in zip(tensors, infos))
 
 
 def _start(task: Any, args: argparse.Namespace, run_id: str, initial: list[str], options: dict[str, Any],
@@ -112,7 +122,9 @@ def _start(task: Any, args: argparse.Namespace, run_id: str, initial: list[str],
     model = task.build_model()
     optimizer = SwarmOptimizer(dht=dht, run_id=run_id, params=model.parameters(), optimizer=task.make_optimizer,
                                batch_size_per_step=args.batch, target_batch_size=args.target_batch,
-                               matchmaking_time=1.0, averaging_timeout=15.0, verbose=False, **options)
+                               matchmaking_time=1.0, averaging_timeout=15.0, verbose=False,
+                               # a download's chunk may wait seconds on a loaded 2-core machine: no retries
+                               next_chunk_timeout=10.0, **options)
     peer = Peer(dht, model, optimizer, task.batches(seed, args.batch))
     peer.thread = threading.Thread(target=_train, args=(task, peer), daemon=True)
     peer.thread.start()
