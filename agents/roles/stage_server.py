@@ -114,16 +114,15 @@ class StageServerRole:
         """Build `stage` with its parameters from a live peer, else (not when moving) the stores."""
         context, task, loop = self._started_context(), self._started_task(), self._started_loop()
         config = context.config
-        from spotrain.kernels import get_codec
+        from spotrain.kernels import StateCodec
 
         p2p = loop.run(context.dht.replicate_p2p())
         server = StageServer(p2p, task, stage, cluster=config.cluster, estimate=estimate,
                              activations=config.training.compression.activations or "none")
         state = config.training.compression.state
         averager = StageAverager(context.dht, server.module, server.lock, cluster=config.cluster, stage=stage,
-                                 steps=lambda: server.steps, compression=get_codec(state),
-                                 # a downloaded stage is taken as it is: never coarser than 8 bits
-                                 state_compression=get_codec("blockwise8" if state == "blockwise4" else state),
+                                 steps=lambda: server.steps, compression=StateCodec(state),
+                                 state_compression=StateCodec(state, download=True),
                                  matchmaking_time=config.training.matchmaking_time,
                                  averaging_timeout=config.training.averaging_timeout)
         checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}",
