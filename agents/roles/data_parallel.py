@@ -8,11 +8,14 @@ own failure domain's store in the background (spotrain.stores.CheckpointWriter).
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,10 @@ class DataParallelRole:
     def __init__(self) -> None:
         self._training: _Training | None = None
         self._submitted: int | None = None  # the epoch of the last snapshot handed to the writer
+        # (epoch it fell due, self._steps then) of a checkpoint not yet snapshotted: it waits for
+        # the background update to finish, so the training thread does not
+        self._owed: tuple[int, int] | None = None
+        self._steps = 0  # optimizer steps taken: how long an owed checkpoint waited, in the log
         self._submit_lock = threading.Lock()  # the training thread and the drain's writer
 
     def start(self, context: RoleContext) -> None:
@@ -86,21 +93,64 @@ class DataParallelRole:
 
     def run_until(self, stop: threading.Event) -> None:
         training = self._started()
-        progress, batch_size = training.context.progress, training.context.config.training.batch_size
         # each agent process draws its own stream of batches
         seed = int(hashlib.sha256(f"{training.context.instance_id}:{os.getpid()}".encode()).hexdigest()[:8], 16)
-        batches = training.task.batches(seed, batch_size)
+        batches = training.task.batches(seed, training.context.config.training.batch_size)
         while not stop.is_set():
-            loss = _step(training, next(batches))
-            if loss is None:
-                continue
-            progress.record_step(batch_size, loss)
-            progress.checkpoint_epoch = _durable_epoch(training, progress.checkpoint_epoch)
-            if training.optimizer.local_epoch != progress.epoch:
-                progress.epoch = training.optimizer.local_epoch
-                if self._checkpoint_due() and not stop.is_set():
-                    training.context.checkpoint_soon.clear()
-                    self._submit()
+            self.train_step(next(batches))
+
+    def train_step(self, batch: Any) -> float | None:
+        """One local step with the checkpoint duty's bookkeeping around it; the loss, or None when
+        the step was skipped (nothing reached the peers)."""
+        training = self._started()
+        progress, batch_size = training.context.progress, training.context.config.training.batch_size
+        loss = _gradients(training, batch)
+        if loss is None:
+            return None
+        # before the step: the background update has had this whole forward and backward to finish
+        self._snapshot_owed_if_settled()
+        training.optimizer.step()
+        training.optimizer.zero_grad()
+        self._steps += 1
+        progress.record_step(batch_size, loss)
+        progress.checkpoint_epoch = _durable_epoch(training, progress.checkpoint_epoch)
+        if training.optimizer.local_epoch != progress.epoch:
+            progress.epoch = training.optimizer.local_epoch
+            if self._checkpoint_due() and not training.context.draining.is_set():
+                training.context.checkpoint_soon.clear()
+                self._owe(progress.epoch)
+        self._snapshot_owed_if_settled()  # without delayed updates nothing is pending: at once
+        return loss
+
+    def _owe(self, epoch: int) -> None:
+        """A checkpoint fell due at `epoch`. It is snapshotted once no background update is pending
+        (`_snapshot_owed_if_settled`); if one is still owed from an earlier due epoch, the updates
+        never settled in between (each runs longer than an epoch), so the training thread waits for
+        this one: the newest checkpoint never grows older than one checkpoint interval."""
+        if self._owed is None:
+            self._owed = (epoch, self._steps)
+        else:
+            self._submit_waiting(f"still owed from epoch {self._owed[0]}, waited for at epoch {epoch}")
+
+    def _snapshot_owed_if_settled(self) -> None:
+        """Snapshot the owed checkpoint if no background update is pending, without waiting.
+
+        hivemind's delayed optimizer step (and state averaging) run in the averager's executor;
+        their futures are `pending_updates`, and a finished one's parameters reach the model only
+        when `apply_delayed_updates` copies them in. With every future done and its results
+        applied, the model's parameters and the optimizer's state are those of `local_epoch`,
+        and nothing in the background changes them until this (the training) thread steps again."""
+        training = self._started()
+        if self._owed is None or training.context.draining.is_set():
+            return  # a drain writes what is owed (flush_duty)
+        if not all(update.done() for update in _pending(training)):
+            return
+        started = time.monotonic()
+        # nothing pending: applies what finished (as the next step would), never waits
+        training.optimizer.state_averager.step(apply_delayed_updates=True)
+        due, at_step = self._owed
+        self._snapshot(started, 0.0, f"due at epoch {due}, taken {self._steps - at_step} steps later "
+                                     f"without waiting: the background update had finished")
 
     def _checkpoint_due(self) -> bool:
         context = self._started().context
@@ -112,8 +162,10 @@ class DataParallelRole:
         in the store when the VM goes is lost with it, so the log says which it was."""
         training = self._started()
         context = training.context
-        if context.has_duty() and context.progress.epoch not in (self._submitted, context.progress.checkpoint_epoch):
-            self._submit()
+        # waiting for a background update is what leaving costs: the owed epoch is not lost
+        if context.has_duty() and (self._owed is not None or training.optimizer.local_epoch not in (
+                self._submitted, context.progress.checkpoint_epoch)):
+            self._submit_waiting("written before leaving")
         left = context.drain_seconds_left()
         timeout = CLOSE_SECONDS if left is None else max(0.0, left)
         if training.writer.close(timeout):
@@ -127,18 +179,29 @@ class DataParallelRole:
     def _write_when_draining(self) -> None:
         """At the notice, a holder writes the state it has: the training thread may be blocked in an
         averaging round that never completes (every peer noticed at once), so it cannot be waited for.
-        Between steps the parameters and optimizer state belong to `local_epoch`; a step that completes
-        while they are copied changes the epoch, and then the drain path writes that newer one instead."""
+        A background update still running is waited for up to half the drain window (the rest is
+        for the upload): parameters and optimizer state are of one step only once it finished. A
+        step that completes while they are copied changes the epoch, and then the drain path
+        (flush_duty) writes that newer one instead."""
         from spotrain.stores.writer import snapshot
 
         training = self._started()
         context = training.context
         context.draining.wait()
-        epoch = training.optimizer.local_epoch
-        if not context.has_duty() or epoch in (self._submitted, context.progress.checkpoint_epoch):
+        if not context.has_duty():
             return
-        state = snapshot({"model": training.model.state_dict(), "optimizer": training.optimizer.state_dict(),
-                          "constants": sorted(_buffer_paths(training.model))})
+        left = context.drain_seconds_left()
+        wait = CLOSE_SECONDS if left is None else max(0.0, left) / 2
+        _, running = concurrent.futures.wait(_pending(training), timeout=wait)
+        epoch = training.optimizer.local_epoch
+        if running:
+            log(f"checkpoint epoch {epoch} not snapshot at the notice: the background update still ran after "
+                f"{wait:.1f}s; the newest in {context.config.checkpoint.store} is {training.writer.last_written_epoch}")
+            return
+        if epoch in (self._submitted, context.progress.checkpoint_epoch):
+            return
+        with _settled_state(training) as settled:
+            state = snapshot(settled)
         if training.optimizer.local_epoch != epoch:
             return  # a step completed during the copy: the drain path writes the newer epoch
         with self._submit_lock:
@@ -146,7 +209,7 @@ class DataParallelRole:
                 return
             training.writer.submit(epoch, state)
             self._submitted = epoch
-        log(f"checkpoint epoch {epoch}: the state before the step in flight, snapshot at the notice; uploading")
+        log(f"checkpoint epoch {epoch}: snapshot at the notice; uploading")
         left = context.drain_seconds_left()
         if training.writer.flush(CLOSE_SECONDS if left is None else max(0.0, left)):
             log(f"checkpoint epoch {training.writer.last_written_epoch} in {context.config.checkpoint.store}")
@@ -157,22 +220,29 @@ class DataParallelRole:
         if self._training is not None:
             self._training.optimizer.shutdown()
 
-    def _submit(self) -> None:
+    def _submit_waiting(self, why: str) -> None:
+        """Wait for the background update, apply it, and snapshot: leaving, or when an owed
+        checkpoint never found the updates settled."""
+        started = time.monotonic()
+        self._started().optimizer.state_averager.step(wait_for_delayed_updates=True)
+        self._snapshot(started, time.monotonic() - started, why)
+
+    def _snapshot(self, started: float, waited: float, why: str) -> None:
+        """Hand the state of `local_epoch` to the writer; the caller made sure no background update
+        is pending, so parameters and optimizer state belong to that one step."""
         training = self._started()
-        epoch, started = training.context.progress.epoch, time.monotonic()
-        # with delayed updates an optimizer step may still run in the background: finish and apply
-        # it first, so the checkpoint's parameters and optimizer state belong to the same step
-        training.optimizer.state_averager.step(wait_for_delayed_updates=True)
-        waited = time.monotonic() - started
+        epoch = training.optimizer.local_epoch
+        self._owed = None
         with self._submit_lock:
-            training.writer.submit(epoch, {"model": training.model.state_dict(),
-                                           "optimizer": training.optimizer.state_dict(),
-                                           "constants": sorted(_buffer_paths(training.model))})
+            if self._submitted is not None and self._submitted >= epoch:
+                return  # the drain's writer took this epoch already
+            with _settled_state(training) as state:
+                training.writer.submit(epoch, state)  # copies it
             self._submitted = epoch
-        # the stall is all the training thread waited for: the delayed update and the snapshot
+        # the stall is all the training thread spent on it: any wait for the delayed update, the snapshot
         log(f"checkpoint epoch {epoch}: snapshot took {time.monotonic() - started:.3f}s of training (the stall), "
             f"{waited:.3f}s of it waiting for the delayed update, "
-            f"uploading to {training.context.config.checkpoint.store} in the background")
+            f"uploading to {training.context.config.checkpoint.store} in the background ({why})")
 
     def _started(self) -> _Training:
         if self._training is None:
@@ -180,8 +250,8 @@ class DataParallelRole:
         return self._training
 
 
-def _step(training: _Training, batch: Any) -> float | None:
-    """One local step; None when it was skipped (nothing reached the peers)."""
+def _gradients(training: _Training, batch: Any) -> float | None:
+    """Forward and backward; the loss, or None when the step is skipped (nothing reaches the peers)."""
     import torch
 
     from spotrain.agents.device import autocast, to_device
@@ -199,9 +269,36 @@ def _step(training: _Training, batch: Any) -> float | None:
         log("non-finite gradients: step skipped, nothing sent to peers")
         optimizer.zero_grad()
         return None
-    optimizer.step()
-    optimizer.zero_grad()
     return float(loss.item())
+
+
+def _pending(training: _Training) -> list[concurrent.futures.Future[Any]]:
+    """hivemind's background updates (optimizer step, averaging) not yet collected by a step. The
+    set belongs to the training thread; list() of a set is one C call under the GIL, so another
+    thread reads it whole."""
+    return list(training.optimizer.state_averager.pending_updates)
+
+
+@contextmanager
+def _settled_state(training: _Training) -> Iterator[dict[str, Any]]:
+    """The model's and the optimizer's state of `local_epoch`, to copy inside the block. Only
+    with no background update pending: none can change them then, except the training thread
+    applying a finished one, which hivemind's locks keep out during the copy.
+
+    With offload_optimizer hivemind steps its own copy of the parameters, and a finished update
+    reaches the model only when the training thread applies it: the parameters are taken from
+    that copy, so they belong to the step the optimizer state does (hivemind serves its state
+    to peers the same way, `get_current_state`)."""
+    averager = training.optimizer.state_averager
+    with averager.lock_optimizer, averager.lock_averaged_tensors:
+        model = training.model.state_dict()
+        if averager.offload_optimizer:
+            own = [p for group in averager.optimizer.param_groups for p in group["params"]]
+            by_model = {id(main): copy for main, copy in zip(averager.main_parameters, own, strict=True)}
+            for name, parameter in training.model.named_parameters(remove_duplicate=False):
+                model[name] = by_model[id(parameter)].detach()
+        yield {"model": model, "optimizer": training.optimizer.state_dict(),
+               "constants": sorted(_buffer_paths(training.model))}
 
 
 def _restore(urls: tuple[str, ...], constants: Any) -> LoadedCheckpoint | None:
