@@ -78,12 +78,12 @@ def test_an_owed_checkpoint_is_snapshotted_once_the_background_update_is_applied
     with averager.lock_optimizer:
         before, steps_before = step_into_epoch_one_with_the_update_held(role)
         assert averager.pending_updates and not any(u.done() for u in averager.pending_updates)
-        role._snapshot_owed_if_settled()  # what every step does: the update is pending, so nothing
+        role._snapshot_owed_if_settled("before a step,")  # what every step does: pending, so nothing
         assert role._submitted is None and role._owed is not None
     concurrent.futures.wait(list(averager.pending_updates))
     # finished, not yet applied: the model still has epoch 0's parameters
     assert all(torch.equal(p, b) for p, b in zip(training.model.parameters(), before))
-    role._snapshot_owed_if_settled()
+    role._snapshot_owed_if_settled("before a step,")
     assert role._submitted == 1 and role._owed is None
     checkpoint = stored(tmp_path, role)
     assert checkpoint is not None and checkpoint.epoch == 1
@@ -110,5 +110,22 @@ def test_a_drain_writes_the_owed_checkpoint_waiting_for_the_update(tmp_path, rol
     assert checkpoint is not None and checkpoint.epoch == 1
     saved = [checkpoint.state["model"][name] for name, _ in training.model.named_parameters()]
     assert all(torch.equal(s, o.detach()) for s, o in zip(saved, offloaded_parameters(training.optimizer)))
+    assert any(not torch.equal(s, b) for s, b in zip(saved, before))
+    assert int(next(iter(checkpoint.state["optimizer"]["state"].values()))["step"]) == steps_before + 1
+
+
+def test_hivemind_waiting_for_the_update_before_the_next_epoch_snapshots_what_is_owed(tmp_path, role):
+    training = role._started()
+    averager = training.optimizer.state_averager
+    with averager.lock_optimizer:
+        before, steps_before = step_into_epoch_one_with_the_update_held(role)
+        assert role._submitted is None and role._owed is not None
+    # what hivemind.Optimizer calls before it schedules the next epoch's update (_update_global_epoch)
+    averager.step(wait_for_delayed_updates=True)
+    assert role._submitted == 1 and role._owed is None
+    checkpoint = stored(tmp_path, role)
+    assert checkpoint is not None and checkpoint.epoch == 1
+    saved = [checkpoint.state["model"][name] for name, _ in training.model.named_parameters()]
+    assert all(torch.equal(s, p.detach()) for s, p in zip(saved, training.model.parameters()))  # applied
     assert any(not torch.equal(s, b) for s, b in zip(saved, before))
     assert int(next(iter(checkpoint.state["optimizer"]["state"].values()))["step"]) == steps_before + 1

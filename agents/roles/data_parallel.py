@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from spotrain.agents.log import log
 from spotrain.agents.roles.base import RoleContext
+from spotrain.agents.startup import seconds_since_start
 
 if TYPE_CHECKING:
     import torch
@@ -54,6 +55,7 @@ class DataParallelRole:
         self._owed: tuple[int, int] | None = None
         self._steps = 0  # optimizer steps taken: how long an owed checkpoint waited, in the log
         self._submit_lock = threading.Lock()  # the training thread and the drain's writer
+        self._stepped_an_epoch = False  # the log says when the first epoch passed with the swarm
 
     def start(self, context: RoleContext) -> None:
         from spotrain.agents.device import choose_device, describe, task_precision
@@ -67,7 +69,9 @@ class DataParallelRole:
         model = task.build_model()
         # a model's buffers (an attention mask's -inf) are the only tensors that may be non-finite
         constants = named_constants(_buffer_paths(model))
+        restoring = time.monotonic()
         checkpoint = _restore(config.checkpoint.restore_order(), constants)
+        restored = time.monotonic() - restoring
         if checkpoint is not None:
             model.load_state_dict(checkpoint.state["model"])
         model.to(device)  # before the optimizer is built: its state follows the parameters
@@ -84,11 +88,15 @@ class DataParallelRole:
         if checkpoint is not None:
             optimizer.load_state_dict(checkpoint.state["optimizer"])
             context.progress.checkpoint_epoch = checkpoint.epoch
-            log(f"resumed from checkpoint epoch {checkpoint.epoch} of {checkpoint.store_url}")
+            log(f"resumed from checkpoint epoch {checkpoint.epoch} of {checkpoint.store_url} (read in {restored:.1f}s; "
+                f"optimizer ready {seconds_since_start():.1f}s after the agent started)")
         context.progress.epoch = optimizer.local_epoch
         writer = CheckpointWriter(ReplicatedStore.from_urls([config.checkpoint.store]), _writer_name(context),
                                   keep=KEEP_CHECKPOINTS, constants=constants)
         self._training = _Training(context, task, model, optimizer, writer, device, precision)
+        # hivemind waits for the running update before it schedules the next: a settled moment every epoch
+        optimizer.state_averager.on_settled = lambda: self._snapshot_owed_if_settled(
+            "when hivemind had waited for the background update before the next epoch's,")
         threading.Thread(target=self._write_when_draining, name="drain-checkpoint", daemon=True).start()
 
     def run_until(self, stop: threading.Event) -> None:
@@ -108,18 +116,25 @@ class DataParallelRole:
         if loss is None:
             return None
         # before the step: the background update has had this whole forward and backward to finish
-        self._snapshot_owed_if_settled()
+        self._snapshot_owed_if_settled("before a step,")
         training.optimizer.step()
         training.optimizer.zero_grad()
         self._steps += 1
+        if self._steps == 1:
+            log(f"first step done at epoch {training.optimizer.local_epoch} "
+                f"{seconds_since_start():.1f}s after the agent started")
         progress.record_step(batch_size, loss)
         progress.checkpoint_epoch = _durable_epoch(training, progress.checkpoint_epoch)
         if training.optimizer.local_epoch != progress.epoch:
+            if not self._stepped_an_epoch and training.optimizer.local_epoch == progress.epoch + 1:
+                self._stepped_an_epoch = True
+                log(f"first epoch stepped with the swarm: {progress.epoch} -> {training.optimizer.local_epoch}, "
+                    f"{seconds_since_start():.1f}s after the agent started")
             progress.epoch = training.optimizer.local_epoch
             if self._checkpoint_due() and not training.context.draining.is_set():
                 training.context.checkpoint_soon.clear()
                 self._owe(progress.epoch)
-        self._snapshot_owed_if_settled()  # without delayed updates nothing is pending: at once
+        self._snapshot_owed_if_settled("after a step,")  # without delayed updates nothing is pending: at once
         return loss
 
     def _owe(self, epoch: int) -> None:
@@ -132,14 +147,16 @@ class DataParallelRole:
         else:
             self._submit_waiting(f"still owed from epoch {self._owed[0]}, waited for at epoch {epoch}")
 
-    def _snapshot_owed_if_settled(self) -> None:
+    def _snapshot_owed_if_settled(self, moment: str) -> None:
         """Snapshot the owed checkpoint if no background update is pending, without waiting.
 
         hivemind's delayed optimizer step (and state averaging) run in the averager's executor;
         their futures are `pending_updates`, and a finished one's parameters reach the model only
         when `apply_delayed_updates` copies them in. With every future done and its results
         applied, the model's parameters and the optimizer's state are those of `local_epoch`,
-        and nothing in the background changes them until this (the training) thread steps again."""
+        and nothing in the background changes them until this (the training) thread steps again.
+        Called around every step, and by hivemind itself (`SettledStateAverager.on_settled`) when
+        it has waited for the running update before it schedules the next epoch's."""
         training = self._started()
         if self._owed is None or training.context.draining.is_set():
             return  # a drain writes what is owed (flush_duty)
@@ -149,8 +166,8 @@ class DataParallelRole:
         # nothing pending: applies what finished (as the next step would), never waits
         training.optimizer.state_averager.step(apply_delayed_updates=True)
         due, at_step = self._owed
-        self._snapshot(started, 0.0, f"due at epoch {due}, taken {self._steps - at_step} steps later "
-                                     f"without waiting: the background update had finished")
+        self._snapshot(started, 0.0, f"due at epoch {due}, taken {moment} {self._steps - at_step} step(s) later, "
+                                     f"with no background update running")
 
     def _checkpoint_due(self) -> bool:
         context = self._started().context
@@ -221,10 +238,17 @@ class DataParallelRole:
             self._training.optimizer.shutdown()
 
     def _submit_waiting(self, why: str) -> None:
-        """Wait for the background update, apply it, and snapshot: leaving, or when an owed
-        checkpoint never found the updates settled."""
+        """Wait for the background update (up to the averaging timeout, as hivemind does), apply
+        it, and snapshot: leaving, or when an owed checkpoint never found the updates settled."""
+        training = self._started()
         started = time.monotonic()
-        self._started().optimizer.state_averager.step(wait_for_delayed_updates=True)
+        _, running = concurrent.futures.wait(_pending(training),
+                                             timeout=training.context.config.training.averaging_timeout)
+        training.optimizer.state_averager.step(apply_delayed_updates=True)
+        if running:
+            log(f"checkpoint epoch {training.optimizer.local_epoch} not snapshot: the background update still "
+                f"ran after {time.monotonic() - started:.1f}s")
+            return
         self._snapshot(started, time.monotonic() - started, why)
 
     def _snapshot(self, started: float, waited: float, why: str) -> None:
