@@ -129,3 +129,29 @@ def test_hivemind_waiting_for_the_update_before_the_next_epoch_snapshots_what_is
     assert all(torch.equal(s, p.detach()) for s, p in zip(saved, training.model.parameters()))  # applied
     assert any(not torch.equal(s, b) for s, b in zip(saved, before))
     assert int(next(iter(checkpoint.state["optimizer"]["state"].values()))["step"]) == steps_before + 1
+
+
+def test_a_new_role_resumes_the_snapshot_into_its_built_optimizer(tmp_path, role):
+    """The checkpoint is read while the optimizer is built, then loaded into it: the model, hivemind's
+    offloaded copy of the parameters, the optimizer state and the epoch are all the checkpoint's."""
+    training = role._started()
+    with training.optimizer.state_averager.lock_optimizer:
+        step_into_epoch_one_with_the_update_held(role)
+    role.flush_duty()
+    saved = stored(tmp_path, role)
+    assert saved is not None and saved.epoch == 1
+    dht = hivemind.DHT(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)  # a swarm of its own: no peer to ask
+    resumed = DataParallelRole()
+    try:
+        resumed.start(RoleContext(training.context.config, "i-resumed", dht, Progress(), has_duty=lambda: True,
+                                  checkpoint_soon=threading.Event()))
+        new = resumed._started()
+        assert new.optimizer.local_epoch == 1 and new.context.progress.checkpoint_epoch == 1
+        names = [name for name, _ in new.model.named_parameters()]
+        assert all(torch.equal(p.detach(), saved.state["model"][n]) for n, p in zip(names, new.model.parameters()))
+        assert all(torch.equal(o.detach(), saved.state["model"][n])
+                   for n, o in zip(names, offloaded_parameters(new.optimizer)))
+        assert optimizer_steps(new.optimizer) == int(next(iter(saved.state["optimizer"]["state"].values()))["step"])
+    finally:
+        resumed.shutdown()
+        dht.shutdown()

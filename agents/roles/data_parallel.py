@@ -60,36 +60,29 @@ class DataParallelRole:
     def start(self, context: RoleContext) -> None:
         from spotrain.agents.device import choose_device, describe, task_precision
         from spotrain.contracts.task import load_task
-        from spotrain.kernels import SwarmOptimizer, optimizer_options
         from spotrain.stores import CheckpointWriter, ReplicatedStore, named_constants
 
-        config, training = context.config, context.config.training
+        config = context.config
         task = load_task(config.task)
         device, precision = choose_device(), task_precision(task)
         model = task.build_model()
         # a model's buffers (an attention mask's -inf) are the only tensors that may be non-finite
         constants = named_constants(_buffer_paths(model))
-        restoring = time.monotonic()
-        checkpoint = _restore(config.checkpoint.restore_order(), constants)
-        restored = time.monotonic() - restoring
+        # the stores are read while the optimizer is built and the live swarm gives its state: a
+        # newcomer to a live swarm then trains from the peers' newer state without waiting for the read
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-read") as reader:
+            reading = reader.submit(_restore, config.checkpoint.restore_order(), constants)
+            model.to(device)  # before the optimizer is built: its state follows the parameters
+            log(f"training on {describe(device)}" + (f" with {precision} autocast" if precision else ""))
+            optimizer = _build_optimizer(context, task, model)
+            downloaded = _catch_up(optimizer)
+            checkpoint = reading.result()
         if checkpoint is not None:
-            model.load_state_dict(checkpoint.state["model"])
-        model.to(device)  # before the optimizer is built: its state follows the parameters
-        log(f"training on {describe(device)}" + (f" with {precision} autocast" if precision else ""))
-        compression = training.compression
-        optimizer = SwarmOptimizer(
-            dht=context.dht, run_id=config.cluster, params=model.parameters(), optimizer=task.make_optimizer,
-            batch_size_per_step=training.batch_size, target_batch_size=training.target_batch_size,
-            **optimizer_options(compression.gradients, compression.state, group_size=training.group_size,
-                                delayed_updates=training.delayed_updates),
-            matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
-            verbose=False,
-        )
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint.state["optimizer"])
             context.progress.checkpoint_epoch = checkpoint.epoch
-            log(f"resumed from checkpoint epoch {checkpoint.epoch} of {checkpoint.store_url} (read in {restored:.1f}s; "
-                f"optimizer ready {seconds_since_start():.1f}s after the agent started)")
+            if not downloaded or checkpoint.epoch > optimizer.local_epoch:  # the newest state wins
+                _load_checkpoint(optimizer, model, checkpoint)
+                log(f"resumed from checkpoint epoch {checkpoint.epoch} of {checkpoint.store_url} "
+                    f"({seconds_since_start():.1f}s after the agent started)")
         context.progress.epoch = optimizer.local_epoch
         writer = CheckpointWriter(ReplicatedStore.from_urls([config.checkpoint.store]), _writer_name(context),
                                   keep=KEEP_CHECKPOINTS, constants=constants)
@@ -323,6 +316,49 @@ def _settled_state(training: _Training) -> Iterator[dict[str, Any]]:
                 model[name] = by_model[id(parameter)].detach()
         yield {"model": model, "optimizer": training.optimizer.state_dict(),
                "constants": sorted(_buffer_paths(training.model))}
+
+
+def _build_optimizer(context: RoleContext, task: TrainingTask, model: torch.nn.Module) -> Any:
+    from spotrain.kernels import SwarmOptimizer, optimizer_options
+
+    training, compression = context.config.training, context.config.training.compression
+    return SwarmOptimizer(
+        dht=context.dht, run_id=context.config.cluster, params=model.parameters(), optimizer=task.make_optimizer,
+        batch_size_per_step=training.batch_size, target_batch_size=training.target_batch_size,
+        **optimizer_options(compression.gradients, compression.state, group_size=training.group_size,
+                            delayed_updates=training.delayed_updates),
+        matchmaking_time=training.matchmaking_time, averaging_timeout=training.averaging_timeout,
+        verbose=False,
+    )
+
+
+def _catch_up(optimizer: Any) -> bool:
+    """A newcomer behind the live swarm downloads its state now, before its first step: hivemind
+    would do it in that step, after this peer had computed gradients it then throws away. True
+    if the state came from a peer. (The progress tracker read the swarm's records when built.)"""
+    if optimizer.local_epoch >= optimizer.tracker.global_epoch:
+        return False
+    before = optimizer.local_epoch
+    optimizer.load_state_from_peers()  # SwarmOptimizer logs what it got, or that no peer gave it
+    return bool(optimizer.local_epoch != before)
+
+
+def _load_checkpoint(optimizer: Any, model: torch.nn.Module, checkpoint: LoadedCheckpoint) -> None:
+    """Into a built optimizer, as hivemind loads a peer's state (load_state_from_peers): the model's
+    parameters, hivemind's offloaded copy of them (the one its optimizer steps), the optimizer's
+    state and epoch, and the averager's buffers."""
+    import torch
+
+    averager = optimizer.state_averager
+    model.load_state_dict(checkpoint.state["model"])
+    optimizer.load_state_dict(checkpoint.state["optimizer"])
+    if averager.offload_optimizer:
+        own = [p for group in averager.optimizer.param_groups for p in group["params"]]
+        with torch.no_grad(), averager.lock_averaged_tensors:
+            for main, copy in zip(averager.main_parameters, own, strict=True):
+                copy.copy_(main)
+    if not averager.reuse_tensors:
+        averager._load_local_tensors_into_averager_()
 
 
 def _restore(urls: tuple[str, ...], constants: Any) -> LoadedCheckpoint | None:
