@@ -78,6 +78,7 @@ class SwarmOptimizer(hivemind.Optimizer):
     def __init__(self, *args: Any, progress_report_interval: float = REPORT_INTERVAL_SECONDS, **kwargs: Any):
         self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
         self._told_unreachable = False
+        self.state_downloads = 0  # states taken from a peer
         kwargs["tracker_opts"] = {"metadata_expiration": PROGRESS_EXPIRATION_SECONDS, **kwargs.get("tracker_opts", {})}
         super().__init__(*args, **kwargs)
 
@@ -87,6 +88,13 @@ class SwarmOptimizer(hivemind.Optimizer):
         before, started = self.local_epoch, time.monotonic()
         super().load_state_from_peers(**kwargs)
         if self.local_epoch != before:  # where a newcomer's start goes: the download is most of it
+            self.state_downloads += 1
+            # The state came from the newest peer. Once an epoch hivemind checks that this peer's epoch
+            # is exactly the swarm's and downloads it all again if not; on a thin link a download takes
+            # longer than an epoch, so a newcomer would chase the swarm. One epoch behind is in sync for
+            # hivemind (its catch-up after a download, its check between epochs): until this peer's
+            # next epoch only that check applies.
+            self._should_check_synchronization_on_update = False
             logger.info(f"state from a peer: epoch {before} -> {self.local_epoch} in {time.monotonic() - started:.1f}s "
                         f"(the swarm's records say epoch {self.tracker.global_epoch})")
         behind = self.local_epoch < self.tracker.global_epoch - 1 and self.local_epoch == before

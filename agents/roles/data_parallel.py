@@ -110,6 +110,7 @@ class DataParallelRole:
             return None
         # before the step: the background update has had this whole forward and backward to finish
         self._snapshot_owed_if_settled("before a step,")
+        downloads = training.optimizer.state_downloads
         training.optimizer.step()
         training.optimizer.zero_grad()
         self._steps += 1
@@ -119,7 +120,8 @@ class DataParallelRole:
         progress.record_step(batch_size, loss)
         progress.checkpoint_epoch = _durable_epoch(training, progress.checkpoint_epoch)
         if training.optimizer.local_epoch != progress.epoch:
-            if not self._stepped_an_epoch and training.optimizer.local_epoch == progress.epoch + 1:
+            stepped = training.optimizer.state_downloads == downloads  # not a download from a peer
+            if stepped and not self._stepped_an_epoch and training.optimizer.local_epoch == progress.epoch + 1:
                 self._stepped_an_epoch = True
                 log(f"first epoch stepped with the swarm: {progress.epoch} -> {training.optimizer.local_epoch}, "
                     f"{seconds_since_start():.1f}s after the agent started")
