@@ -134,9 +134,10 @@ class DataParallelRole:
 
     def _owe(self, epoch: int) -> None:
         """A checkpoint fell due at `epoch`. It is snapshotted once no background update is pending
-        (`_snapshot_owed_if_settled`); if one is still owed from an earlier due epoch, the updates
-        never settled in between (each runs longer than an epoch), so the training thread waits for
-        this one: the newest checkpoint never grows older than one checkpoint interval."""
+        (`_snapshot_owed_if_settled`); if one is still owed from an earlier due epoch, no settled
+        moment came in between (hivemind's own wait before each epoch's update timed out), so the
+        training thread waits for this one: the newest checkpoint never grows older than one
+        checkpoint interval."""
         if self._owed is None:
             self._owed = (epoch, self._steps)
         else:
