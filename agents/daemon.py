@@ -23,6 +23,7 @@ from spotrain.agents.process_tree import end_descendants
 from spotrain.agents.progress import Progress
 from spotrain.agents.roles.base import Role, RoleContext
 from spotrain.agents.roles.data_parallel import DataParallelRole
+from spotrain.agents.startup import seconds_since_start
 from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
 from spotrain.contracts.log_format import configure as configure_logging
 from spotrain.contracts.records import AgentStatus
@@ -149,6 +150,7 @@ class Agent:
         # swarm peers also exchange activations, so their codec joins the table they must share
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,
                                                    compression.activations if self.config.mode == "swarm" else None)
+        log(f"imports done {seconds_since_start():.1f}s after the agent started")
         try:
             from spotrain.agents.admission import AdmissionError, admit_self
 
@@ -171,7 +173,8 @@ class Agent:
             threading.Thread(target=keep_merged, args=(dht, source, self.stop, log), name="swarm-merge",
                              daemon=True).start()
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
-        log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
+        log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)} "
+            f"({seconds_since_start():.1f}s after the agent started)")
         return dht
 
     def _serve(self, dht: DHT) -> int:
