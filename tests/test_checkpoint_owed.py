@@ -21,7 +21,7 @@ from conftest import agent_config
 from spotrain.agents.progress import Progress
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.data_parallel import DataParallelRole
-from spotrain.stores import ReplicatedStore, named_constants
+from spotrain.stores import ANY_WRITER, ReplicatedStore, named_constants
 
 MAX_STEPS = 200  # steps allowed for the first epoch to pass alone (target batch = one local batch)
 
@@ -35,7 +35,7 @@ def role(tmp_path: Path):
         checkpoint={"store": str(tmp_path / "ckpt"), "every_epochs": 1})
     role = DataParallelRole()
     role.start(RoleContext(config, "i-owed", dht, Progress(), has_duty=lambda: True,
-                           checkpoint_soon=threading.Event()))
+                           checkpoint_soon=threading.Event(), checkpoint_trust=ANY_WRITER, checkpoint_signer=None))
     yield role
     role.shutdown()
     dht.shutdown()
@@ -69,7 +69,7 @@ def stored(tmp_path: Path, role: DataParallelRole):
     training = role._started()
     assert training.writer.flush(30.0)
     constants = named_constants([f"model.{name}" for name, _ in training.model.named_buffers()])
-    return ReplicatedStore.from_urls([str(tmp_path / "ckpt")]).load_newest(constants)
+    return ReplicatedStore.from_urls([str(tmp_path / "ckpt")], trust=ANY_WRITER).load_newest(constants)
 
 
 def test_an_owed_checkpoint_is_snapshotted_once_the_background_update_is_applied(tmp_path, role):
@@ -144,7 +144,8 @@ def test_a_new_role_resumes_the_snapshot_into_its_built_optimizer(tmp_path, role
     resumed = DataParallelRole()
     try:
         resumed.start(RoleContext(training.context.config, "i-resumed", dht, Progress(), has_duty=lambda: True,
-                                  checkpoint_soon=threading.Event()))
+                                  checkpoint_soon=threading.Event(), checkpoint_trust=ANY_WRITER,
+                                  checkpoint_signer=None))
         new = resumed._started()
         assert new.optimizer.local_epoch == 1 and new.context.progress.checkpoint_epoch == 1
         names = [name for name, _ in new.model.named_parameters()]
