@@ -1,4 +1,5 @@
-"""The admission gate: every request a peer of ours receives from a peer not admitted is refused.
+"""The admission gate: every request a peer of ours receives from a peer not admitted is refused,
+and so is every call it would make to one.
 
 libp2p authenticates the remote peer id of every connection (its key signs the handshake), and
 hivemind hands each request handler that id (`P2PContext.remote_id`, a stream's
@@ -8,6 +9,15 @@ go through the latter), so that every handler registered afterwards in this proc
 processes it forks (the DHT's, the averagers'), first asks the gate. That covers DHT requests
 (ping, store, find), averaging (join group, aggregate part), state downloads, the progress
 tracker, and swarm mode's stage requests alike.
+
+Outgoing calls are gated too, at the two points every one of them passes
+(`P2P._call_unary_protobuf_handler`, `P2P.call_binary_stream_handler`: protobuf streams open a
+binary stream): a call to a peer the admission does not list fails before a connection is used,
+so nothing such a peer would answer is ever read. A stranger's (or a revoked peer's) id can reach
+an agent through the DHT (a routing table filled before a revocation, a find response listing
+neighbours, an averager or stage record naming it); the DHT lookup, the averaging group join, the
+all-reduce part, the state download and the stage call that would follow all fail as if the peer
+were unreachable, and hivemind drops it (the DHT from its routing table, matchmaking from its group).
 
 Every process has its own gate reading one file: the newest signed admission record
 (spotrain.contracts.admission), 0600 in the agent's working folder (the controller's: its
@@ -34,6 +44,8 @@ from spotrain.contracts.agent_config import AgentConfig
 if TYPE_CHECKING:
     from hivemind import DHT
 
+    from spotrain.stores import ManifestSigner, Trust
+
 ADMISSION_FILE = "admitted.json"
 REFUSAL_LOG_SECONDS = 60.0  # one line per refused peer per minute
 
@@ -47,6 +59,7 @@ class Gate:
         self.own_peer_id = own_peer_id
         self.log = log
         self.admission: Admission | None = None
+        self.record: dict[str, Any] | None = None  # the signed record `admission` was read from
         self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
         self._refused: dict[str, float] = {}
 
@@ -62,10 +75,11 @@ class Gate:
         self._reload()
         admission = parse_admission(record, self.cluster_key, self.cluster, now)
         newer = admission is not None and (self.admission is None or admission.issued > self.admission.issued)
-        if admission is None or not (newer if from_user_data else admission.replaces(self.admission, now)):
+        if (admission is None or not isinstance(record, dict)
+                or not (newer if from_user_data else admission.replaces(self.admission, now))):
             return None
         write_private(self.record_path, json.dumps(record).encode())
-        self.admission = admission
+        self.admission, self.record = admission, record
         return admission
 
     def refresh(self, dht: DHT) -> None:
@@ -82,11 +96,14 @@ class Gate:
             return {}
         return {**self.admission.peers, self.admission.controller: ""}
 
-    def refuse(self, peer_id: str, what: str) -> None:
+    def refuse(self, peer_id: str, what: str, outgoing: bool = False) -> None:
         now = time.monotonic()
         if now - self._refused.get(peer_id, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
             self._refused[peer_id] = now
-            self.log(f"refused {what} from {peer_id}: not admitted to {self.cluster}")
+            if outgoing:
+                self.log(f"not calling {what} at {peer_id}: not admitted to {self.cluster}")
+            else:
+                self.log(f"refused {what} from {peer_id}: not admitted to {self.cluster}")
 
     def _reload(self) -> None:
         try:
@@ -102,7 +119,20 @@ class Gate:
             return
         admission = parse_admission(record, self.cluster_key, self.cluster, time.time())
         if admission is not None and (self.admission is None or admission.issued >= self.admission.issued):
-            self.admission = admission
+            self.admission, self.record = admission, record
+
+
+def checkpoint_keys(gate: Gate | None, work: Path) -> tuple[Trust, ManifestSigner | None]:
+    """Which checkpoint manifests this agent believes, and how it seals its own (spotrain.stores.seal):
+    those signed by a peer the cluster admitted, sealed with this VM's identity and its newest
+    admission record. Without admission (a hand-made config) it has no cluster key to check a seal
+    with: it believes every manifest and writes unsigned ones, as it admits every peer."""
+    from spotrain.stores.seal import ANY_WRITER, AdmittedWriters, ManifestSigner
+
+    if gate is None:
+        return ANY_WRITER, None
+    signer = ManifestSigner.from_identity((work / IDENTITY_FILE).read_bytes(), lambda: gate.record)
+    return AdmittedWriters(gate.cluster, gate.cluster_key), signer
 
 
 class AdmissionError(ValueError):
@@ -150,15 +180,19 @@ def current() -> Gate | None:
     return _gate
 
 
-def _admitted(remote_id: Any, what: str) -> bool:
+def _admitted(remote_id: Any, what: str, outgoing: bool = False) -> bool:
     gate = _gate
     if gate is None:
         return True
     peer_id = remote_id.to_base58()
     if gate.admits(peer_id):
         return True
-    gate.refuse(peer_id, what)
+    gate.refuse(peer_id, what, outgoing)
     return False
+
+
+class NotAdmitted(PermissionError):
+    """A call to a peer the admission does not list: never made (hivemind counts it as a failed peer)."""
 
 
 def _wrap_hivemind() -> None:
@@ -187,6 +221,26 @@ def _wrap_hivemind() -> None:
 
     P2P._add_protobuf_unary_handler = gated_unary
     P2P.add_binary_stream_handler = gated_stream
+    _gate_outgoing(P2P)
+
+
+def _gate_outgoing(p2p_class: Any) -> None:
+    """Every call this process makes goes to an admitted peer, or nowhere: nothing is read from others."""
+    call_unary = p2p_class._call_unary_protobuf_handler
+    open_stream = p2p_class.call_binary_stream_handler
+
+    async def gated_call_unary(self: Any, peer_id: Any, handle_name: str, input: Any, output_protobuf_type: Any) -> Any:
+        if not _admitted(peer_id, handle_name, outgoing=True):
+            raise NotAdmitted(f"peer {peer_id} is not admitted: {handle_name} not called")
+        return await call_unary(self, peer_id, handle_name, input, output_protobuf_type)
+
+    async def gated_open_stream(self: Any, peer_id: Any, handler_name: str) -> Any:
+        if not _admitted(peer_id, handler_name, outgoing=True):
+            raise NotAdmitted(f"peer {peer_id} is not admitted: {handler_name} not called")
+        return await open_stream(self, peer_id, handler_name)
+
+    p2p_class._call_unary_protobuf_handler = gated_call_unary
+    p2p_class.call_binary_stream_handler = gated_open_stream
 
 
 def use_identity(identity: bytes, identity_path: Path) -> str:

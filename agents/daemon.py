@@ -23,6 +23,7 @@ from spotrain.agents.process_tree import end_descendants
 from spotrain.agents.progress import Progress
 from spotrain.agents.roles.base import Role, RoleContext
 from spotrain.agents.roles.data_parallel import DataParallelRole
+from spotrain.agents.startup import seconds_since_start
 from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
 from spotrain.contracts.log_format import configure as configure_logging
 from spotrain.contracts.records import AgentStatus
@@ -122,6 +123,7 @@ class Agent:
             instance_id=self.instance_id, state=self.state, epoch=self.progress.epoch, samples=self.progress.samples,
             samples_per_second=rate, loss=loss, bytes_sent=traffic.sent, bytes_received=traffic.received,
             checkpoint_epoch=self.progress.checkpoint_epoch, addresses=self.addresses, time=time.time(),
+            served=self.progress.served,
             codec_table=self.codec_table, role=self.config.pipeline.role if self.config.pipeline else "",
             egress_bytes=sent_to.snapshot(), egress_since=sent_to.since,
             offenders=offences.snapshot(),
@@ -148,6 +150,7 @@ class Agent:
         # swarm peers also exchange activations, so their codec joins the table they must share
         self.codec_table = codec_table_fingerprint(compression.gradients, compression.state,
                                                    compression.activations if self.config.mode == "swarm" else None)
+        log(f"imports done {seconds_since_start():.1f}s after the agent started")
         try:
             from spotrain.agents.admission import AdmissionError, admit_self
 
@@ -170,7 +173,8 @@ class Agent:
             threading.Thread(target=keep_merged, args=(dht, source, self.stop, log), name="swarm-merge",
                              daemon=True).start()
         self.addresses = tuple(str(a) for a in dht.get_visible_maddrs())
-        log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)}")
+        log(f"joined the swarm as {dht.peer_id} at {', '.join(self.addresses)} "
+            f"({seconds_since_start():.1f}s after the agent started)")
         return dht
 
     def _serve(self, dht: DHT) -> int:
@@ -187,8 +191,12 @@ class Agent:
             dht.shutdown()
             return EXIT_CODEC_MISMATCH
         publisher.start()
+        from spotrain.agents.admission import checkpoint_keys
+
+        trust, signer = checkpoint_keys(self.gate, Path.cwd())
         self.role.start(RoleContext(self.config, self.instance_id, dht, self.progress,
                                     has_duty=lambda: publisher.has_duty, checkpoint_soon=self.checkpoint_soon,
+                                    checkpoint_trust=trust, checkpoint_signer=signer,
                                     drain_seconds_left=self._drain_seconds_left, draining=self.draining))
         self._watch_notices()
         self.state = AgentState.TRAINING

@@ -16,6 +16,9 @@ class Progress:
         self.samples = 0  # since the agent started
         self.epoch = 0
         self.checkpoint_epoch: int | None = None  # the newest epoch this agent wrote to a store
+        # SWARM stage peers train no samples of their own (the trainers count those): their progress
+        # is the microbatch calls they answered, since the agent started, over every stage served
+        self.served = 0
         self._recent: list[tuple[float, int, float]] = []  # (time, samples, loss) of recent steps
         self._lock = threading.Lock()
 

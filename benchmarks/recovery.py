@@ -176,7 +176,8 @@ def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int) ->
     notice = fig.noticed_preemption(fig.global_epochs(rows), noticed_at, time.time(), trained_from)
     return ({"preempted": victim, "replacement": replacement, "seconds_from_notice": contributed_at - noticed_at,
              "seconds_from_agent_start": None if started is None else contributed_at - started,
-             "agent_start_from_notice": None if started is None else started - noticed_at}, notice)
+             "agent_start_from_notice": None if started is None else started - noticed_at,
+             "start_breakdown": fig.startup(bench.vm_file(replacement, "agent.log"))}, notice)
 
 
 def fleet_loss(bench: Bench, every_epochs: int) -> dict[str, Any]:

@@ -19,6 +19,16 @@ STALL = re.compile(r"checkpoint epoch (\d+): snapshot took ([0-9.]+)s of trainin
 RESUMED = re.compile(r"resumed from checkpoint epoch (\d+) of (\S+)")
 # providers/local_vm.py, in the VM's supervisor.log: "12:34:56 vm i-abc: agent started (pid 42)"
 AGENT_STARTED = re.compile(r"^(\d\d):(\d\d):(\d\d) vm \S+: agent started \(pid \d+\)", re.MULTILINE)
+# the agent's start, stamped "N.Ns after the agent started" (agents/startup.py): milestone -> pattern
+STARTUP = {
+    "imports_done": re.compile(r"agent: imports done ([0-9.]+)s after the agent started"),
+    "joined_swarm": re.compile(r"agent: joined the swarm as .*\(([0-9.]+)s after the agent started\)"),
+    "resumed_from_store": re.compile(r"agent: resumed from checkpoint epoch \d+ of \S+ \(([0-9.]+)s after"),
+    "first_step_done": re.compile(r"agent: first step done at epoch \d+ ([0-9.]+)s after the agent started"),
+    "first_epoch_stepped": re.compile(r"agent: first epoch stepped with the swarm: .*, ([0-9.]+)s after the agent"),
+}
+# kernels/paced_progress.py: "state from a peer: epoch 12 -> 17 in 26.3s (the swarm's records say epoch 16)"
+STATE_DOWNLOAD = re.compile(r"state from a peer: epoch (\d+) -> (\d+) in ([0-9.]+)s")
 CONTRIBUTION_LAG_EPOCHS = 1  # with delayed updates an in-sync agent's local epoch may trail the swarm's by one
 
 
@@ -75,6 +85,17 @@ def stalls(agent_log: str) -> list[tuple[float, float]]:
     """(seconds the training thread was blocked by a checkpoint, of which waiting for the delayed
     update) for every checkpoint the agent snapshotted."""
     return [(float(total), float(waited or 0.0)) for _, total, waited in STALL.findall(agent_log)]
+
+
+def startup(agent_log: str) -> dict[str, Any]:
+    """Where an agent's start went: each milestone's seconds after its process started (None if
+    the log has none), and every state download from a peer as (from epoch, to epoch, seconds)."""
+    found: dict[str, Any] = {}
+    for name, pattern in STARTUP.items():
+        match = pattern.search(agent_log)
+        found[name] = float(match.group(1)) if match else None
+    found["state_downloads"] = [(int(a), int(b), float(t)) for a, b, t in STATE_DOWNLOAD.findall(agent_log)]
+    return found
 
 
 def resumed_epochs(agent_log: str) -> list[int]:

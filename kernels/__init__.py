@@ -11,7 +11,7 @@ from typing import Any
 
 _EXPORTS = {
     "Quantized": "format", "quantize": "blockwise", "dequantize": "blockwise",
-    "BlockwiseCodec": "codecs", "codec_table_fingerprint": "codecs", "get_codec": "codecs",
+    "BlockwiseCodec": "codecs", "StateCodec": "codecs", "codec_table_fingerprint": "codecs", "get_codec": "codecs",
     "install_codecs": "codecs", "traffic": "codecs",
     "optimizer_options": "optimizer_arguments", "SwarmOptimizer": "paced_progress",
     "nominal_ratio": "table", "validate_codec_name": "table",
@@ -19,8 +19,8 @@ _EXPORTS = {
     "activation_codec": "activations", "decode_activation": "activations", "encode_activation": "activations",
 }
 __all__ = [
-    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "SwarmOptimizer", "activation_codec",
-    "codec_table_fingerprint", "decode_activation", "dequantize", "encode_activation", "get_codec",
+    "BlockwiseCodec", "CodecMismatchError", "CorruptPayloadError", "Quantized", "StateCodec", "SwarmOptimizer",
+    "activation_codec", "codec_table_fingerprint", "decode_activation", "dequantize", "encode_activation", "get_codec",
     "install_codecs", "nominal_ratio", "optimizer_options", "quantize", "traffic", "validate_codec_name",
 ]
 

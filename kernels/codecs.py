@@ -29,6 +29,7 @@ from hivemind.compression import (
     CompressionInfo,
     Float16Compression,
     NoCompression,
+    RoleAdaptiveCompression,
     TensorRole,
     Uniform8BitQuantization,
     serialization,
@@ -91,8 +92,8 @@ class BlockwiseCodec(CompressionBase):
 
     With error feedback each part of each tensor (hivemind's CompressionInfo key and part
     index) keeps the residual its last encoding dropped and adds it to its next value, so
-    what is dropped is delayed, not lost. Optimizer statistics travel raw: absmax scaling
-    would zero Adam's small second moments and blow up its steps after a state download.
+    what is dropped is delayed, not lost. Which tensors of a training state may take it at
+    all is `StateCodec`'s choice, not this codec's.
     """
 
     def __init__(self, bits: int, block_size: int | None = None, error_feedback: bool = False):
@@ -106,7 +107,7 @@ class BlockwiseCodec(CompressionBase):
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False) -> runtime_pb2.Tensor:
         requires_grad = tensor.requires_grad
-        raw = not tensor.is_floating_point() or tensor.numel() < RAW_BELOW or info.role == TensorRole.OPTIMIZER
+        raw = not tensor.is_floating_point() or tensor.numel() < RAW_BELOW
         tensor = tensor.detach().to(encoding_device(tensor.device, raw, accelerated.available()))
         dtype_name = str(tensor.dtype).removeprefix("torch.")
         if raw:
@@ -212,6 +213,33 @@ def get_codec(name: str, *, error_feedback: bool = False, block_size: int | None
     return CountingCodec(_base_codec(name, error_feedback, block_size), traffic)
 
 
+# The only tensors of a training state a lossy state codec may encode. Parameters take its error
+# like a small step (and peers average it away); optimizer statistics cannot: a small model's
+# Adam second moments sit mostly below float16's smallest subnormal (6e-8; 92% of tiny_gpt's
+# after 8 steps) and below a block's absmax / 127, so a codec turns them into 0, and the
+# receiver's next step divides the first moment by eps alone (updates 1e5 times too large).
+LOSSY_STATE_ROLES = (TensorRole.PARAMETER,)
+
+
+class StateCodec(RoleAdaptiveCompression):
+    """The codec of a training state (state averaging, state downloads) for the spec's `state` name:
+    that codec for parameters, exact bytes for optimizer statistics and anything else.
+
+    Every message says its own compression type and a receiver decodes each by it, so peers need
+    nothing more than hivemind's table; hivemind's partition sizes each part by this codec's
+    per-role ratio. `download`: what a newcomer takes as it is is never coarser than 8 bits.
+    """
+
+    def __init__(self, name: str, *, download: bool = False):
+        validate_codec_name(name)
+        self.name = "blockwise8" if download and name == "blockwise4" else name
+        lossy = get_codec(self.name)
+        super().__init__(default=get_codec("none"), **{role.name.lower(): lossy for role in LOSSY_STATE_ROLES})
+
+    def __repr__(self) -> str:
+        return f"spotrain.StateCodec({self.name!r} for {', '.join(r.name.lower() for r in LOSSY_STATE_ROLES)})"
+
+
 def install_codecs() -> None:
     """Put spotrain's codecs in hivemind's decode table and count received bytes.
 
@@ -238,7 +266,9 @@ def codec_table_fingerprint(gradients: str, state: str, activations: str | None 
     exchange activations: their codec joins the fingerprint (data-parallel ones' stays as it was).
     """
     description = {"wire": wire.WIRE_VERSION, "ids": wire.CODEC_IDS, "slots": SLOTS, "blocks": BLOCK_SIZES,
-                   "raw_below": RAW_BELOW, "gradients": gradients, "state": state}
+                   "raw_below": RAW_BELOW, "gradients": gradients, "state": state,
+                   # a peer that encodes optimizer statistics lossily would serve a newcomer a broken state
+                   "lossy_state_roles": [role.name for role in LOSSY_STATE_ROLES]}
     chosen = f"{gradients}:{state}"
     if activations is not None:
         description["activations"] = activations

@@ -8,7 +8,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
-from spotrain.kernels.codecs import get_codec
+from spotrain.kernels.codecs import StateCodec, get_codec
 from spotrain.kernels.table import powersgd_rank
 
 # Gradients are averaged every epoch; parameters, which peers only disagree on by what lossy
@@ -21,7 +21,8 @@ def optimizer_options(gradients: str, state: str, *, group_size: int | None = No
     """Keyword arguments for hivemind.Optimizer: codecs, and PowerSGD's averager when chosen.
 
     Gradients get error feedback (each peer re-sends what its last encoding dropped); state
-    averaging and state downloads do not: parameters are averaged afresh every round.
+    averaging and state downloads do not: parameters are averaged afresh every round. The state
+    codec touches parameters only; a downloaded optimizer state is the sender's, bit for bit.
     `group_size` (the swarm's expected size) lets an averaging group start as soon as that
     many peers joined, instead of waiting out the matchmaking time. `delayed_updates` averages
     an epoch's gradients and runs its optimizer step in the background while the next epoch
@@ -34,9 +35,9 @@ def optimizer_options(gradients: str, state: str, *, group_size: int | None = No
         "delay_optimizer_step": delayed_updates,
         "average_state_every": STATE_AVERAGING_EVERY,
         "grad_compression": get_codec(gradients, error_feedback=True),
-        "state_averaging_compression": get_codec(state),
-        # a newcomer takes downloaded parameters as they are: never coarser than 8 bits
-        "load_state_compression": get_codec("blockwise8" if state == "blockwise4" else state),
+        # the state codec encodes parameters only: optimizer statistics travel exactly (StateCodec)
+        "state_averaging_compression": StateCodec(state),
+        "load_state_compression": StateCodec(state, download=True),
     }
     rank = powersgd_rank(gradients)
     factory = None

@@ -24,7 +24,7 @@ import hivemind
 from hivemind.optim.progress_tracker import ProgressTracker
 from hivemind.utils.logging import get_logger
 
-from spotrain.kernels.finite_state import FiniteStateAverager
+from spotrain.kernels.settled_state import SettledStateAverager
 
 REPORT_INTERVAL_SECONDS = 2.0
 PROGRESS_EXPIRATION_SECONDS = 15.0
@@ -72,19 +72,31 @@ class PacedProgressTracker(ProgressTracker):
 
 class SwarmOptimizer(hivemind.Optimizer):
     """hivemind.Optimizer whose progress tracker paces its reports (see the module's doc) and whose
-    state averager serves and loads finite states only (`spotrain.kernels.finite_state`)."""
+    state averager serves and loads finite states only (`spotrain.kernels.finite_state`) and says when
+    its state is settled (`spotrain.kernels.settled_state`)."""
 
     def __init__(self, *args: Any, progress_report_interval: float = REPORT_INTERVAL_SECONDS, **kwargs: Any):
         self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
         self._told_unreachable = False
+        self.state_downloads = 0  # states taken from a peer
         kwargs["tracker_opts"] = {"metadata_expiration": PROGRESS_EXPIRATION_SECONDS, **kwargs.get("tracker_opts", {})}
         super().__init__(*args, **kwargs)
 
     def load_state_from_peers(self, **kwargs: Any) -> None:
         """hivemind's download; when no peer gave its state, one line saying why training goes on from
         this peer's own (store) state, and for how long the stale records may still ask for a download."""
-        before = self.local_epoch
+        before, started = self.local_epoch, time.monotonic()
         super().load_state_from_peers(**kwargs)
+        if self.local_epoch != before:  # where a newcomer's start goes: the download is most of it
+            self.state_downloads += 1
+            # The state came from the newest peer. Once an epoch hivemind checks that this peer's epoch
+            # is exactly the swarm's and downloads it all again if not; on a thin link a download takes
+            # longer than an epoch, so a newcomer would chase the swarm. One epoch behind is in sync for
+            # hivemind (its catch-up after a download, its check between epochs): until this peer's
+            # next epoch only that check applies.
+            self._should_check_synchronization_on_update = False
+            logger.info(f"state from a peer: epoch {before} -> {self.local_epoch} in {time.monotonic() - started:.1f}s "
+                        f"(the swarm's records say epoch {self.tracker.global_epoch})")
         behind = self.local_epoch < self.tracker.global_epoch - 1 and self.local_epoch == before
         if behind and not self._told_unreachable:
             self._told_unreachable = True
@@ -101,9 +113,9 @@ class SwarmOptimizer(hivemind.Optimizer):
             **kwargs,
         )
 
-    def _make_state_averager(self, **kwargs: Any) -> FiniteStateAverager:
+    def _make_state_averager(self, **kwargs: Any) -> SettledStateAverager:
         # hivemind 1.1.12's own arguments, with the checked class
-        return FiniteStateAverager(
+        return SettledStateAverager(
             dht=self.dht, prefix=f"{self.run_id}_state_averager", min_matchmaking_time=self.matchmaking_time,
             allreduce_timeout=self.allreduce_timeout, shutdown_timeout=self.shutdown_timeout,
             offload_optimizer=self.offload_optimizer, custom_gradients=self.offload_optimizer,

@@ -20,6 +20,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
+from spotrain.contracts.live_peers import PEERS_ATTRIBUTE, peers_value
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import (
     AuthError,
@@ -348,6 +349,42 @@ class GcpProvider:
         nics = list(described.network_interfaces)
         ips = [nic.network_i_p for nic in nics] + [c.nat_i_p for nic in nics for c in nic.access_configs]
         return tuple(f"/ip4/{ip}/tcp/{self.config.swarm_port}" for ip in ips if ip)
+
+    def publish_peers(self, cluster: str, peers: list[str]) -> None:
+        """The `spotrain-peers` metadata attribute of each running instance (its metadata server shows
+        it), rewritten when it changes. setMetadata replaces every item and takes the fingerprint of
+        what it replaces: a VM whose metadata changed since it was read is retried at the next tick."""
+        compute, instances = self.compute(), self.client("InstancesClient")
+        value = peers_value(peers)
+        try:
+            for zone in self.config.zones:
+                listing = compute.ListInstancesRequest(project=self.config.project, zone=zone,
+                                                       filter=f'labels.{LABEL_CLUSTER} = "{label_value(cluster)}"')
+                for described in instances.list(request=listing, timeout=CALL_TIMEOUT):
+                    if described.status in RUNNING_STATUSES and described.status != "STOPPING":
+                        self._set_peers(zone, described, value)
+        except sdk_errors() as error:
+            raise typed_error(error, "publish peers") from None
+
+    def _set_peers(self, zone: str, described: Any, value: str) -> None:
+        compute = self.compute()
+        items = {item.key: item.value for item in described.metadata.items}
+        if items.get(PEERS_ATTRIBUTE) == value:
+            return
+        items[PEERS_ATTRIBUTE] = value
+        metadata = compute.Metadata(fingerprint=described.metadata.fingerprint,
+                                    items=[compute.Items(key=k, value=v) for k, v in items.items()])
+        try:
+            operation = self.client("InstancesClient").set_metadata_unary(
+                project=self.config.project, zone=zone, instance=described.name, metadata_resource=metadata,
+                timeout=CALL_TIMEOUT)
+        except sdk_errors() as error:
+            if getattr(error, "code", None) in (404, 412):  # gone, or changed since listed: the next tick
+                return
+            raise
+        failed = operation_error(self._wait(zone, operation), f"publish peers on {described.name}")
+        if failed is not None:
+            raise failed
 
     def console_output(self, instance_id: str, location: str) -> str:
         """Serial port 1 (boot, the startup script, the agent's unit); "" once the VM is deleted."""

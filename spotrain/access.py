@@ -24,7 +24,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spotrain.agents.admission import write_private
 from spotrain.contracts.admission import (
@@ -36,6 +36,9 @@ from spotrain.contracts.admission import (
     identity_private_der,
     peer_id_of_identity,
 )
+
+if TYPE_CHECKING:
+    from spotrain.stores.seal import AdmittedWriters
 
 ADMISSION_TICKS = 5  # an admission record lives this many ticks: republished every tick
 MIN_ADMISSION_SECONDS = 30.0
@@ -135,6 +138,21 @@ class ClusterAccess:
 
     def _save(self) -> None:
         write_private(self.folder / TABLE_FILE, json.dumps(self._table, sort_keys=True).encode())
+
+
+def checkpoint_trust(folder: Path, cluster: str) -> AdmittedWriters:
+    """Which checkpoint manifests the controller's readers (status, report, export) believe: those
+    sealed by a peer the cluster key admitted, and not by an instance revoked since. Reads the
+    cluster folder and creates nothing: without a cluster key no manifest is believed."""
+    from spotrain.stores.seal import AdmittedWriters
+
+    key_path = folder / KEY_FILE
+    if not key_path.exists():
+        return AdmittedWriters(cluster, "")
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    return AdmittedWriters(cluster, _ssh_public(key), frozenset(_read_table(folder / TABLE_FILE)["revoked"]))
 
 
 def new_identity() -> bytes:

@@ -28,6 +28,7 @@ from spotrain.contracts.agent_config import (
     TrainingSettings,
 )
 from spotrain.contracts.records import AgentStatus
+from spotrain.contracts.stage_records import StageRecord, latest_records, stage_summary
 from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.controller import (
     AssignDuty,
@@ -65,6 +66,7 @@ from spotrain.providers.base import (
     QuotaError,
     SettingError,
 )
+from spotrain.stage_fleet import StageFleet, peers_per_stage
 from spotrain.swarm import Swarm
 from spotrain.swarm_peers import PUBLISHED_PEERS_META, bootstrap_peers, live_peers
 from spotrain.throughput import TaskProfile
@@ -124,6 +126,7 @@ class ControlLoop:
         self.failed_agent: Instance | None = None  # an instance whose provider gave up on its agent
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
+        self.stage_records: tuple[StageRecord, ...] = ()  # swarm mode: each stage peer's newest trusted record
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
         # USD/GB per path; None: the market's (spotrain.egress); the emulated cloud's as the catalog regions it names
         self.egress_price: PathPrice | None = emulated_cloud_prices(priced) if (
@@ -212,7 +215,7 @@ class ControlLoop:
             instances=tuple(
                 ObservedInstance(r.request_id, r.instance_id, r.location, r.price_usd_per_hour, r.state,
                                  self.statuses[r.instance_id].state if r.instance_id in self.statuses else None,
-                                 r.gpu, r.gpu_count, r.market)
+                                 r.gpu, r.gpu_count, r.market, self.roles.get(r.instance_id or ""), r.reason)
                 for r in rows),
             spent_usd=self.ledger.spent(self.run.id), global_epoch=self.max_epoch, preemptions=preemptions,
             launches=self.ledger.launch_count(), duty=self.duty,
@@ -221,6 +224,7 @@ class ControlLoop:
             hours_observed=hours, failed_at=dict(self.failed_at),
             egress_usd_per_hour=self.ledger.egress_usd_per_hour(self.run.id, now, EGRESS_WINDOW_SECONDS,
                                                                 self.settings.tick_seconds),
+            stage_records=self.stage_records,
         )
 
     def _egress_readings(self) -> list[EgressReading]:
@@ -250,6 +254,7 @@ class ControlLoop:
             stop_requested=self.stop_requested,
             initial_fleet_launched=bool(self.ledger.instances(run_id=self.run.id)),
             allowed=tuple(self.spec.allowed_locations()),
+            stages=self.spec.training.pipeline.stages if self.spec.training.mode == "swarm" else 0,
         )
 
     # -- act -----------------------------------------------------------------------------
@@ -334,10 +339,12 @@ class ControlLoop:
                     action.offer.location not in refused_before or self.failed_at[action.offer.location][0] == now)
                 if refused_in_this_pass and action.offer.market == "spot":
                     continue  # the same place just said no: the next pass plans elsewhere
+                self._explain_stage_action(action, now)
                 self._launch(action.request_id, action.offer, action.reason)
             elif isinstance(action, Terminate):
-                if action.reason == EndReason.RETIRED:
+                if action.reason in (EndReason.RETIRED, EndReason.SURPLUS_STAGE_PEER):
                     self.say(f"retiring {action.instance_id}: {action.reason}")
+                self._explain_stage_action(action, now)
                 self.provider.terminate(action.instance_id)
             elif isinstance(action, AssignDuty):
                 self._assign_duty(action.instance_ids)
@@ -345,6 +352,23 @@ class ControlLoop:
                 self.end_reason = action.reason
         self.upcoming = ()
         return observed
+
+    def _explain_stage_action(self, action: Launch | Terminate, now: float) -> None:
+        """Swarm mode: a launch for stages under two peers, or the retirement of a surplus stage
+        peer, goes to the ledger (event `stage peers`) with the peers per stage it was decided on."""
+        if action.reason not in (LaunchReason.STAGE_PEERS, EndReason.SURPLUS_STAGE_PEER):
+            return
+        draining = {i for i, status in self.statuses.items() if status.state == AgentState.DRAINING}
+        serving = {row.instance_id for row in self.ledger.instances(states=(InstanceState.RUNNING,))
+                   if row.instance_id and row.instance_id not in draining}
+        fleet = StageFleet(self.spec.training.pipeline.stages, serving, 0, len(serving), 0)
+        counts = {str(stage): count for stage, count in enumerate(peers_per_stage(self.stage_records, fleet))}
+        detail = {"action": "launch" if isinstance(action, Launch) else "retire",
+                  "instance_id": action.instance_id if isinstance(action, Terminate) else None,
+                  "peers_per_stage": counts}
+        self.ledger.event(self.run.id, "stage peers", now, json.dumps(detail), request_id=action.request_id)
+        if isinstance(action, Launch):
+            self.say(f"stage peers {counts}: launching {action.request_id} (a stage has fewer than two)")
 
     def _admit_upcoming(self, request_ids: list[str]) -> None:
         """Every VM this tick launches is admitted before the first of them boots: a VM's user-data
@@ -498,11 +522,15 @@ class ControlLoop:
                                 rebalance_seconds=pipeline.rebalance_seconds)
 
     def _observe_stages(self, now: float) -> None:
-        """Swarm mode: each stage's peers and samples/s, kept in the ledger when they change (`report`
-        reads the newest)."""
+        """Swarm mode: each stage peer's newest record, believed only from the peer its instance's
+        signed status record announced (a peer cannot fill or empty a stage in another's name); each
+        stage's peers and samples/s are kept in the ledger when they change (`report` reads the newest)."""
         if self.spec.training.mode != "swarm":
             return
-        stages = self.swarm.stages()
+        self.peers_seen.update(peer_instances(self.statuses.values()))
+        self.stage_records = tuple(r for r in latest_records(self.swarm.stage_records(), now)
+                                   if self.peers_seen.get(r.peer_id) == r.instance_id)
+        stages = stage_summary(self.stage_records, now)
         if stages and stages != self.stages:
             self.ledger.event(self.run.id, "stages", now, json.dumps(stages))
         self.stages = stages

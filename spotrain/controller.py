@@ -10,9 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from spotrain.budget import BudgetGuard
+from spotrain.contracts.stage_records import StageRecord
 from spotrain.contracts.states import LIVE_STATES, AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.policies import FleetMember, PlacementContext, PlacementPolicy
 from spotrain.providers.base import Offer
+from spotrain.stage_fleet import StageFleet, live_records, stage_peer_launches, surplus_stage_peer
 from spotrain.store_domains import failure_domain
 
 
@@ -27,6 +29,8 @@ class ObservedInstance:
     gpu: str | None = None
     gpu_count: int = 1
     market: str = "spot"
+    role: str | None = None  # swarm mode: the role its user-data named ("trainer" or "stage"); None: unknown
+    reason: LaunchReason | None = None  # why it was launched
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class Observed:
     hours_observed: dict[str, float] = field(default_factory=dict)  # instance-hours per location, this run
     failed_at: dict[str, tuple[float, int]] = field(default_factory=dict)  # last refusal, refusals in a row
     egress_usd_per_hour: float = 0.0  # what the fleet's traffic costs now (spotrain.egress, charged in the ledger)
+    stage_records: tuple[StageRecord, ...] = ()  # swarm mode: the newest record of each stage peer
 
 
 @dataclass(frozen=True)
@@ -61,20 +66,21 @@ class Desired:
     allowed: tuple[str, ...] = ()  # the spec's locations in the user's order
     # the store a duty holder at a location writes (StorePlacement.write_store): one store, one copy
     checkpoint_store_of: Callable[[str], str] = failure_domain
+    stages: int = 0  # swarm mode: the pipeline's stages, each kept at two peers (spotrain.stage_fleet); 0: off
 
 
 @dataclass(frozen=True)
 class Launch:
     request_id: str
     offer: Offer
-    reason: LaunchReason  # initial | replacement | migration
+    reason: LaunchReason  # initial | replacement | migration | stage peers
 
 
 @dataclass(frozen=True)
 class Terminate:
     request_id: str
     instance_id: str
-    reason: EndReason  # RETIRED or RUN_ENDED
+    reason: EndReason  # RETIRED, SURPLUS_STAGE_PEER or RUN_ENDED
 
 
 @dataclass(frozen=True)
@@ -138,39 +144,87 @@ def reconcile(observed: Observed, desired: Desired, now: float, policy: Placemen
     pending = [i for i in observed.instances if i.state == InstanceState.REQUESTED]
     ctx = placement_context(observed, desired, now, serving + pending)
     retired = set(policy.retire(ctx))
+    surplus = None if retired else surplus_stage_peer_of(observed, desired, serving, pending)
     for instance in serving:
         if instance.request_id in retired and instance.instance_id:
             actions.append(Terminate(instance.request_id, instance.instance_id, EndReason.RETIRED))
-    serving = [i for i in serving if i.request_id not in retired]
-    ctx = placement_context(observed, desired, now, serving + pending)
-    burn = fleet_burn_usd_per_hour(observed)
-    egress_each = egress_per_instance_usd_per_hour(observed)
+        elif surplus is not None and instance.instance_id == surplus:
+            actions.append(Terminate(instance.request_id, surplus, EndReason.SURPLUS_STAGE_PEER))
+    serving = [i for i in serving if i.request_id not in retired and (surplus is None or i.instance_id != surplus)]
+    launches = Launches(observed, desired, policy, placement_context(observed, desired, now, serving + pending))
     missing = desired.workers + desired.backups - len(serving) - len(pending)
-    sequence = observed.launches
-    for _ in range(max(0, missing)):
-        affordable = [o for o in desired.offers
-                      if desired.guard.can_launch(observed.spent_usd, burn, o.spot_usd_per_hour + egress_each)]
-        offer = policy.choose(affordable, ctx)
-        if offer is None:
-            break
-        actions.append(Launch(request_id(desired.cluster, sequence), offer,
-                              LaunchReason.REPLACEMENT if desired.initial_fleet_launched else LaunchReason.INITIAL))
-        sequence += 1
-        burn += offer.spot_usd_per_hour + egress_each
-        member = FleetMember.from_offer(request_id(desired.cluster, sequence - 1), offer)
-        ctx = replace(ctx, fleet=ctx.fleet + (member,))
-    if sequence == observed.launches and not pending:  # a settled fleet: the policy may move part of it
-        for offer in policy.migrate(desired.offers, ctx):
-            if not desired.guard.can_launch(observed.spent_usd, burn, offer.spot_usd_per_hour + egress_each):
-                break
-            actions.append(Launch(request_id(desired.cluster, sequence), offer, LaunchReason.MIGRATION))
-            sequence += 1
-            burn += offer.spot_usd_per_hour + egress_each
+    launches.add(missing, LaunchReason.REPLACEMENT if desired.initial_fleet_launched else LaunchReason.INITIAL)
+    if desired.stages:
+        fleet = stage_fleet_of(observed, desired, serving, pending)
+        launches.add(stage_peer_launches(observed.stage_records, fleet, len(launches.actions)),
+                     LaunchReason.STAGE_PEERS)
+    if not launches.actions and not pending:  # a settled fleet: the policy may move part of it
+        launches.add_offers(policy.migrate(desired.offers, launches.ctx), LaunchReason.MIGRATION)
+    actions += launches.actions
 
     duty = choose_duty_holders(serving, observed.duty, desired.checkpoint_replicas, desired.checkpoint_store_of)
     if duty:
         actions.append(AssignDuty(duty))
     return actions
+
+
+class Launches:
+    """The launches of one pass: each offer chosen by the policy among those the budget guard
+    allows, the burn and the fleet updated after each, request ids numbered in order."""
+
+    def __init__(self, observed: Observed, desired: Desired, policy: PlacementPolicy, ctx: PlacementContext):
+        self.observed, self.desired, self.policy, self.ctx = observed, desired, policy, ctx
+        self.burn = fleet_burn_usd_per_hour(observed)
+        self.egress_each = egress_per_instance_usd_per_hour(observed)
+        self.actions: list[Launch] = []
+
+    def affordable(self, offer: Offer) -> bool:
+        return self.desired.guard.can_launch(self.observed.spent_usd, self.burn,
+                                             offer.spot_usd_per_hour + self.egress_each)
+
+    def add(self, count: int, reason: LaunchReason) -> None:
+        """Up to `count` launches, each the policy's choice of what the money left can pay for."""
+        for _ in range(max(0, count)):
+            offer = self.policy.choose([o for o in self.desired.offers if self.affordable(o)], self.ctx)
+            if offer is None:
+                break
+            self._launch(offer, reason)
+
+    def add_offers(self, offers: list[Offer], reason: LaunchReason) -> None:
+        """These offers in order, until the first the budget guard refuses."""
+        for offer in offers:
+            if not self.affordable(offer):
+                break
+            self._launch(offer, reason)
+
+    def _launch(self, offer: Offer, reason: LaunchReason) -> None:
+        request = request_id(self.desired.cluster, self.observed.launches + len(self.actions))
+        self.actions.append(Launch(request, offer, reason))
+        self.burn += offer.spot_usd_per_hour + self.egress_each
+        self.ctx = replace(self.ctx, fleet=self.ctx.fleet + (FleetMember.from_offer(request, offer),))
+
+
+def stage_fleet_of(observed: Observed, desired: Desired, serving: list[ObservedInstance],
+                   pending: list[ObservedInstance]) -> StageFleet:
+    """The fleet as the stage rules see it: a live VM that will serve a stage (not a trainer) and
+    serves none yet is a peer on its way."""
+    serving_ids = {i.instance_id for i in serving if i.instance_id}
+    fleet = StageFleet(desired.stages, serving_ids, 0, len(serving) + len(pending),
+                       desired.workers + desired.backups)
+    recorded = {r.instance_id for r in live_records(observed.stage_records, fleet)}
+    waiting = [i for i in serving + pending if i.role != "trainer" and i.instance_id not in recorded]
+    return replace(fleet, waiting=len(waiting))
+
+
+def surplus_stage_peer_of(observed: Observed, desired: Desired, serving: list[ObservedInstance],
+                          pending: list[ObservedInstance]) -> str | None:
+    """Swarm mode: a stage peer launched beyond the wanted workers that is no longer needed."""
+    if not desired.stages:
+        return None
+    fleet = stage_fleet_of(observed, desired, serving, pending)
+    extras = [i.instance_id for i in serving if i.reason == LaunchReason.STAGE_PEERS and i.instance_id]
+    order = [i.instance_id for i in sorted(serving, key=lambda i: i.request_id) if i.instance_id]
+    return surplus_stage_peer(observed.stage_records, fleet, extras, order)
 
 
 def placement_context(observed: Observed, desired: Desired, now: float,

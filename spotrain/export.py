@@ -11,6 +11,7 @@ from spotrain.errors import SpotrainError
 
 if TYPE_CHECKING:
     from spotrain.config import ClusterSpec
+    from spotrain.stores import Trust
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,14 @@ def stored_cluster_spec(name: str) -> ClusterSpec:
     return stored_spec(run.spec)
 
 
-def newest_model(urls: tuple[str, ...]) -> tuple[int, Any, str] | None:
-    """(epoch, model state, store) of the newest checkpoint that verifies in any store. The
-    checkpoint names the model's buffers ("constants"), the only tensors that may be infinite:
-    a reader without the model could not tell them."""
+def newest_model(urls: tuple[str, ...], trust: Trust) -> tuple[int, Any, str] | None:
+    """(epoch, model state, store) of the newest checkpoint that verifies in any store, among those
+    `trust` believes (a manifest sealed by an admitted peer: spotrain.stores.seal). The checkpoint
+    names the model's buffers ("constants"), the only tensors that may be infinite: a reader
+    without the model could not tell them."""
     from spotrain.stores import ReplicatedStore, StoreError, decode_state, named_constants
 
-    for store, manifest in ReplicatedStore.from_urls(urls).candidates():
+    for store, manifest in ReplicatedStore.from_urls(urls, trust=trust).candidates():
         try:
             files = store.read(manifest)
             declared = decode_state({k: v for k, v in files.items() if k == "constants.pt"})
@@ -60,8 +62,9 @@ def export_model(cluster: str | None, out: Path) -> Exported:
     """Write the newest valid checkpoint's model state_dict to `out` (torch.load(out, weights_only=True))."""
     import torch
 
+    from spotrain.access import checkpoint_trust
     from spotrain.geo import store_network
-    from spotrain.home import existing_cluster
+    from spotrain.home import cluster_dir, existing_cluster
     from spotrain.stores import StoreError
 
     name = existing_cluster(cluster)
@@ -72,12 +75,13 @@ def export_model(cluster: str | None, out: Path) -> Exported:
             if not reachable:
                 raise SpotrainError(f"the emulated cloud of {name!r} is gone, and its buckets with it "
                                     f"(`spotrain down` removes them): export before down")
-            found = newest_model(urls)
+            found = newest_model(urls, checkpoint_trust(cluster_dir(name), name))
     except StoreError as error:
         raise SpotrainError(f"cannot read the checkpoint stores of {name!r}: {error}") from None
     if found is None:
         raise SpotrainError(f"no checkpoint of {name!r} in {', '.join(urls)} yet (workers write one every "
-                            f"checkpoint.every_epochs epochs and when the run ends)")
+                            f"checkpoint.every_epochs epochs and when the run ends; only checkpoints "
+                            f"signed by an admitted worker count)")
     epoch, model, url = found
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

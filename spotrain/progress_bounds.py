@@ -9,6 +9,9 @@ agent as training only while its accepted samples advance (a stalled or lying ag
 pay for (an epoch is `target_batch_size` samples), plus one per look for rounding. The first
 epoch of a run is the lower median of the agents' first claims: with two or more agents, one
 liar cannot raise it. A forged epoch of 10^6 then neither ends a run nor reaches the ledger.
+A SWARM stage peer trains no samples of its own (its trainers count them): it advances while the
+microbatch calls it answered (`served`) grow. That count drives nothing but "training", so it
+is not bounded by a rate.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ class ProgressBounds:
         self.epoch = epoch  # the swarm's epoch as far as it is paid for; None: not known yet
         self.samples = dict(samples or {})  # instance id -> samples accepted
         self._looked: dict[str, float] = {}  # instance id -> when the controller last looked
-        self._advanced: dict[str, float] = {}  # instance id -> when its accepted samples last grew
+        self._advanced: dict[str, float] = {}  # instance id -> when its accepted samples (or calls served) last grew
+        self._served: dict[str, int] = {}  # instance id -> the stage peer's microbatch calls last seen
 
     def bound(self, statuses: Mapping[str, AgentStatus], launched_at: Mapping[str, float],
               now: float) -> dict[str, AgentStatus]:
@@ -44,6 +48,9 @@ class ProgressBounds:
         for instance, status in statuses.items():
             accepted = self._accept_samples(instance, status, launched_at.get(instance, now), now)
             gained += accepted
+            if status.served != self._served.setdefault(instance, status.served):  # a restart counts anew
+                self._served[instance] = status.served
+                self._advanced[instance] = now
             training = status.state == AgentState.TRAINING and now - self._advanced.get(instance, now) < STALL_SECONDS
             believed[instance] = replace(
                 status, samples=self.samples[instance],

@@ -46,6 +46,7 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "preemptions_without_notice": len([i for i in preempted
                                            if i.end_reason == EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE]),
         "replacements": len([i for i in launched if i.reason == LaunchReason.REPLACEMENT]),
+        "stage_peer_launches": len([i for i in launched if i.reason == LaunchReason.STAGE_PEERS]),  # swarm mode
         "loss_first": _mean(losses_by_time[loss_times[0]]) if loss_times else None,
         "loss_last": _mean(losses_by_time[loss_times[-1]]) if loss_times else None,
         "spend_by_location": ledger.spend_by_location(run.id),

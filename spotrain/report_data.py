@@ -105,8 +105,11 @@ def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -
 
 def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
     """The store holding the run's newest complete checkpoint (every store, when none does) and
-    its epoch (a manifest is written last, so one that lists only present files is whole)."""
+    its epoch (a manifest is written last, so one that lists only present files is whole). Only
+    manifests an admitted peer sealed count (spotrain.stores.seal): one planted in a store is none."""
+    from spotrain.access import checkpoint_trust
     from spotrain.geo import store_network
+    from spotrain.home import cluster_dir
     from spotrain.spec_file import stored_spec
     from spotrain.stores import ReplicatedStore, StoreError
 
@@ -119,7 +122,7 @@ def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:
         with store_network(spec, cluster) as reachable:
             if not reachable:  # an emulated cloud's buckets, gone with it at `down`
                 return ", ".join(urls), None
-            audit = ReplicatedStore.from_urls(urls).audit()
+            audit = ReplicatedStore.from_urls(urls, trust=checkpoint_trust(cluster_dir(cluster), cluster)).audit()
     except StoreError:  # a store that cannot be opened from here: the report still stands
         return ", ".join(urls), None
     held = [store for store in audit.stores if store.newest_epoch is not None]

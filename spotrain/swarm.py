@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from spotrain.contracts.records import AgentStatus
+from spotrain.contracts.stage_records import StageRecord
 
 
 class Swarm(Protocol):
@@ -22,8 +23,8 @@ class Swarm(Protocol):
         """Publish which agents write the checkpoints."""
         ...
 
-    def stages(self) -> list[dict[str, float]]:
-        """Swarm mode: `{stage, peers, samples_per_second}` per stage that has a serving peer."""
+    def stage_records(self) -> list[StageRecord]:
+        """Swarm mode: the stage peers' records (`<cluster>.stages`), unexpired ones at least."""
         ...
 
 
@@ -39,5 +40,5 @@ class NoSwarm:
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         pass
 
-    def stages(self) -> list[dict[str, float]]:
+    def stage_records(self) -> list[StageRecord]:
         return []

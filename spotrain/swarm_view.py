@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from spotrain.agents.admission import Gate, current, install
 from spotrain.contracts.admission import admission_key, owner_marker
 from spotrain.contracts.records import DUTY_TTL_SECONDS, AgentStatus, duty_key, newest_statuses, status_key
-from spotrain.contracts.stage_records import found_stage_records, stage_summary, stages_key
+from spotrain.contracts.stage_records import StageRecord, found_stage_records, stages_key
 from spotrain.orphans import die_with_parent
 
 if TYPE_CHECKING:
@@ -99,10 +99,10 @@ class SwarmView:
         found = self._answer(partial(self.dht.get, status_key(self.cluster), latest=True))
         return newest_statuses(found, time.time(), self.gate.peers())
 
-    def stages(self) -> list[dict[str, float]]:
-        """`{stage, peers, samples_per_second}` of every stage with a serving peer, from the stage records."""
+    def stage_records(self) -> list[StageRecord]:
+        """Every well-formed stage record the DHT holds (the loop keeps each peer's newest)."""
         found = self._answer(partial(self.dht.get, stages_key(self.cluster), latest=True))
-        return stage_summary(found_stage_records(found), time.time())
+        return found_stage_records(found)
 
     def assign_duty(self, instance_ids: Sequence[str]) -> None:
         from hivemind.utils.timed_storage import get_dht_time

@@ -2,7 +2,9 @@
 
 A checkpoint is a set of files plus a manifest (epoch, every file's size and SHA-256, when and by
 whom it was written). The manifest is written last, so a checkpoint without one does not exist
-for readers, and a reader trusts a file only once its size and hash match the manifest.
+for readers, and a reader trusts a file only once its size and hash match the manifest. A
+manifest is believed at all only when its seal says an admitted peer wrote it
+(spotrain.stores.seal): whoever can write a store can write a manifest with valid hashes.
 
 Layout under a store's root (a directory or a bucket prefix), one checkpoint per epoch and writer
 (two duty holders sharing a store never overwrite each other's files):
@@ -18,7 +20,7 @@ import json
 import re
 import time
 from collections.abc import Mapping
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -63,6 +65,18 @@ class ManifestFile(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class Seal(BaseModel):
+    """Who vouches for a manifest: the writer's public key (its admitted libp2p identity), the
+    cluster-signed admission record that lists that key's peer id, and the writer's signature
+    over the manifest's other fields (spotrain.stores.seal makes and checks it)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    signer: str = Field(min_length=1, max_length=4096)  # RSA public key, OpenSSH form
+    admission: dict[str, Any]  # the signed admission record (spotrain.contracts.admission)
+    signature: str = Field(min_length=1, max_length=2048)  # base64 RSA-PSS/SHA-256
+
+
 class Manifest(BaseModel):
     """A checkpoint's table of contents, parsed strictly: unknown fields, wrong types, a foreign
     format version or a non-finite time make it corrupt rather than half understood."""
@@ -74,6 +88,7 @@ class Manifest(BaseModel):
     files: tuple[ManifestFile, ...]
     created_at: float = Field(gt=0, allow_inf_nan=False)
     writer: str = Field(pattern=SAFE_NAME.pattern)
+    seal: Seal | None = None  # None: unsigned (planted, or written before spotrain signed manifests)
 
     @model_validator(mode="after")
     def _unique_files(self) -> Manifest:
@@ -94,8 +109,13 @@ class Manifest(BaseModel):
     def file_key(self, file_name: str) -> str:
         return f"{self.name}/{file_name}"
 
+    def signed_fields(self) -> dict[str, Any]:
+        """Everything but the seal: what the writer signs."""
+        return self.model_dump(mode="json", exclude={"seal"})
+
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        # an unsigned manifest is written as before seals existed
+        return json.dumps(self.model_dump(mode="json", exclude_none=True), sort_keys=True).encode()
 
     @classmethod
     def parse(cls, data: bytes, key: str) -> Manifest:
@@ -122,6 +142,21 @@ def checkpoint_name(epoch: int, writer: str) -> str:
     return f"ckpt-{epoch:08d}-{writer}"
 
 
+class Trust(Protocol):
+    """Which manifests a reader believes (spotrain.stores.seal: those an admitted peer sealed)."""
+
+    def refusal(self, manifest: Manifest) -> str | None:
+        """None when the manifest is believed; else why not (one line, for the reader's log)."""
+        ...
+
+
+class Sealer(Protocol):
+    """What seals the manifests a writer writes (spotrain.stores.seal.ManifestSigner)."""
+
+    def seal(self, manifest: Manifest) -> Manifest:
+        ...
+
+
 @runtime_checkable
 class CheckpointStore(Protocol):
     """A place that keeps checkpoints: a directory, an S3 prefix, a GCS prefix.
@@ -130,12 +165,15 @@ class CheckpointStore(Protocol):
 
     url: str
 
-    def write(self, epoch: int, files: Mapping[str, bytes], writer: str) -> Manifest:
-        """Store `files` as `writer`'s checkpoint of `epoch`: the files first, the manifest last."""
+    def write(self, epoch: int, files: Mapping[str, bytes], writer: str,
+              signer: Sealer | None = None) -> Manifest:
+        """Store `files` as `writer`'s checkpoint of `epoch`: the files first, the manifest (sealed
+        by `signer`, when given) last."""
         ...
 
     def manifests(self) -> list[Manifest]:
-        """Every checkpoint whose manifest parses, newest epoch first; broken manifests are skipped."""
+        """Every checkpoint whose manifest parses, newest epoch first; broken manifests are skipped.
+        Not yet believed: a reader asks its Trust (ReplicatedStore does)."""
         ...
 
     def is_complete(self, manifest: Manifest) -> bool:
@@ -151,8 +189,9 @@ class CheckpointStore(Protocol):
         """Remove a checkpoint: its manifest first, so it is never visible half deleted."""
         ...
 
-    def prune(self, keep: int, up_to: int | None = None) -> list[Manifest]:
+    def prune(self, keep: int, up_to: int | None = None, trust: Trust | None = None) -> list[Manifest]:
         """Keep the `keep` newest epochs that have a manifest (counting only epochs up to `up_to`,
-        when given: a writer's own newest, so checkpoints planted ahead of it take no slot); remove
+        when given: a writer's own newest, so checkpoints planted ahead of it take no slot; and only
+        manifests `trust` believes, when given, so planted ones take no slot either); remove
         everything older (files whose manifest never came too). Returns the checkpoints removed."""
         ...

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from spotrain.stores.base import MANIFEST_KEY, CorruptCheckpoint, Manifest, MissingObject, StoreError
+from spotrain.stores.base import MANIFEST_KEY, CorruptCheckpoint, Manifest, MissingObject, Sealer, StoreError, Trust
 
 log = logging.getLogger(__name__)
 # a checkpoint's manifest, its files, and what a crashed local write left (".ckpt-...tmp")
@@ -76,8 +76,11 @@ class BlobStore(ABC):
     def fetch_url(self, key: str, expires_seconds: int) -> FetchURL:
         return self._fetch_url(check_object_key(key), expires_seconds)
 
-    def write(self, epoch: int, files: Mapping[str, bytes], writer: str) -> Manifest:
+    def write(self, epoch: int, files: Mapping[str, bytes], writer: str,
+              signer: Sealer | None = None) -> Manifest:
         manifest = Manifest.describe(epoch, writer, files)
+        if signer is not None:
+            manifest = signer.seal(manifest)
         for name, data in files.items():
             self._put(manifest.file_key(name), data)
         self._put(manifest.key, manifest.to_json())  # last: only now does the checkpoint exist
@@ -116,11 +119,12 @@ class BlobStore(ABC):
         self._delete([manifest.key])
         self._delete([manifest.file_key(entry.name) for entry in manifest.files])
 
-    def prune(self, keep: int, up_to: int | None = None) -> list[Manifest]:
+    def prune(self, keep: int, up_to: int | None = None, trust: Trust | None = None) -> list[Manifest]:
         if keep < 1:
             raise ValueError(f"keep must be at least 1, not {keep}")
         manifests = self.manifests()
-        epochs = sorted({m.epoch for m in manifests if up_to is None or m.epoch <= up_to}, reverse=True)
+        epochs = sorted({m.epoch for m in manifests if (up_to is None or m.epoch <= up_to)
+                         and (trust is None or trust.refusal(m) is None)}, reverse=True)
         if len(epochs) <= keep:
             return []
         oldest_kept = epochs[keep - 1]

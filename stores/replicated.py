@@ -4,6 +4,9 @@ nearest store first), and audit how many complete copies each epoch has.
 A duty holder writes to the store of its own failure domain; the controller opens every
 domain's store in one ReplicatedStore to list and audit them, and a restoring agent opens them
 ordered nearest first, so a tie on the epoch is read from the cheapest, fastest store.
+
+Every reader names its Trust (spotrain.stores.seal): a manifest it does not believe is not a
+candidate, counts in no audit and takes no slot when a writer prunes. A writer names its signer.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spotrain.stores.base import CheckpointStore, Manifest, StoreError, StoreUnavailable
+from spotrain.stores.base import CheckpointStore, Manifest, Sealer, StoreError, StoreUnavailable, Trust
 from spotrain.stores.open import open_store
 from spotrain.stores.payload import Constants, decode_state, encode_state, no_constants
 
@@ -54,14 +57,17 @@ class ReplicaAudit:
 
 
 class ReplicatedStore:
-    def __init__(self, stores: Sequence[CheckpointStore]):
+    def __init__(self, stores: Sequence[CheckpointStore], *, trust: Trust, signer: Sealer | None = None):
         if not stores:
             raise ValueError("a replicated store needs at least one store")
         self.stores = tuple(stores)  # nearest first
+        self.trust = trust  # which manifests count (no default: every reader decides)
+        self.signer = signer  # seals what this store writes; None: unsigned
 
     @classmethod
-    def from_urls(cls, urls: Sequence[str]) -> ReplicatedStore:
-        return cls([open_store(url) for url in urls])
+    def from_urls(cls, urls: Sequence[str], *, trust: Trust, signer: Sealer | None = None,
+                  ) -> ReplicatedStore:
+        return cls([open_store(url) for url in urls], trust=trust, signer=signer)
 
     def save_state(self, epoch: int, state: Mapping[str, Any], writer: str,
                    constants: Constants = no_constants) -> list[Manifest]:
@@ -74,7 +80,7 @@ class ReplicatedStore:
         written, failed = [], []
         for store in self.stores:
             try:
-                written.append(store.write(epoch, files, writer))
+                written.append(store.write(epoch, files, writer, self.signer))
             except StoreError as error:
                 failed.append(f"{store.url}: {error}")
         if failed:
@@ -85,18 +91,26 @@ class ReplicatedStore:
     def prune(self, keep: int, up_to: int | None = None) -> None:
         for store in self.stores:
             try:
-                store.prune(keep, up_to)
+                store.prune(keep, up_to, self.trust)
             except StoreError as error:
                 log.warning("%s: prune failed: %s", store.url, error)
 
     def candidates(self) -> list[tuple[CheckpointStore, Manifest]]:
-        """Every listed checkpoint, newest epoch first, the nearest store first within an epoch."""
+        """Every listed checkpoint the trust believes, newest epoch first, the nearest store first
+        within an epoch; each one refused is logged (one line) and left out."""
         found: list[tuple[int, int, CheckpointStore, Manifest]] = []
         for rank, store in enumerate(self.stores):
             try:
-                found.extend((-manifest.epoch, rank, store, manifest) for manifest in store.manifests())
+                listed = store.manifests()
             except StoreError as error:
                 log.warning("%s: cannot list checkpoints: %s", store.url, error)
+                continue
+            for manifest in listed:
+                refusal = self.trust.refusal(manifest)
+                if refusal is None:
+                    found.append((-manifest.epoch, rank, store, manifest))
+                else:
+                    log.warning("%s: skipping checkpoint %s: %s", store.url, manifest.name, refusal)
         found.sort(key=lambda item: (item[0], item[1], -item[3].created_at))
         return [(store, manifest) for _, _, store, manifest in found]
 
@@ -113,11 +127,12 @@ class ReplicatedStore:
         return None
 
     def audit(self) -> ReplicaAudit:
-        """Per store, the epochs it holds complete (manifest plus every file at its size)."""
+        """Per store, the epochs it holds complete (a believed manifest plus every file at its size)."""
         audits = []
         for store in self.stores:
             try:
-                epochs = {m.epoch for m in store.manifests() if store.is_complete(m)}
+                epochs = {m.epoch for m in store.manifests()
+                          if self.trust.refusal(m) is None and store.is_complete(m)}
             except StoreError as error:
                 audits.append(StoreAudit(store.url, (), str(error)))
                 continue

@@ -1,8 +1,8 @@
 """A small stateful Compute Engine REST fake for the real google-cloud-compute client.
 
 No official emulator exists, so this serves the subset spotrain uses, shaped like the v1 API:
-instances insert/get/list/delete (labels, metadata, `filter`, `requestId` idempotency),
-zone and global operations (get, list, wait), firewalls get/insert, serial port 1 output
+instances insert/get/list/delete/setMetadata (labels, metadata with its fingerprint, `filter`,
+`requestId` idempotency), zone and global operations (get, list, wait), firewalls get/insert, serial port 1 output
 (getSerialPortOutput: what a VM printed, from a byte offset), and an OAuth token
 endpoint that checks the service-account JWT the real google-auth library signs. Compute calls
 need a bearer token it issued (401 otherwise). Errors use the API's JSON error shape.
@@ -221,6 +221,8 @@ class GceState:
             status="PROVISIONING", creationTimestamp=rfc3339(time.time()),
             selfLink=self.link("zones", zone, "instances", name),
         )
+        instance["metadata"] = dict(instance.get("metadata") or {}, kind="compute#metadata",
+                                    fingerprint=_fingerprint())
         for index, nic in enumerate(instance.get("networkInterfaces") or [{}]):
             nic["networkIP"] = f"10.128.0.{len(self.instances[zone]) + 2}"
             for config in nic.get("accessConfigs", []):
@@ -263,6 +265,20 @@ class GceState:
             raise ApiError(404, "notFound", f"The resource 'projects/{self.project}/zones/{zone}/instances/{name}' "
                                             "was not found")
         return self.instances[zone][name]
+
+    def set_metadata(self, zone: str, name: str, body: dict, request_id: str | None) -> dict:
+        """Like instances.setMetadata: every item replaced, only with the fingerprint of what is replaced."""
+        if (op := self._idempotent(request_id, zone)) is not None:
+            return op
+        instance = self.get_instance(zone, name)
+        if body.get("fingerprint") != instance["metadata"]["fingerprint"]:
+            raise ApiError(412, "conditionNotMet", "Supplied fingerprint does not match current metadata "
+                                                   "fingerprint.")
+        instance["metadata"] = {"kind": "compute#metadata", "items": body.get("items") or [],
+                                "fingerprint": _fingerprint()}
+        op = self._operation(zone, "setMetadata", instance, done=False)
+        self._finish(zone, op)
+        return op
 
     def delete_instance(self, zone: str, name: str, request_id: str | None) -> dict:
         if (op := self._idempotent(request_id, zone)) is not None:
@@ -308,6 +324,10 @@ class GceState:
         while op["status"] != "DONE" and time.time() < deadline:
             self.lock.wait(timeout=max(0.0, deadline - time.time()))
         return op
+
+
+def _fingerprint() -> str:
+    return base64.b64encode(secrets.token_bytes(8)).decode()
 
 
 def _page(items: list[dict], query: dict, kind: str) -> dict:
@@ -384,6 +404,8 @@ class _Handler(BaseHTTPRequestHandler):
             case "GET", ["zones", zone, "instances", name, "serialPort"]:
                 return state.serial_port_output(zone, name, int(query.get("port", ["1"])[0]),
                                                 int(query.get("start", ["0"])[0]))
+            case "POST", ["zones", zone, "instances", name, "setMetadata"]:
+                return state.set_metadata(zone, name, json.loads(body or b"{}"), request_id)
             case "DELETE", ["zones", zone, "instances", name]:
                 return state.delete_instance(zone, name, request_id)
             case "GET", ["zones", zone, "operations"]:

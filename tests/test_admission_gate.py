@@ -143,3 +143,36 @@ def _public_key_of(work) -> str:
 
     key = hivemind_private_key(identity_private_der((work / IDENTITY_FILE).read_bytes()))
     return key.get_public_key().to_bytes().decode()
+
+
+async def _knows(peer_id: str, _dht, node) -> bool:
+    """In a peer's DHT process: whether `peer_id` is in its routing table (it would be asked in lookups)."""
+    from hivemind.p2p import PeerID
+
+    return PeerID.from_base58(peer_id) in node.protocol.routing_table
+
+
+def test_an_agent_calls_no_peer_its_admission_leaves_out_and_reads_nothing_from_one(tmp_path, peers):
+    """Outgoing calls are gated too: once b is revoked, a neither calls b's handlers (unary: DHT,
+    matchmaking; stream: all-reduce parts, state downloads, stage requests) nor takes a value that b
+    alone holds in a DHT lookup, though b was in a's routing table from before the revocation."""
+    access = ClusterAccess(tmp_path / "cluster", CLUSTER)
+    swarm = SwarmView(CLUSTER, access)
+    peers.append(swarm)
+    admissions = admit(swarm, ["i-a", "i-b"])
+    a, gate_a = agent_peer(tmp_path, "i-a", admissions["i-a"], swarm.addresses())
+    peers.append(a)
+    b, _ = agent_peer(tmp_path, "i-b", admissions["i-b"], [*swarm.addresses(), *map(str, a.get_visible_maddrs())])
+    peers.append(b)
+    b.run_coroutine(_serve)
+    b_address = next(str(m) for m in b.get_visible_maddrs())
+    assert a.run_coroutine(partial(_call, b_address)) == (True, True)  # admitted: a calls b
+    wait_for(lambda: a.run_coroutine(partial(_knows, str(b.peer_id))), 20, "b in a's routing table")
+
+    admit(swarm, ["i-a"])  # b revoked
+    wait_for(lambda: (gate_a.refresh(a), "i-b" not in gate_a.peers().values())[1], 20, "a's gate to revoke b")
+    assert a.run_coroutine(partial(_call, b_address)) == (False, False)  # a calls neither kind of b's handler
+    key = f"{CLUSTER}.from-b"
+    b.store(key, "b's value", get_dht_time() + 60)  # a and the controller refuse it: only b holds it
+    assert b.get(key, latest=True).value == "b's value"
+    assert a.get(key, latest=True) is None  # a asked only admitted peers

@@ -8,7 +8,7 @@ import time
 import pytest
 from conftest import admit, start_agent, wait_for
 
-from spotrain.access import ClusterAccess
+from spotrain.access import ClusterAccess, checkpoint_trust
 from spotrain.contracts.records import status_key
 from spotrain.providers.imds_server import MetadataServer, MetadataState
 from spotrain.stores import open_store
@@ -95,6 +95,9 @@ def test_agents_train_report_checkpoint_drain_and_resume(tmp_path, cleanup):
         cleanup.append(c)
         wait_for(lambda: (s := swarm.statuses().get("i-c")) and s.epoch >= newest, 120, "c resumed")
         assert "resumed from checkpoint epoch" in (tmp_path / "i-c" / "agent.log").read_text()
+        # every manifest the duty holders wrote is sealed by an admitted peer (stores/seal.py)
+        trust = checkpoint_trust(tmp_path / "cluster", cluster)
+        assert all(trust.refusal(m) is None for m in open_store(str(store)).manifests())
     finally:
         imds.shutdown()
         swarm.shutdown()

@@ -156,3 +156,43 @@ def test_instances_report_their_internal_and_nat_addresses(gce):
     (nat,) = nic["accessConfigs"]
     assert instance.addresses == (f"/ip4/{nic['networkIP']}/tcp/31337", f"/ip4/{nat['natIP']}/tcp/31337")
     assert [i.addresses for i in p.list_instances("c2")] == [instance.addresses]
+
+
+def test_live_peers_are_published_in_each_running_vms_metadata_keeping_its_other_items(gce):
+    p = provider(gce)
+    first, second = p.launch(request(p, "c2-r00020")), p.launch(request(p, "c2-r00021", "us-central1-b"))
+    peers = [f"/ip4/10.128.0.{n}/tcp/31337/p2p/QmPeer{n}" for n in range(3)]
+    p.publish_peers("c2", peers)
+    for instance in (first, second):
+        zone = instance.location.split(":", 1)[1]
+        items = {i["key"]: i["value"] for i in gce.state.instances[zone][instance.instance_id]["metadata"]["items"]}
+        assert items["spotrain-peers"].split() == peers
+        assert {"user-data", "startup-script"} <= set(items)  # setMetadata replaces all: the rest is kept
+    set_calls = [path for method, path, _ in gce.requests if path.endswith("/setMetadata")]
+    assert len(set_calls) == 2
+    p.publish_peers("c2", peers)  # unchanged: nothing rewritten
+    assert len([path for method, path, _ in gce.requests if path.endswith("/setMetadata")]) == 2
+    p.publish_peers("c2", peers[:1])
+    zone = first.location.split(":", 1)[1]
+    items = {i["key"]: i["value"] for i in gce.state.instances[zone][first.instance_id]["metadata"]["items"]}
+    assert items["spotrain-peers"] == peers[0]
+
+
+def test_a_vm_whose_metadata_changed_since_it_was_listed_is_left_for_the_next_tick(gce, monkeypatch):
+    p = provider(gce)
+    instance = p.launch(request(p, "c2-r00022"))
+    zone = instance.location.split(":", 1)[1]
+    real_set = gce.state.set_metadata
+
+    def changed_meanwhile(zone_, name, body, request_id):
+        gce.state.instances[zone_][name]["metadata"]["fingerprint"] = "changed-by-someone-else"
+        return real_set(zone_, name, body, request_id)
+
+    monkeypatch.setattr(gce.state, "set_metadata", changed_meanwhile)
+    p.publish_peers("c2", ["/ip4/10.128.0.9/tcp/31337/p2p/QmPeer"])  # 412 from the API: no error, no write
+    items = {i["key"] for i in gce.state.instances[zone][instance.instance_id]["metadata"]["items"]}
+    assert "spotrain-peers" not in items
+    monkeypatch.setattr(gce.state, "set_metadata", real_set)
+    p.publish_peers("c2", ["/ip4/10.128.0.9/tcp/31337/p2p/QmPeer"])
+    items = {i["key"] for i in gce.state.instances[zone][instance.instance_id]["metadata"]["items"]}
+    assert "spotrain-peers" in items

@@ -317,15 +317,13 @@ def test_compression_ratio_estimate_matches_the_bytes():
     assert nominal_ratio("float16") == 2.0 and nominal_ratio("powersgd:2") is None
 
 
-def test_small_integer_and_optimizer_tensors_travel_exactly():
+def test_small_and_integer_tensors_travel_exactly():
     install_codecs()
     codec = get_codec("blockwise4")
     step, counts = torch.tensor(1234.0), torch.arange(50)
-    adam_second_moment = torch.rand(1000) ** 8  # absmax scaling would zero most of it
     assert deserialize_torch_tensor(message(codec, step)).item() == 1234.0
     assert torch.equal(deserialize_torch_tensor(message(codec, counts)), counts)
-    decoded = deserialize_torch_tensor(message(codec, adam_second_moment, role=TensorRole.OPTIMIZER))
-    assert torch.equal(decoded, adam_second_moment)
+    # optimizer statistics are the state codec's to keep exact (tests/test_state_codec.py)
 
 
 def test_codec_error_feedback_is_kept_per_tensor_part():
@@ -400,10 +398,12 @@ def test_fingerprint_covers_the_wire_version_and_the_chosen_codecs(monkeypatch):
 def test_optimizer_options_give_gradients_error_feedback_and_powersgd_its_averager():
     options = optimizer_options("blockwise4", "blockwise8")
     assert options["grad_compression"].inner.error_feedback
-    assert not options["state_averaging_compression"].inner.error_feedback
+    parameters = options["state_averaging_compression"].choose_compression(
+        CompressionInfo.from_tensor(torch.zeros(4), role=TensorRole.PARAMETER))
+    assert not parameters.inner.error_feedback
     assert "grad_averager_factory" not in options
     assert options["average_state_every"] == 4
-    assert optimizer_options("none", "blockwise4")["load_state_compression"].inner.bits == 8
+    assert optimizer_options("none", "blockwise4")["load_state_compression"].name == "blockwise8"
     powersgd = optimizer_options("powersgd:3", "float16")
     assert powersgd["grad_averager_factory"].keywords == {"averager_rank": 3}
     assert powersgd["grad_averager_factory"].func.__name__ == "PowerSGDGradientAverager"

@@ -102,13 +102,27 @@ def test_repeated_rebalancing_settles(swarm):
 
 @settings(max_examples=300, deadline=None)
 @given(swarms(), st.floats(0.1, 100.0))
-def test_a_newcomer_joins_where_it_raises_the_throughput_most(swarm, speed):
+def test_a_newcomer_fills_a_stage_under_two_peers_else_raises_the_throughput_most(swarm, speed):
     records, stages, _ = swarm
     chosen = stage_for_newcomer(records, stages)
+    totals = stage_throughputs(records, stages)
+    peers = [sum(1 for r in records if r.stage == stage and r.state != AgentState.DRAINING)
+             for stage in range(stages)]
+    short = [stage for stage in range(stages) if peers[stage] < MIN_PEERS_PER_STAGE]
+    if short:  # redundancy first: the slowest of the stages one preemption away from stopping
+        assert chosen in short and totals[chosen] == min(totals[stage] for stage in short)
+        return
     def with_newcomer(stage: int) -> float:
         return pipeline_throughput([*records, record(stage, "new", speed)], stages)
     assert all(with_newcomer(chosen) >= with_newcomer(stage) for stage in range(stages))
-    assert stage_throughputs(records, stages)[chosen] == min(stage_throughputs(records, stages))
+    assert totals[chosen] == min(totals)
+
+
+def test_a_newcomer_joins_a_stage_with_one_peer_before_a_slower_stage_with_two():
+    # stage 1's one fast peer out-serves stage 0's two slow ones, but one preemption stops the pipeline
+    records = [record(0, "a0", 2.0), record(0, "a1", 2.0), record(1, "b0", 10.0)]
+    assert stage_for_newcomer(records, 2) == 1
+    assert stage_for_newcomer([*records, record(1, "b1", 10.0)], 2) == 0
 
 
 def test_a_peer_of_the_least_loaded_stage_moves_to_the_slowest():

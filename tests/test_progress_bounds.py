@@ -1,5 +1,7 @@
 """The controller believes only the progress the agents' samples make plausible (spotrain/progress_bounds.py)."""
 
+from dataclasses import replace
+
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import AgentState
 from spotrain.progress_bounds import STALL_SECONDS, ProgressBounds
@@ -55,3 +57,20 @@ def test_an_agent_whose_samples_do_not_advance_is_not_training():
     assert seen["i-a"].state == AgentState.TRAINING
     draining = b.bound({"i-a": status("i-a", 0, 150, 200.0, AgentState.DRAINING)}, launched, 200.0)
     assert draining["i-a"].state == AgentState.DRAINING  # only "training" needs proof
+
+
+def test_a_stage_peer_trains_while_the_microbatches_it_serves_grow():
+    """SWARM stage peers count no samples (their trainers do): the calls they answer are their progress."""
+    b = ProgressBounds(64, lambda _: 1000.0)
+    launched = {"s": 0.0}
+
+    def look(served: int, now: float) -> AgentState:
+        record = replace(status("s", 0, 0, now), role="stage", served=served)
+        return b.bound({"s": record}, launched, now)["s"].state
+
+    assert look(0, 0.0) == AgentState.TRAINING
+    assert look(10, 50.0) == AgentState.TRAINING
+    assert look(25, 100.0) == AgentState.TRAINING  # 50 s after the first look: still advancing
+    assert look(25, 130.0) == AgentState.TRAINING
+    assert look(25, 170.0) == AgentState.STARTING  # nothing served for 70 s: stalled
+    assert look(26, 171.0) == AgentState.TRAINING

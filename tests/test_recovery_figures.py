@@ -80,3 +80,15 @@ def test_a_figure_without_measurements_says_so_rather_than_passing():
                      {"stalls": [], "mean_step_seconds": None})
     assert [result[k]["met"] for k in ("replacement", "noticed_preemption", "fleet_loss", "checkpoint_stall")] == \
         [None, None, None, None]
+
+
+def test_the_start_of_an_agent_is_read_from_its_stamped_lines():
+    log = ("12:00:05 agent: imports done 5.2s after the agent started\n"
+           "12:00:07 agent: joined the swarm as Qm1 at /ip4/1.2.3.4/tcp/5/p2p/Qm1 (7.1s after the agent started)\n"
+           "12:00:14 kernels.paced_progress: state from a peer: epoch 0 -> 20 in 3.5s (the swarm's records say 20)\n"
+           "12:00:15 agent: first step done at epoch 20 15.0s after the agent started\n"
+           "12:00:17 agent: first epoch stepped with the swarm: 20 -> 21, 17.5s after the agent started\n")
+    start = recovery_figures.startup(log)
+    assert start == {"imports_done": 5.2, "joined_swarm": 7.1, "resumed_from_store": None, "first_step_done": 15.0,
+                     "first_epoch_stepped": 17.5, "state_downloads": [(0, 20, 3.5)]}
+    assert recovery_figures.startup("")["first_step_done"] is None

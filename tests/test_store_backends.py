@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from spotrain.stores import (
+    ANY_WRITER,
     CorruptCheckpoint,
     NonFiniteState,
     ReplicatedStore,
@@ -82,11 +83,11 @@ def state_at(epoch: int) -> dict:
 
 
 def save(store, epoch: int, writer: str = "vm-1") -> None:
-    ReplicatedStore([store]).save_state(epoch, state_at(epoch), writer)
+    ReplicatedStore([store], trust=ANY_WRITER).save_state(epoch, state_at(epoch), writer)
 
 
 def newest(store):
-    return ReplicatedStore([store]).load_newest()
+    return ReplicatedStore([store], trust=ANY_WRITER).load_newest()
 
 
 def test_a_checkpoint_round_trips_and_the_newest_wins(store):
@@ -160,10 +161,10 @@ def test_a_non_finite_state_is_never_written_and_never_loaded(store):
     poisoned = state_at(2)
     poisoned["model"]["w"][1] = float("nan")
     with pytest.raises(NonFiniteState, match="model.w: non-finite"):
-        ReplicatedStore([store]).save_state(2, poisoned, "vm-1")
+        ReplicatedStore([store], trust=ANY_WRITER).save_state(2, poisoned, "vm-1")
     assert [m.epoch for m in store.manifests()] == [1]
     with pytest.raises(NonFiniteState, match="optimizer.lr: inf"):
-        ReplicatedStore([store]).save_state(2, {"optimizer": {"lr": float("inf")}}, "vm-1")
+        ReplicatedStore([store], trust=ANY_WRITER).save_state(2, {"optimizer": {"lr": float("inf")}}, "vm-1")
     # a writer that skipped the check: the reader refuses it all the same
     files = encode_state({"model": {"w": torch.zeros(2)}})
     files["model.pt"] = torch_bytes({"w": torch.tensor([0.0, float("-inf")])})

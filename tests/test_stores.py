@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from spotrain.stores import (
+    ANY_WRITER,
     CheckpointWriter,
     CorruptCheckpoint,
     Manifest,
@@ -89,7 +90,7 @@ def test_states_refuse_unsafe_part_names_and_non_finite_values():
 def test_prune_sweeps_what_crashed_local_writes_left(tmp_path):
     store = LocalDirStore(tmp_path)
     for epoch in (1, 2, 3):
-        ReplicatedStore([store]).save_state(epoch, {"model": {"w": torch.ones(1)}}, "vm-1")
+        ReplicatedStore([store], trust=ANY_WRITER).save_state(epoch, {"model": {"w": torch.ones(1)}}, "vm-1")
     (tmp_path / ".ckpt-00000001-vm-1.json.99.tmp").write_bytes(b"half a manifest")
     (tmp_path / "ckpt-00000001-vm-1" / ".model.pt.99.tmp").write_bytes(b"half a file")
     (tmp_path / "ckpt-00000003-vm-2").mkdir()
@@ -107,9 +108,9 @@ def _stores(tmp_path, count: int) -> list[LocalDirStore]:
 
 def test_a_replicated_read_falls_back_to_the_next_store(tmp_path):
     near, far = _stores(tmp_path, 2)
-    replicas = ReplicatedStore([near, far])
+    replicas = ReplicatedStore([near, far], trust=ANY_WRITER)
     replicas.save_state(4, {"model": {"w": torch.ones(2)}}, "vm-1")
-    ReplicatedStore([far]).save_state(6, {"model": {"w": torch.full((2,), 6.0)}}, "vm-2")
+    ReplicatedStore([far], trust=ANY_WRITER).save_state(6, {"model": {"w": torch.full((2,), 6.0)}}, "vm-2")
     assert (replicas.load_newest().epoch, replicas.load_newest().store_url) == (6, far.url)  # newest wins
     (far_six,) = [m for m in far.manifests() if m.epoch == 6]
     far._put(far_six.file_key("model.pt"), b"torn")
@@ -126,16 +127,16 @@ class _Unreachable:
     def manifests(self):
         raise StoreUnavailable("connection refused")
 
-    def write(self, epoch, files, writer):
+    def write(self, epoch, files, writer, signer=None):
         raise StoreUnavailable("connection refused")
 
-    def prune(self, keep, up_to=None):
+    def prune(self, keep, up_to=None, trust=None):
         raise StoreUnavailable("connection refused")
 
 
 def test_an_unreachable_store_costs_its_copy_only(tmp_path):
     (reachable,) = _stores(tmp_path, 1)
-    replicas = ReplicatedStore([_Unreachable(), reachable])
+    replicas = ReplicatedStore([_Unreachable(), reachable], trust=ANY_WRITER)
     with pytest.raises(StoreUnavailable, match="written to 1 of 2 stores"):
         replicas.save_state(3, {"model": {"w": torch.ones(1)}}, "vm-1")
     assert replicas.load_newest().epoch == 3
@@ -149,11 +150,12 @@ def test_the_audit_counts_complete_copies_per_epoch(tmp_path):
     stores = _stores(tmp_path, 3)
     for index, store in enumerate(stores):
         for epoch in range(1, 3 + index):  # domain 0 holds epochs 1-2, domain 1 1-3, domain 2 1-4
-            ReplicatedStore([store]).save_state(epoch, {"model": {"w": torch.ones(1)}}, f"vm-{index}")
-    ReplicatedStore([stores[0]]).save_state(2, {"model": {"w": torch.ones(1)}}, "vm-9")  # same domain twice
+            ReplicatedStore([store], trust=ANY_WRITER).save_state(epoch, {"model": {"w": torch.ones(1)}}, f"vm-{index}")
+    # the same domain twice
+    ReplicatedStore([stores[0]], trust=ANY_WRITER).save_state(2, {"model": {"w": torch.ones(1)}}, "vm-9")
     (four,) = [m for m in stores[2].manifests() if m.epoch == 4]
     stores[2]._delete([four.file_key("model.pt")])  # a manifest whose file is gone is no copy
-    audit = ReplicatedStore(stores).audit()
+    audit = ReplicatedStore(stores, trust=ANY_WRITER).audit()
     assert [store.newest_epoch for store in audit.stores] == [2, 3, 3]
     assert [audit.copies(epoch) for epoch in (1, 2, 3, 4)] == [3, 3, 2, 0]
     assert audit.newest_epoch_with(copies=2) == 3 and audit.newest_epoch_with(copies=4) is None
@@ -164,7 +166,7 @@ class _GatedReplicas(ReplicatedStore):
 
     def __init__(self, root):
         self.store = LocalDirStore(root)
-        super().__init__([self.store])
+        super().__init__([self.store], trust=ANY_WRITER)
         self.gate = threading.Event()
         self.started = threading.Event()
 
@@ -219,16 +221,16 @@ class _FlakyStore(LocalDirStore):
 
     refusals = 1
 
-    def write(self, epoch, files, writer):
+    def write(self, epoch, files, writer, signer=None):
         if self.refusals:
             self.refusals -= 1
             raise StoreUnavailable("connection reset")
-        return super().write(epoch, files, writer)
+        return super().write(epoch, files, writer, signer)
 
 
 def test_a_failed_upload_does_not_stop_the_writer(tmp_path):
     store = _FlakyStore(tmp_path)
-    writer = CheckpointWriter(ReplicatedStore([store]), "vm-1")
+    writer = CheckpointWriter(ReplicatedStore([store], trust=ANY_WRITER), "vm-1")
     writer.submit(1, {"model": {"w": torch.ones(1)}})
     assert writer.flush(timeout=30) and writer.failed == 1 and "connection reset" in writer.last_error
     writer.submit(2, {"model": {"w": torch.ones(1)}})

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, agent_config
+from conftest import ROOT, agent_config, wait_for
 
 from spotrain.agents.daemon import role_for
 from spotrain.agents.pipeline.balance import stage_for_joining
@@ -18,7 +19,7 @@ from spotrain.config import ClusterSpec
 from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.stage_records import StageRecord, stage_summary
-from spotrain.contracts.states import AgentState
+from spotrain.contracts.states import AgentState, LaunchReason
 from spotrain.contracts.task import TaskImportError, load_pipeline_task
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import SpecError
@@ -117,12 +118,11 @@ def test_stage_summary_counts_serving_peers_of_unexpired_records():
 
 
 class StagedSwarm:
-    """Serves the stage summary a live swarm of three stages would show."""
-
-    stages_seen = [{"stage": k, "peers": 2, "samples_per_second": 10.0 + k} for k in range(3)]
+    """A live swarm's view: status records announcing each agent's peer id, and stage records."""
 
     def __init__(self) -> None:
         self.agents: dict[str, AgentStatus] = {}
+        self.records: list[StageRecord] = []
 
     def statuses(self) -> dict[str, AgentStatus]:
         return self.agents
@@ -133,11 +133,19 @@ class StagedSwarm:
     def assign_duty(self, ids: object) -> None:
         pass
 
-    def stages(self) -> list[dict[str, float]]:
-        return self.stages_seen
+    def stage_records(self) -> list[StageRecord]:
+        return self.records
+
+    def serve(self, stages: dict[str, int], now: float) -> None:
+        """Each instance trains and serves the stage named (a forged record is added too)."""
+        self.agents = {i: AgentStatus(i, AgentState.TRAINING, 0, 0, 0.0, None, 0, 0, None,
+                                      (f"/ip4/127.0.0.1/tcp/1/p2p/peer-{i}",), now, role="stage") for i in stages}
+        self.records = [StageRecord(stage, f"peer-{i}", i, 10.0 + stage, 0, AgentState.TRAINING, now)
+                        for i, stage in stages.items()]
+        self.records.append(StageRecord(0, "peer-intruder", next(iter(stages)), 99.0, 0, AgentState.TRAINING, now))
 
 
-def test_the_controller_names_the_trainers_and_reports_the_stages(tmp_path: Path):
+def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports_the_stages(tmp_path: Path):
     spec = ClusterSpec.model_validate({
         "name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": 7},
         "training": {"mode": "swarm", "task": "spotrain.examples.tiny_gpt_pipeline:task"},
@@ -153,12 +161,34 @@ def test_the_controller_names_the_trainers_and_reports_the_stages(tmp_path: Path
         loop.tick()
         assert sorted(loop.roles.values()) == ["stage"] * 6 + ["trainer"]
         assert loop.agent_config().pipeline.role == "stage"  # the trainer lives
+        peers = sorted(i for i, role in loop.roles.items() if role == "stage")
+        # 3/2/1: stage 2 has one peer and no VM is on its way: one VM more, for that reason
+        swarm.serve(dict(zip(peers, [0, 0, 0, 1, 1, 2])), time.time())
+        loop.tick()
+        extra = [row for row in ledger.instances(run_id=run.id) if row.reason == LaunchReason.STAGE_PEERS]
+        assert len(extra) == 1 and len(loop.roles) == 8 and loop.roles[extra[0].instance_id] == "stage"
+        (event,) = ledger.events(run.id, kinds=("stage peers",))
+        assert json.loads(event["detail"]) == {"action": "launch", "instance_id": None,
+                                               "peers_per_stage": {"0": 3, "1": 2, "2": 1}}
+        loop.tick()  # the extra has not joined yet: it is the missing peer, nothing more is launched
+        assert len(loop.roles) == 8
+        assert build_report(ledger, run, "c")["stage_peer_launches"] == 1
+        assert build_report(ledger, run, "c")["stages"] == [  # the intruder's record counted for nothing
+            {"stage": 0, "peers": 3, "samples_per_second": 30.0}, {"stage": 1, "peers": 2, "samples_per_second": 22.0},
+            {"stage": 2, "peers": 1, "samples_per_second": 12.0}]
+        # the extra joins stage 2: 3/2/2 on 8 VMs where 7 are wanted, so stage 0's newest peer retires
+        swarm.serve(dict(zip(peers + [extra[0].instance_id], [0, 0, 0, 1, 1, 2, 2])), time.time())
+        loop.tick()
+        retired = json.loads(ledger.events(run.id, kinds=("stage peers",))[-1]["detail"])
+        assert retired["action"] == "retire" and retired["instance_id"] == peers[2]
+        wait_for(lambda: all(i.state != "running" for i in provider.list_instances("c") if i.instance_id == peers[2]),
+                 30, "the retired VM to end")
         trainer = next(i for i, role in loop.roles.items() if role == "trainer")
         swarm.agents = {trainer: AgentStatus(trainer, AgentState.DRAINING, 0, 0, 0.0, None, 0, 0, None, (), 0.0,
                                              role="trainer")}
+        swarm.records = []
         loop.tick()  # the controller replaces a draining agent at once; a draining trainer does not count
-        assert sorted(loop.roles.values()) == ["stage"] * 6 + ["trainer"] * 2
-        assert build_report(ledger, run, "c")["stages"] == StagedSwarm.stages_seen
+        assert sorted(loop.roles.values()).count("trainer") == 2
     finally:
         loop.finish("test over")
         ledger.close()

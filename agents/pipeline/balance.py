@@ -2,9 +2,10 @@
 
 A pipeline trains as fast as its slowest stage, and a stage serves as fast as its peers together,
 so the predicted pipeline throughput is the minimum over stages of the sum of their peers'
-samples/s. A newcomer joins the stage that limits it. A serving peer moves to that stage when
-the move raises the prediction by at least `min_gain` (Petals moves servers at 1 / 0.75) and its
-own stage keeps two serving peers.
+samples/s. A newcomer joins a stage with fewer than two peers if there is one, else the stage
+that limits it. A serving peer moves to the limiting stage when the move raises the prediction
+by at least `min_gain` (Petals moves servers at 1 / 0.75) and its own stage keeps two serving
+peers.
 
 Every peer runs the same function on the same records, and it names one best move for the
 whole swarm, so peers that rebalance at about the same time agree on who moves instead of all
@@ -26,10 +27,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from spotrain.contracts.stage_records import StageRecord
+from spotrain.contracts.stage_records import MIN_PEERS_PER_STAGE, StageRecord
 from spotrain.contracts.states import AgentState
 
-MIN_PEERS_PER_STAGE = 2
 PETALS_MIN_GAIN = 1 / 0.75
 
 
@@ -59,13 +59,16 @@ def pipeline_throughput(records: Sequence[StageRecord], num_stages: int) -> floa
 
 
 def stage_for_newcomer(records: Sequence[StageRecord], num_stages: int) -> int:
-    """The stage that limits the pipeline; among equals the one with the fewest peers, then the first."""
+    """A stage with fewer than two peers first (one preemption from stopping the pipeline; the
+    controller launches VMs for exactly those stages), else the stage that limits the pipeline;
+    among equals the one with the fewest peers, then the first."""
     totals = stage_throughputs(records, num_stages)
     peers = [0] * num_stages
     for record in records:
         if record.state != AgentState.DRAINING and record.stage < num_stages:
             peers[record.stage] += 1
-    return min(range(num_stages), key=lambda stage: (totals[stage], peers[stage], stage))
+    return min(range(num_stages),
+               key=lambda stage: (peers[stage] >= MIN_PEERS_PER_STAGE, totals[stage], peers[stage], stage))
 
 
 def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: float = PETALS_MIN_GAIN,

@@ -19,7 +19,7 @@ from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.contracts.agent_config import CheckpointSettings
 from spotrain.contracts.stage_records import StageRecord
 from spotrain.contracts.states import AgentState
-from spotrain.stores import CheckpointWriter, LoadedCheckpoint, ReplicatedStore, named_constants
+from spotrain.stores import CheckpointWriter, LoadedCheckpoint, ManifestSigner, ReplicatedStore, Trust, named_constants
 
 KEEP_CHECKPOINTS = 3
 
@@ -36,17 +36,19 @@ def stage_duty_holders(records: Sequence[StageRecord], stage: int, replicas: int
 
 
 class StageCheckpoints:
-    def __init__(self, settings: CheckpointSettings, server: StageServer, writer_name: str):
+    def __init__(self, settings: CheckpointSettings, server: StageServer, writer_name: str,
+                 trust: Trust, signer: ManifestSigner | None):
         self.server = server
         self.constants = named_constants(f"stage.{name}" for name, _ in server.module.named_buffers())
+        self.trust = trust  # an admitted peer's manifests only (spotrain.stores.seal)
         self.urls = tuple(stage_store_url(url, server.stage) for url in settings.restore_order())
-        self.writer = CheckpointWriter(ReplicatedStore.from_urls([stage_store_url(settings.store, server.stage)]),
-                                       writer_name, keep=KEEP_CHECKPOINTS, constants=self.constants)
+        target = ReplicatedStore.from_urls([stage_store_url(settings.store, server.stage)], trust=trust, signer=signer)
+        self.writer = CheckpointWriter(target, writer_name, keep=KEEP_CHECKPOINTS, constants=self.constants)
         self.submitted: int | None = None
 
     def restore(self) -> LoadedCheckpoint | None:
         """Load the newest valid checkpoint of the stage, nearest store first, into the server."""
-        loaded = ReplicatedStore.from_urls(self.urls).load_newest(self.constants)
+        loaded = ReplicatedStore.from_urls(self.urls, trust=self.trust).load_newest(self.constants)
         if loaded is None:
             return None
         state: dict[str, Any] = loaded.state

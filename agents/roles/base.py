@@ -13,6 +13,8 @@ from spotrain.contracts.agent_config import AgentConfig
 if TYPE_CHECKING:
     from hivemind import DHT
 
+    from spotrain.stores import ManifestSigner, Trust
+
 
 @dataclass(frozen=True)
 class RoleContext:
@@ -24,6 +26,8 @@ class RoleContext:
     progress: Progress  # the role's counters, published in the agent's status record
     has_duty: Callable[[], bool]  # the controller asks this agent to write checkpoints
     checkpoint_soon: threading.Event  # a cloud advisory: write the next checkpoint early
+    checkpoint_trust: Trust  # which checkpoint manifests to restore from: an admitted peer's (stores/seal.py)
+    checkpoint_signer: ManifestSigner | None  # seals the manifests this agent writes; None: no admission
     # seconds a leaving role may still spend (its last upload), None when no drain window is set
     drain_seconds_left: Callable[[], float | None] = lambda: None
     # set when a drain begins: a role on duty writes what it holds at once, not after a step that may

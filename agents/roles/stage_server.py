@@ -16,9 +16,10 @@ over the stage's serving peers, as data-parallel peers share a global batch); th
 refreshed every `PUBLISH_SECONDS`, and the share with it; an averaging thread averages the
 stage with its mates round after round and, every `every_epochs` rounds, writes a stage checkpoint
 if this peer holds the stage's duty; every `rebalance_seconds` (jittered) the peer runs
-`balance.should_move` on the records and, when the move is its own, downloads the target stage's
-parameters from that stage's peers, and only then stops serving its old stage (finishing the
-microbatches it holds) and serves the new one.
+`balance.should_move` on the records and, when the move is its own, announces it (a `starting`
+record at the target, so that no second peer leaves the old stage meanwhile), downloads the
+target stage's parameters from that stage's peers, and only then stops serving its old stage
+(finishing the microbatches it holds) and serves the new one.
 
 On a drain it refuses new microbatches at once (trainers retry on the stage's other peers),
 publishes `draining` (the stage's next peer takes the checkpoint duty from that record), finishes
@@ -74,8 +75,10 @@ class StageServerRole:
         self._records_before_drain: list[StageRecord] = []  # who held duty when the drain began
         self._switch = threading.Lock()  # an averaging round or a stage move, never both
         self._leaving = threading.Event()
+        self._moving = threading.Event()  # a move waits for the switch lock: averaging rounds give way
         self._averaging: threading.Thread | None = None
         self.moves = 0
+        self._served_before = 0  # microbatch calls answered on the stages this peer left
 
     def start(self, context: RoleContext) -> None:
         from spotrain.contracts.task import load_pipeline_task
@@ -114,7 +117,7 @@ class StageServerRole:
         """Build `stage` with its parameters from a live peer, else (not when moving) the stores."""
         context, task, loop = self._started_context(), self._started_task(), self._started_loop()
         config = context.config
-        from spotrain.kernels import get_codec
+        from spotrain.kernels import StateCodec
 
         p2p = loop.run(context.dht.replicate_p2p())
         server = StageServer(p2p, task, stage, cluster=config.cluster, estimate=estimate,
@@ -122,12 +125,12 @@ class StageServerRole:
                              step_samples=self._step_samples(stage, joining=1))
         state = config.training.compression.state
         averager = StageAverager(context.dht, server.module, server.lock, cluster=config.cluster, stage=stage,
-                                 steps=lambda: server.steps, compression=get_codec(state),
-                                 # a downloaded stage is taken as it is: never coarser than 8 bits
-                                 state_compression=get_codec("blockwise8" if state == "blockwise4" else state),
+                                 steps=lambda: server.steps, compression=StateCodec(state),
+                                 state_compression=StateCodec(state, download=True),
                                  matchmaking_time=config.training.matchmaking_time,
                                  averaging_timeout=config.training.averaging_timeout)
-        checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}")
+        checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}",
+                                       context.checkpoint_trust, context.checkpoint_signer)
         steps = averager.load_from_peers(timeout=config.training.averaging_timeout)
         if steps is not None:
             server.steps = steps
@@ -170,34 +173,61 @@ class StageServerRole:
         estimate = serving.server.record("", 0.0).samples_per_second * costs[move.source] / costs[move.target]
         log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
             f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
+        self._announce_move(move.target, estimate)
         entered = self._enter(move.target, estimate, moving=True)
         if entered is None:
+            self._publish()  # serving the old stage after all
             return
-        with self._switch:
-            old = self._stage
-            assert old is not None
-            self._leave_stage(old, write=self._on_duty(old))
-            self._started_loop().run(entered.server.start())
-            self._stage = entered
-            self.moves += 1
+        self._moving.set()
+        try:
+            with self._switch:
+                old = self._stage
+                assert old is not None
+                self._leave_stage(old, write=self._on_duty(old))
+                self._served_before += old.server.served  # the status counts every stage served
+                self._started_loop().run(entered.server.start())
+                self._stage = entered
+                self.moves += 1
+        finally:
+            self._moving.clear()
         self._publish()
         log(f"now serving stage {move.target} (move {self.moves})")
 
+    def _announce_move(self, target: int, estimate: float) -> None:
+        """Before the download: a `starting` record at the target, so that every peer's next check
+        counts this one out of its old stage (which keeps two serving peers only if no other peer
+        leaves it meanwhile) and in at the target (where no second peer needs to follow). Trainers
+        send it no new microbatches from now on; it finishes those it holds."""
+        context = self._started_context()
+        peer = str(self._started_stage().server.p2p.peer_id)
+        try:
+            publish_stage_record(context.dht, context.config.cluster,
+                                 StageRecord(target, peer, context.instance_id, estimate, 0, AgentState.STARTING,
+                                             time.time()))
+        except Exception as error:  # a DHT hiccup: the move goes on, the next check may count it twice
+            log(f"move not announced: {type(error).__name__}: {error}")
+
     def _leave_stage(self, old: _Stage, *, write: bool) -> None:
-        """Stop serving `old` (finishing what it holds), write its checkpoint if owed, end its parts."""
+        """Stop serving `old` (finishing what it holds, its handlers removed), write its checkpoint if
+        owed, end its averager."""
         loop = self._started_loop()
         loop.run(old.server.stop())
         if write:
             old.checkpoints.submit()
         old.checkpoints.close(CLOSE_SECONDS)
         old.averager.shutdown()
-        loop.run(old.server.p2p.shutdown())  # this stage's replica of the P2P; the DHT's daemon stays
+        # not old.server.p2p.shutdown(): `DHT.replicate_p2p` hands every caller in this process the
+        # same replica, so the new stage's server speaks through it too (shutting it down here left
+        # the new stage's handler registration waiting forever)
 
     def _average_rounds(self) -> None:
         """Average the stage with its mates, round after round; checkpoint every `every_epochs` on duty."""
         config = self._started_context().config
         rounds = 0
         while not self._leaving.is_set():
+            if self._moving.is_set():  # a lock is not fair: without this a round after round starves the move
+                self._leaving.wait(0.2)
+                continue
             with self._switch:
                 serving = self._started_stage()
                 if serving.server.state != AgentState.TRAINING:
@@ -240,6 +270,7 @@ class StageServerRole:
     def _publish(self) -> None:
         """Refresh this peer's record and read everyone's (for duty and moves)."""
         serving, context = self._started_stage(), self._started_context()
+        context.progress.served = self._served_before + serving.server.served
         try:
             publish_stage_record(context.dht, context.config.cluster,
                                  serving.server.record(context.instance_id, time.time()))

@@ -49,6 +49,7 @@ class AgentStatus:
     time: float
     codec_table: str = ""  # spotrain.kernels.codec_table_fingerprint; peers that differ cannot average
     role: str = ""  # swarm mode: "trainer" or "stage"; "" for data parallelism
+    served: int = 0  # swarm mode, stage peers: microbatch calls answered since the agent started
     # tensor bytes sent per destination peer id since `egress_since` (the agent process's start):
     # cumulative, so the controller charges the growth and a lost record loses nothing
     egress_bytes: dict[str, int] = field(default_factory=dict)
@@ -96,7 +97,7 @@ class AgentStatus:
 
     def _well_typed(self) -> bool:
         """Counters are non-negative integers, rates and times finite: a peer's record is input."""
-        counters = (self.epoch, self.samples, self.bytes_sent, self.bytes_received,
+        counters = (self.epoch, self.samples, self.bytes_sent, self.bytes_received, self.served,
                     0 if self.checkpoint_epoch is None else self.checkpoint_epoch)
         reals = (self.samples_per_second, self.time, 0.0 if self.loss is None else self.loss)
         return (all(type(c) is int and c >= 0 for c in counters)

@@ -14,6 +14,8 @@ from typing import Any
 from spotrain.contracts.states import AgentState
 
 STAGE_TTL_SECONDS = 30.0
+# a stage keeps this many peers: moves never take it below, the controller launches to reach it
+MIN_PEERS_PER_STAGE = 2
 
 
 def stages_key(cluster: str) -> str:

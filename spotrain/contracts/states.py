@@ -44,6 +44,7 @@ class LaunchReason(TextEnum):
     INITIAL = "initial"
     REPLACEMENT = "replacement"
     MIGRATION = "migration"
+    STAGE_PEERS = "stage peers"  # swarm mode: a stage had fewer than two peers and none on its way
     ADOPTED = "adopted"  # running in the provider but unknown to the ledger (a crash between the two)
 
 
@@ -62,4 +63,5 @@ class EndReason(TextEnum):
     LAUNCH_FAILED = "launch failed"  # detail: the provider's error
     # the controller's reasons to terminate (the ledger records what the provider then reports)
     RETIRED = "retired by the placement policy"
+    SURPLUS_STAGE_PEER = "surplus stage peer"  # a stage-peer launch no longer needed (spotrain.stage_fleet)
     RUN_ENDED = "the run ended"

@@ -8,11 +8,12 @@ from dataclasses import asdict, dataclass
 from typing import Protocol
 
 from spotrain.config import ClusterSpec
-from spotrain.contracts.states import InstanceState
+from spotrain.contracts.states import InstanceState, LaunchReason
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
 from spotrain.policies import get_policy
 from spotrain.sim.clock import SimClock
+from spotrain.sim.pipeline import swarm_pace
 from spotrain.sim.provider import SimProvider
 from spotrain.sim.swarm import SimSwarm
 from spotrain.sim.traces import LocationTrace
@@ -32,6 +33,7 @@ class SimResult:
     cost_per_million_samples_usd: float | None
     preemptions: int
     over_budget: bool
+    stage_peer_launches: int = 0  # swarm mode: VMs the controller launched for a stage under two peers
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,6 +52,10 @@ def fleet_pace(spec: ClusterSpec, traces: list[LocationTrace], workers: int | No
     from spotrain.market import Location
 
     count = spec.placement.workers if workers is None else workers
+    if spec.training.mode == "swarm":  # the trainers feed the pipeline the others form
+        pipeline = spec.training.pipeline
+        rate = spec.task_profile().rate(traces[0].gpu)
+        return swarm_pace(count - pipeline.trainers, rate, pipeline.stages) if count > pipeline.trainers else 0.0
     fleet = [Worker(Location.parse(traces[0].location), traces[0].gpu)] * count
     return estimate(fleet, spec.task_profile()).samples_per_second
 
@@ -93,7 +99,8 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         "placement": spec.placement.model_copy(update={"locations": locations, "gpu": ()}),
     })
     profile = sim_spec.task_profile()
-    swarm = SimSwarm(provider, profile, clock, startup_seconds)
+    stages = spec.training.pipeline.stages if spec.training.mode == "swarm" else 0
+    swarm = SimSwarm(provider, profile, clock, startup_seconds, stages)
     ledger = Ledger(":memory:")
     run = ledger.open_run(spec.budget.total_usd, json.loads(sim_spec.model_dump_json()), clock.now())
     loop = ControlLoop(sim_spec, ledger, run, provider, swarm, LoopSettings(tick_seconds=tick_seconds),
@@ -114,6 +121,7 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         loop.finish("trace ended")
     spent = ledger.spent(run.id)
     preemptions = len(ledger.instances(states=(InstanceState.PREEMPTED,), run_id=run.id))
+    stage_launches = len([row for row in ledger.instances(run_id=run.id) if row.reason == LaunchReason.STAGE_PEERS])
     ledger.close()
     end = finished_at if finished_at is not None else clock.now()
     finished = finished_at is not None
@@ -123,6 +131,7 @@ def simulate(spec: ClusterSpec, traces: list[LocationTrace], policy_name: str, j
         hours=end / 3600.0, spent_usd=spent, samples=min(swarm.total, job.target_samples) if finished else swarm.total,
         cost_per_million_samples_usd=spent / swarm.total * 1e6 if swarm.total else None,
         preemptions=preemptions, over_budget=spent > spec.budget.total_usd + 1e-9,
+        stage_peer_launches=stage_launches,
     )
 
 

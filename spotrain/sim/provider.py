@@ -30,6 +30,7 @@ def catalog_prices(location: str, gpu: str | None) -> tuple[str, float, float]:
 class SimInstance:
     instance: Instance
     offer: Offer
+    role: str | None = None  # swarm mode: the role the controller named in its user-data
 
 
 class SimProvider:
@@ -75,7 +76,8 @@ class SimProvider:
                 raise CapacityError(f"no spot capacity in {offer.location}")
         instance = Instance(f"sim-{request.request_id}", request.request_id, request.cluster, offer.location,
                             offer.spot_usd_per_hour, InstanceState.RUNNING, now)
-        self.instances[request.request_id] = SimInstance(instance, offer)
+        pipeline = request.user_data.pipeline
+        self.instances[request.request_id] = SimInstance(instance, offer, pipeline.role if pipeline else None)
         return instance
 
     def preempt_over_capacity(self) -> None:

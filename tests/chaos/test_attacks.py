@@ -7,8 +7,10 @@ under $SPOTRAIN_HOME is closed to other users, and `down` leaves no process behi
 - A stranger that knows every address (tests/chaos/stranger.py, its own process and keys) reads
   and stores records, forges status, duty, admission and codec records, calls the averagers
   directly (join a group, download the state) and averages NaN gradients with a real Optimizer.
-- A malicious checkpoint in the store (a pickle that would create a file on load, and a NaN
-  state), newer than every honest one, before an agent restarts: refused with a line each.
+- A malicious checkpoint in the store (a pickle that would create a file on load, unsigned; and a
+  NaN state, signed by the stranger's own key under the cluster's real admission record), newer
+  than every honest one, before an agent restarts: refused with a line each, unread (neither seal
+  is an admitted peer's), and never shown by `status`, `report` or `export` as the newest.
 """
 
 from __future__ import annotations
@@ -232,11 +234,15 @@ class _CreatesMarker:
 
 
 def plant_malicious_checkpoints(home: Path, marker: Path) -> int:
-    """Two checkpoints newer than every honest one, as whoever can write the store would: a pickle
-    that runs code on load, and a NaN state (both with a valid manifest). Returns the newest epoch."""
+    """Two checkpoints newer than every honest one, as whoever can write the store would, both with
+    valid sizes and SHA-256 sums: an unsigned pickle that runs code on load, and a NaN state sealed
+    by a key of the stranger's own with the cluster's real admission record (which does not list
+    it). Returns the newest epoch."""
     import io
 
+    from spotrain.access import new_identity
     from spotrain.examples import tiny_gpt
+    from spotrain.stores import ManifestSigner
     from spotrain.stores.local import LocalDirStore
 
     def saved(value) -> bytes:
@@ -249,7 +255,9 @@ def plant_malicious_checkpoints(home: Path, marker: Path) -> int:
     store.write(epoch, {"model.pt": saved({"weights": _CreatesMarker(marker)}), "optimizer.pt": saved({})},
                 "evil-pickle")
     nan_model = {name: torch.full_like(value, math.nan) for name, value in model.state_dict().items()}
-    store.write(epoch + 1, {"model.pt": saved(nan_model), "optimizer.pt": saved({})}, "evil-nan")
+    record = json.loads((home / "clusters" / CLUSTER / "admitted.json").read_text())
+    stranger = ManifestSigner.from_identity(new_identity(), lambda: record)
+    store.write(epoch + 1, {"model.pt": saved(nan_model), "optimizer.pt": saved({})}, "evil-nan", stranger)
     return epoch + 1
 
 
@@ -280,15 +288,22 @@ def test_a_stranger_averaging_nan_then_a_malicious_checkpoint_before_a_restart(t
                            "the restarted agent to resume")
         restarted_log = (vm / "agent.log").read_text(errors="replace")[log_before:]
         print("".join(line + "\n" for line in restarted_log.splitlines() if "skipping checkpoint" in line))
-        assert f"ckpt-{forged - 1:08d}-evil-pickle" in restarted_log and "it names io.open" in restarted_log
-        assert f"ckpt-{forged:08d}-evil-nan" in restarted_log and "NaN" in restarted_log
+        assert f"skipping checkpoint ckpt-{forged - 1:08d}-evil-pickle: unsigned" in restarted_log
+        assert (f"skipping checkpoint ckpt-{forged:08d}-evil-nan: signed by a key its admission record does not "
+                f"list") in restarted_log
+        assert not [line for line in restarted_log.splitlines()  # refused unread: no payload check reached
+                    if "evil" in line and ("weights-only" in line or "non-finite" in line)]
         assert int(resumed[0].split("epoch ")[1].split()[0]) < forged - 1  # an honest one
+        report = json.loads(run_cli("report", CLUSTER, "--json", home=home, check=True).stdout)
+        assert report["checkpoint_epoch"] is not None and report["checkpoint_epoch"] < forged - 1
         after = status(home)["epoch"]
         wait_for(lambda: len(training(status(home))) == 2 and status(home)["epoch"] >= after + 2, 180,
                  "both agents training two more epochs", every=1.0)
         seen = watch.stop()
         print("status during the attacks (epochs):", [s["epoch"] for s in seen])
         print("newest checkpoint shown:", seen[-1]["checkpoint_path"])
+        shown = {int(s["checkpoint_path"].split("(epoch ")[1].split(";")[0]) for s in seen if s.get("checkpoint_path")}
+        assert shown and max(shown) < forged - 1, shown  # no planted epoch was ever shown as the newest
         assert_nothing_forged(seen, instances)
         assert not step_skips(home)
         assert not marker.exists()

@@ -3,11 +3,12 @@
 Invariants: honest agents never step on a non-finite loss and keep training, every checkpoint
 written is finite, the malicious peer is counted in the honest agents' status records (and the
 controller's rule picks it for revocation), and a checkpoint that would run code or holds NaN
-is refused with a line naming it, without running anything.
+is refused with a line naming it, without running anything (even one an admitted peer sealed).
 """
 
 from __future__ import annotations
 
+import base64
 import math
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from conftest import admit, start_agent, wait_for
 
 from spotrain.access import ClusterAccess
 from spotrain.offenders import instances_to_revoke, peer_ids_of
-from spotrain.stores import ReplicatedStore, encode_state, named_constants
+from spotrain.stores import ANY_WRITER, ManifestSigner, ReplicatedStore, encode_state, named_constants
 from spotrain.stores.local import LocalDirStore
 from spotrain.swarm_view import SwarmView
 
@@ -74,7 +75,8 @@ def test_an_admitted_agent_that_averages_nan_and_huge_parts_is_dropped_and_count
         from spotrain.examples import tiny_gpt
 
         buffers = named_constants(f"model.{n}" for n, _ in tiny_gpt.task.build_model().named_buffers())
-        checkpoint = ReplicatedStore.from_urls([str(store)]).load_newest(buffers)  # checks every tensor finite
+        # checks every tensor finite
+        checkpoint = ReplicatedStore.from_urls([str(store)], trust=ANY_WRITER).load_newest(buffers)
         assert checkpoint is not None and checkpoint.epoch >= 2
         assert all(p.poll() is None for p in agents[:2])
     finally:
@@ -106,11 +108,14 @@ def test_a_malicious_checkpoint_is_refused_with_a_line_and_the_agent_starts_with
     buffers = named_constants(f"model.{n}" for n, _ in model.named_buffers())  # the -inf attention mask
     files = encode_state({"model": model.state_dict(), "optimizer": {}}, buffers)
     files["model.pt"] = _saved(poisoned)  # written past the writer's check, with a valid manifest
-    target = LocalDirStore.from_url(str(store))
-    target.write(7, files, "intruder")
-    target.write(8, {"model.pt": armed_payload(marker), "optimizer.pt": files["optimizer.pt"]}, "intruder")
     swarm = SwarmView(cluster, ClusterAccess(tmp_path / "cluster", cluster))
-    admitted = admit(swarm, ["i-a"])
+    admitted = admit(swarm, ["i-a", "i-evil"])
+    # sealed by an admitted instance turned malicious: the seal is believed, so the payload checks decide
+    evil = admitted["i-evil"]
+    sealed_by = ManifestSigner.from_identity(base64.b64decode(evil["identity"]), lambda: evil["record"])
+    target = LocalDirStore.from_url(str(store))
+    target.write(7, files, "intruder", sealed_by)
+    target.write(8, {"model.pt": armed_payload(marker), "optimizer.pt": files["optimizer.pt"]}, "intruder", sealed_by)
     try:
         agents.append(start_agent(tmp_path, agent_config(cluster, "i-a", swarm.addresses(), store,
                                                          "spotrain.examples.tiny_gpt:task", admitted["i-a"])))
