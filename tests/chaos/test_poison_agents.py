@@ -70,7 +70,9 @@ def test_an_admitted_agent_that_averages_nan_and_huge_parts_is_dropped_and_count
             assert evil & set(statuses[name].offenders)
             log = (tmp_path / name / "agent.log").read_text()
             assert "non-finite loss" not in log  # nothing poisoned reached their parameters
-            assert any("poison guard: dropped part" in line and peer in line
+            # a part it sent us, or a reply carrying its average of our part: either is its poison dropped
+            assert any(("poison guard: dropped part" in line or "poison guard: dropped averaged part" in line)
+                       and peer in line
                        for line in log.splitlines() for peer in evil)
         from spotrain.examples import tiny_gpt
 
