@@ -315,12 +315,18 @@ def _settled_state(training: _Training) -> Iterator[dict[str, Any]]:
     with averager.lock_optimizer, averager.lock_averaged_tensors:
         model = training.model.state_dict()
         if averager.offload_optimizer:
-            own = [p for group in averager.optimizer.param_groups for p in group["params"]]
-            by_model = {id(main): copy for main, copy in zip(averager.main_parameters, own, strict=True)}
+            by_model = {id(main): copy for main, copy in zip(averager.main_parameters, _offloaded(averager),
+                                                             strict=True)}
             for name, parameter in training.model.named_parameters(remove_duplicate=False):
                 model[name] = by_model[id(parameter)].detach()
         yield {"model": model, "optimizer": training.optimizer.state_dict(),
                "constants": sorted(_buffer_paths(training.model))}
+
+
+def _offloaded(averager: Any) -> list[torch.Tensor]:
+    """hivemind's offloaded copy of the parameters (the tensors its optimizer steps), in the order
+    of `averager.main_parameters`."""
+    return [p for group in averager.optimizer.param_groups for p in group["params"]]
 
 
 def _build_optimizer(context: RoleContext, task: TrainingTask, model: torch.nn.Module) -> Any:
@@ -358,9 +364,8 @@ def _load_checkpoint(optimizer: Any, model: torch.nn.Module, checkpoint: LoadedC
     model.load_state_dict(checkpoint.state["model"])
     optimizer.load_state_dict(checkpoint.state["optimizer"])
     if averager.offload_optimizer:
-        own = [p for group in averager.optimizer.param_groups for p in group["params"]]
         with torch.no_grad(), averager.lock_averaged_tensors:
-            for main, copy in zip(averager.main_parameters, own, strict=True):
+            for main, copy in zip(averager.main_parameters, _offloaded(averager), strict=True):
                 copy.copy_(main)
     if not averager.reuse_tensors:
         averager._load_local_tensors_into_averager_()
