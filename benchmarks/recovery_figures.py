@@ -23,8 +23,11 @@ AGENT_STARTED = re.compile(r"^(\d\d):(\d\d):(\d\d) vm \S+: agent started \(pid \
 STARTUP = {
     "imports_done": re.compile(r"agent: imports done ([0-9.]+)s after the agent started"),
     "joined_swarm": re.compile(r"agent: joined the swarm as .*\(([0-9.]+)s after the agent started\)"),
+    "optimizer_built": re.compile(r"agent: optimizer built ([0-9.]+)s after the agent started"),
     "resumed_from_store": re.compile(r"agent: resumed from checkpoint epoch \d+ of \S+ \(([0-9.]+)s after"),
     "first_step_done": re.compile(r"agent: first step done at epoch \d+ ([0-9.]+)s after the agent started"),
+    # its samples first counted toward the swarm's epoch: the step reported them to the swarm (in sync)
+    "contributing": re.compile(r"agent: contributing: first samples counted .*, ([0-9.]+)s after the agent started"),
     "first_epoch_stepped": re.compile(r"agent: first epoch stepped with the swarm: .*, ([0-9.]+)s after the agent"),
 }
 # kernels/paced_progress.py: "state from a peer: epoch 12 -> 17 in 26.3s (the swarm's records say epoch 16)"
@@ -96,6 +99,22 @@ def startup(agent_log: str) -> dict[str, Any]:
         found[name] = float(match.group(1)) if match else None
     found["state_downloads"] = [(int(a), int(b), float(t)) for a, b, t in STATE_DOWNLOAD.findall(agent_log)]
     return found
+
+
+def replacement_times(breakdown: Mapping[str, Any], started: float | None, seen_at: float,
+                      noticed_at: float) -> dict[str, Any]:
+    """Seconds from the replacement agent's start until it contributes: from its own stamped line
+    (0.1 s; `breakdown` is `startup()`'s) when it has one, else as the controller saw it. The
+    controller's figure (its first tick whose status record shows the agent training at the
+    swarm's epoch with samples, against the supervisor's whole-second "agent started") also
+    counts the status record's period and the tick's: up to a few seconds the agent did not wait."""
+    seen = None if started is None else seen_at - started
+    own = breakdown.get("contributing")
+    return {"seconds_from_notice": seen_at - noticed_at,
+            "seconds_from_agent_start": own if own is not None else seen,
+            "measured_from": "agent log" if own is not None else "controller ticks",
+            "seen_by_controller_seconds_from_agent_start": seen,
+            "agent_start_from_notice": None if started is None else started - noticed_at}
 
 
 def resumed_epochs(agent_log: str) -> list[int]:

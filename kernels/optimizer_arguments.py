@@ -40,16 +40,16 @@ def optimizer_options(gradients: str, state: str, *, group_size: int | None = No
         "load_state_compression": StateCodec(state, download=True),
     }
     rank = powersgd_rank(gradients)
-    factory = None
     if rank is not None:
         from hivemind.optim.power_sgd_averager import PowerSGDGradientAverager
 
         factory = partial(PowerSGDGradientAverager, averager_rank=rank)
-    if group_size is not None:
-        from hivemind.optim.grad_averager import GradientAverager
+    else:  # a newcomer downloads no gradients it would throw away (kernels/gradient_averager.py)
+        from spotrain.kernels.gradient_averager import StatelessGradientAverager
 
-        factory = partial(factory or GradientAverager, target_group_size=group_size)
+        factory = partial(StatelessGradientAverager)
+    if group_size is not None:
+        factory = partial(factory, target_group_size=group_size)
         options["averager_opts"] = {"target_group_size": group_size}
-    if factory is not None:
-        options["grad_averager_factory"] = factory
+    options["grad_averager_factory"] = factory
     return options

@@ -79,6 +79,7 @@ class SwarmOptimizer(hivemind.Optimizer):
         self._progress_report_interval = progress_report_interval  # read by _make_progress_tracker
         self._told_unreachable = False
         self.state_downloads = 0  # states taken from a peer
+        self.samples_counted = 0  # local samples this peer reported toward the swarm's epochs
         kwargs["tracker_opts"] = {"metadata_expiration": PROGRESS_EXPIRATION_SECONDS, **kwargs.get("tracker_opts", {})}
         super().__init__(*args, **kwargs)
 
@@ -105,6 +106,14 @@ class SwarmOptimizer(hivemind.Optimizer):
                            f"peer's state once their records expire (at most {PROGRESS_EXPIRATION_SECONDS:.0f}s)")
         elif not behind:
             self._told_unreachable = False
+
+    def _check_and_accumulate_gradients(self, batch_size: int, grad_scaler: Any) -> bool:
+        """hivemind's; counts the samples it reported to the swarm (a step in sync with the swarm whose
+        gradients were valid): the moment a newcomer first contributes (the agent's log says when)."""
+        counted = bool(super()._check_and_accumulate_gradients(batch_size, grad_scaler))
+        if counted:
+            self.samples_counted += batch_size
+        return counted
 
     def _make_progress_tracker(self, target_batch_size: int, **kwargs: Any) -> ProgressTracker:
         return PacedProgressTracker(

@@ -51,6 +51,7 @@ def step_into_epoch_one_with_the_update_held(role: DataParallelRole) -> tuple[li
     for _ in range(MAX_STEPS):
         role.train_step(next(batches))
         if training.optimizer.local_epoch == 1:
+            assert training.optimizer.samples_counted > 0  # alone, every step is in sync with the swarm
             return before, steps_before
     raise AssertionError(f"no epoch passed in {MAX_STEPS} steps")
 

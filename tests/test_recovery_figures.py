@@ -86,9 +86,25 @@ def test_the_start_of_an_agent_is_read_from_its_stamped_lines():
     log = ("12:00:05 agent: imports done 5.2s after the agent started\n"
            "12:00:07 agent: joined the swarm as Qm1 at /ip4/1.2.3.4/tcp/5/p2p/Qm1 (7.1s after the agent started)\n"
            "12:00:14 kernels.paced_progress: state from a peer: epoch 0 -> 20 in 3.5s (the swarm's records say 20)\n"
+           "12:00:10 agent: optimizer built 10.4s after the agent started\n"
            "12:00:15 agent: first step done at epoch 20 15.0s after the agent started\n"
+           "12:00:16 agent: contributing: first samples counted toward the swarm's epoch 20, 15.9s after the "
+           "agent started\n"
            "12:00:17 agent: first epoch stepped with the swarm: 20 -> 21, 17.5s after the agent started\n")
     start = recovery_figures.startup(log)
-    assert start == {"imports_done": 5.2, "joined_swarm": 7.1, "resumed_from_store": None, "first_step_done": 15.0,
-                     "first_epoch_stepped": 17.5, "state_downloads": [(0, 20, 3.5)]}
+    assert start == {"imports_done": 5.2, "joined_swarm": 7.1, "optimizer_built": 10.4, "resumed_from_store": None,
+                     "first_step_done": 15.0, "contributing": 15.9, "first_epoch_stepped": 17.5,
+                     "state_downloads": [(0, 20, 3.5)]}
     assert recovery_figures.startup("")["first_step_done"] is None
+
+
+def test_a_replacement_is_timed_by_its_own_line_and_the_controllers_view_is_kept():
+    own = recovery_figures.replacement_times({"contributing": 15.9}, started=100.0, seen_at=121.0, noticed_at=98.0)
+    assert (own["seconds_from_agent_start"], own["measured_from"]) == (15.9, "agent log")
+    assert (own["seen_by_controller_seconds_from_agent_start"], own["seconds_from_notice"]) == (21.0, 23.0)
+    assert own["agent_start_from_notice"] == 2.0
+    # an agent of an older build logs no such line: the controller's view is the figure
+    older = recovery_figures.replacement_times({"contributing": None}, started=100.0, seen_at=121.0, noticed_at=98.0)
+    assert (older["seconds_from_agent_start"], older["measured_from"]) == (21.0, "controller ticks")
+    unknown = recovery_figures.replacement_times({}, started=None, seen_at=121.0, noticed_at=98.0)
+    assert unknown["seconds_from_agent_start"] is None and unknown["agent_start_from_notice"] is None

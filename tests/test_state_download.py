@@ -1,4 +1,6 @@
-"""A newcomer that just downloaded the newest peer's state does not download it all again because
+"""A newcomer downloads the newest peer's training state and nothing else (no averaged gradients).
+
+A newcomer that just downloaded the newest peer's state does not download it all again because
 the swarm stepped once meanwhile (hivemind's once-an-epoch exact check would): one epoch behind
 is in sync for hivemind until the newcomer's next epoch. Two real SwarmOptimizers, the one
 ahead in its own process (tests/download_peer.py)."""
@@ -34,6 +36,9 @@ def test_a_fresh_download_one_epoch_behind_is_not_downloaded_again(tmp_path):
         assert newcomer.local_epoch == 5 and newcomer.state_downloads == 1
         theirs = torch.load(tmp_path / "params.pt")
         assert all(torch.equal(p.detach(), t) for p, t in zip(model.parameters(), theirs))
+        # the state came from the peer's state averager; its gradient averager offers nothing to download
+        # (hivemind's would: its last averaged gradients, which a newcomer throws away)
+        assert donors(dht, "download_state_averager") and not donors(dht, "download_grad_averager")
 
         (tmp_path / "step").touch()
         wait_for(lambda: newcomer.tracker.global_epoch == 6
@@ -52,3 +57,9 @@ def test_a_fresh_download_one_epoch_behind_is_not_downloaded_again(tmp_path):
         except subprocess.TimeoutExpired:
             ahead.kill()
             ahead.wait()
+
+
+def donors(dht: hivemind.DHT, prefix: str) -> list[str]:
+    """The peers that declared themselves for state downloads under `prefix` (hivemind's key)."""
+    found = dht.get(f"{prefix}.all_averagers", latest=True)
+    return [peer for peer, entry in (found.value if found else {}).items() if isinstance(entry.value, (int, float))]

@@ -76,6 +76,7 @@ class DataParallelRole:
             model.to(device)  # before the optimizer is built: its state follows the parameters
             log(f"training on {describe(device)}" + (f" with {precision} autocast" if precision else ""))
             optimizer = _build_optimizer(context, task, model)
+            log(f"optimizer built {seconds_since_start():.1f}s after the agent started")
             downloaded = _catch_up(optimizer)
             checkpoint = reading.result()
         if checkpoint is not None:
@@ -112,12 +113,16 @@ class DataParallelRole:
             return None
         # before the step: the background update has had this whole forward and backward to finish
         self._snapshot_owed_if_settled("before a step,")
-        downloads = training.optimizer.state_downloads
+        downloads, counted = training.optimizer.state_downloads, training.optimizer.samples_counted
+        epoch = training.optimizer.local_epoch
         training.optimizer.step()
         training.optimizer.zero_grad()
         self._steps += 1
         if self._steps == 1:
             log(f"first step done at epoch {training.optimizer.local_epoch} "
+                f"{seconds_since_start():.1f}s after the agent started")
+        if counted == 0 and training.optimizer.samples_counted > 0:  # what benchmarks/recovery.py times
+            log(f"contributing: first samples counted toward the swarm's epoch {epoch}, "
                 f"{seconds_since_start():.1f}s after the agent started")
         progress.record_step(batch_size, loss)
         progress.checkpoint_epoch = _durable_epoch(training, progress.checkpoint_epoch)
