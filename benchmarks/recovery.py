@@ -156,9 +156,12 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, every
 
 def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int) -> tuple[dict, dict]:
     """Figures 1 and 2: preempt one training VM with notice, follow its replacement."""
+    # the swarm's seconds per epoch from its second epoch on (the first waits for peers still
+    # joining: three times as long in a 2048-sample run), over enough epochs before the notice
+    # (a fast swarm passes the warm-up epochs before the first poll)
+    started_at = bench.global_epoch_now()
+    wait_for(lambda: bench.global_epoch_now() > started_at, 900, "the swarm's first epoch")
     trained_from, first_epoch = time.time(), bench.global_epoch_now()
-    # enough epochs before the notice for the swarm's seconds per epoch (a fast swarm passes the
-    # warm-up epochs before the first poll)
     warm = max(warm_epochs, first_epoch + RATE_EPOCHS)
     wait_for(lambda: bench.global_epoch_now() >= warm, 900, f"epoch {warm}")
     victim = sorted(first)[0]
