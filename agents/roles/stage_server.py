@@ -56,6 +56,8 @@ PUBLISH_SECONDS = 2.0
 # moves and duty (the DHT keeps records for STAGE_TTL_SECONDS, too long to react to a kill)
 FRESH_SECONDS = 5 * PUBLISH_SECONDS
 REBALANCE_JITTER = 0.2
+MOVE_DOWNLOAD_ATTEMPTS = 3  # a move's target stage has live peers (their records say so): worth retrying
+DOWNLOAD_RETRY_SECONDS = 2.0
 CLOSE_SECONDS = 30.0  # the last checkpoint's upload when no drain window says otherwise
 
 
@@ -134,7 +136,7 @@ class StageServerRole:
                                  averaging_timeout=config.training.averaging_timeout)
         checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}",
                                        context.checkpoint_trust, context.checkpoint_signer)
-        steps = averager.load_from_peers(timeout=config.training.averaging_timeout)
+        steps = self._download(averager, attempts=MOVE_DOWNLOAD_ATTEMPTS if moving else 1)
         if steps is not None:
             server.steps = steps
             log(f"stage {stage}: parameters downloaded from a live peer (step {steps})")
@@ -148,6 +150,19 @@ class StageServerRole:
         else:
             log(f"stage {stage}: no live peer and no checkpoint: starting from the task's weights")
         return _Stage(server, averager, checkpoints)
+
+    def _download(self, averager: StageAverager, attempts: int) -> int | None:
+        """The stage's live parameters (their step count), trying `attempts` times: a stage's peers
+        declare themselves for download in a DHT entry that hivemind lets lapse for a moment each
+        time it renews it (a loaded DHT makes the moment longer: a move once found none)."""
+        timeout = self._started_context().config.training.averaging_timeout
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(DOWNLOAD_RETRY_SECONDS)
+            steps = averager.load_from_peers(timeout=timeout)
+            if steps is not None:
+                return steps
+        return None
 
     def run_until(self, stop: threading.Event) -> None:
         period = self._started_context().config.pipeline
