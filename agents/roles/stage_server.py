@@ -152,9 +152,9 @@ class StageServerRole:
         return _Stage(server, averager, checkpoints)
 
     def _download(self, averager: StageAverager, attempts: int) -> int | None:
-        """The stage's live parameters (their step count), trying `attempts` times: a stage's peers
-        declare themselves for download in a DHT entry that hivemind lets lapse for a moment each
-        time it renews it (a loaded DHT makes the moment longer: a move once found none)."""
+        """The stage's live parameters (their step count), trying `attempts` times: a move at load
+        25 once found no peer to download from at once (likely the DHT entry where a stage's peers
+        declare themselves for download, which hivemind lets lapse for a moment at each renewal)."""
         timeout = self._started_context().config.training.averaging_timeout
         for attempt in range(attempts):
             if attempt:
