@@ -103,7 +103,7 @@ def _read_live(source: LiveSource | None) -> list[str] | None:
 def join_swarm(config: AgentConfig, source: LiveSource | None, log: Callable[[str], None],
                work: Path | None = None) -> DHT:
     """A started DHT peer in the swarm, or alone when no peer is listed anywhere."""
-    import hivemind
+    from spotrain.agents.dht_requests import LostRequestSafeDHT
 
     work = work or Path.cwd()
     port = listen_port(config, work)
@@ -123,7 +123,7 @@ def join_swarm(config: AgentConfig, source: LiveSource | None, log: Callable[[st
             log(f"bootstrapping from {len(live)} live peer(s) the controller published")
         if peers:
             try:
-                return _joined(hivemind.DHT(initial_peers=peers, **options), work)
+                return _joined(LostRequestSafeDHT(initial_peers=peers, **options), work)
             except Exception as error:  # p2pd's "failed to connect to bootstrap peers", hivemind's failed ping
                 log(f"none of {len(peers)} bootstrap peer(s) answered: {str(error).splitlines()[0][:200]}")
         if published is not None and not live:
@@ -131,7 +131,7 @@ def join_swarm(config: AgentConfig, source: LiveSource | None, log: Callable[[st
     if live:
         raise RuntimeError(f"none of the live peers answered in {JOIN_ATTEMPTS} attempts")
     log("no bootstrap peer answered and no live peer is listed: starting the swarm alone")
-    return _joined(hivemind.DHT(initial_peers=[], **options), work)
+    return _joined(LostRequestSafeDHT(initial_peers=[], **options), work)
 
 
 def _joined(dht: DHT, work: Path) -> DHT:

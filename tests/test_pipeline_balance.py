@@ -187,3 +187,15 @@ def test_stage_records_round_trip_and_malformed_ones_are_refused():
     for bad in (None, [], {**data, "state": "bogus"}, {**data, "samples_per_second": float("nan")},
                 {**data, "queue": -1}, {k: v for k, v in data.items() if k != "stage"}):
         assert StageRecord.from_record(bad) is None
+
+
+def test_an_unmeasured_peer_counts_as_fast_as_its_stage_and_nothing_moves_before_a_measurement():
+    # the trainer's first microbatches measured two tail peers; the head's peers are not measured yet
+    first = [record(0, f"a{i}", 0.0) for i in range(4)] + [record(1, "b0", 40.0), record(1, "b1", 30.0)] + \
+        [record(1, f"b{i}", 0.0) for i in range(2, 4)]
+    assert best_move(first, 2) is None  # 4/4, each unmeasured peer at the median 35/s: balanced
+    assert best_move([record(0, "a0", 0.0), record(0, "a1", 0.0), record(1, "b0", 0.0)], 2) is None
+    # a stage with none measured counts its peers at every measured peer's median
+    records = [record(0, f"a{i}", 0.0) for i in range(2)] + [record(1, f"b{i}", 10.0) for i in range(4)]
+    move = best_move(records, 2)
+    assert move is not None and (move.source, move.target, move.throughput_before) == (1, 0, 20.0)

@@ -66,34 +66,57 @@ def test_bans_double_with_each_failure_in_a_row_up_to_the_cap():
 
 def test_route_table_spreads_work_by_throughput_and_bounds_calls_per_peer():
     table = RouteTable(POLICY)
-    table.succeeded("fast", 30.0, 0)
-    table.succeeded("slow", 10.0, 0)
+    table.succeeded(0, "fast", 30.0, 0, now=0.0)
+    table.succeeded(0, "slow", 10.0, 0, now=0.0)
     picks = collections.Counter()
     for _ in range(8):  # nothing returns: each pick raises that peer's queue
-        peer = table.choose(["fast", "slow"], 0.0)
+        peer = table.choose(0, ["fast", "slow"], 0.0)
         assert peer is not None
-        table.sent(peer)
+        table.sent(0, peer)
         picks[peer] += 1
     assert picks == {"fast": 4, "slow": 4}  # fast would take more but holds at most 4 of ours
-    assert table.choose(["fast", "slow"], 0.0) is None
-    table.succeeded("fast", 30.0, 3)
-    assert table.load("fast") == PeerLoad("fast", 30.0, queued=3, in_flight=3)
-    assert table.choose(["fast", "slow"], 0.0) == "fast"
+    assert table.choose(0, ["fast", "slow"], 0.0) is None
+    table.succeeded(0, "fast", 30.0, 3, now=0.0)
+    assert table.load(0, "fast", 0.0) == PeerLoad("fast", 30.0, queued=3, in_flight=3)
+    assert table.choose(0, ["fast", "slow"], 0.0) == "fast"
 
 
 def test_route_table_bans_a_failed_peer_until_a_success_clears_it():
     table = RouteTable(POLICY)
-    table.sent("a")
-    table.failed("a", now=10.0)
-    assert table.in_flight["a"] == 0
-    assert table.choose(["a", "b"], 10.5) == "b"
-    assert table.choose(["a"], 11.0) == "a"
-    table.sent("a")
-    table.failed("a", now=11.0)
-    assert table.choose(["a"], 12.5) is None  # banned twice as long
-    table.sent("a")
-    table.succeeded("a", 5.0, 0)
-    assert table.health == {} and table.choose(["a"], 12.5) == "a"
+    table.sent(0, "a")
+    table.failed(0, "a", now=10.0)
+    assert table.in_flight[0, "a"] == 0
+    assert table.choose(0, ["a", "b"], 10.5) == "b"
+    assert table.choose(0, ["a"], 11.0) == "a"
+    table.sent(0, "a")
+    table.failed(0, "a", now=11.0)
+    assert table.choose(0, ["a"], 12.5) is None  # banned twice as long
+    table.sent(0, "a")
+    table.succeeded(0, "a", 5.0, 0, now=12.5)
+    assert table.health == {} and table.choose(0, ["a"], 12.5) == "a"
+
+
+def test_a_reported_queue_counts_only_while_fresh():
+    """A peer that reported a long queue and was never sent to again would never report a shorter one."""
+    table = RouteTable(POLICY)
+    table.succeeded(0, "was_busy", 10.0, 6, now=0.0)
+    table.succeeded(0, "other", 10.0, 2, now=0.0)
+    assert table.choose(0, ["was_busy", "other"], POLICY.report_seconds) == "other"
+    assert table.load(0, "was_busy", POLICY.report_seconds + 0.1) == PeerLoad("was_busy", 10.0, queued=0)
+    table.succeeded(0, "other", 10.0, 2, now=POLICY.report_seconds + 0.1)
+    assert table.choose(0, ["was_busy", "other"], POLICY.report_seconds + 0.1) == "was_busy"
+
+
+def test_a_peer_that_moved_starts_fresh_on_its_new_stage():
+    """Same peer id, other stage: neither its old stage's ban, queue and speed nor its calls there count."""
+    table = RouteTable(POLICY)
+    table.succeeded(0, "mover", 2.0, 4, now=0.0)  # slow and busy on stage 0
+    table.sent(0, "mover")
+    table.failed(0, "mover", now=1.0)  # refused as it left stage 0
+    table.succeeded(1, "mate", 10.0, 1, now=1.0)
+    assert table.load(1, "mover", 1.0) == PeerLoad("mover", 0.0, queued=0)
+    assert table.choose(1, ["mate", "mover"], 1.0) == "mover"  # unmeasured: as fast as its stage, idle
+    assert table.choose(0, ["mover"], 1.0) is None  # still banned where it failed
 
 
 def test_an_invalid_policy_is_refused():
@@ -101,3 +124,5 @@ def test_an_invalid_policy_is_refused():
         RoutingPolicy(max_in_flight=0)
     with pytest.raises(ValueError):
         RoutingPolicy(ban_seconds=10.0, max_ban_seconds=1.0)
+    with pytest.raises(ValueError):
+        RoutingPolicy(report_seconds=-1.0)

@@ -110,7 +110,7 @@ def test_training_survives_draining_and_lost_stage_peers_and_counts_what_it_drop
             assert stats.started == stats.completed == 40 and stats.dropped == 0
             # routing may never pick the lost peer (its expected busy time is higher); when it did, the
             # failure is remembered and the peer banned (a success would have cleared the entry)
-            lost_health = trainer.routes.health.get(str(lost.p2p.peer_id))
+            lost_health = trainer.routes.health.get((lost.stage, str(lost.p2p.peer_id)))
             assert lost_health is None or lost_health.failures >= 1
             assert survivor.served > served
             early, late = sum(stats.losses[:8]) / 8, sum(stats.losses[-8:]) / 8

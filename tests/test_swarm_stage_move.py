@@ -53,6 +53,12 @@ def movers(tmp_path: Path, names: list[str]) -> dict[str, re.Match[str]]:
     return {name: found for name in names if (found := MOVING.search(log_of(tmp_path, name)))}
 
 
+def served_by(swarm: SwarmView, name: str) -> int:
+    """Microbatch calls `name` answered, over every stage it served, by its newest status."""
+    status = swarm.statuses().get(name)
+    return status.served if status is not None else 0
+
+
 def trainer_samples(swarm: SwarmView) -> int:
     status = swarm.statuses().get("trainer")
     return status.samples if status is not None else 0
@@ -102,9 +108,11 @@ def test_a_peer_moves_to_the_most_loaded_stage_after_downloading_it_and_training
         assert sum(1 for r in records.values() if r.stage == source) >= 2
         assert {r.stage for r in records.values()} == {0, 1}
 
-        # training goes on through the new assignment, and the mover served microbatches there
-        samples = trainer_samples(swarm)
-        wait_for(lambda: trainer_samples(swarm) >= samples + 64, 180, "the trainer training on after the move")
+        # training goes on through the new assignment, and the mover serves microbatches there (the
+        # trainer's routing takes a moved peer as a fresh, idle one on its new stage: it is tried soon)
+        samples, served = trainer_samples(swarm), served_by(swarm, mover)
+        wait_for(lambda: trainer_samples(swarm) >= samples + 64 and served_by(swarm, mover) > served, 180,
+                 "the trainer training on after the move, through the mover")
         mover_process = agents[STAGE_PEERS.index(mover)]
         mover_process.send_signal(signal.SIGTERM)  # a drain: the served count is logged as it leaves
         assert mover_process.wait(timeout=60) == 0

@@ -13,7 +13,9 @@ leaving the same stage; the caller's jittered period (`rebalance_delay`) spreads
 each sees the records the last move left.
 
 A peer's samples/s is measured on its own stage; on another stage it is predicted by the ratio
-of the stages' costs (compute per sample, e.g. from parameter counts; equal by default).
+of the stages' costs (compute per sample, e.g. from parameter counts; equal by default). A peer
+not measured yet counts as fast as its stage's measured peers, and nothing moves before any peer
+is measured.
 Starting peers count towards throughput (with their own estimate) so that newcomers do not pile
 onto one stage, but neither move nor count as a stage's remaining peers; draining ones count
 for nothing. Where two stages tie as the slowest, no single move gains: newcomers, which join the
@@ -25,7 +27,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from spotrain.contracts.stage_records import MIN_PEERS_PER_STAGE, StageRecord
 from spotrain.contracts.states import AgentState
@@ -79,6 +81,10 @@ def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: floa
     costs = list(stage_costs) if stage_costs is not None else [1.0] * num_stages
     if len(costs) != num_stages or min(costs) <= 0:
         raise ValueError(f"need {num_stages} positive stage costs, got {costs}")
+    assumed = with_assumed_speeds(records)
+    if assumed is None:
+        return None  # nothing measured yet: no prediction to move on
+    records = assumed
     totals = stage_throughputs(records, num_stages)
     before = min(totals)
     target = totals.index(before)
@@ -105,6 +111,25 @@ def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: floa
     move = min(candidates, key=lambda c: c[:4])[4]
     gained = move.throughput_after > before and move.throughput_after >= before * min_gain
     return move if gained else None
+
+
+def with_assumed_speeds(records: Sequence[StageRecord]) -> list[StageRecord] | None:
+    """The records with each unmeasured peer (0 samples/s: no microbatch served yet) as fast as its
+    stage's measured peers (their median; every measured peer's where its stage has none); None
+    when no peer is measured. A stage of peers not measured yet is not a stage that serves
+    nothing: counted at 0, it drew moves as if it limited the pipeline infinitely (a benchmark's
+    fleet, balanced 4/4, ended 5/3 from the trainer's first microbatches: the tail measures its
+    peer at once, the head only after the backward)."""
+    measured: dict[int, list[float]] = {}
+    for record in records:
+        if record.state != AgentState.DRAINING and record.samples_per_second > 0:
+            measured.setdefault(record.stage, []).append(record.samples_per_second)
+    if not measured:
+        return None
+    every = statistics.median(speed for speeds in measured.values() for speed in speeds)
+    return [record if record.samples_per_second > 0 or record.state == AgentState.DRAINING
+            else replace(record, samples_per_second=statistics.median(measured.get(record.stage, [every])))
+            for record in records]
 
 
 def should_move(records: Sequence[StageRecord], num_stages: int, peer_id: str, *,

@@ -10,7 +10,13 @@ row (a preempted peer stops being tried quickly; a slow but live one comes back)
 success clears its record. A peer holding `max_in_flight` of this trainer's microbatches takes
 no more from it: the trainer waits instead of piling work onto one peer. (The bound is on the
 trainer's own calls, known exactly; a queue a peer reported may be stale, and a peer never sent
-to again would never report a shorter one.)
+to again would never report a shorter one: so a reported queue counts for `report_seconds` after
+the reply that carried it, and only the trainer's own calls after that.)
+
+What the trainer knows of a peer is kept per stage: a peer that moved to another stage (the same
+peer id) starts there unmeasured, unbanned and with an empty queue, instead of inheriting what it
+reported, or how its calls failed while it left, on the stage it served before (a moved peer was
+once left unused on its new stage for the trainer's next 64 samples).
 
 The decisions are pure functions of the state below and `now`; `RouteTable` only keeps the
 trainer's bookkeeping between calls.
@@ -42,9 +48,10 @@ class RoutingPolicy:
     max_in_flight: int = 4
     ban_seconds: float = 1.0  # after the first failure in a row
     max_ban_seconds: float = 30.0
+    report_seconds: float = 2.0  # how long a peer's reported queue counts
 
     def __post_init__(self) -> None:
-        if self.max_in_flight < 1 or not 0 < self.ban_seconds <= self.max_ban_seconds:
+        if self.max_in_flight < 1 or not 0 < self.ban_seconds <= self.max_ban_seconds or self.report_seconds < 0:
             raise ValueError(f"invalid routing policy {self}")
 
 
@@ -78,38 +85,46 @@ def after_failure(health: PeerHealth, now: float, policy: RoutingPolicy) -> Peer
     return PeerHealth(failures=health.failures + 1, banned_until=now + ban)
 
 
+Route = tuple[int, str]  # (stage, peer id): what the trainer knows of a peer holds on one stage
+
+
 @dataclass
 class RouteTable:
-    """What one trainer knows of the peers it sends to: their reports, its calls in flight, failures."""
+    """What one trainer knows of the peers it sends to, per stage: their reports, its calls in
+    flight, failures."""
 
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
-    reported: dict[str, PeerLoad] = field(default_factory=dict)
-    in_flight: dict[str, int] = field(default_factory=dict)
-    health: dict[str, PeerHealth] = field(default_factory=dict)
+    reported: dict[Route, PeerLoad] = field(default_factory=dict)
+    reported_at: dict[Route, float] = field(default_factory=dict)
+    in_flight: dict[Route, int] = field(default_factory=dict)
+    health: dict[Route, PeerHealth] = field(default_factory=dict)
 
-    def choose(self, peers: Sequence[str], now: float, exclude: Collection[str] = (),
+    def choose(self, stage: int, peers: Sequence[str], now: float, exclude: Collection[str] = (),
                prefer: str | None = None) -> str | None:
-        loads = [self.load(peer) for peer in peers]
-        return choose_peer(loads, self.health, now, self.policy, exclude, prefer)
+        loads = [self.load(stage, peer, now) for peer in peers]
+        health = {peer: known for peer in peers if (known := self.health.get((stage, peer))) is not None}
+        return choose_peer(loads, health, now, self.policy, exclude, prefer)
 
-    def load(self, peer: str) -> PeerLoad:
-        known = self.reported.get(peer, PeerLoad(peer, 0.0, 0))
-        ours = self.in_flight.get(peer, 0)
+    def load(self, stage: int, peer: str, now: float) -> PeerLoad:
+        known = self.reported.get((stage, peer), PeerLoad(peer, 0.0, 0))
+        ours = self.in_flight.get((stage, peer), 0)
+        fresh = now - self.reported_at.get((stage, peer), now) <= self.policy.report_seconds
         # our calls are part of the queue the peer reports, when they were there at its report
-        return PeerLoad(peer, known.samples_per_second, max(known.queued, ours), ours)
+        return PeerLoad(peer, known.samples_per_second, max(known.queued if fresh else 0, ours), ours)
 
-    def sent(self, peer: str) -> None:
-        self.in_flight[peer] = self.in_flight.get(peer, 0) + 1
+    def sent(self, stage: int, peer: str) -> None:
+        self.in_flight[stage, peer] = self.in_flight.get((stage, peer), 0) + 1
 
-    def succeeded(self, peer: str, samples_per_second: float, queued: int) -> None:
+    def succeeded(self, stage: int, peer: str, samples_per_second: float, queued: int, now: float) -> None:
         """A reply, with the load the peer reported in it."""
-        self._returned(peer)
-        self.reported[peer] = PeerLoad(peer, samples_per_second, queued)
-        self.health.pop(peer, None)
+        self._returned(stage, peer)
+        self.reported[stage, peer] = PeerLoad(peer, samples_per_second, queued)
+        self.reported_at[stage, peer] = now
+        self.health.pop((stage, peer), None)
 
-    def failed(self, peer: str, now: float) -> None:
-        self._returned(peer)
-        self.health[peer] = after_failure(self.health.get(peer, PeerHealth()), now, self.policy)
+    def failed(self, stage: int, peer: str, now: float) -> None:
+        self._returned(stage, peer)
+        self.health[stage, peer] = after_failure(self.health.get((stage, peer), PeerHealth()), now, self.policy)
 
-    def _returned(self, peer: str) -> None:
-        self.in_flight[peer] = max(self.in_flight.get(peer, 0) - 1, 0)
+    def _returned(self, stage: int, peer: str) -> None:
+        self.in_flight[stage, peer] = max(self.in_flight.get((stage, peer), 0) - 1, 0)

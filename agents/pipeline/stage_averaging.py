@@ -14,10 +14,16 @@ snapshot), as local SGD does. An average that is not finite is dropped, never ap
 The averager also serves the stage's live parameters to a peer joining or moving to the stage
 (`load_from_peers`), so a replacement takes a live peer's state before any checkpoint. What it
 downloads is checked (count, shapes, finite) before it touches the module.
+
+Shutting down (a peer leaving the stage, or moving to another): the averager's process reads
+that its last DHT requests were read before it exits. Each request's reply pipe end is fetched
+from the sending process when the DHT's process reads it; a process gone by then cannot hand it
+over (`agents/dht_requests.py`, where the DHT's process drops such a request instead of dying).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -29,6 +35,15 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.compression import CompressionBase, CompressionInfo, TensorRole
 
 logger = logging.getLogger("spotrain.agents.pipeline")
+
+# the averager's last DHT requests wait this long to be read as it shuts down (hivemind terminates
+# an averager still running 5 s after its shutdown began)
+FLUSH_SECONDS = 2.0
+
+
+async def _read_so_far(_dht: DHT, _node: Any) -> bool:
+    """Runs in the DHT's process: its pipe is read in order, so every earlier request was read."""
+    return True
 
 
 def stage_prefix(cluster: str, stage: int) -> str:
@@ -50,6 +65,16 @@ class StageAverager(DecentralizedAverager):  # type: ignore[misc]  # hivemind is
                          state_compression=state_compression, declare_state_period=10.0,
                          tensor_infos=[CompressionInfo.from_tensor(p, key=i, role=TensorRole.PARAMETER)
                                        for i, p in enumerate(self.params)])
+
+    async def _shutdown(self, timeout: float | None) -> None:
+        """In the averager's process, last: a round trip through the DHT's request pipe, so that
+        the requests this process sent before (group declarations, its download record) were read
+        while it could still hand over their reply pipe ends."""
+        await super()._shutdown(timeout)
+        try:
+            await asyncio.wait_for(self.dht.run_coroutine(_read_so_far, return_future=True), FLUSH_SECONDS)
+        except Exception as error:  # noqa: BLE001 - a busy DHT: the DHT's process drops what it cannot read
+            logger.debug("stage %d: DHT requests not flushed before shutdown: %r", self.stage, error)
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], Sequence[CompressionInfo]]:
         """The stage's live parameters (what a moving or new peer downloads), not the last average."""

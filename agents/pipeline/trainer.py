@@ -120,26 +120,27 @@ class PipelineTrainer:
         attempts, waited_since = 0, time.monotonic()
         while attempts < self.max_attempts:
             peers = {str(peer): peer for peer in self.stage_peers(stage)}
-            choice = self.routes.choose(list(peers), time.monotonic(), prefer=str(prefer) if prefer else None)
+            choice = self.routes.choose(stage, list(peers), time.monotonic(),
+                                        prefer=str(prefer) if prefer else None)
             if choice is None:
                 if time.monotonic() - waited_since > self.call_timeout:
                     break
                 await asyncio.sleep(WAIT_FOR_PEER_SECONDS)
                 continue
             attempts += 1
-            self.routes.sent(choice)
+            self.routes.sent(stage, choice)
             sent_to.add(choice, request.ByteSize())  # activations and gradients are egress too
             try:
                 response = await asyncio.wait_for(self.p2p.call_protobuf_handler(
                     peers[choice], name, request, runtime_pb2.ExpertResponse), self.call_timeout)
                 reply = parse_reply(response)
             except CALL_ERRORS as error:
-                self.routes.failed(choice, time.monotonic())
+                self.routes.failed(stage, choice, time.monotonic())
                 self.stats.failed_calls += 1
                 logger.info("stage %d %s at %s failed (%r); retrying elsewhere", stage, op.value, choice, error)
                 waited_since = time.monotonic()
                 continue
-            self.routes.succeeded(choice, reply.samples_per_second, reply.queued)
+            self.routes.succeeded(stage, choice, reply.samples_per_second, reply.queued, time.monotonic())
             return peers[choice], reply
         raise MicrobatchDropped(f"stage {stage} {op.value}: no peer answered after {attempts} attempts")
 

@@ -18,8 +18,11 @@ stage with its mates round after round and, every `every_epochs` rounds, writes 
 if this peer holds the stage's duty; every `rebalance_seconds` (jittered) the peer runs
 `balance.should_move` on the records and, when the move is its own, announces it (a `starting`
 record at the target, so that no second peer leaves the old stage meanwhile), downloads the
-target stage's parameters from that stage's peers, and only then stops serving its old stage
-(finishing the microbatches it holds) and serves the new one.
+target stage's parameters from that stage's peers, and only then serves the new stage (its
+record published at once) and stops serving its old one (finishing the microbatches it holds).
+A move that fails on the way (no download, the new stage not built or not started) leaves the
+peer serving its old stage; once the new stage serves, whatever happens to the old one, the
+peer serves the new one.
 
 On a drain it refuses new microbatches at once (trainers retry on the stage's other peers),
 publishes `draining` (the stage's next peer takes the checkpoint duty from that record), finishes
@@ -53,6 +56,8 @@ PUBLISH_SECONDS = 2.0
 # moves and duty (the DHT keeps records for STAGE_TTL_SECONDS, too long to react to a kill)
 FRESH_SECONDS = 5 * PUBLISH_SECONDS
 REBALANCE_JITTER = 0.2
+MOVE_DOWNLOAD_ATTEMPTS = 3  # a move's target stage has live peers (their records say so): worth retrying
+DOWNLOAD_RETRY_SECONDS = 2.0
 CLOSE_SECONDS = 30.0  # the last checkpoint's upload when no drain window says otherwise
 
 
@@ -131,7 +136,7 @@ class StageServerRole:
                                  averaging_timeout=config.training.averaging_timeout)
         checkpoints = StageCheckpoints(config.checkpoint, server, f"{context.instance_id}-stage{stage}",
                                        context.checkpoint_trust, context.checkpoint_signer)
-        steps = averager.load_from_peers(timeout=config.training.averaging_timeout)
+        steps = self._download(averager, attempts=MOVE_DOWNLOAD_ATTEMPTS if moving else 1)
         if steps is not None:
             server.steps = steps
             log(f"stage {stage}: parameters downloaded from a live peer (step {steps})")
@@ -145,6 +150,19 @@ class StageServerRole:
         else:
             log(f"stage {stage}: no live peer and no checkpoint: starting from the task's weights")
         return _Stage(server, averager, checkpoints)
+
+    def _download(self, averager: StageAverager, attempts: int) -> int | None:
+        """The stage's live parameters (their step count), trying `attempts` times: a move at load
+        25 once found no peer to download from at once (likely the DHT entry where a stage's peers
+        declare themselves for download, which hivemind lets lapse for a moment at each renewal)."""
+        timeout = self._started_context().config.training.averaging_timeout
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(DOWNLOAD_RETRY_SECONDS)
+            steps = averager.load_from_peers(timeout=timeout)
+            if steps is not None:
+                return steps
+        return None
 
     def run_until(self, stop: threading.Event) -> None:
         period = self._started_context().config.pipeline
@@ -174,24 +192,52 @@ class StageServerRole:
         log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
             f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
         self._announce_move(move.target, estimate)
-        entered = self._enter(move.target, estimate, moving=True)
+        try:
+            entered = self._enter(move.target, estimate, moving=True)
+        except Exception as error:  # a move that fails leaves the peer serving its stage
+            log(f"stage {move.target}: could not be entered ({type(error).__name__}: {error}): not moving")
+            entered = None
         if entered is None:
             self._publish()  # serving the old stage after all
             return
         self._moving.set()
         try:
             with self._switch:
-                old = self._stage
-                assert old is not None
-                self._leave_stage(old, write=self._on_duty(old))
-                self._served_before += old.server.served  # the status counts every stage served
-                self._started_loop().run(entered.server.start())
-                self._stage = entered
-                self.moves += 1
+                self._switch_to(entered)
         finally:
             self._moving.clear()
         self._publish()
-        log(f"now serving stage {move.target} (move {self.moves})")
+
+    def _switch_to(self, entered: _Stage) -> None:
+        """Serve `entered` (its record published: trainers route to it now), then leave the old
+        stage; if `entered` does not start, the old one serves on. The new stage serves first, so
+        that no failure on the way leaves the peer serving nothing."""
+        loop, old = self._started_loop(), self._started_stage()
+        try:
+            loop.run(entered.server.start())
+        except Exception as error:
+            log(f"stage {entered.server.stage}: could not be served ({type(error).__name__}: {error}): not moving")
+            self._abandon(entered)
+            return
+        write = self._on_duty(old)  # by the records before this peer's record names the new stage
+        self._stage = entered
+        self.moves += 1
+        self._publish()
+        log(f"now serving stage {entered.server.stage} (move {self.moves})")
+        try:
+            self._leave_stage(old, write=write)
+        except Exception as error:  # the new stage serves whatever became of the old one
+            log(f"stage {old.server.stage}: not left cleanly ({type(error).__name__}: {error})")
+        self._served_before += old.server.served  # the status counts every stage served
+
+    def _abandon(self, entered: _Stage) -> None:
+        """A stage built for a move that did not happen: its averager and checkpoint writer end."""
+        try:
+            self._started_loop().run(entered.server.stop())
+            entered.averager.shutdown()
+            entered.checkpoints.close(0.0)
+        except Exception as error:  # noqa: BLE001 - the old stage serves on regardless
+            log(f"stage {entered.server.stage}: not abandoned cleanly ({type(error).__name__}: {error})")
 
     def _announce_move(self, target: int, estimate: float) -> None:
         """Before the download: a `starting` record at the target, so that every peer's next check
