@@ -108,9 +108,9 @@ class StageServerRole:
             if stage >= 0:
                 time.sleep(JOIN_SETTLE_SECONDS)
                 records = read_stage_records(dht, cluster)
-            stage = stage_for_joining(records, num_stages, peer_id, joined_at)
+            stage = stage_for_joining(records, num_stages, peer_id, joined_at, self._domain())
             publish_stage_record(dht, cluster, StageRecord(stage, peer_id, context.instance_id, estimate, 0,
-                                                           AgentState.STARTING, joined_at))
+                                                           AgentState.STARTING, joined_at, self._domain()))
         return stage, estimate
 
     def _enter(self, stage: int, estimate: float, *, moving: bool) -> _Stage | None:
@@ -122,7 +122,7 @@ class StageServerRole:
         p2p = loop.run(context.dht.replicate_p2p())
         server = StageServer(p2p, task, stage, cluster=config.cluster, estimate=estimate,
                              activations=config.training.compression.activations or "none",
-                             step_samples=self._step_samples(stage, joining=1))
+                             step_samples=self._step_samples(stage, joining=1), domain=self._domain())
         state = config.training.compression.state
         averager = StageAverager(context.dht, server.module, server.lock, cluster=config.cluster, stage=stage,
                                  steps=lambda: server.steps, compression=StateCodec(state),
@@ -203,7 +203,7 @@ class StageServerRole:
         try:
             publish_stage_record(context.dht, context.config.cluster,
                                  StageRecord(target, peer, context.instance_id, estimate, 0, AgentState.STARTING,
-                                             time.time()))
+                                             time.time(), self._domain()))
         except Exception as error:  # a DHT hiccup: the move goes on, the next check may count it twice
             log(f"move not announced: {type(error).__name__}: {error}")
 
@@ -289,6 +289,11 @@ class StageServerRole:
         training = self._started_context().config.training
         mates = sum(1 for r in self._records if r.stage == stage and r.state == AgentState.TRAINING)
         return step_samples_per_peer(training.target_batch_size, training.batch_size, max(mates + joining, 1))
+
+    def _domain(self) -> str:
+        """This VM's failure domain as the controller named it ("" from an older controller)."""
+        pipeline = self._started_context().config.pipeline
+        return (pipeline.domain if pipeline is not None else None) or ""
 
     def _started_context(self) -> RoleContext:
         if self._context is None:
