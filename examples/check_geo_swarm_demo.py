@@ -16,10 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from spotrain.home import existing_cluster, home, ledger_path
 from spotrain.ledger import Ledger
-from spotrain.providers.geo_network import namespaces
+from spotrain.providers.geo_buckets import EMULATED_CREDENTIALS
+from spotrain.providers.geo_network import entered, namespaces
 from spotrain.providers.local import LocalProvider
 from spotrain.spec_file import stored_spec
 
@@ -58,6 +60,23 @@ def processes_of(path: Path) -> list[str]:
     return found
 
 
+def stage_checkpoints(store_url: str, namespace: str) -> set[int]:
+    """The stages with a checkpoint manifest in a region's bucket, listed from inside the region (the
+    buckets live in the emulated cloud, not on the host's network)."""
+    import boto3
+
+    parts = urlsplit(store_url)
+    endpoint, prefix = parse_qs(parts.query)["endpoint"][0], parts.path.strip("/")
+    manifest = re.compile(rf"^{re.escape(prefix)}/stage(\d+)/ckpt-\d{{8,}}-[^/]+\.json$")
+    with entered(namespace):
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=EMULATED_CREDENTIALS["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=EMULATED_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=EMULATED_CREDENTIALS["AWS_SECRET_ACCESS_KEY"])
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=parts.netloc, Prefix=f"{prefix}/")
+        keys = [item["Key"] for page in pages for item in page.get("Contents", ())]
+    return {int(found.group(1)) for key in keys if (found := manifest.match(key))}
+
+
 report = json.loads(cli("report", "--json").stdout)
 name = existing_cluster(None)
 ledger = Ledger.open_existing(ledger_path(name))
@@ -65,6 +84,9 @@ spec = stored_spec(ledger.current_run().spec)
 provider = LocalProvider(spec.providers.local, home() / "local-cloud")
 cloud = provider.cloud(name).plan.cloud
 regions = {f"local:{region}" for region in spec.providers.local.regions}
+namespace_of = {f"local:{region.name}": region.namespace for region in provider.cloud(name).plan.regions}
+in_buckets = {store.domain: stage_checkpoints(store.url, namespace_of[store.domain])
+              for store in spec.checkpoint.stores if not isinstance(store, str)}
 wanted = spec.training.pipeline.stages
 
 # the stages as the controller saw them served, each time they changed
@@ -95,6 +117,9 @@ checks = [
     (f"preemptions with notice ({noticed}) and without ({report['preemptions_without_notice']})",
      noticed >= 1 and report["preemptions_without_notice"] >= 1),
     (f"a preempted stage peer's microbatches were retried on another peer ({retried} calls)", retried >= 1),
+    ("a stage checkpoint in each region's bucket ("
+     + ", ".join(f"{domain}: stages {sorted(stages)}" for domain, stages in sorted(in_buckets.items())) + ")",
+     set(in_buckets) == regions and all(in_buckets.values())),
     (f"traffic crossed between the regions ({between * 1e3:.1f} MB)", between > 0),
     (f"spent within budget (${report['spent_usd']:.4f} <= ${report['budget_usd']:.2f})",
      report["spent_usd"] <= report["budget_usd"]),

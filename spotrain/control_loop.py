@@ -526,8 +526,8 @@ class ControlLoop:
     def _observe_stages(self, now: float) -> None:
         """Swarm mode: each stage peer's newest record, believed only from the peer its instance's
         signed status record announced (a peer cannot fill or empty a stage in another's name); each
-        stage's peers, samples/s and failure domains (of the live instances the ledger knows) are kept
-        in the ledger when they change (`report` reads the newest)."""
+        live stage peer's stage, samples/s and failure domain (the ledger's instance, not the record)
+        are summed per stage and kept in the ledger when they change (`report` reads the newest)."""
         if self.spec.training.mode != "swarm":
             return
         self.peers_seen.update(peer_instances(self.statuses.values()))
@@ -535,7 +535,8 @@ class ControlLoop:
                                    if self.peers_seen.get(r.peer_id) == r.instance_id)
         rows = self.ledger.instances(states=LIVE_STATES, run_id=self.run.id)
         domains = {row.instance_id: self.stores.domain_of(row.location) for row in rows if row.instance_id}
-        stages = stage_summary(self.stage_records, now, domains)
+        # a VM that ended serves nothing, though its record lingers in the DHT for STAGE_TTL_SECONDS
+        stages = stage_summary([r for r in self.stage_records if r.instance_id in domains], now, domains)
         if stages and stages != self.stages:
             self.ledger.event(self.run.id, "stages", now, json.dumps(stages))
         self.stages = stages

@@ -243,3 +243,22 @@ def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports
     finally:
         loop.finish("test over")
         ledger.close()
+
+
+def test_a_stage_peer_alone_in_the_swarm_waits_for_another_before_choosing():
+    import hivemind
+
+    from spotrain.agents.stage_directory import wait_for_another_peer
+
+    loopback = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    alone = hivemind.DHT(**loopback)
+    other = None
+    try:
+        assert wait_for_another_peer(alone, timeout=2.0, poll=0.5) is None  # started alone: nobody to see
+        other = hivemind.DHT(initial_peers=[str(a) for a in alone.get_visible_maddrs()], **loopback)
+        waited = wait_for_another_peer(alone, timeout=60.0, poll=0.2)
+        assert waited is not None and wait_for_another_peer(other, timeout=60.0, poll=0.2) is not None
+    finally:
+        for dht in (alone, other):
+            if dht is not None:
+                dht.shutdown()

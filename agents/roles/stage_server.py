@@ -2,7 +2,9 @@
 stage's other peers, checkpoints it when on duty, and moves to another stage when that raises
 the pipeline's throughput enough.
 
-Joining (`balance.stage_for_joining`): the peer reads the stage records, names its stage in a
+Joining (`balance.stage_for_joining`): a peer that started the swarm alone first waits until it has
+merged with another (agents booted together behind a NAT'd controller start alone, and each then
+saw no record and chose the same stage); then it reads the stage records, names its stage in a
 `starting` record stamped with the time it began to join, waits `JOIN_SETTLE_SECONDS` so that
 peers started at the same moment see each other's records, and decides again from what it then
 reads. Joins count in order of that time, so a fleet launched at once spreads over the stages.
@@ -42,12 +44,15 @@ from spotrain.agents.pipeline.stage_compute import step_samples_per_peer
 from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.event_loop import EventLoopThread
-from spotrain.agents.stage_directory import publish_stage_record, read_stage_records
+from spotrain.agents.stage_directory import publish_stage_record, read_stage_records, wait_for_another_peer
 from spotrain.contracts.pipeline import PipelineTask
 from spotrain.contracts.stage_records import StageRecord, latest_records
 from spotrain.contracts.states import AgentState
 
 JOIN_SETTLE_SECONDS = 3.0
+# a stage peer that started the swarm alone waits this long for the others to merge before it
+# chooses (a pipeline always has other peers; several MERGE_SECONDS: the controller publishes first)
+ALONE_WAIT_SECONDS = 60.0
 PUBLISH_SECONDS = 2.0
 # a record not refreshed for this long is a peer gone without notice: it counts for nothing in
 # moves and duty (the DHT keeps records for STAGE_TTL_SECONDS, too long to react to a kill)
@@ -98,7 +103,13 @@ class StageServerRole:
 
     def _join(self, peer_id: str, num_stages: int) -> tuple[int, float]:
         context = self._started_context()
-        dht, cluster, joined_at = context.dht, context.config.cluster, time.time()
+        dht, cluster = context.dht, context.config.cluster
+        waited = wait_for_another_peer(dht, ALONE_WAIT_SECONDS)
+        if waited is None:
+            log(f"no other peer in the swarm after {ALONE_WAIT_SECONDS:.0f}s: choosing a stage alone")
+        elif waited >= 1.0:
+            log(f"waited {waited:.0f}s for the swarm to merge before choosing a stage")
+        joined_at = time.time()
         records = read_stage_records(dht, cluster)
         measured = [r.samples_per_second for r in records
                     if r.state == AgentState.TRAINING and r.samples_per_second > 0]
