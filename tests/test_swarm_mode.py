@@ -248,7 +248,8 @@ def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports
 def test_a_stage_peer_alone_in_the_swarm_waits_for_another_before_choosing():
     import hivemind
 
-    from spotrain.agents.stage_directory import wait_for_another_peer
+    from spotrain.agents.roles.stage_server import records_for_joining
+    from spotrain.agents.stage_directory import publish_stage_record, wait_for_another_peer
 
     loopback = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     alone = hivemind.DHT(**loopback)
@@ -258,6 +259,15 @@ def test_a_stage_peer_alone_in_the_swarm_waits_for_another_before_choosing():
         other = hivemind.DHT(initial_peers=[str(a) for a in alone.get_visible_maddrs()], **loopback)
         waited = wait_for_another_peer(alone, timeout=60.0, poll=0.2)
         assert waited is not None and wait_for_another_peer(other, timeout=60.0, poll=0.2) is not None
+        # a newcomer decides on serving peers' fresh records and on joining peers' for their whole TTL
+        now = time.time()
+        for record in (StageRecord(0, "killed", "i-killed", 5.0, 0, AgentState.TRAINING, now - 15.0),
+                       StageRecord(0, "serving", "i-serving", 5.0, 0, AgentState.TRAINING, now - 1.0),
+                       StageRecord(1, "joining", "i-joining", 0.0, 0, AgentState.STARTING, now - 15.0)):
+            publish_stage_record(other, "c", record)
+        seen = wait_for(lambda: (found := records_for_joining(alone, "c")) and len(found) == 2 and found, 30,
+                        "the records to spread")
+        assert sorted(r.peer_id for r in seen) == ["joining", "serving"]
     finally:
         for dht in (alone, other):
             if dht is not None:

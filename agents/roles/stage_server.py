@@ -35,6 +35,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from spotrain.agents.log import log
 from spotrain.agents.pipeline.balance import measured_stage_costs, rebalance_delay, should_move, stage_for_joining
@@ -49,6 +50,9 @@ from spotrain.contracts.pipeline import PipelineTask
 from spotrain.contracts.stage_records import StageRecord, latest_records
 from spotrain.contracts.states import AgentState
 
+if TYPE_CHECKING:
+    from hivemind import DHT
+
 JOIN_SETTLE_SECONDS = 3.0
 # a stage peer that started the swarm alone waits this long for the others to merge before it
 # chooses (a pipeline always has other peers; several MERGE_SECONDS: the controller publishes first)
@@ -59,6 +63,16 @@ PUBLISH_SECONDS = 2.0
 FRESH_SECONDS = 5 * PUBLISH_SECONDS
 REBALANCE_JITTER = 0.2
 CLOSE_SECONDS = 30.0  # the last checkpoint's upload when no drain window says otherwise
+
+
+def records_for_joining(dht: DHT, cluster: str) -> list[StageRecord]:
+    """The stage records a newcomer decides on: a serving peer's only while fresh (it refreshes its
+    record every PUBLISH_SECONDS; one killed without notice keeps a `training` record in the DHT for
+    STAGE_TTL_SECONDS, and a replacement then joined a stage of three while the killed peer's stage
+    had one); a joining peer's `starting` record keeps its join time, so it counts for the whole TTL."""
+    now = time.time()
+    return [r for r in read_stage_records(dht, cluster)
+            if r.state != AgentState.TRAINING or now - r.time <= FRESH_SECONDS]
 
 
 @dataclass(frozen=True)
@@ -110,7 +124,7 @@ class StageServerRole:
         elif waited >= 1.0:
             log(f"waited {waited:.0f}s for the swarm to merge before choosing a stage")
         joined_at = time.time()
-        records = read_stage_records(dht, cluster)
+        records = records_for_joining(dht, cluster)
         measured = [r.samples_per_second for r in records
                     if r.state == AgentState.TRAINING and r.samples_per_second > 0]
         estimate = statistics.median(measured) if measured else 0.0  # as fast as a typical serving peer
@@ -118,7 +132,7 @@ class StageServerRole:
         for _ in range(2):  # decide, then again once peers that joined at the same moment are visible
             if stage >= 0:
                 time.sleep(JOIN_SETTLE_SECONDS)
-                records = read_stage_records(dht, cluster)
+                records = records_for_joining(dht, cluster)
             stage = stage_for_joining(records, num_stages, peer_id, joined_at, self._domain())
             publish_stage_record(dht, cluster, StageRecord(stage, peer_id, context.instance_id, estimate, 0,
                                                            AgentState.STARTING, joined_at, self._domain()))
