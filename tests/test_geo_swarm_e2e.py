@@ -36,6 +36,7 @@ def spec_file(tmp_path: Path) -> Path:
     local = spec["providers"]["local"]
     local["regions"] = {"us-east": {"subnet": "198.18.31.0/24"}, "eu-west": {"subnet": "198.18.32.0/24"}}
     local["time_compression"] = 0.001  # no trace preemption: the test preempts
+    spec["checkpoint"]["every_epochs"] = 2  # stage checkpoints every 2 averaging rounds: sooner in both regions
     path = tmp_path / "geo-swarm.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -69,6 +70,17 @@ def serving_stage_peers(vms: Path) -> dict[str, int]:
     return found
 
 
+def check_script():
+    """examples/check_geo_swarm_demo.py as a module (its checks run only as a script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_geo_swarm_demo", ROOT / "examples" / "check_geo_swarm_demo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_stages_span_two_regions_survive_preemptions_and_the_demo_check_passes(tmp_path):
     home = tmp_path / "home"
     path = spec_file(tmp_path)
@@ -95,6 +107,9 @@ def test_stages_span_two_regions_survive_preemptions_and_the_demo_check_passes(t
         wait_for(lambda: len(set(serving_stage_peers(vms)) - set(peers)) >= 2, 600, "two new stage peers serving",
                  every=5)
         wait_for(lambda: spanning(home, peers=2), 600, "two peers per stage, from both regions, again", every=5)
+        # the demo's check wants a stage checkpoint in each region's bucket: a short run may not have one yet
+        wait_for(lambda: all(check_script().checkpoints_in_buckets(home, NAME).values()), 600,
+                 "a stage checkpoint in each region's bucket", every=10)
         check = subprocess.run([sys.executable, str(ROOT / "examples" / "check_geo_swarm_demo.py")],
                                env={**os.environ, "SPOTRAIN_HOME": str(home)}, capture_output=True, text=True,
                                timeout=600, check=False)
