@@ -1,8 +1,9 @@
 """SWARM on the emulated multi-region cloud through the CLI: examples/local-geo-swarm.yaml (3 stages,
 a trainer and 7 stage peers in two regions, the controller behind NAT) until every stage has a peer
-in each region; then a stage peer is preempted with notice and another without, the controller
-refills both stages, stages span both regions again, and the demo's check (loss fell, retries,
-stage checkpoints in each region's bucket, spend, `down` leaving nothing) passes."""
+in each region; then a stage peer of one stage is preempted with notice and one of each other
+stage without, the controller refills the stages, stages span both regions again, and the demo's
+check (loss fell, retries, stage checkpoints in each region's bucket, spend, `down` leaving
+nothing) passes."""
 
 import json
 import os
@@ -94,17 +95,19 @@ def test_stages_span_two_regions_survive_preemptions_and_the_demo_check_passes(t
         for instance_id in peers:  # stage peers announce their namespace's address
             assert re.search(r"joined the swarm as \S+ at /ip4/198\.18\.3[12]\.\d+/",
                              (vms / instance_id / "agent.log").read_text(errors="replace"))
-        # two stage peers of different stages: one with notice, one without
+        # a stage peer of each stage: one with notice, two without (a retry needs a call in flight to a
+        # killed peer, or one routed to it before its record goes: one kill had neither in a run)
         by_stage: dict[int, str] = {}
         for instance_id, stage in sorted(peers.items()):
             by_stage.setdefault(stage, instance_id)
-        noticed, killed = list(by_stage.values())[:2]
+        noticed, *killed = list(by_stage.values())
         provider.interrupt(noticed, notice=True)
-        provider.interrupt(killed, notice=False)
+        for instance_id in killed:
+            provider.interrupt(instance_id, notice=False)
         wait_for(lambda: all(i.state != "running" for i in provider.list_instances(NAME)
-                             if i.instance_id in (noticed, killed)), 120, "both preempted VMs to end")
-        # the controller refills both stages; newcomers join where their region is missing
-        wait_for(lambda: len(set(serving_stage_peers(vms)) - set(peers)) >= 2, 600, "two new stage peers serving",
+                             if i.instance_id in (noticed, *killed)), 120, "the preempted VMs to end")
+        # the controller refills the stages; newcomers join where their region is missing
+        wait_for(lambda: len(set(serving_stage_peers(vms)) - set(peers)) >= 3, 600, "three new stage peers serving",
                  every=5)
         wait_for(lambda: spanning(home, peers=2), 600, "two peers per stage, from both regions, again", every=5)
         # the demo's check wants a stage checkpoint in each region's bucket: a short run may not have one yet
@@ -115,7 +118,7 @@ def test_stages_span_two_regions_survive_preemptions_and_the_demo_check_passes(t
                                timeout=600, check=False)
         assert check.returncode == 0, check.stdout + check.stderr
         data = report(home)
-        assert data["preemptions"] >= 2 and data["preemptions_without_notice"] >= 1
+        assert data["preemptions"] >= 3 and data["preemptions_without_notice"] >= 2
     finally:
         run_cli("down", home=home, timeout=300)
         left = [n for n in namespaces() if n.startswith(cloud)]
