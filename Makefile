@@ -1,5 +1,6 @@
 # make demo: a local spot cluster on this machine, end to end, then its report.
 # make demo-geo (root): the same on the emulated multi-region cloud, then `down`, checked.
+# make demo-geo-swarm (root): SWARM there, every stage's peers spanning both regions, then `down`, checked.
 # make test: lint, then the full test suite. Both create .venv when it is missing.
 # make lint: ruff, and mypy over the installed package's layout (see TYPECHECK_TREE).
 VENV ?= .venv
@@ -7,13 +8,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_HOME := $(CURDIR)/.demo
 GEO_HOME := $(CURDIR)/.demo-geo
+GEO_SWARM_HOME := $(CURDIR)/.demo-geo-swarm
 # mypy cannot follow the editable install's import hook, so it reads the package through links laid
 # out as pyproject's package-dir installs it (agents/ as spotrain/agents, ...).
 TYPECHECK_TREE := build/typecheck
 # the folders pyproject's package-dir maps into spotrain (agents/ as spotrain/agents, ...), read from it
 MAPPED_DIRS = $(shell $(PY) -c 'import sys; tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); d = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; print(" ".join(v for k, v in d.items() if k != "spotrain"))')
 
-.PHONY: venv demo demo-geo lint test test-slow clean
+.PHONY: venv demo demo-geo demo-geo-swarm lint test test-slow clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,6 +39,13 @@ demo-geo: venv
 	SPOTRAIN_HOME=$(GEO_HOME) $(VENV)/bin/spotrain launch examples/local-geo.yaml --duration 240
 	SPOTRAIN_HOME=$(GEO_HOME) $(PY) examples/check_geo_demo.py
 
+demo-geo-swarm: venv
+	@test "$$(id -u)" = 0 || { echo "make demo-geo-swarm: needs root (network namespaces, tc, iptables, cgroups)"; exit 2; }
+	-test -d $(GEO_SWARM_HOME) && SPOTRAIN_HOME=$(GEO_SWARM_HOME) $(VENV)/bin/spotrain down >/dev/null 2>&1
+	rm -rf $(GEO_SWARM_HOME)
+	SPOTRAIN_HOME=$(GEO_SWARM_HOME) $(VENV)/bin/spotrain launch examples/local-geo-swarm.yaml --duration 300
+	SPOTRAIN_HOME=$(GEO_SWARM_HOME) $(PY) examples/check_geo_swarm_demo.py
+
 lint: venv
 	$(PY) -m ruff check .
 	rm -rf $(TYPECHECK_TREE) && mkdir -p $(TYPECHECK_TREE)/spotrain
@@ -52,4 +61,4 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 clean:
-	rm -rf $(VENV) $(DEMO_HOME) $(GEO_HOME) build dist *.egg-info
+	rm -rf $(VENV) $(DEMO_HOME) $(GEO_HOME) $(GEO_SWARM_HOME) build dist *.egg-info

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from hivemind import DHT
 from hivemind.dht.crypto import RSASignatureValidator
@@ -29,3 +30,22 @@ def publish_stage_record(dht: DHT, cluster: str, record: StageRecord) -> None:
 def read_stage_records(dht: DHT, cluster: str) -> list[StageRecord]:
     """The newest unexpired record of each stage peer, by stage and peer id."""
     return latest_records(found_stage_records(dht.get(stages_key(cluster), latest=True)), time.time())
+
+
+async def _known_peers(dht: object, node: Any) -> int:
+    """Run in the DHT's process: the DHT servers this peer knows (DHT clients never enter the table)."""
+    return len(node.protocol.routing_table.peer_id_to_uid)
+
+
+def wait_for_another_peer(dht: DHT, timeout: float, poll: float = 1.0) -> float | None:
+    """Seconds until this DHT peer knows another one, None if `timeout` passed first.
+
+    Agents booted together behind a NAT'd controller each start the swarm alone and become one only
+    when they ping the peers the controller publishes (`swarm_join.keep_merged`); a stage peer that
+    chose its stage before that saw no other record and every one of them picked the same stage."""
+    started = time.monotonic()
+    while dht.run_coroutine(_known_peers) == 0:
+        if time.monotonic() - started >= timeout:
+            return None
+        time.sleep(poll)
+    return time.monotonic() - started

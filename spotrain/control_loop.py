@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
@@ -125,7 +125,7 @@ class ControlLoop:
         self.refused_this_tick = False
         self.failed_agent: Instance | None = None  # an instance whose provider gave up on its agent
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
-        self.stages: list[dict[str, float]] = []  # swarm mode: the stages as the newest stage records show them
+        self.stages: list[dict[str, Any]] = []  # swarm mode: the stages as the newest stage records show them
         self.stage_records: tuple[StageRecord, ...] = ()  # swarm mode: each stage peer's newest trusted record
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
         # USD/GB per path; None: the market's (spotrain.egress); the emulated cloud's as the catalog regions it names
@@ -494,7 +494,7 @@ class ControlLoop:
                                           every_epochs=self.spec.checkpoint.every_epochs),
             torch_threads=1,
             mode=training.mode,
-            pipeline=self._pipeline_settings(),
+            pipeline=self._pipeline_settings(location),
             admission=self._admission_settings(identity),
             codec_table=codec_table_fingerprint(training.compression.gradients, training.compression.state,
                                                 training.compression.activations if swarm_mode else None),
@@ -507,9 +507,10 @@ class ControlLoop:
         return AdmissionSettings(cluster_key=self.access.public_key, record=self.admission_record,
                                  identity=SecretStr(base64.b64encode(identity).decode()))
 
-    def _pipeline_settings(self) -> PipelineSettings | None:
+    def _pipeline_settings(self, location: str | None) -> PipelineSettings | None:
         """Swarm mode: a trainer while fewer than `training.pipeline.trainers` live (draining ones do
-        not count), else a stage peer, which picks its stage itself from the stage records."""
+        not count), else a stage peer, which picks its stage itself from the stage records, spreading
+        each stage over the failure domains (`location`'s, named in its records)."""
         pipeline = self.spec.training.pipeline
         if self.spec.training.mode != "swarm":
             return None
@@ -519,18 +520,23 @@ class ControlLoop:
                     and not (i in self.statuses and self.statuses[i].state == AgentState.DRAINING)]
         return PipelineSettings(role="trainer" if len(trainers) < pipeline.trainers else "stage",
                                 stages=pipeline.stages, max_in_flight=pipeline.max_in_flight,
-                                rebalance_seconds=pipeline.rebalance_seconds)
+                                rebalance_seconds=pipeline.rebalance_seconds,
+                                domain=self.stores.domain_of(location) if location else None)
 
     def _observe_stages(self, now: float) -> None:
         """Swarm mode: each stage peer's newest record, believed only from the peer its instance's
         signed status record announced (a peer cannot fill or empty a stage in another's name); each
-        stage's peers and samples/s are kept in the ledger when they change (`report` reads the newest)."""
+        live stage peer's stage, samples/s and failure domain (the ledger's instance, not the record)
+        are summed per stage and kept in the ledger when they change (`report` reads the newest)."""
         if self.spec.training.mode != "swarm":
             return
         self.peers_seen.update(peer_instances(self.statuses.values()))
         self.stage_records = tuple(r for r in latest_records(self.swarm.stage_records(), now)
                                    if self.peers_seen.get(r.peer_id) == r.instance_id)
-        stages = stage_summary(self.stage_records, now)
+        rows = self.ledger.instances(states=LIVE_STATES, run_id=self.run.id)
+        domains = {row.instance_id: self.stores.domain_of(row.location) for row in rows if row.instance_id}
+        # a VM that ended serves nothing, though its record lingers in the DHT for STAGE_TTL_SECONDS
+        stages = stage_summary([r for r in self.stage_records if r.instance_id in domains], now, domains)
         if stages and stages != self.stages:
             self.ledger.event(self.run.id, "stages", now, json.dumps(stages))
         self.stages = stages

@@ -112,7 +112,8 @@ def print_report(report: dict, console: Console | None = None) -> None:
         ("replacements", str(report["replacements"])),
         *[(f"{kind} codec (x fewer bytes)", _codec(report["compression"][kind]))
           for kind in ("gradients", "state", "activations") if kind in report.get("compression", {})],
-        *[(f"stage {stage['stage']}", f"{stage['peers']} peers, {stage['samples_per_second']:.1f} samples/s")
+        *[(f"stage {stage['stage']}", f"{stage['peers']} peers, {stage['samples_per_second']:.1f} samples/s"
+           + (f" in {', '.join(stage['domains'])}" if stage.get("domains") else ""))
           for stage in report.get("stages", ())],
         ("newest checkpoint", report["checkpoint_path"] or f"none yet (in {report['checkpoint_dir']})"),
         ("end", report["end_reason"] or "-"),

@@ -15,9 +15,11 @@ exceeds the wanted workers plus `MIN_PEERS_PER_STAGE` per stage (the most a pipe
 
 Extras are retired when they are no longer needed: while more VMs serve than the wanted
 workers, nothing is requested and every stage has its two peers, one stage peer of a stage that
-keeps two serving peers without it goes per pass: of the stage serving the most samples/s (the
-least loaded), the newest launch. A retired peer drains like a preempted one (trainers route
-around it), and no stage falls under two peers by it, so no launch follows.
+keeps two serving peers without it goes per pass: first one whose stage keeps a peer in its
+region (the records' `domain`: a stage spanning regions keeps spanning them), then of the stage
+serving the most samples/s (the least loaded), the newest launch. A retired peer drains like a
+preempted one (trainers route around it), and no stage falls under two peers by it, so no launch
+follows.
 """
 
 from __future__ import annotations
@@ -83,6 +85,12 @@ def surplus_stage_peer(records: Sequence[StageRecord], fleet: StageFleet, extras
     candidates = [r for r in serving if count[r.stage] > MIN_PEERS_PER_STAGE]
     if not candidates:
         return None
-    chosen = max(candidates, key=lambda r: (speed[r.stage], count[r.stage], -r.stage,
+
+    def keeps_domain(record: StageRecord) -> bool:
+        """Its stage keeps a peer in its domain without it (or the domain is unknown)."""
+        return not record.domain or any(r is not record and r.stage == record.stage and r.domain == record.domain
+                                        for r in serving)
+
+    chosen = max(candidates, key=lambda r: (keeps_domain(r), speed[r.stage], count[r.stage], -r.stage,
                                             rank.get(r.instance_id, -1), r.instance_id))
     return chosen.instance_id

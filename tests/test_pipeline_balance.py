@@ -185,8 +185,13 @@ def test_stage_records_round_trip_and_malformed_ones_are_refused():
     data = original.to_record()
     assert data["state"] == "draining" and StageRecord.from_record(data) == original
     for bad in (None, [], {**data, "state": "bogus"}, {**data, "samples_per_second": float("nan")},
-                {**data, "queue": -1}, {k: v for k, v in data.items() if k != "stage"}):
+                {**data, "queue": -1}, {k: v for k, v in data.items() if k != "stage"},
+                {**data, "domain": 7}, {**data, "domain": "x" * 129}):
         assert StageRecord.from_record(bad) is None
+    placed = dataclasses.replace(original, domain="local:us-east")
+    assert StageRecord.from_record(placed.to_record()) == placed
+    # a record of an older peer names no domain: an unknown one
+    assert StageRecord.from_record({k: v for k, v in data.items() if k != "domain"}) == original
 
 
 def test_an_unmeasured_peer_counts_as_fast_as_its_stage_and_nothing_moves_before_a_measurement():

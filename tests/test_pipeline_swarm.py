@@ -127,3 +127,49 @@ def test_training_survives_draining_and_lost_stage_peers_and_counts_what_it_drop
             await shutdown(servers, trainer)
 
     asyncio.run(scenario())
+
+
+def test_a_peer_the_admission_does_not_list_is_routed_around_not_fatal(one_torch_thread, tmp_path):
+    """A preempted peer's admission is revoked while its stage record lingers in the DHT: the trainer's
+    call is refused before it is made (NotAdmitted), and the microbatch goes to an admitted peer."""
+    import base64
+
+    from spotrain.access import ClusterAccess
+    from spotrain.agents import admission
+    from spotrain.agents.admission import Gate, write_private
+    from spotrain.contracts.admission import peer_id_of_identity
+
+    install_codecs()
+    access = ClusterAccess(tmp_path / "cluster", CLUSTER)
+    _, _, each = access.admit_only(["trainer", "s0", "s1", "s2"], time.time(), 60.0)
+    keys = {}
+    for name, admitted in each.items():
+        keys[name] = tmp_path / f"{name}.key"
+        write_private(keys[name], base64.b64decode(admitted["identity"]))
+    own = peer_id_of_identity(base64.b64decode(each["trainer"]["identity"]))
+    gate = Gate(tmp_path / "admitted.json", CLUSTER, access.public_key, own, log=lambda _: None)
+    assert gate.accept(each["trainer"]["record"], from_user_data=True) is not None
+    admission.install(gate)  # this process's calls and handlers; conftest uninstalls it
+
+    async def scenario() -> None:
+        task = tiny_gpt_pipeline.task
+        p2ps = [await P2P.create(identity_path=str(keys[f"s{stage}"]), **LOOPBACK) for stage in range(3)]
+        p2ps.append(await P2P.create(**LOOPBACK))  # a second stage-0 peer the admission does not list
+        servers = [StageServer(p2p, task, stage, cluster=CLUSTER) for stage, p2p in zip([0, 1, 2, 0], p2ps)]
+        await asyncio.gather(*(server.start() for server in servers))
+        maddrs = [maddr for server in servers for maddr in await server.p2p.get_visible_maddrs()]
+        directory: dict[int, list[PeerID]] = {}
+        for server in servers:
+            directory.setdefault(server.stage, []).append(server.p2p.peer_id)
+        p2p = await P2P.create(initial_peers=maddrs, identity_path=str(keys["trainer"]), **LOOPBACK)
+        routes = RouteTable(RoutingPolicy(max_in_flight=2, ban_seconds=60.0, max_ban_seconds=60.0))
+        trainer = PipelineTrainer(p2p, task, lambda stage: directory[stage], cluster=CLUSTER, routes=routes,
+                                  max_in_flight=2, call_timeout=10.0)
+        try:
+            stats = await trainer.train(task.batches(0, MICROBATCH), 6)
+            assert stats.completed == 6 and stats.dropped == 0 and servers[3].served == 0
+            assert trainer.stats.failed_calls >= 1  # the stranger was chosen, refused, routed around
+        finally:
+            await shutdown(servers, trainer)
+
+    asyncio.run(scenario())

@@ -139,6 +139,7 @@ def test_the_controller_reads_the_simulated_stages_as_it_reads_live_ones(tmp_pat
         loop.tick()
     rate = spec.task_profile().rate(provider.offers()[0].gpu)
     # each stage peer's record is believed: its status announced its peer id
-    assert loop.stages == [{"stage": stage, "peers": 2, "samples_per_second": 4 * rate} for stage in (0, 1)]
+    assert loop.stages == [{"stage": stage, "peers": 2, "samples_per_second": 4 * rate, "domains": ["aws:us-east-1"]}
+                           for stage in (0, 1)]  # the zone's region, from the controller's instance list
     assert not [row for row in ledger.instances(run_id=run.id) if row.reason == LaunchReason.STAGE_PEERS]
     ledger.close()

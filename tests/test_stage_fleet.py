@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -146,6 +148,15 @@ def test_a_surplus_extra_is_retired_from_the_least_loaded_stage_once_every_stage
     (retire,) = [a for a in run(observed(vms + [extra], records)) if isinstance(a, Terminate)]
     assert retire.reason is EndReason.SURPLUS_STAGE_PEER and retire.instance_id == "i-3"  # stage 0's newest
     assert launches(run(observed(vms + [extra], records))) == []
+
+
+def test_a_surplus_extra_is_retired_where_its_stage_keeps_its_region():
+    vms, records = fleet([0, 0, 0, 1, 1, 2])
+    extra = vm(7, reason=LaunchReason.STAGE_PEERS)
+    regions = ["A", "A", "B", "A", "B", "A", "B"]  # stage 0: A A B, stage 1: A B, stage 2: A B
+    placed = [dataclasses.replace(r, domain=region) for r, region in zip([*records, rec(7, 2)], regions)]
+    (retire,) = [a for a in run(observed(vms + [extra], placed)) if isinstance(a, Terminate)]
+    assert retire.instance_id == "i-2"  # stage 0's newest in A; i-3 was its only peer in B
 
 
 def test_nothing_is_retired_while_a_stage_would_fall_under_two_or_without_extras():

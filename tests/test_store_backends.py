@@ -218,6 +218,19 @@ def test_endpoints_come_from_the_url_too(s3, gcs_url, gce, monkeypatch, tmp_path
     assert newest(gcs_store).epoch == 8
 
 
+def test_each_stage_of_a_url_with_options_checkpoints_under_its_own_prefix(s3, monkeypatch):
+    from spotrain.agents.pipeline.stage_checkpoints import stage_store_url
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the endpoint comes from the URL, as on the emulated cloud
+    url = f"s3://{BUCKET}/geo?endpoint={s3}"
+    assert stage_store_url(url, 1) == f"s3://{BUCKET}/geo/stage1?endpoint={s3}"
+    for stage in (0, 1):
+        save(open_store(stage_store_url(url, stage)), 10 + stage)
+    listed = boto3.client("s3", endpoint_url=s3).list_objects_v2(Bucket=BUCKET, Prefix="geo/")["Contents"]
+    assert {item["Key"].split("/")[1] for item in listed} == {"stage0", "stage1"}
+    assert newest(open_store(stage_store_url(url, 1))).epoch == 11
+
+
 def test_urls_open_one_class_per_scheme(tmp_path):
     assert open_store(str(tmp_path)).root == tmp_path
     assert open_store(f"file://{tmp_path}").root == tmp_path

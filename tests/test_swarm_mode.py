@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import sys
 import time
@@ -111,6 +113,49 @@ def test_peers_joining_at_once_spread_over_the_stages_in_the_order_they_began():
     assert stage_for_joining(drained, 3, "n", 5.0) == 2
 
 
+@pytest.mark.parametrize("fleet", ["ABABAB", "AAABBB", "AAAABBB", "ABBBBAA"])
+def test_stage_peers_of_two_regions_joining_in_any_order_give_every_stage_a_peer_in_each(fleet: str):
+    """The geo SWARM demo's promise, for every order the peers of a fleet may begin to join in."""
+    for order in sorted(set(itertools.permutations(fleet))):
+        records: list[StageRecord] = []
+        for index, region in enumerate(order):  # each sees the earlier ones' records, as after the settle
+            peer = f"p{index}"
+            stage = stage_for_joining(records, 3, peer, float(index), region)
+            records.append(StageRecord(stage, peer, "i", 0.0, 0, AgentState.STARTING, float(index), region))
+        for stage in range(3):
+            assert {r.domain for r in records if r.stage == stage} == {"A", "B"}, order
+        assert min(sum(r.stage == stage for r in records) for stage in range(3)) == 2, order
+
+
+def test_a_replacement_fills_the_stage_its_region_left_and_a_peer_without_a_domain_ignores_domains():
+    fleet = [dataclasses.replace(serving(stage, f"{region}{stage}", 5.0), domain=region)
+             for stage, region in [(0, "A"), (0, "B"), (1, "A"), (2, "A"), (2, "B")]]
+    assert stage_for_joining(fleet, 3, "n", 5.0, "B") == 1  # stage 1 lost its peer in B
+    three = [*fleet, dataclasses.replace(serving(1, "A1b", 5.0), domain="A")]  # stage 1: two peers, both in A
+    assert stage_for_joining(three, 3, "n", 5.0, "B") == 1  # B's peer goes where B is missing
+    assert stage_for_joining(three, 3, "n", 5.0, "A") == 0  # an A peer to the first of the slowest stages
+    slow = [dataclasses.replace(r, samples_per_second=1.0) if r.stage == 2 else r for r in three]
+    assert stage_for_joining(slow, 3, "n", 5.0, "B") == 1  # B missing from stage 1 outranks the limiting stage 2
+    assert stage_for_joining(slow, 3, "n", 5.0, "") == 2  # no domain: the limiting stage, as before
+
+
+def test_the_controller_names_each_stage_peer_its_region(tmp_path: Path):
+    spec = ClusterSpec.model_validate({
+        "name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": 7},
+        "training": {"mode": "swarm", "task": "spotrain.examples.tiny_gpt_pipeline:task"},
+        "providers": {"local": {"regions": {"us-east": {}, "eu-west": {}}, "locations": {
+            "us-east-a": {"price_usd_per_hour": 0.2, "region": "us-east"},
+            "eu-west-a": {"price_usd_per_hour": 0.2, "region": "eu-west"}, "zone-c": {"price_usd_per_hour": 0.2}}}},
+    })
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=0.0)
+    provider = LocalProvider(spec.providers.local, tmp_path / "cloud")
+    loop = ControlLoop(spec, ledger, run, provider, StagedSwarm(), LoopSettings(), say=lambda _: None)
+    domains = [loop.agent_config(location).pipeline.domain
+               for location in ("local:us-east-a", "local:eu-west-a", "local:zone-c")]
+    assert domains == ["local:us-east", "local:eu-west", "local:zone-c"]
+
+
 def test_stage_summary_counts_serving_peers_of_unexpired_records():
     records = [serving(0, "a", 2.0), serving(0, "b", 3.0), starting(1, "c", 0.0),
                StageRecord(1, "d", "i", 4.0, 0, AgentState.TRAINING, -100.0)]  # expired at now=0
@@ -173,9 +218,15 @@ def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports
         loop.tick()  # the extra has not joined yet: it is the missing peer, nothing more is launched
         assert len(loop.roles) == 8
         assert build_report(ledger, run, "c")["stage_peer_launches"] == 1
-        assert build_report(ledger, run, "c")["stages"] == [  # the intruder's record counted for nothing
+        reported = build_report(ledger, run, "c")["stages"]
+        assert [{k: v for k, v in stage.items() if k != "domains"} for stage in reported] == [
+            # the intruder's record counted for nothing
             {"stage": 0, "peers": 3, "samples_per_second": 30.0}, {"stage": 1, "peers": 2, "samples_per_second": 22.0},
             {"stage": 2, "peers": 1, "samples_per_second": 12.0}]
+        # each stage's domains are its peers' zones (local zones without a region), from the ledger
+        zone = {row.instance_id: row.location for row in ledger.instances(run_id=run.id)}
+        assert [stage["domains"] for stage in reported] == [
+            sorted({zone[i] for i, s in zip(peers, [0, 0, 0, 1, 1, 2]) if s == stage}) for stage in range(3)]
         # the extra joins stage 2: 3/2/2 on 8 VMs where 7 are wanted, so stage 0's newest peer retires
         swarm.serve(dict(zip(peers + [extra[0].instance_id], [0, 0, 0, 1, 1, 2, 2])), time.time())
         loop.tick()
@@ -192,3 +243,32 @@ def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports
     finally:
         loop.finish("test over")
         ledger.close()
+
+
+def test_a_stage_peer_alone_in_the_swarm_waits_for_another_before_choosing():
+    import hivemind
+
+    from spotrain.agents.roles.stage_server import records_for_joining
+    from spotrain.agents.stage_directory import publish_stage_record, wait_for_another_peer
+
+    loopback = dict(host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    alone = hivemind.DHT(**loopback)
+    other = None
+    try:
+        assert wait_for_another_peer(alone, timeout=2.0, poll=0.5) is None  # started alone: nobody to see
+        other = hivemind.DHT(initial_peers=[str(a) for a in alone.get_visible_maddrs()], **loopback)
+        waited = wait_for_another_peer(alone, timeout=60.0, poll=0.2)
+        assert waited is not None and wait_for_another_peer(other, timeout=60.0, poll=0.2) is not None
+        # a newcomer decides on serving peers' fresh records and on joining peers' for their whole TTL
+        now = time.time()
+        for record in (StageRecord(0, "killed", "i-killed", 5.0, 0, AgentState.TRAINING, now - 15.0),
+                       StageRecord(0, "serving", "i-serving", 5.0, 0, AgentState.TRAINING, now - 1.0),
+                       StageRecord(1, "joining", "i-joining", 0.0, 0, AgentState.STARTING, now - 15.0)):
+            publish_stage_record(other, "c", record)
+        seen = wait_for(lambda: (found := records_for_joining(alone, "c")) and len(found) == 2 and found, 30,
+                        "the records to spread")
+        assert sorted(r.peer_id for r in seen) == ["joining", "serving"]
+    finally:
+        for dht in (alone, other):
+            if dht is not None:
+                dht.shutdown()

@@ -3,9 +3,10 @@
 A pipeline trains as fast as its slowest stage, and a stage serves as fast as its peers together,
 so the predicted pipeline throughput is the minimum over stages of the sum of their peers'
 samples/s. A newcomer joins a stage with fewer than two peers if there is one, else the stage
-that limits it. A serving peer moves to the limiting stage when the move raises the prediction
-by at least `min_gain` (Petals moves servers at 1 / 0.75) and its own stage keeps two serving
-peers.
+that limits it, and among those first one with no peer in its own region (failure domain), so
+that a stage's peers span regions where the fleet does. A serving peer moves to the limiting
+stage when the move raises the prediction by at least `min_gain` (Petals moves servers at
+1 / 0.75) and its own stage keeps two serving peers.
 
 Every peer runs the same function on the same records, and it names one best move for the
 whole swarm, so peers that rebalance at about the same time agree on who moves instead of all
@@ -60,17 +61,22 @@ def pipeline_throughput(records: Sequence[StageRecord], num_stages: int) -> floa
     return min(stage_throughputs(records, num_stages))
 
 
-def stage_for_newcomer(records: Sequence[StageRecord], num_stages: int) -> int:
+def stage_for_newcomer(records: Sequence[StageRecord], num_stages: int, domain: str = "") -> int:
     """A stage with fewer than two peers first (one preemption from stopping the pipeline; the
     controller launches VMs for exactly those stages), else the stage that limits the pipeline;
-    among equals the one with the fewest peers, then the first."""
+    among those first a stage with no peer in the newcomer's `domain` (its region: a stage whose
+    peers span regions survives a region's outage, "" when unknown), then the one with the fewest
+    peers, then the first."""
     totals = stage_throughputs(records, num_stages)
     peers = [0] * num_stages
+    domains: list[set[str]] = [set() for _ in range(num_stages)]
     for record in records:
         if record.state != AgentState.DRAINING and record.stage < num_stages:
             peers[record.stage] += 1
+            domains[record.stage].add(record.domain)
     return min(range(num_stages),
-               key=lambda stage: (peers[stage] >= MIN_PEERS_PER_STAGE, totals[stage], peers[stage], stage))
+               key=lambda stage: (peers[stage] >= MIN_PEERS_PER_STAGE, bool(domain) and domain in domains[stage],
+                                  totals[stage], peers[stage], stage))
 
 
 def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: float = PETALS_MIN_GAIN,
@@ -161,9 +167,10 @@ def rebalance_delay(period: float, jitter: float, draw: float) -> float:
     return period * (1 + jitter * (2 * draw - 1))
 
 
-def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float) -> int:
-    """A newcomer's stage (`stage_for_newcomer`), counting the serving peers and the peers that
-    began joining before it, at the stages their `starting` records name.
+def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float,
+                      domain: str = "") -> int:
+    """A newcomer's stage (`stage_for_newcomer`, in its `domain`), counting the serving peers and the
+    peers that began joining before it, at the stages their `starting` records name.
 
     Peers started at once would each see only the serving peers and all pick the same stage. So a
     joining peer keeps its first record's time, and joins are taken in order of (time, peer id):
@@ -172,4 +179,4 @@ def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: 
     """
     earlier = [record for record in records if record.state == AgentState.TRAINING
                or (record.state == AgentState.STARTING and (record.time, record.peer_id) < (joined_at, peer_id))]
-    return stage_for_newcomer(earlier, num_stages)
+    return stage_for_newcomer(earlier, num_stages, domain)

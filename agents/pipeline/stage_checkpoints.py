@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.contracts.agent_config import CheckpointSettings
@@ -25,8 +26,13 @@ KEEP_CHECKPOINTS = 3
 
 
 def stage_store_url(url: str, stage: int) -> str:
-    """The stage's own folder (or key prefix) of a store URL."""
-    return f"{url.rstrip('/')}/stage{stage}"
+    """The stage's own folder (or key prefix) of a store URL: `/stage<i>` ends the path, before a
+    bucket URL's options (`s3://b/run?endpoint=...` -> `s3://b/run/stage0?endpoint=...`; appended
+    after them it lengthened the endpoint instead, and every stage's upload failed)."""
+    if "://" not in url:  # a directory
+        return f"{url.rstrip('/')}/stage{stage}"
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/stage{stage}"))
 
 
 def stage_duty_holders(records: Sequence[StageRecord], stage: int, replicas: int = 1) -> list[str]:
@@ -72,4 +78,7 @@ class StageCheckpoints:
         return epoch
 
     def close(self, timeout: float) -> bool:
-        return self.writer.close(timeout)
+        """Finish the uploads; whether the last checkpoint submitted is in the store (an upload that
+        failed is not written, however quickly it failed)."""
+        finished = self.writer.close(timeout)
+        return finished and (self.submitted is None or self.writer.last_written_epoch == self.submitted)

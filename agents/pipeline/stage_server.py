@@ -70,8 +70,9 @@ class ThroughputMeter:
 
 class StageServer:
     def __init__(self, p2p: P2P, task: PipelineTask, stage: int, *, cluster: str, activations: str = "blockwise8",
-                 estimate: float = 0.0, step_samples: int = 1):
+                 estimate: float = 0.0, step_samples: int = 1, domain: str = ""):
         self.p2p, self.task, self.stage, self.cluster = p2p, task, stage, cluster
+        self.domain = domain  # this VM's region, named in its records (StageRecord.domain)
         self.estimate = estimate  # samples/s published until this peer measured its own (a joined or moved peer)
         self.tail = task.is_tail(stage)
         self.compute = StageCompute(task, stage, step_samples)
@@ -129,7 +130,7 @@ class StageServer:
         return StageRecord(stage=self.stage, peer_id=str(self.p2p.peer_id), instance_id=instance_id,
                            samples_per_second=self.meter.samples_per_second(self.tail) or self.estimate,
                            queue=self.queued,
-                           state=self.state, time=now)
+                           state=self.state, time=now, domain=self.domain)
 
     def _handler(self, op: StageOp, job: Job) -> Callable[[runtime_pb2.ExpertRequest, P2PContext],
                                                           Awaitable[runtime_pb2.ExpertResponse]]:

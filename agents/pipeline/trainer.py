@@ -23,6 +23,7 @@ import torch
 from hivemind.p2p import P2P, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import runtime_pb2
 
+from spotrain.agents.admission import NotAdmitted
 from spotrain.agents.egress import sent_to
 from spotrain.agents.pipeline.protocol import (
     StageOp,
@@ -39,7 +40,10 @@ from spotrain.kernels.activations import activation_codec, encode_activation
 
 logger = logging.getLogger("spotrain.agents.pipeline")
 
-CALL_ERRORS = (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, StageUnavailable, ConnectionError)
+# NotAdmitted: a peer whose admission was revoked (its VM preempted) while its stage record lingers in
+# the DHT; the call is never made, and the microbatch goes to another peer (it crashed the trainer)
+CALL_ERRORS = (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, StageUnavailable, ConnectionError,
+               NotAdmitted)
 WAIT_FOR_PEER_SECONDS = 0.05  # poll interval while every peer of a stage is banned or full
 
 

@@ -2,7 +2,9 @@
 stage's other peers, checkpoints it when on duty, and moves to another stage when that raises
 the pipeline's throughput enough.
 
-Joining (`balance.stage_for_joining`): the peer reads the stage records, names its stage in a
+Joining (`balance.stage_for_joining`): a peer that started the swarm alone first waits until it has
+merged with another (agents booted together behind a NAT'd controller start alone, and each then
+saw no record and chose the same stage); then it reads the stage records, names its stage in a
 `starting` record stamped with the time it began to join, waits `JOIN_SETTLE_SECONDS` so that
 peers started at the same moment see each other's records, and decides again from what it then
 reads. Joins count in order of that time, so a fleet launched at once spreads over the stages.
@@ -36,6 +38,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from spotrain.agents.log import log
 from spotrain.agents.pipeline.balance import measured_stage_costs, rebalance_delay, should_move, stage_for_joining
@@ -45,12 +48,18 @@ from spotrain.agents.pipeline.stage_compute import step_samples_per_peer
 from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.event_loop import EventLoopThread
-from spotrain.agents.stage_directory import publish_stage_record, read_stage_records
+from spotrain.agents.stage_directory import publish_stage_record, read_stage_records, wait_for_another_peer
 from spotrain.contracts.pipeline import PipelineTask
 from spotrain.contracts.stage_records import StageRecord, latest_records
 from spotrain.contracts.states import AgentState
 
+if TYPE_CHECKING:
+    from hivemind import DHT
+
 JOIN_SETTLE_SECONDS = 3.0
+# a stage peer that started the swarm alone waits this long for the others to merge before it
+# chooses (a pipeline always has other peers; several MERGE_SECONDS: the controller publishes first)
+ALONE_WAIT_SECONDS = 60.0
 PUBLISH_SECONDS = 2.0
 # a record not refreshed for this long is a peer gone without notice: it counts for nothing in
 # moves and duty (the DHT keeps records for STAGE_TTL_SECONDS, too long to react to a kill)
@@ -59,6 +68,16 @@ REBALANCE_JITTER = 0.2
 MOVE_DOWNLOAD_ATTEMPTS = 3  # a move's target stage has live peers (their records say so): worth retrying
 DOWNLOAD_RETRY_SECONDS = 2.0
 CLOSE_SECONDS = 30.0  # the last checkpoint's upload when no drain window says otherwise
+
+
+def records_for_joining(dht: DHT, cluster: str) -> list[StageRecord]:
+    """The stage records a newcomer decides on: a serving peer's only while fresh (it refreshes its
+    record every PUBLISH_SECONDS; one killed without notice keeps a `training` record in the DHT for
+    STAGE_TTL_SECONDS, and a replacement then joined a stage of three while the killed peer's stage
+    had one); a joining peer's `starting` record keeps its join time, so it counts for the whole TTL."""
+    now = time.time()
+    return [r for r in read_stage_records(dht, cluster)
+            if r.state != AgentState.TRAINING or now - r.time <= FRESH_SECONDS]
 
 
 @dataclass(frozen=True)
@@ -103,8 +122,14 @@ class StageServerRole:
 
     def _join(self, peer_id: str, num_stages: int) -> tuple[int, float]:
         context = self._started_context()
-        dht, cluster, joined_at = context.dht, context.config.cluster, time.time()
-        records = read_stage_records(dht, cluster)
+        dht, cluster = context.dht, context.config.cluster
+        waited = wait_for_another_peer(dht, ALONE_WAIT_SECONDS)
+        if waited is None:
+            log(f"no other peer in the swarm after {ALONE_WAIT_SECONDS:.0f}s: choosing a stage alone")
+        elif waited >= 1.0:
+            log(f"waited {waited:.0f}s for the swarm to merge before choosing a stage")
+        joined_at = time.time()
+        records = records_for_joining(dht, cluster)
         measured = [r.samples_per_second for r in records
                     if r.state == AgentState.TRAINING and r.samples_per_second > 0]
         estimate = statistics.median(measured) if measured else 0.0  # as fast as a typical serving peer
@@ -112,10 +137,10 @@ class StageServerRole:
         for _ in range(2):  # decide, then again once peers that joined at the same moment are visible
             if stage >= 0:
                 time.sleep(JOIN_SETTLE_SECONDS)
-                records = read_stage_records(dht, cluster)
-            stage = stage_for_joining(records, num_stages, peer_id, joined_at)
+                records = records_for_joining(dht, cluster)
+            stage = stage_for_joining(records, num_stages, peer_id, joined_at, self._domain())
             publish_stage_record(dht, cluster, StageRecord(stage, peer_id, context.instance_id, estimate, 0,
-                                                           AgentState.STARTING, joined_at))
+                                                           AgentState.STARTING, joined_at, self._domain()))
         return stage, estimate
 
     def _enter(self, stage: int, estimate: float, *, moving: bool) -> _Stage | None:
@@ -127,7 +152,7 @@ class StageServerRole:
         p2p = loop.run(context.dht.replicate_p2p())
         server = StageServer(p2p, task, stage, cluster=config.cluster, estimate=estimate,
                              activations=config.training.compression.activations or "none",
-                             step_samples=self._step_samples(stage, joining=1))
+                             step_samples=self._step_samples(stage, joining=1), domain=self._domain())
         state = config.training.compression.state
         averager = StageAverager(context.dht, server.module, server.lock, cluster=config.cluster, stage=stage,
                                  steps=lambda: server.steps, compression=StateCodec(state),
@@ -249,7 +274,7 @@ class StageServerRole:
         try:
             publish_stage_record(context.dht, context.config.cluster,
                                  StageRecord(target, peer, context.instance_id, estimate, 0, AgentState.STARTING,
-                                             time.time()))
+                                             time.time(), self._domain()))
         except Exception as error:  # a DHT hiccup: the move goes on, the next check may count it twice
             log(f"move not announced: {type(error).__name__}: {error}")
 
@@ -335,6 +360,11 @@ class StageServerRole:
         training = self._started_context().config.training
         mates = sum(1 for r in self._records if r.stage == stage and r.state == AgentState.TRAINING)
         return step_samples_per_peer(training.target_batch_size, training.batch_size, max(mates + joining, 1))
+
+    def _domain(self) -> str:
+        """This VM's failure domain as the controller named it ("" from an older controller)."""
+        pipeline = self._started_context().config.pipeline
+        return (pipeline.domain if pipeline is not None else None) or ""
 
     def _started_context(self) -> RoleContext:
         if self._context is None:

@@ -55,6 +55,9 @@ class PipelineSettings(_Contract):
     stages: int = Field(ge=2)
     max_in_flight: int = Field(default=2, gt=0)  # a trainer's microbatches in flight
     rebalance_seconds: float = Field(default=30.0, gt=0)  # a stage peer's move checks, jittered
+    # the VM's failure domain (its region): a stage peer names it in its records, and a newcomer joins
+    # a stage without a peer in its own domain first, so that every stage spans the domains
+    domain: str | None = Field(default=None, max_length=128)
 
 
 class CheckpointSettings(_Contract):

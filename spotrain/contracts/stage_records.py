@@ -7,7 +7,7 @@ find a stage's peers, the controller to report stages and keep two peers on each
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -16,6 +16,7 @@ from spotrain.contracts.states import AgentState
 STAGE_TTL_SECONDS = 30.0
 # a stage keeps this many peers: moves never take it below, the controller launches to reach it
 MIN_PEERS_PER_STAGE = 2
+MAX_DOMAIN_CHARS = 128  # a failure domain's name ("local:us-east", "aws:us-east-1"); longer is malformed
 
 
 def stages_key(cluster: str) -> str:
@@ -31,6 +32,9 @@ class StageRecord:
     queue: int  # microbatches waiting or running there
     state: AgentState  # starting: downloading the stage; draining: takes no new microbatches
     time: float
+    # the failure domain (region) the controller placed the peer in; "" unknown. A newcomer spreads a
+    # stage's peers over domains with it; the controller reports domains from its own instance list.
+    domain: str = ""
 
     def to_record(self) -> dict[str, object]:
         data = asdict(self)
@@ -39,14 +43,19 @@ class StageRecord:
 
     @classmethod
     def from_record(cls, data: object) -> StageRecord | None:
-        """Parse a record; None for anything malformed (an old or foreign peer)."""
-        if not isinstance(data, dict) or not {f.name for f in fields(cls)} <= set(data):
+        """Parse a record; None for anything malformed (an old or foreign peer). A record without a
+        domain (a peer of an older spotrain) has an unknown one."""
+        required = {f.name for f in fields(cls) if f.name != "domain"}
+        if not isinstance(data, dict) or not required <= set(data):
+            return None
+        domain = data.get("domain", "")
+        if not isinstance(domain, str) or len(domain) > MAX_DOMAIN_CHARS:
             return None
         try:
             record = cls(stage=int(data["stage"]), peer_id=str(data["peer_id"]),
                          instance_id=str(data["instance_id"]),
                          samples_per_second=float(data["samples_per_second"]), queue=int(data["queue"]),
-                         state=AgentState(data["state"]), time=float(data["time"]))
+                         state=AgentState(data["state"]), time=float(data["time"]), domain=domain)
         except (TypeError, ValueError):
             return None
         valid = record.stage >= 0 and record.samples_per_second >= 0 and record.queue >= 0
@@ -63,15 +72,26 @@ def latest_records(records: Iterable[StageRecord], now: float,
     return sorted(newest.values(), key=lambda r: (r.stage, r.peer_id))
 
 
-def stage_summary(records: Iterable[StageRecord], now: float) -> list[dict[str, float]]:
-    """What the controller reports of each stage: its serving peers and their samples/s together."""
+def stage_summary(records: Iterable[StageRecord], now: float,
+                  domains: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """What the controller reports of each stage: its serving peers and their samples/s together;
+    with `domains` (instance id -> failure domain, from the controller's own instance list, not
+    from the records, which a peer fills itself) also the sorted domains its peers serve from."""
     peers: dict[int, int] = {}
     speed: dict[int, float] = {}
+    where: dict[int, set[str]] = {}
     for record in latest_records(records, now):
         if record.state == AgentState.TRAINING:
             peers[record.stage] = peers.get(record.stage, 0) + 1
             speed[record.stage] = speed.get(record.stage, 0.0) + record.samples_per_second
-    return [{"stage": stage, "peers": peers[stage], "samples_per_second": speed[stage]} for stage in sorted(peers)]
+            if domains is not None and record.instance_id in domains:
+                where.setdefault(record.stage, set()).add(domains[record.instance_id])
+    summary: list[dict[str, Any]] = [{"stage": stage, "peers": peers[stage], "samples_per_second": speed[stage]}
+                                     for stage in sorted(peers)]
+    if domains is not None:
+        for entry in summary:
+            entry["domains"] = sorted(where.get(entry["stage"], ()))
+    return summary
 
 
 def found_stage_records(found: Any) -> list[StageRecord]:
