@@ -17,6 +17,13 @@ from spotrain.contracts.stage_records import (
     latest_records,
     stages_key,
 )
+from spotrain.contracts.states import AgentState
+
+PUBLISH_SECONDS = 2.0  # how often a serving stage peer refreshes its record
+# a serving record not refreshed for this long is a peer gone without notice: it counts for nothing
+# in joins, moves, duty and routing (the DHT keeps records for STAGE_TTL_SECONDS, too long to react
+# to a kill: trainers kept routing to a killed peer for 30 s, and replacements joined the wrong stage)
+FRESH_SECONDS = 5 * PUBLISH_SECONDS
 
 
 def publish_stage_record(dht: DHT, cluster: str, record: StageRecord) -> None:
@@ -30,6 +37,12 @@ def publish_stage_record(dht: DHT, cluster: str, record: StageRecord) -> None:
 def read_stage_records(dht: DHT, cluster: str) -> list[StageRecord]:
     """The newest unexpired record of each stage peer, by stage and peer id."""
     return latest_records(found_stage_records(dht.get(stages_key(cluster), latest=True)), time.time())
+
+
+def is_fresh(record: StageRecord, now: float) -> bool:
+    """False for a `training` record not refreshed within FRESH_SECONDS; other states keep their
+    first time on purpose (a joining peer's `starting` record is stamped with its join time)."""
+    return record.state != AgentState.TRAINING or now - record.time <= FRESH_SECONDS
 
 
 async def _known_peers(dht: object, node: Any) -> int:

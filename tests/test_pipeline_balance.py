@@ -204,3 +204,23 @@ def test_an_unmeasured_peer_counts_as_fast_as_its_stage_and_nothing_moves_before
     records = [record(0, f"a{i}", 0.0) for i in range(2)] + [record(1, f"b{i}", 10.0) for i in range(4)]
     move = best_move(records, 2)
     assert move is not None and (move.source, move.target, move.throughput_before) == (1, 0, 20.0)
+
+
+def test_a_move_keeps_each_stage_in_the_regions_it_spans_when_another_mover_gains_enough():
+    def placed(stage: int, peer: str, speed: float, domain: str) -> StageRecord:
+        return dataclasses.replace(record(stage, peer, speed), domain=domain)
+
+    # stage 1 has three peers, its only us-east peer the slowest; stage 0 limits the pipeline
+    records = [placed(0, "a0", 10.0, "eu"), placed(0, "a1", 10.0, "us"),
+               placed(1, "b0", 20.0, "eu"), placed(1, "b1", 20.0, "eu"), placed(1, "b2", 15.0, "us")]
+    move = best_move(records, 2)
+    # without regions the slower b2 would move (it predicts more: 35 vs 35 ties, then the slower
+    # peer); with them an eu peer moves and stage 1 keeps its us-east peer
+    assert move is not None and move.peer_id in {"b0", "b1"} and (move.source, move.target) == (1, 0)
+    unplaced = [dataclasses.replace(r, domain="") for r in records]
+    assert best_move(unplaced, 2) is not None and best_move(unplaced, 2).peer_id == "b2"
+    # every mover strips a region from its stage: the move still happens (throughput comes first)
+    records = [placed(0, "a0", 10.0, "eu"), placed(0, "a1", 10.0, "us"),
+               placed(1, "b0", 20.0, "eu"), placed(1, "b1", 20.0, "us"), placed(1, "b2", 15.0, "ap")]
+    move = best_move(records, 2)
+    assert move is not None and move.peer_id == "b2"

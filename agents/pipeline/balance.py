@@ -6,7 +6,8 @@ samples/s. A newcomer joins a stage with fewer than two peers if there is one, e
 that limits it, and among those first one with no peer in its own region (failure domain), so
 that a stage's peers span regions where the fleet does. A serving peer moves to the limiting
 stage when the move raises the prediction by at least `min_gain` (Petals moves servers at
-1 / 0.75) and its own stage keeps two serving peers.
+1 / 0.75) and its own stage keeps two serving peers; among such moves, one that leaves its stage
+a peer in every region the stage spans comes first.
 
 Every peer runs the same function on the same records, and it names one best move for the
 whole swarm, so peers that rebalance at about the same time agree on who moves instead of all
@@ -98,7 +99,11 @@ def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: floa
     for record in records:
         if record.state == AgentState.TRAINING and record.stage < num_stages:
             serving[record.stage] += 1
-    candidates: list[tuple[float, float, float, str, Move]] = []
+    domain_peers: dict[tuple[int, str], int] = {}
+    for record in records:
+        if record.state == AgentState.TRAINING and record.domain:
+            domain_peers[record.stage, record.domain] = domain_peers.get((record.stage, record.domain), 0) + 1
+    candidates: list[tuple[bool, float, float, float, str, Move]] = []
     for record in records:
         source = record.stage
         if record.state != AgentState.TRAINING or source == target or source >= num_stages:
@@ -109,14 +114,17 @@ def best_move(records: Sequence[StageRecord], num_stages: int, *, min_gain: floa
         after_totals[source] -= record.samples_per_second
         after_totals[target] += record.samples_per_second * costs[source] / costs[target]
         after = min(after_totals)
+        if not (after > before and after >= before * min_gain):
+            continue
         move = Move(record.peer_id, source, target, before, after)
-        # best prediction first; then leave the least-loaded stage, move the slower peer, by id
-        candidates.append((-after, -totals[source], record.samples_per_second, record.peer_id, move))
+        # among moves that gain enough, first one that leaves no stage without a peer in a region it
+        # had (a stage spanning regions survives a region's outage); then the best prediction, leave
+        # the least-loaded stage, move the slower peer, by id
+        strips_region = bool(record.domain) and domain_peers.get((source, record.domain), 0) <= 1
+        candidates.append((strips_region, -after, -totals[source], record.samples_per_second, record.peer_id, move))
     if not candidates:
         return None
-    move = min(candidates, key=lambda c: c[:4])[4]
-    gained = move.throughput_after > before and move.throughput_after >= before * min_gain
-    return move if gained else None
+    return min(candidates, key=lambda c: c[:5])[5]
 
 
 def with_assumed_speeds(records: Sequence[StageRecord]) -> list[StageRecord] | None:

@@ -48,7 +48,14 @@ from spotrain.agents.pipeline.stage_compute import step_samples_per_peer
 from spotrain.agents.pipeline.stage_server import StageServer
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.event_loop import EventLoopThread
-from spotrain.agents.stage_directory import publish_stage_record, read_stage_records, wait_for_another_peer
+from spotrain.agents.stage_directory import (
+    FRESH_SECONDS,
+    PUBLISH_SECONDS,
+    is_fresh,
+    publish_stage_record,
+    read_stage_records,
+    wait_for_another_peer,
+)
 from spotrain.contracts.pipeline import PipelineTask
 from spotrain.contracts.stage_records import StageRecord, latest_records
 from spotrain.contracts.states import AgentState
@@ -60,10 +67,6 @@ JOIN_SETTLE_SECONDS = 3.0
 # a stage peer that started the swarm alone waits this long for the others to merge before it
 # chooses (a pipeline always has other peers; several MERGE_SECONDS: the controller publishes first)
 ALONE_WAIT_SECONDS = 60.0
-PUBLISH_SECONDS = 2.0
-# a record not refreshed for this long is a peer gone without notice: it counts for nothing in
-# moves and duty (the DHT keeps records for STAGE_TTL_SECONDS, too long to react to a kill)
-FRESH_SECONDS = 5 * PUBLISH_SECONDS
 REBALANCE_JITTER = 0.2
 MOVE_DOWNLOAD_ATTEMPTS = 3  # a move's target stage has live peers (their records say so): worth retrying
 DOWNLOAD_RETRY_SECONDS = 2.0
@@ -76,8 +79,7 @@ def records_for_joining(dht: DHT, cluster: str) -> list[StageRecord]:
     STAGE_TTL_SECONDS, and a replacement then joined a stage of three while the killed peer's stage
     had one); a joining peer's `starting` record keeps its join time, so it counts for the whole TTL."""
     now = time.time()
-    return [r for r in read_stage_records(dht, cluster)
-            if r.state != AgentState.TRAINING or now - r.time <= FRESH_SECONDS]
+    return [r for r in read_stage_records(dht, cluster) if is_fresh(r, now)]
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """SWARM trainer: draws batches and drives them through one peer per stage (`pipeline.trainer`).
 
 It finds the stages' peers in their DHT records (refreshed every `REFRESH_SECONDS` on a thread of
-its own, so the pipeline's event loop never waits on the DHT), serves only peers that say they
-serve, and waits while a stage has none. It runs microbatches in rounds of `ROUNDS_PER_LANE` per
-lane and reports each round's samples and mean loss in the agent's status; microbatches that no
-peer of a stage could take are counted dropped, in the log. A drain ends after the round in
-flight (the lifecycle's timer bounds it).
+its own, so the pipeline's event loop never waits on the DHT), routes only to peers whose records
+say they serve and are fresh (`serving_peers`), and waits while a stage has none. It runs
+microbatches in rounds of `ROUNDS_PER_LANE` per lane and reports each round's samples and mean
+loss in the agent's status; microbatches that no peer of a stage could take are counted dropped,
+in the log. A drain ends after the round in flight (the lifecycle's timer bounds it).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from spotrain.agents.log import log
 from spotrain.agents.pipeline.trainer import PipelineTrainer
 from spotrain.agents.roles.base import RoleContext
 from spotrain.agents.roles.event_loop import EventLoopThread
-from spotrain.agents.stage_directory import read_stage_records
+from spotrain.agents.stage_directory import is_fresh, read_stage_records
 from spotrain.contracts.states import AgentState
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
     from spotrain.agents.pipeline.trainer import TrainerStats
     from spotrain.contracts.pipeline import PipelineTask
+    from spotrain.contracts.stage_records import StageRecord
 
 REFRESH_SECONDS = 1.0
 ROUNDS_PER_LANE = 2
@@ -61,11 +63,8 @@ class StagePeers:
         return all(self._by_stage.get(stage) for stage in range(num_stages))
 
     def refresh(self) -> None:
-        by_stage: dict[int, list[PeerID]] = {}
-        for record in read_stage_records(self.context.dht, self.context.config.cluster):
-            if record.state == AgentState.TRAINING:
-                by_stage.setdefault(record.stage, []).append(PeerID.from_base58(record.peer_id))
-        self._by_stage = by_stage  # replaced whole: the pipeline's thread reads it without a lock
+        self._by_stage = serving_peers(read_stage_records(self.context.dht, self.context.config.cluster),
+                                       time.time())  # replaced whole: the pipeline's thread reads it without a lock
 
     def _run(self) -> None:
         while not self._stop.wait(REFRESH_SECONDS):
@@ -73,6 +72,20 @@ class StagePeers:
                 self.refresh()
             except Exception as error:  # a DHT hiccup: route by the records we have
                 log(f"stage records not read: {type(error).__name__}: {error}")
+
+
+def serving_peers(records: list[StageRecord], now: float) -> dict[int, list[PeerID]]:
+    """Each stage's serving peers: those whose records are fresh (a peer killed without notice
+    drops out within FRESH_SECONDS, not the records' 30 s TTL), or, for a stage with no fresh
+    record (its peers' refreshes delayed on a loaded host), every peer its records name: a stage
+    that looks unserved stops the whole pipeline, a stale peer only costs a retried call."""
+    serving = [r for r in records if r.state == AgentState.TRAINING]
+    fresh_stages = {r.stage for r in serving if is_fresh(r, now)}
+    by_stage: dict[int, list[PeerID]] = {}
+    for record in serving:
+        if record.stage not in fresh_stages or is_fresh(record, now):
+            by_stage.setdefault(record.stage, []).append(PeerID.from_base58(record.peer_id))
+    return by_stage
 
 
 @dataclass(frozen=True)
