@@ -224,3 +224,18 @@ def test_a_move_keeps_each_stage_in_the_regions_it_spans_when_another_mover_gain
                placed(1, "b0", 20.0, "eu"), placed(1, "b1", 20.0, "us"), placed(1, "b2", 15.0, "ap")]
     move = best_move(records, 2)
     assert move is not None and move.peer_id == "b2"
+
+
+def test_a_lost_serving_peer_brings_the_next_move_check_forward_and_nothing_else_does():
+    from spotrain.agents.pipeline.balance import LOSS_SETTLE_SECONDS, next_check_after_loss
+
+    now, periodic = 100.0, 118.0
+    # a peer gone (killed: its record lapsed; or draining on a notice): check within the settle time
+    early = next_check_after_loss(periodic, now, {"a", "b", "c"}, {"a", "c"}, 0.5)
+    assert early == pytest.approx(now + LOSS_SETTLE_SECONDS)
+    assert now < next_check_after_loss(periodic, now, {"a", "b"}, {"a"}, 0.99) < periodic
+    # a newcomer, or nothing changed: the periodic check stands
+    assert next_check_after_loss(periodic, now, {"a"}, {"a", "b"}, 0.5) == periodic
+    assert next_check_after_loss(periodic, now, {"a", "b"}, {"a", "b"}, 0.5) == periodic
+    # a check already due sooner is not pushed back
+    assert next_check_after_loss(now + 1, now, {"a", "b"}, {"a"}, 0.5) == now + 1

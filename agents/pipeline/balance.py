@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass, replace
 
 from spotrain.contracts.stage_records import MIN_PEERS_PER_STAGE, StageRecord
@@ -168,11 +168,27 @@ def measured_stage_costs(records: Sequence[StageRecord], num_stages: int) -> lis
     return [1.0 / (statistics.median(stage) if stage else fallback) for stage in measured]
 
 
+# after a loss, the surviving peers' records need a refresh or two (every 2 s) to show the new speeds
+LOSS_SETTLE_SECONDS = 4.0
+
+
 def rebalance_delay(period: float, jitter: float, draw: float) -> float:
     """Seconds to the next check: `period` spread by +-`jitter` of itself, `draw` uniform in [0, 1)."""
     if not 0 <= jitter < 1 or not 0 <= draw < 1:
         raise ValueError(f"jitter and draw must lie in [0, 1), got {jitter}, {draw}")
     return period * (1 + jitter * (2 * draw - 1))
+
+
+def next_check_after_loss(next_check: float, now: float, serving_before: Set[str], serving_now: Set[str],
+                          draw: float, *, settle: float = LOSS_SETTLE_SECONDS, jitter: float = 0.2) -> float:
+    """When to look for a move next: a serving peer gone from the fresh records since the last
+    look (killed, draining on a notice) brings the check forward to `settle` seconds (jittered),
+    so the pipeline does not wait up to a whole period to refill the stage it lost; otherwise the
+    periodic check stands. Every peer reads the same records and `best_move` names one mover,
+    so peers checking at about the same time still move one peer."""
+    if not serving_before - serving_now:
+        return next_check
+    return min(next_check, now + rebalance_delay(settle, jitter, draw))
 
 
 def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float,

@@ -41,7 +41,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from spotrain.agents.log import log
-from spotrain.agents.pipeline.balance import measured_stage_costs, rebalance_delay, should_move, stage_for_joining
+from spotrain.agents.pipeline.balance import (
+    measured_stage_costs,
+    next_check_after_loss,
+    rebalance_delay,
+    should_move,
+    stage_for_joining,
+)
 from spotrain.agents.pipeline.stage_averaging import StageAverager
 from spotrain.agents.pipeline.stage_checkpoints import StageCheckpoints, stage_duty_holders
 from spotrain.agents.pipeline.stage_compute import step_samples_per_peer
@@ -195,8 +201,12 @@ class StageServerRole:
         period = self._started_context().config.pipeline
         seconds = period.rebalance_seconds if period is not None else 30.0
         next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
+        serving_peers = self._serving_peers()
         while not stop.wait(PUBLISH_SECONDS):
             self._publish()
+            serving_before, serving_peers = serving_peers, self._serving_peers()
+            next_check = next_check_after_loss(next_check, time.monotonic(), serving_before, serving_peers,
+                                               random.random())
             if time.monotonic() >= next_check and not stop.is_set():
                 self._maybe_move()
                 next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
@@ -356,6 +366,10 @@ class StageServerRole:
             self._records_before_drain = records
         self._records = records
         serving.server.compute.step_samples = self._step_samples(serving.server.stage, joining=0)
+
+    def _serving_peers(self) -> set[str]:
+        """The peers whose fresh records say they serve (as of the last `_publish`)."""
+        return {r.peer_id for r in self._records if r.state == AgentState.TRAINING}
 
     def _step_samples(self, stage: int, *, joining: int) -> int:
         """This peer's share of the target batch among its stage's serving peers (and itself when joining)."""
