@@ -143,6 +143,11 @@ class LocalSwarm:
         status = self.view.statuses().get(name)
         return None if status is None else (status.time, status.samples)
 
+    def served(self) -> dict[str, int]:
+        """Microbatch calls each stage peer answered so far, by its newest status record."""
+        assert self.view is not None
+        return {name: status.served for name, status in self.view.statuses().items() if name in self.peers}
+
     def throughput(self, trainer: str, seconds: float) -> float:
         """Samples/s the trainer completed over about `seconds`, from its own status records."""
         first = self._sample(trainer)

@@ -113,12 +113,15 @@ def _moves(work: Path) -> list[str]:
 
 
 def _window(swarm: LocalSwarm, seconds: float) -> dict[str, object]:
-    """The trainer's samples/s over `seconds`, and every peer's CPU meanwhile."""
-    before = swarm.cpu()
+    """The trainer's samples/s over `seconds`, and every peer's CPU and the calls it answered
+    meanwhile (a stage-0 microbatch is two calls, forward and backward; a tail's one)."""
+    before, served_before = swarm.cpu(), swarm.served()
     throughput = swarm.throughput(TRAINER, seconds)
-    after = swarm.cpu()
+    after, served_after = swarm.cpu(), swarm.served()
     cpu = {name: after[name].since(before[name]) for name in after if name in before}
-    return {"samples_per_second": throughput, "cpu": cpu}
+    served = {name: served_after[name] - served_before[name]
+              for name in served_after if name in served_before and name != TRAINER}
+    return {"samples_per_second": throughput, "cpu": cpu, "served": served}
 
 
 def _limit_trainer(swarm: LocalSwarm, args: argparse.Namespace,

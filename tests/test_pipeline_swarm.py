@@ -173,3 +173,36 @@ def test_a_peer_the_admission_does_not_list_is_routed_around_not_fatal(one_torch
             await shutdown(servers, trainer)
 
     asyncio.run(scenario())
+
+
+def test_lanes_keep_training_until_stopped_and_draw_nothing_while_a_stage_has_no_peer(one_torch_thread):
+    """`train_until`, the agent's trainer loop: every lane draws its next batch as its microbatch ends
+    until told to stop, then the microbatches in flight finish; with a stage unserved nothing starts
+    (nothing could complete)."""
+    import threading
+
+    install_codecs()
+
+    async def scenario() -> None:
+        servers = await start_servers(per_stage=1)
+        trainer = await start_trainer(servers)
+        directory = {stage: [server.p2p.peer_id] for stage, server in enumerate(servers)}
+        unserved = {**directory, 1: []}
+        trainer.stage_peers = lambda stage: unserved[stage]
+        batches = tiny_gpt_pipeline.task.batches(0, MICROBATCH)
+        stop = threading.Event()
+        try:
+            lanes = asyncio.ensure_future(trainer.train_until(batches, stop))
+            await asyncio.sleep(1.5)
+            assert trainer.stats.started == 0, "a lane drew a batch while stage 1 had no peer"
+            trainer.stage_peers = lambda stage: directory[stage]
+            while trainer.stats.completed < 6:
+                await asyncio.sleep(0.05)
+            stop.set()
+            stats = await asyncio.wait_for(lanes, 60)
+            assert stats.started == stats.completed >= 6 and stats.dropped == 0
+            assert len(trainer.take_losses()) == stats.completed and trainer.take_losses() == []
+        finally:
+            await shutdown(servers, trainer)
+
+    asyncio.run(scenario())

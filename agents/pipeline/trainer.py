@@ -6,15 +6,16 @@ quantized once) and each gradient back the same way, keeping every stage's input
 its backward, with the parameter version the forward's peer replied (so that peer recomputes the
 forward with the parameters it used). Peers are chosen by `routing.RouteTable`; a failed or
 timed-out call is retried on another peer of the stage, a backward on any of them (they recompute
-the forward). One `train` call ends when all its microbatches did: calling it once per optimizer
-step's samples keeps every microbatch of a step on the same parameters. At most
-`max_in_flight` microbatches run at once. Every microbatch ends completed or counted dropped.
+the forward). `train_until` keeps `max_in_flight` microbatches in flight until told to stop (the
+agent's trainer role); `train` runs a given number and ends when all of them did (comparisons
+sample for sample). Every microbatch ends completed or counted dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ logger = logging.getLogger("spotrain.agents.pipeline")
 CALL_ERRORS = (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, StageUnavailable, ConnectionError,
                NotAdmitted)
 WAIT_FOR_PEER_SECONDS = 0.05  # poll interval while every peer of a stage is banned or full
+NO_PEER_WAIT_SECONDS = 0.5  # poll interval of an idle lane while a stage has no peer
 
 
 class MicrobatchDropped(RuntimeError):
@@ -82,6 +84,32 @@ class PipelineTrainer:
 
         await asyncio.gather(*(lane() for _ in range(self.max_in_flight)))
         return self.stats
+
+    async def train_until(self, batches: Iterator[torch.Tensor], stop: threading.Event) -> TrainerStats:
+        """Keep `max_in_flight` microbatches of `batches` in flight until `stop` is set, then finish
+        those in flight. Each lane draws its next batch as soon as its microbatch ends: no lane
+        waits for the others (batches of rounds that ended together left the trainer idle while a
+        round's slowest microbatch finished, longer the longer the peers' queues). A lane draws
+        nothing while a stage has no peer at all (it could only be dropped)."""
+
+        async def lane() -> None:
+            while not stop.is_set():
+                if not self.every_stage_served():
+                    await asyncio.sleep(NO_PEER_WAIT_SECONDS)
+                    continue
+                await self.microbatch(next(batches))
+
+        await asyncio.gather(*(lane() for _ in range(self.max_in_flight)))
+        return self.stats
+
+    def every_stage_served(self) -> bool:
+        return all(self.stage_peers(stage) for stage in range(self.task.num_stages))
+
+    def take_losses(self) -> list[float]:
+        """The losses of the microbatches completed since the last call (call it on the trainer's
+        event loop, where they are appended)."""
+        losses, self.stats.losses = self.stats.losses, []
+        return losses
 
     async def microbatch(self, batch: torch.Tensor) -> float | None:
         """Forward and backward through the pipeline; the loss, or None when dropped."""

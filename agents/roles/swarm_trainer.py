@@ -2,10 +2,11 @@
 
 It finds the stages' peers in their DHT records (refreshed every `REFRESH_SECONDS` on a thread of
 its own, so the pipeline's event loop never waits on the DHT), routes only to peers whose records
-say they serve and are fresh (`serving_peers`), and waits while a stage has none. It runs
-microbatches in rounds of `ROUNDS_PER_LANE` per lane and reports each round's samples and mean
-loss in the agent's status; microbatches that no peer of a stage could take are counted dropped,
-in the log. A drain ends after the round in flight (the lifecycle's timer bounds it).
+say they serve and are fresh (`serving_peers`), and draws no batch while a stage has none. It
+keeps `max_in_flight` microbatches in flight and reports the samples completed and their mean loss
+in the agent's status every `REPORT_SECONDS`; microbatches that no peer of a stage could take are
+counted dropped, in the log. A drain ends after the microbatches in flight (the lifecycle's timer
+bounds it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,14 +28,11 @@ from spotrain.agents.stage_directory import is_fresh, read_stage_records
 from spotrain.contracts.states import AgentState
 
 if TYPE_CHECKING:
-    import torch
-
-    from spotrain.agents.pipeline.trainer import TrainerStats
     from spotrain.contracts.pipeline import PipelineTask
     from spotrain.contracts.stage_records import StageRecord
 
 REFRESH_SECONDS = 1.0
-ROUNDS_PER_LANE = 2
+REPORT_SECONDS = 1.0  # completed samples and their mean loss go into the status this often
 DRAIN_CALL_TIMEOUT_SECONDS = 1.0
 
 
@@ -58,9 +55,6 @@ class StagePeers:
 
     def of(self, stage: int) -> list[PeerID]:
         return list(self._by_stage.get(stage, ()))
-
-    def every_stage_served(self, num_stages: int) -> bool:
-        return all(self._by_stage.get(stage) for stage in range(num_stages))
 
     def refresh(self) -> None:
         self._by_stage = serving_peers(read_stage_records(self.context.dht, self.context.config.cluster),
@@ -86,6 +80,18 @@ def serving_peers(records: list[StageRecord], now: float) -> dict[int, list[Peer
         if record.stage not in fresh_stages or is_fresh(record, now):
             by_stage.setdefault(record.stage, []).append(PeerID.from_base58(record.peer_id))
     return by_stage
+
+
+@dataclass
+class _Seen:
+    """What the log already said."""
+
+    dropped: int = 0
+    retried: int = 0
+
+
+async def _taken(trainer: PipelineTrainer) -> list[float]:
+    return trainer.take_losses()  # on the trainer's loop, where losses are appended
 
 
 @dataclass(frozen=True)
@@ -122,36 +128,36 @@ class SwarmTrainerRole:
         context, trainer = driving.context, driving.trainer
         batch_size = context.config.training.batch_size
         seed = int(hashlib.sha256(f"{context.instance_id}:{os.getpid()}".encode()).hexdigest()[:8], 16)
-        batches = driving.task.batches(seed, batch_size)
-        dropped = retried = 0
-        while not stop.is_set():
-            if not driving.peers.every_stage_served(driving.task.num_stages):
-                stop.wait(REFRESH_SECONDS)  # a stage without a serving peer: nothing can complete
-                continue
-            stats = self._round(stop, batches)
-            losses, stats.losses = stats.losses, []
-            if losses:
-                context.progress.record_step(batch_size * len(losses), sum(losses) / len(losses))
-            if stats.dropped > dropped:
-                log(f"{stats.dropped - dropped} microbatches dropped ({stats.completed} completed so far)")
-                dropped = stats.dropped
-            if stats.failed_calls > retried:  # examples/check_swarm_demo.py reads this line
-                retried = stats.failed_calls
-                log(f"stage calls retried on another peer so far: {retried}")
+        lanes_stop = threading.Event()
+        lanes = driving.loop.submit(trainer.train_until(driving.task.batches(seed, batch_size), lanes_stop))
+        seen = _Seen()
+        try:
+            while not lanes.done() and not stop.wait(REPORT_SECONDS):
+                self._report(batch_size, seen)
+        finally:
+            # on a drain the calls still to make wait less for a peer, so the lanes end (what cannot
+            # finish counted dropped) within the drain window
+            trainer.call_timeout = min(trainer.call_timeout, DRAIN_CALL_TIMEOUT_SECONDS)
+            lanes_stop.set()
+            lanes.result()  # the microbatches in flight end (or a lane's error is raised here)
+        self._report(batch_size, seen)
         log(f"trainer leaving: {trainer.stats.completed} microbatches completed, {trainer.stats.dropped} dropped, "
             f"{trainer.stats.failed_calls} calls retried")
 
-    def _round(self, stop: threading.Event, batches: Iterator[torch.Tensor]) -> TrainerStats:
-        """`ROUNDS_PER_LANE` microbatches per lane; on a drain the calls still to make wait less for
-        a peer, so the round ends (what cannot finish counted dropped) within the drain window."""
+    def _report(self, batch_size: int, seen: _Seen) -> None:
+        """The samples and mean loss completed since the last report into the status; drops and
+        retries into the log."""
         driving = self._started()
-        trainer = driving.trainer
-        round_ = driving.loop.submit(trainer.train(batches, ROUNDS_PER_LANE * trainer.max_in_flight))
-        while not round_.done():
-            if stop.wait(0.2):
-                trainer.call_timeout = min(trainer.call_timeout, DRAIN_CALL_TIMEOUT_SECONDS)
-                break
-        return round_.result()
+        stats = driving.trainer.stats
+        losses = driving.loop.run(_taken(driving.trainer))
+        if losses:
+            driving.context.progress.record_step(batch_size * len(losses), sum(losses) / len(losses))
+        if stats.dropped > seen.dropped:
+            log(f"{stats.dropped - seen.dropped} microbatches dropped ({stats.completed} completed so far)")
+            seen.dropped = stats.dropped
+        if stats.failed_calls > seen.retried:  # examples/check_swarm_demo.py reads this line
+            seen.retried = stats.failed_calls
+            log(f"stage calls retried on another peer so far: {seen.retried}")
 
     def flush_duty(self) -> None:
         """A trainer holds no parameters, so no checkpoint duty."""
