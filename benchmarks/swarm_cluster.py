@@ -41,6 +41,7 @@ class LocalSwarm:
     task: str
     stages: int
     rebalance_seconds: float
+    rebalance: bool = True  # False: stage peers never move
     cluster: str = "bench-swarm"
     max_in_flight: int = 8  # the trainer's microbatches in flight
     peers: dict[str, Peer] = field(default_factory=dict)
@@ -68,7 +69,7 @@ class LocalSwarm:
                              "compression": {"gradients": "none", "state": "float16", "activations": "blockwise8"}},
                 "mode": "swarm",
                 "pipeline": {"role": role, "stages": self.stages, "max_in_flight": self.max_in_flight,
-                             "rebalance_seconds": self.rebalance_seconds},
+                             "rebalance": self.rebalance, "rebalance_seconds": self.rebalance_seconds},
                 "checkpoint": {"store": str(self.work / "store"), "every_epochs": 5}}
 
     def start(self, name: str, role: str, cgroup: bool) -> None:
@@ -116,8 +117,12 @@ class LocalSwarm:
             if peer.cgroup is None or peer.process.poll() is not None:
                 continue
             stat = dict(line.split() for line in (peer.cgroup / "cpu.stat").read_text().splitlines())
-            found[name] = CpuUse(time.monotonic(), sum(_cpu_seconds(pid) for pid in procs(peer.cgroup)),
-                                 int(stat["nr_periods"]), int(stat["nr_throttled"]))
+            parts: dict[str, float] = {}
+            for pid in procs(peer.cgroup):
+                kind = _process_kind(pid, peer.process.pid)
+                parts[kind] = parts.get(kind, 0.0) + _cpu_seconds(pid)
+            found[name] = CpuUse(time.monotonic(), sum(parts.values()), int(stat["nr_periods"]),
+                                 int(stat["nr_throttled"]), parts)
         return found
 
     def kill(self, name: str) -> None:
@@ -187,13 +192,30 @@ class CpuUse:
     seconds: float  # CPU seconds of the processes alive in the group (user + system)
     periods: int
     throttled: int
+    parts: dict[str, float] = field(default_factory=dict)  # CPU seconds by `_process_kind`
 
     def since(self, before: CpuUse) -> dict[str, float]:
-        """Cores used between two readings and the share of quota periods that were throttled (the
-        quota bound when that share is large). A process that ended in between is not counted."""
+        """Cores used between two readings (in all, and by the agent's own process, p2pd and the
+        agent's children: its DHT and averagers) and the share of quota periods that were throttled
+        (the quota bound when that share is large). A process that ended in between is not counted."""
         periods = self.periods - before.periods
-        return {"cores": (self.seconds - before.seconds) / max(self.at - before.at, 1e-9),
+        elapsed = max(self.at - before.at, 1e-9)
+        parts = {f"{kind}_cores": (seconds - before.parts.get(kind, 0.0)) / elapsed
+                 for kind, seconds in self.parts.items()}
+        return {"cores": (self.seconds - before.seconds) / elapsed, **parts,
                 "throttled_share": (self.throttled - before.throttled) / periods if periods > 0 else 0.0}
+
+
+def _process_kind(pid: int, agent_pid: int) -> str:
+    """"agent" (the agent's own process: serving and training), "p2pd", or "children" (the DHT's
+    and the averagers' processes)."""
+    if pid == agent_pid:
+        return "agent"
+    try:
+        name = Path(f"/proc/{pid}/comm").read_text().strip()
+    except (FileNotFoundError, ProcessLookupError):
+        return "children"
+    return "p2pd" if name == "p2pd" else "children"
 
 
 def _cpu_seconds(pid: int) -> float:

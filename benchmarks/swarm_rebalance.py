@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from swarm_cluster import LocalSwarm  # noqa: E402
 
 TASK = "spotrain.examples.tiny_gpt_pipeline:task_2stage"
-NEVER = 1e6  # rebalance_seconds that never comes within a run
 TRAINER = "trainer"
 # stage peers' CFS period: short, so a peer idle for a while cannot run a microbatch at full speed on
 # saved quota and measure itself faster than its quota (which misleads the balancer's predictions)
@@ -55,10 +54,10 @@ CALIBRATION_TOLERANCE = 0.1  # of the share: close enough
 
 
 def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object]:
-    period = args.period if rebalance else NEVER
     run: dict[str, object] = {"rebalance": rebalance}
     with tempfile.TemporaryDirectory(prefix="spotrain-swarm-bench-") as work:
-        swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=period, max_in_flight=args.in_flight)
+        swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=args.period, rebalance=rebalance,
+                           max_in_flight=args.in_flight)
         try:
             swarm.start_view()
             for index in range(2 * args.peers):  # one at a time: started together on a loaded machine,
@@ -83,14 +82,14 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             for victim in victims:
                 swarm.kill(victim)
             killed_at = time.monotonic()
-            counts = []  # serving peers per stage while the survivors rebalance
+            counts = []  # serving peers per stage, and the trainer's samples, while the survivors rebalance
             while time.monotonic() - killed_at < 2 * args.period:
-                counts.append((round(time.monotonic() - killed_at, 1), _serving_counts(swarm)))
+                counts.append(_progress(swarm, killed_at))
                 time.sleep(5)
             run["after_kill"] = _window(swarm, args.window)
             run["later"] = _window(swarm, args.window)
             run["killed"] = victims
-            run["serving_after_kill"] = counts + [(round(time.monotonic() - killed_at, 1), _serving_counts(swarm))]
+            run["serving_after_kill"] = counts + [_progress(swarm, killed_at)]
             run["load_after"] = os.getloadavg()
             return run
         finally:
@@ -98,8 +97,10 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             run["moves"] = _moves(Path(work))
 
 
-def _serving_counts(swarm: LocalSwarm) -> dict[int, int]:
-    return {stage: len(records) for stage, records in sorted(swarm.serving().items())}
+def _progress(swarm: LocalSwarm, killed_at: float) -> tuple[float, dict[int, int], tuple[float, int] | None]:
+    """(seconds since the kill, serving peers per stage, the trainer's newest (time, samples))."""
+    counts = {stage: len(records) for stage, records in sorted(swarm.serving().items())}
+    return round(time.monotonic() - killed_at, 1), counts, swarm.trainer_samples(TRAINER)
 
 
 def _moves(work: Path) -> list[str]:

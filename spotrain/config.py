@@ -88,6 +88,8 @@ class Pipeline(_Frozen):
     stages: int = Field(default=3, ge=2, description="must equal the PipelineTask's number of stages")
     trainers: int = Field(default=1, gt=0, description="workers that draw batches; the rest serve stages")
     max_in_flight: int = Field(default=2, gt=0, description="microbatches each trainer has in flight")
+    rebalance: bool = Field(default=True, description="false: stage peers never move to another stage (a newcomer "
+                                                      "still joins the stage that limits the pipeline)")
     rebalance_seconds: float = Field(default=30.0, gt=0, le=86_400,
                                      description="how often (jittered) a stage peer checks whether to move stage")
 

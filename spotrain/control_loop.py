@@ -520,7 +520,7 @@ class ControlLoop:
                     and not (i in self.statuses and self.statuses[i].state == AgentState.DRAINING)]
         return PipelineSettings(role="trainer" if len(trainers) < pipeline.trainers else "stage",
                                 stages=pipeline.stages, max_in_flight=pipeline.max_in_flight,
-                                rebalance_seconds=pipeline.rebalance_seconds,
+                                rebalance=pipeline.rebalance, rebalance_seconds=pipeline.rebalance_seconds,
                                 domain=self.stores.domain_of(location) if location else None)
 
     def _observe_stages(self, now: float) -> None:

@@ -156,6 +156,20 @@ def test_the_controller_names_each_stage_peer_its_region(tmp_path: Path):
     assert domains == ["local:us-east", "local:eu-west", "local:zone-c"]
 
 
+def test_the_spec_can_turn_moves_off_and_the_stage_peers_are_told(tmp_path: Path):
+    settings = []
+    for pipeline in ({}, {"rebalance": False, "rebalance_seconds": 12}):
+        spec = ClusterSpec.model_validate({
+            "name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": 7},
+            "training": {"mode": "swarm", "task": "spotrain.examples.tiny_gpt_pipeline:task", "pipeline": pipeline}})
+        ledger = Ledger.create(tmp_path / f"ledger{len(settings)}.db")
+        run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=0.0)
+        provider = LocalProvider(spec.providers.local, tmp_path / "cloud")
+        loop = ControlLoop(spec, ledger, run, provider, StagedSwarm(), LoopSettings(), say=lambda _: None)
+        settings.append(loop.agent_config().pipeline)
+    assert [(s.rebalance, s.rebalance_seconds) for s in settings] == [(True, 30.0), (False, 12.0)]
+
+
 def test_stage_summary_counts_serving_peers_of_unexpired_records():
     records = [serving(0, "a", 2.0), serving(0, "b", 3.0), starting(1, "c", 0.0),
                StageRecord(1, "d", "i", 4.0, 0, AgentState.TRAINING, -100.0)]  # expired at now=0

@@ -198,8 +198,9 @@ class StageServerRole:
         return None
 
     def run_until(self, stop: threading.Event) -> None:
-        period = self._started_context().config.pipeline
-        seconds = period.rebalance_seconds if period is not None else 30.0
+        pipeline = self._started_context().config.pipeline
+        seconds = pipeline.rebalance_seconds if pipeline is not None else 30.0
+        rebalance = pipeline is None or pipeline.rebalance
         next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
         serving_peers = self._serving_peers()
         while not stop.wait(PUBLISH_SECONDS):
@@ -207,7 +208,7 @@ class StageServerRole:
             serving_before, serving_peers = serving_peers, self._serving_peers()
             next_check = next_check_after_loss(next_check, time.monotonic(), serving_before, serving_peers,
                                                random.random())
-            if time.monotonic() >= next_check and not stop.is_set():
+            if rebalance and time.monotonic() >= next_check and not stop.is_set():
                 self._maybe_move()
                 next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
         serving = self._started_stage()

@@ -54,6 +54,7 @@ class PipelineSettings(_Contract):
     role: Literal["trainer", "stage"]
     stages: int = Field(ge=2)
     max_in_flight: int = Field(default=2, gt=0)  # a trainer's microbatches in flight
+    rebalance: bool = True  # False: a stage peer never moves (it still joins the stage that limits)
     rebalance_seconds: float = Field(default=30.0, gt=0)  # a stage peer's move checks, jittered
     # the VM's failure domain (its region): a stage peer names it in its records, and a newcomer joins
     # a stage without a peer in its own domain first, so that every stage spans the domains
