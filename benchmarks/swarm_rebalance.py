@@ -128,26 +128,51 @@ def _window(swarm: LocalSwarm, seconds: float) -> dict[str, object]:
 def _limit_trainer(swarm: LocalSwarm, args: argparse.Namespace,
                    stage_limited: dict[str, object]) -> tuple[dict[str, object], list[float]]:
     """The balanced window with the trainer's quota set to drive `--trainer-share` of the
-    stage-limited throughput, and the quotas tried. The first guess scales the trainer's CPU in
-    the stage-limited window; its fixed CPU (DHT, p2pd, status) does not scale, so that guess
-    drove 0.80 and 1.03 of it instead of 0.63 in two runs, leaving no headroom for the 0.9
-    target. So the quota is corrected by the share reached, up to `CALIBRATION_STEPS` times."""
+    stage-limited throughput, and the quotas tried. The trainer's CPU is about fixed + per sample
+    x samples/s (its fixed part, DHT, p2pd and status, does not scale with its quota: scaling the
+    stage-limited window's CPU drove 0.80 and 1.03 of the throughput instead of 0.63 in two runs,
+    and halving the error geometrically reached 0.75 after three windows). So the next quota solves
+    the line through the last two (samples/s, cores used) readings under a quota (the unlimited
+    trainer of the stage-limited window also spends CPU waiting for full peers, off that line), up
+    to `CALIBRATION_STEPS` times."""
     share, limited = args.trainer_share, float(stage_limited["samples_per_second"])  # type: ignore[arg-type]
+    target = share * limited
+    points: list[tuple[float, float]] = []
     cores = max(share * float(stage_limited["cpu"][TRAINER]["cores"]), 0.01)  # type: ignore[index]
     tried = []
     for step in range(CALIBRATION_STEPS + 1):
-        swarm.set_quota(cores, [TRAINER])
+        swarm.set_quota(cores, [TRAINER], _short_period(cores))
         tried.append(cores)
         time.sleep(args.window / 2)
         balanced = _window(swarm, args.window)
-        reached = float(balanced["samples_per_second"]) / max(limited, 1e-9)  # type: ignore[arg-type]
-        if abs(reached - share) <= CALIBRATION_TOLERANCE * share or step == CALIBRATION_STEPS:
+        rate = float(balanced["samples_per_second"])  # type: ignore[arg-type]
+        if abs(rate - target) <= CALIBRATION_TOLERANCE * target or step == CALIBRATION_STEPS:
             return balanced, tried
-        # halfway (geometrically): the trainer's cgroup holds its DHT process and p2pd too, so its
-        # throughput falls off a cliff below some quota (0.067 -> 0.048 -> 0.034 cores drove 0.88,
-        # 0.88, then 0.43 of the stage-limited throughput in one run)
-        cores = max(cores * (share / max(reached, 1e-3)) ** 0.5, 0.01)
+        points.append((rate, float(balanced["cpu"][TRAINER]["cores"])))  # type: ignore[index]
+        cores = _next_quota(points, target, cores)
     raise AssertionError("unreachable")
+
+
+def _short_period(cores: float) -> int:
+    """The shortest CFS period (µs), from `STAGE_PERIOD_US`, in which `cores` is at least the kernel's
+    1 ms minimum quota. A trainer throttled in 100 ms periods ran about 6 ms then stopped relaying
+    for about 94: the peers' queues drained meanwhile, more so the fewer peers hold them."""
+    return max(STAGE_PERIOD_US, int(1000 / cores) + 1)
+
+
+def _next_quota(points: list[tuple[float, float]], target: float, cores: float) -> float:
+    """The quota on the line through the last two (samples/s, cores) points at `target` samples/s;
+    where the line is useless (flat, falling, or through a throughput cliff: the trainer's cgroup
+    holds its DHT process and p2pd too, and 0.067 -> 0.048 -> 0.034 cores drove 0.88, 0.88, then
+    0.43 of the stage-limited throughput in one run), halfway (geometrically) to the share reached."""
+    rate_b, cores_b = points[-1]
+    if len(points) >= 2 and points[-2][0] != rate_b:
+        rate_a, cores_a = points[-2]
+        slope = (cores_a - cores_b) / (rate_a - rate_b)
+        solved = cores_b + slope * (target - rate_b)
+        if slope > 0 and 0.4 * cores <= solved <= 2 * cores:
+            return max(solved, 0.01)
+    return max(cores * (target / max(rate_b, 1e-3)) ** 0.5, 0.01)
 
 
 def _spread(swarm: LocalSwarm, peers: int) -> bool:
