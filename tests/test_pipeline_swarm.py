@@ -206,3 +206,25 @@ def test_lanes_keep_training_until_stopped_and_draw_nothing_while_a_stage_has_no
             await shutdown(servers, trainer)
 
     asyncio.run(scenario())
+
+
+def test_a_lane_waiting_for_a_full_stage_wakes_when_a_call_to_it_returns(one_torch_thread, monkeypatch):
+    """More lanes than the peers take: the lanes beyond wait for a call to return (no polling); with
+    the fallback wait made longer than the whole test may take, only those wake-ups finish it."""
+    from spotrain.agents.pipeline import trainer as trainer_module
+
+    install_codecs()
+    monkeypatch.setattr(trainer_module, "WAIT_FOR_PEER_SECONDS", 600.0)
+
+    async def scenario() -> None:
+        servers = await start_servers(per_stage=1)
+        trainer = await start_trainer(servers)
+        trainer.routes = RouteTable(RoutingPolicy(max_in_flight=1))  # one microbatch per peer at a time
+        trainer.max_in_flight = 4
+        try:
+            stats = await asyncio.wait_for(trainer.train(tiny_gpt_pipeline.task.batches(0, MICROBATCH), 8), 120)
+            assert stats.completed == 8 and stats.dropped == 0
+        finally:
+            await shutdown(servers, trainer)
+
+    asyncio.run(scenario())
