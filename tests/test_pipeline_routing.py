@@ -14,6 +14,7 @@ from spotrain.agents.pipeline.routing import (
     after_failure,
     choose_peer,
     expected_finish,
+    saturated,
 )
 
 POLICY = RoutingPolicy(max_in_flight=4, ban_seconds=1.0, max_ban_seconds=8.0)
@@ -126,3 +127,17 @@ def test_an_invalid_policy_is_refused():
         RoutingPolicy(ban_seconds=10.0, max_ban_seconds=1.0)
     with pytest.raises(ValueError):
         RoutingPolicy(report_seconds=-1.0)
+
+
+def test_a_stage_whose_live_peers_are_all_full_is_saturated_not_failing():
+    full, also_full = PeerLoad("a", 10.0, 4, in_flight=4), PeerLoad("b", 10.0, 5, in_flight=4)
+    banned = {"b": PeerHealth(failures=1, banned_until=5.0)}
+    assert saturated([full, also_full], {}, 0.0, POLICY)  # wait for a slot, however long
+    assert saturated([full, also_full], banned, 0.0, POLICY)  # the live one is full
+    assert not saturated([full, PeerLoad("b", 10.0, 0, in_flight=1)], {}, 0.0, POLICY)  # a slot is free
+    assert not saturated([PeerLoad("a", 10.0, 0)], {"a": PeerHealth(1, 5.0)}, 0.0, POLICY)  # all banned
+    assert not saturated([], {}, 0.0, POLICY)  # no peer at all: that is a failure to wait out
+    table = RouteTable(POLICY)
+    for _ in range(4):
+        table.sent(0, "a")
+    assert table.saturated(0, ["a"], 0.0) and not table.saturated(1, ["a"], 0.0)

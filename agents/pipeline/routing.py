@@ -80,6 +80,14 @@ def choose_peer(loads: Sequence[PeerLoad], health: Mapping[str, PeerHealth], now
     return min(usable, key=lambda load: (expected_finish(load, assumed), load.peer_id)).peer_id
 
 
+def saturated(loads: Sequence[PeerLoad], health: Mapping[str, PeerHealth], now: float,
+              policy: RoutingPolicy) -> bool:
+    """Some peer is not banned and every such peer holds `max_in_flight` of our calls: the stage is
+    busy, not failing (a call waits for a slot, however long; it gives up only when none is usable)."""
+    live = [load for load in loads if health.get(load.peer_id, PeerHealth()).banned_until <= now]
+    return bool(live) and all(load.in_flight >= policy.max_in_flight for load in live)
+
+
 def after_failure(health: PeerHealth, now: float, policy: RoutingPolicy) -> PeerHealth:
     ban = min(policy.ban_seconds * 2 ** health.failures, policy.max_ban_seconds)
     return PeerHealth(failures=health.failures + 1, banned_until=now + ban)
@@ -101,9 +109,15 @@ class RouteTable:
 
     def choose(self, stage: int, peers: Sequence[str], now: float, exclude: Collection[str] = (),
                prefer: str | None = None) -> str | None:
+        return choose_peer(*self._known(stage, peers, now), now, self.policy, exclude, prefer)
+
+    def saturated(self, stage: int, peers: Sequence[str], now: float) -> bool:
+        return saturated(*self._known(stage, peers, now), now, self.policy)
+
+    def _known(self, stage: int, peers: Sequence[str], now: float) -> tuple[list[PeerLoad], dict[str, PeerHealth]]:
         loads = [self.load(stage, peer, now) for peer in peers]
         health = {peer: known for peer in peers if (known := self.health.get((stage, peer))) is not None}
-        return choose_peer(loads, health, now, self.policy, exclude, prefer)
+        return loads, health
 
     def load(self, stage: int, peer: str, now: float) -> PeerLoad:
         known = self.reported.get((stage, peer), PeerLoad(peer, 0.0, 0))

@@ -159,7 +159,9 @@ class PipelineTrainer:
             choice = self.routes.choose(stage, list(peers), time.monotonic(),
                                         prefer=str(prefer) if prefer else None)
             if choice is None:
-                if time.monotonic() - waited_since > self.call_timeout:
+                if self.routes.saturated(stage, list(peers), time.monotonic()):
+                    waited_since = time.monotonic()  # the trainer's own lanes fill the stage: wait, do not drop
+                elif time.monotonic() - waited_since > self.call_timeout:
                     break
                 await self._wait_for_slot(stage)
                 continue
