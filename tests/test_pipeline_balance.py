@@ -239,3 +239,21 @@ def test_a_lost_serving_peer_brings_the_next_move_check_forward_and_nothing_else
     assert next_check_after_loss(periodic, now, {"a", "b"}, {"a", "b"}, 0.5) == periodic
     # a check already due sooner is not pushed back
     assert next_check_after_loss(now + 1, now, {"a", "b"}, {"a"}, 0.5) == now + 1
+
+
+def test_after_a_loss_a_peer_checks_at_every_refresh_for_one_period_then_periodically_again():
+    from spotrain.agents.pipeline.balance import LOSS_SETTLE_SECONDS, MoveChecks
+
+    checks = MoveChecks.from_now(20.0, 0.0, 0.5)  # first periodic check at 20 s
+    every = {"a", "b", "c"}
+    assert [checks.due(t, every, every, 0.5) for t in (2.0, 4.0, 18.0)] == [False, False, False]
+    assert checks.due(20.0, every, every, 0.5) and checks.next_check == 40.0  # periodic: the next scheduled
+    assert not checks.due(22.0, every, every, 0.5)
+    lost_at = 24.0  # "b" left the fresh records
+    assert not checks.due(lost_at, every, {"a", "c"}, 0.5)  # the survivors' speeds settle first
+    first = lost_at + LOSS_SETTLE_SECONDS
+    refreshes = [first + 2.0 * i for i in range(10)]  # one period of refreshes every 2 s
+    assert all(checks.due(t, {"a", "c"}, {"a", "c"}, 0.5) for t in refreshes)
+    after = first + 20.0
+    assert checks.due(after, {"a", "c"}, {"a", "c"}, 0.5)  # the eager window ended: one periodic check
+    assert not checks.due(after + 2.0, {"a", "c"}, {"a", "c"}, 0.5) and checks.next_check == after + 20.0

@@ -191,6 +191,39 @@ def next_check_after_loss(next_check: float, now: float, serving_before: Set[str
     return min(next_check, now + rebalance_delay(settle, jitter, draw))
 
 
+@dataclass
+class MoveChecks:
+    """When a stage peer looks for a move: every `period` (jittered), and after a serving peer
+    leaves the fresh records (killed, or draining on a notice) at every records refresh for one
+    period, from `next_check_after_loss` on. Peers read the records at different moments, and
+    with peers of about the same speed each reading may name another mover (`best_move` ranks
+    moves by predicted throughput, which moves with every refresh of a speed): with one check per
+    peer after a loss, a benchmark run moved nobody for 40 s. Checking at every refresh, the
+    named peer soon reads itself named; its `starting` record then takes the gain from any
+    second mover."""
+
+    period: float
+    jitter: float = 0.2
+    next_check: float = 0.0
+    eager_until: float = -math.inf
+
+    @classmethod
+    def from_now(cls, period: float, now: float, draw: float, jitter: float = 0.2) -> MoveChecks:
+        return cls(period, jitter, next_check=now + rebalance_delay(period, jitter, draw))
+
+    def due(self, now: float, serving_before: Set[str], serving_now: Set[str], draw: float) -> bool:
+        """Called at every records refresh: look for a move now? A periodic check schedules the next."""
+        if serving_before - serving_now:
+            self.next_check = next_check_after_loss(self.next_check, now, serving_before, serving_now, draw,
+                                                    jitter=self.jitter)
+            self.eager_until = self.next_check + self.period
+        if now < self.next_check:
+            return False
+        if now >= self.eager_until:
+            self.next_check = now + rebalance_delay(self.period, self.jitter, draw)
+        return True
+
+
 def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float,
                       domain: str = "") -> int:
     """A newcomer's stage (`stage_for_newcomer`, in its `domain`), counting the serving peers and the

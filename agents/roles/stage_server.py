@@ -17,7 +17,8 @@ While serving: the peer steps its optimizer once per its share of `target_batch_
 over the stage's serving peers, as data-parallel peers share a global batch); the record is
 refreshed every `PUBLISH_SECONDS`, and the share with it; an averaging thread averages the
 stage with its mates round after round and, every `every_epochs` rounds, writes a stage checkpoint
-if this peer holds the stage's duty; every `rebalance_seconds` (jittered) the peer runs
+if this peer holds the stage's duty; every `rebalance_seconds` (jittered), and at every refresh for
+a period after a serving peer is lost (`balance.MoveChecks`), the peer runs
 `balance.should_move` on the records and, when the move is its own, announces it (a `starting`
 record at the target, so that no second peer leaves the old stage meanwhile), downloads the
 target stage's parameters from that stage's peers, and only then serves the new stage (its
@@ -42,9 +43,8 @@ from typing import TYPE_CHECKING
 
 from spotrain.agents.log import log
 from spotrain.agents.pipeline.balance import (
+    MoveChecks,
     measured_stage_costs,
-    next_check_after_loss,
-    rebalance_delay,
     should_move,
     stage_for_joining,
 )
@@ -201,16 +201,14 @@ class StageServerRole:
         pipeline = self._started_context().config.pipeline
         seconds = pipeline.rebalance_seconds if pipeline is not None else 30.0
         rebalance = pipeline is None or pipeline.rebalance
-        next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
+        checks = MoveChecks.from_now(seconds, time.monotonic(), random.random(), REBALANCE_JITTER)
         serving_peers = self._serving_peers()
         while not stop.wait(PUBLISH_SECONDS):
             self._publish()
             serving_before, serving_peers = serving_peers, self._serving_peers()
-            next_check = next_check_after_loss(next_check, time.monotonic(), serving_before, serving_peers,
-                                               random.random())
-            if rebalance and time.monotonic() >= next_check and not stop.is_set():
+            due = checks.due(time.monotonic(), serving_before, serving_peers, random.random())
+            if rebalance and due and not stop.is_set():
                 self._maybe_move()
-                next_check = time.monotonic() + rebalance_delay(seconds, REBALANCE_JITTER, random.random())
         serving = self._started_stage()
         serving.server.drain()  # a plain flag: new microbatches are refused from now on
         serving.averager.allow_state_sharing = False  # newcomers download from the peers that stay
