@@ -78,7 +78,10 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
                 run["balanced"], run["trainer_quota_cores"] = _limit_trainer(swarm, args, stage_limited)
             else:
                 run["balanced"] = stage_limited
-            victims = sorted(r.instance_id for r in swarm.serving()[0])[: args.peers // 2]
+            serving = swarm.serving()
+            # a move during the calibration (noisy speeds) can leave 5/3: then the kill tests nothing
+            run["split_before_kill"] = {stage: len(records) for stage, records in sorted(serving.items())}
+            victims = sorted(r.instance_id for r in serving[0])[: args.peers // 2]
             for victim in victims:
                 swarm.kill(victim)
             killed_at = time.monotonic()
@@ -254,6 +257,9 @@ def _rebalance_figures(args: argparse.Namespace) -> dict[str, object]:
         "rebalance_seconds": args.period, "window_seconds": args.window, "cpu_shares": args.weight or 1024,
         "in_flight": args.in_flight,
         "runs": runs,
+        # the kill weakens a stage only from an even split: a run that moved a peer before it is void
+        "even_before_kill": [sorted(run["split_before_kill"].values()) == [args.peers] * 2  # type: ignore[attr-defined]
+                             for run in runs],
         "with_vs_balanced": with_["after_kill"] / with_["balanced"],
         "with_later_vs_balanced": with_["later"] / with_["balanced"],
         "without_vs_balanced": without["after_kill"] / without["balanced"],
