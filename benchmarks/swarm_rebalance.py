@@ -14,14 +14,19 @@ headroom to restore. The benchmark builds that case: it measures the stage-limit
 (trainer unlimited) and the trainer's CPU seconds per sample, then limits the trainer's quota so
 that it drives `--trainer-share` of that throughput (default 0.63: half a stage allows
 0.5/0.63 = 0.79 of it, and after one peer moves the weakened stage allows 0.75/0.63 = 1.19);
-the trainer's fixed CPU does not scale with its quota, so the quota is corrected by the share a
-window reached, halfway, up to two times (`trainer_quota_cores` lists the quotas tried).
-`--trainer-share 0` leaves the trainer unlimited (stage-limited; best possible 0.75).
+the trainer's fixed CPU does not scale with its quota, so the quota is corrected up to two times
+from the windows it drove (`trainer_quota_cores` lists the quotas tried). `--trainer-share 0`
+leaves the trainer unlimited (stage-limited; best possible 0.75). A stage peer's fixed CPU (its
+DHT process and p2pd, about half of a 0.1-core quota) does not scale either, so fewer peers of a
+stage serve less than their count predicts: the headroom is smaller than 1.19 in practice.
 
 Phases: stage-limited calibration; balanced (trainer-limited); half of stage 0's peers killed
 without notice, measured two rebalance periods later and once more a window after, in a run where
 stage peers rebalance and in the same run repeated with rebalancing off. Each window also records
-every peer's CPU (cores used, share of quota periods throttled): the quota binds when a busy
+every peer's CPU (cores used, in all and by process, share of quota periods throttled) and
+the microbatch calls each stage peer answered; the trainer's samples are read every 5 s after the
+kill, and `even_before_kill` says whether the split was still even (a run that moved a peer during
+the calibration is void). The quota binds when a busy
 stage's peers are throttled, which a machine shared with other work can prevent (hence a heavy
 cpu.shares, `--weight`). The trainer keeps `--in-flight` 32 microbatches in flight so that queues
 form at the peers and throughput measures the stages, not one microbatch's latency.

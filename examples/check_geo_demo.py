@@ -4,12 +4,11 @@ is left; exits 1 on a miss. Run as root, after `spotrain launch examples/local-g
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from spotrain.home import existing_cluster, home, ledger_path
 from spotrain.ledger import Ledger
-from spotrain.providers.geo_network import namespaces
 from spotrain.providers.local import LocalProvider
+from spotrain.providers.local_leftovers import leftover_checks
 from spotrain.spec_file import stored_spec
 
 
@@ -22,7 +21,6 @@ name = existing_cluster(None)
 ledger = Ledger.open_existing(ledger_path(name))
 spec = stored_spec(ledger.current_run().spec)
 provider = LocalProvider(spec.providers.local, home() / "local-cloud")
-cloud = provider.cloud(name).plan.cloud
 locations = {row["location"] for row in report["spend_by_location"]}
 checks = [
     (f"VMs in both regions ({', '.join(sorted(locations))})", len(locations) == 2),
@@ -36,15 +34,7 @@ checks = [
      report["spent_usd"] <= report["budget_usd"]),
 ]
 down = cli("down", name)
-left_namespaces = [n for n in namespaces() if n.startswith(cloud)]
-left_groups = [str(p) for p in Path("/sys/fs/cgroup").rglob(f"{cloud}*")]
-running = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]
-checks += [
-    ("`spotrain down` succeeded", down.returncode == 0),
-    (f"no namespace left ({', '.join(left_namespaces) or 'none'})", not left_namespaces),
-    (f"no cgroup left ({', '.join(left_groups) or 'none'})", not left_groups),
-    (f"no instance running ({', '.join(running) or 'none'})", not running),
-]
+checks += [("`spotrain down` succeeded", down.returncode == 0), *leftover_checks(provider, name, home())]
 for text, ok in checks:
     print(f"{'ok  ' if ok else 'MISS'} {text}")
 if down.returncode != 0:

@@ -10,54 +10,23 @@ agents' logs, the kernel's namespace list, the cgroup tree and /proc.
 """
 
 import json
-import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from spotrain.home import existing_cluster, home, ledger_path
 from spotrain.ledger import Ledger
 from spotrain.providers.geo_buckets import EMULATED_CREDENTIALS
-from spotrain.providers.geo_network import entered, namespaces
+from spotrain.providers.geo_network import entered
 from spotrain.providers.local import LocalProvider
+from spotrain.providers.local_leftovers import leftover_checks
 from spotrain.spec_file import stored_spec
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "spotrain", *args], capture_output=True, text=True, check=False)
-
-
-def ancestors() -> set[int]:
-    """This process and those above it (they carry SPOTRAIN_HOME too, and are not the demo's)."""
-    pids, pid = set(), os.getpid()
-    while pid > 1:
-        pids.add(pid)
-        try:
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return pids
-
-
-def processes_of(path: Path) -> list[str]:
-    """Live processes that run in, name or carry `path` in their environment (VMs, agents, p2pd)."""
-    found, mine = [], ancestors()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) in mine:
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            environ = (proc / "environ").read_bytes()
-            cwd = os.readlink(proc / "cwd")
-            zombie = (proc / "stat").read_text().rsplit(")", 1)[-1].split()[0] == "Z"
-        except OSError:
-            continue
-        if not zombie and (str(path) in cmdline or str(path).encode() in environ or cwd.startswith(str(path))):
-            found.append(f"{proc.name}: {cmdline[:120]}")
-    return found
 
 
 def stage_checkpoints(store_url: str, namespace: str) -> set[int]:
@@ -94,7 +63,6 @@ def main() -> int:
     ledger = Ledger.open_existing(ledger_path(name))
     spec = stored_spec(ledger.current_run().spec)
     provider = LocalProvider(spec.providers.local, home() / "local-cloud")
-    cloud = provider.cloud(name).plan.cloud
     regions = {f"local:{region}" for region in spec.providers.local.regions}
     in_buckets = checkpoints_in_buckets(home(), name)
     wanted = spec.training.pipeline.stages
@@ -135,22 +103,7 @@ def main() -> int:
          report["spent_usd"] <= report["budget_usd"]),
     ]
     down = cli("down", name)
-    left_namespaces = [n for n in namespaces() if n.startswith(cloud)]
-    left_groups = [str(p) for p in Path("/sys/fs/cgroup").rglob(f"{cloud}*")]
-    running = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]
-    left_processes = processes_of(home())
-    for _ in range(30):  # a VM's last processes may take a moment after `down` answered
-        if not left_processes:
-            break
-        time.sleep(1.0)
-        left_processes = processes_of(home())
-    checks += [
-        ("`spotrain down` succeeded", down.returncode == 0),
-        (f"no namespace left ({', '.join(left_namespaces) or 'none'})", not left_namespaces),
-        (f"no cgroup left ({', '.join(left_groups) or 'none'})", not left_groups),
-        (f"no instance running ({', '.join(running) or 'none'})", not running),
-        (f"no process left ({'; '.join(left_processes) or 'none'})", not left_processes),
-    ]
+    checks += [("`spotrain down` succeeded", down.returncode == 0), *leftover_checks(provider, name, home())]
     for text, ok in checks:
         print(f"{'ok  ' if ok else 'MISS'} {text}")
     if down.returncode != 0:

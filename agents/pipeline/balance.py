@@ -211,10 +211,12 @@ class MoveChecks:
     def from_now(cls, period: float, now: float, draw: float, jitter: float = 0.2) -> MoveChecks:
         return cls(period, jitter, next_check=now + rebalance_delay(period, jitter, draw))
 
-    def due(self, now: float, serving_before: Set[str], serving_now: Set[str], draw: float) -> bool:
-        """Called at every records refresh: look for a move now? A periodic check schedules the next."""
-        if serving_before - serving_now:
-            self.next_check = next_check_after_loss(self.next_check, now, serving_before, serving_now, draw,
+    def due(self, now: float, serving_before: Set[str], present_now: Set[str], draw: float) -> bool:
+        """Called at every records refresh: look for a move now? A periodic check schedules the next.
+        `present_now`: the peers with a fresh record, not draining (one that announced a move is
+        not lost)."""
+        if serving_before - present_now:
+            self.next_check = next_check_after_loss(self.next_check, now, serving_before, present_now, draw,
                                                     jitter=self.jitter)
             self.eager_until = self.next_check + self.period
         if now < self.next_check:

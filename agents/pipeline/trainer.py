@@ -46,8 +46,8 @@ logger = logging.getLogger("spotrain.agents.pipeline")
 CALL_ERRORS = (asyncio.TimeoutError, P2PDaemonError, P2PHandlerError, StageUnavailable, ConnectionError,
                NotAdmitted)
 # a call that finds every peer of its stage full or banned waits until a call to that stage returns, or
-# this long (a ban may end, a peer may join): polling every 50 ms instead cost a trainer limited to
-# 0.057 core about 15% of its throughput once the lanes outnumbered the peers' slots
+# this long (a ban may end, a peer may join); it polled every 50 ms before, waking each waiting lane 20
+# times a second on a trainer that may have a few hundredths of a core
 WAIT_FOR_PEER_SECONDS = 0.25
 NO_PEER_WAIT_SECONDS = 0.5  # poll interval of an idle lane while a stage has no peer
 

@@ -205,8 +205,11 @@ class StageServerRole:
         serving_peers = self._serving_peers()
         while not stop.wait(PUBLISH_SECONDS):
             self._publish()
+            # lost: gone from the fresh records, or draining; a peer that announced a move (`starting` at
+            # its target) is not lost (counted so, every move set all peers checking, and noisy speeds
+            # then drew a second and a third move in a balanced fleet)
             serving_before, serving_peers = serving_peers, self._serving_peers()
-            due = checks.due(time.monotonic(), serving_before, serving_peers, random.random())
+            due = checks.due(time.monotonic(), serving_before, self._present_peers(), random.random())
             if rebalance and due and not stop.is_set():
                 self._maybe_move()
         serving = self._started_stage()
@@ -369,6 +372,10 @@ class StageServerRole:
     def _serving_peers(self) -> set[str]:
         """The peers whose fresh records say they serve (as of the last `_publish`)."""
         return {r.peer_id for r in self._records if r.state == AgentState.TRAINING}
+
+    def _present_peers(self) -> set[str]:
+        """The peers whose fresh records say they serve or are starting (joining, or moving)."""
+        return {r.peer_id for r in self._records if r.state != AgentState.DRAINING}
 
     def _step_samples(self, stage: int, *, joining: int) -> int:
         """This peer's share of the target batch among its stage's serving peers (and itself when joining)."""
