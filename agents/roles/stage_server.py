@@ -230,12 +230,18 @@ class StageServerRole:
         estimate = serving.server.record("", 0.0).samples_per_second * costs[move.source] / costs[move.target]
         log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
             f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
-        self._announce_move(move.target, estimate)
+        announced = threading.Event()  # set when the move is done or given up
+        announcing = threading.Thread(target=self._keep_announcing, args=(move.target, estimate, announced),
+                                      name="move-announcement", daemon=True)
+        announcing.start()
         try:
             entered = self._enter(move.target, estimate, moving=True)
         except Exception as error:  # a move that fails leaves the peer serving its stage
             log(f"stage {move.target}: could not be entered ({type(error).__name__}: {error}): not moving")
             entered = None
+        finally:
+            announced.set()
+            announcing.join(timeout=PUBLISH_SECONDS + 5)
         if entered is None:
             self._publish()  # serving the old stage after all
             return
@@ -277,6 +283,14 @@ class StageServerRole:
             entered.checkpoints.close(0.0)
         except Exception as error:  # noqa: BLE001 - the old stage serves on regardless
             log(f"stage {entered.server.stage}: not abandoned cleanly ({type(error).__name__}: {error})")
+
+    def _keep_announcing(self, target: int, estimate: float, done: threading.Event) -> None:
+        """The `starting` record at the target, refreshed every `PUBLISH_SECONDS` while the move builds
+        the stage and downloads it: a move takes longer than a record stays fresh (10 s), and a
+        lapsed announcement let a second peer move to the same stage (then back) in one run."""
+        self._announce_move(target, estimate)
+        while not done.wait(PUBLISH_SECONDS):
+            self._announce_move(target, estimate)
 
     def _announce_move(self, target: int, estimate: float) -> None:
         """Before the download: a `starting` record at the target, so that every peer's next check
