@@ -184,8 +184,7 @@ def next_check_after_loss(next_check: float, now: float, serving_before: Set[str
     """When to look for a move next: a serving peer gone from the fresh records since the last
     look (killed, draining on a notice) brings the check forward to `settle` seconds (jittered),
     so the pipeline does not wait up to a whole period to refill the stage it lost; otherwise the
-    periodic check stands. Every peer reads the same records and `best_move` names one mover,
-    so peers checking at about the same time still move one peer."""
+    periodic check stands. (One such check per peer may move nobody: `MoveChecks` repeats it.)"""
     if not serving_before - serving_now:
         return next_check
     return min(next_check, now + rebalance_delay(settle, jitter, draw))

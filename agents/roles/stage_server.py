@@ -209,8 +209,8 @@ class StageServerRole:
             # its target) is not lost (counted so, every move set all peers checking, and noisy speeds
             # then drew a second and a third move in a balanced fleet)
             serving_before, serving_peers = serving_peers, self._serving_peers()
-            due = checks.due(time.monotonic(), serving_before, self._present_peers(), random.random())
-            if rebalance and due and not stop.is_set():
+            if (rebalance and checks.due(time.monotonic(), serving_before, self._present_peers(), random.random())
+                    and not stop.is_set()):
                 self._maybe_move()
         serving = self._started_stage()
         serving.server.drain()  # a plain flag: new microbatches are refused from now on
@@ -222,11 +222,10 @@ class StageServerRole:
     def _maybe_move(self) -> None:
         serving, task = self._started_stage(), self._started_task()
         records = self._records
-        move = should_move(records, task.num_stages, str(serving.server.p2p.peer_id),
-                           stage_costs=measured_stage_costs(records, task.num_stages))
+        costs = measured_stage_costs(records, task.num_stages)
+        move = should_move(records, task.num_stages, str(serving.server.p2p.peer_id), stage_costs=costs)
         if move is None:
             return
-        costs = measured_stage_costs(records, task.num_stages)
         estimate = serving.server.record("", 0.0).samples_per_second * costs[move.source] / costs[move.target]
         log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
             f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
