@@ -8,7 +8,7 @@ import sys
 from spotrain.home import existing_cluster, home, ledger_path
 from spotrain.ledger import Ledger
 from spotrain.providers.local import LocalProvider
-from spotrain.providers.local_leftovers import leftover_checks
+from spotrain.providers.local_leftovers import down_and_report
 from spotrain.spec_file import stored_spec
 
 
@@ -33,10 +33,4 @@ checks = [
     (f"spent within budget (${report['spent_usd']:.4f} <= ${report['budget_usd']:.2f})",
      report["spent_usd"] <= report["budget_usd"]),
 ]
-down = cli("down", name)
-checks += [("`spotrain down` succeeded", down.returncode == 0), *leftover_checks(provider, name, home())]
-for text, ok in checks:
-    print(f"{'ok  ' if ok else 'MISS'} {text}")
-if down.returncode != 0:
-    print(down.stdout + down.stderr)
-sys.exit(0 if all(ok for _, ok in checks) else 1)
+sys.exit(down_and_report(checks, provider, name, home()))

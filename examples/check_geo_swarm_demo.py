@@ -21,7 +21,7 @@ from spotrain.ledger import Ledger
 from spotrain.providers.geo_buckets import EMULATED_CREDENTIALS
 from spotrain.providers.geo_network import entered
 from spotrain.providers.local import LocalProvider
-from spotrain.providers.local_leftovers import leftover_checks
+from spotrain.providers.local_leftovers import down_and_report
 from spotrain.spec_file import stored_spec
 
 
@@ -102,13 +102,7 @@ def main() -> int:
         (f"spent within budget (${report['spent_usd']:.4f} <= ${report['budget_usd']:.2f})",
          report["spent_usd"] <= report["budget_usd"]),
     ]
-    down = cli("down", name)
-    checks += [("`spotrain down` succeeded", down.returncode == 0), *leftover_checks(provider, name, home())]
-    for text, ok in checks:
-        print(f"{'ok  ' if ok else 'MISS'} {text}")
-    if down.returncode != 0:
-        print(down.stdout + down.stderr)
-    return 0 if all(ok for _, ok in checks) else 1
+    return down_and_report(checks, provider, name, home())
 
 
 if __name__ == "__main__":

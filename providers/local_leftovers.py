@@ -1,10 +1,13 @@
 """What an emulated local cloud left behind after `spotrain down`: its network namespaces and
 cgroups, instances still running, and live processes of the spotrain home (VM supervisors,
-agents, their hivemind children, p2pd). The demos' checks read it; a clean `down` leaves none."""
+agents, their hivemind children, p2pd). The demos' checks end with `down_and_report`: `down`, then
+what it left; a clean `down` leaves none."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +32,19 @@ def leftover_checks(provider: LocalProvider, name: str, home: Path) -> list[tupl
         (f"no instance running ({', '.join(running) or 'none'})", not running),
         (f"no process left ({'; '.join(left_processes) or 'none'})", not left_processes),
     ]
+
+
+def down_and_report(checks: list[tuple[str, bool]], provider: LocalProvider, name: str, home: Path) -> int:
+    """`spotrain down` cluster `name`, then print `checks` with the down's and the leftover checks
+    after them ("ok" or "MISS" each); the demo check's exit code: 0 when every check passed."""
+    down = subprocess.run([sys.executable, "-m", "spotrain", "down", name], capture_output=True, text=True,
+                          check=False)
+    checks = [*checks, ("`spotrain down` succeeded", down.returncode == 0), *leftover_checks(provider, name, home)]
+    for text, ok in checks:
+        print(f"{'ok  ' if ok else 'MISS'} {text}")
+    if down.returncode != 0:
+        print(down.stdout + down.stderr)
+    return 0 if all(ok for _, ok in checks) else 1
 
 
 def settled(read: Callable[[], list[str]], seconds: float) -> list[str]:

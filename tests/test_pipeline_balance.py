@@ -257,3 +257,21 @@ def test_after_a_loss_a_peer_checks_at_every_refresh_for_one_period_then_periodi
     after = first + 20.0
     assert checks.due(after, {"a", "c"}, {"a", "c"}, 0.5)  # the eager window ended: one periodic check
     assert not checks.due(after + 2.0, {"a", "c"}, {"a", "c"}, 0.5) and checks.next_check == after + 20.0
+
+
+def test_a_peer_that_moved_stays_for_some_periods_unless_a_peer_is_lost():
+    from spotrain.agents.pipeline.balance import MOVE_HOLD_PERIODS, MoveChecks, may_move_again
+
+    period, moved_at = 20.0, 100.0
+    hold_ends = moved_at + MOVE_HOLD_PERIODS * period
+    assert may_move_again(None, 0.0, period, after_loss=False)  # never moved
+    assert not may_move_again(moved_at, moved_at + 66.0, period, after_loss=False)  # noisy speeds turned
+    assert may_move_again(moved_at, hold_ends, period, after_loss=False)
+    assert may_move_again(moved_at, moved_at + 1.0, period, after_loss=True)  # refilling a stage comes first
+
+    checks = MoveChecks.from_now(period, 0.0, 0.5)
+    every = {"a", "b", "c"}
+    assert not checks.after_loss(10.0)
+    checks.due(10.0, every, {"a", "c"}, 0.5)  # "b" lost: eager checks for a period from a few seconds on
+    assert checks.after_loss(10.0) and checks.after_loss(checks.next_check + period - 0.1)
+    assert not checks.after_loss(checks.next_check + period)

@@ -41,7 +41,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 def test_a_stage_peer_measures_forward_and_backward_together():
-    meter = ThroughputMeter(alpha=0.5)
+    meter = ThroughputMeter(alpha=0.5, warmup=0, measured_after=1)
     meter.add(StageOp.FORWARD, samples=10, seconds=1.0)
     assert meter.samples_per_second(tail=False) == 0.0  # no backward measured yet
     meter.add(StageOp.BACKWARD, samples=10, seconds=3.0)
@@ -49,6 +49,15 @@ def test_a_stage_peer_measures_forward_and_backward_together():
     meter.add(StageOp.FORWARD, samples=10, seconds=3.0)  # the average moves halfway to 0.3
     assert meter.samples_per_second(tail=False) == pytest.approx(2.0)
     assert meter.samples_per_second(tail=True) == 0.0
+
+
+def test_a_stage_peer_skips_its_first_call_and_publishes_a_speed_only_after_a_few():
+    meter = ThroughputMeter(alpha=0.5, warmup=1, measured_after=2)
+    meter.add(StageOp.TAIL, samples=4, seconds=40.0)  # the first call: building what later calls reuse
+    meter.add(StageOp.TAIL, samples=4, seconds=1.0)
+    assert meter.samples_per_second(tail=True) == 0.0  # one counted call is not a measurement
+    meter.add(StageOp.TAIL, samples=4, seconds=1.0)
+    assert meter.samples_per_second(tail=True) == pytest.approx(4.0)  # the first call left no trace
 
 
 def test_replies_carry_the_load_and_a_malformed_one_is_refused():

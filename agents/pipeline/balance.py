@@ -224,6 +224,22 @@ class MoveChecks:
             self.next_check = now + rebalance_delay(self.period, self.jitter, draw)
         return True
 
+    def after_loss(self, now: float) -> bool:
+        """Within the period of eager checks that a lost serving peer began."""
+        return now < self.eager_until
+
+
+# a peer that moved stays this many periods on its new stage unless a peer is lost meanwhile: speeds
+# measured under load swing with the load (a stage short of peers reads slower, then faster once
+# filled), and a benchmark run's mover moved back 66 s (3.3 periods) after a move on such speeds
+MOVE_HOLD_PERIODS = 5
+
+
+def may_move_again(moved_at: float | None, now: float, period: float, *, after_loss: bool) -> bool:
+    """Whether a peer that last moved at `moved_at` (None: never) may move now: at once after a
+    loss (refilling a stage comes first), otherwise once `MOVE_HOLD_PERIODS` periods have passed."""
+    return after_loss or moved_at is None or now - moved_at >= MOVE_HOLD_PERIODS * period
+
 
 def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float,
                       domain: str = "") -> int:

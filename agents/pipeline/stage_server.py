@@ -50,12 +50,24 @@ Job = Callable[[list[torch.Tensor], Version | None], tuple[list[torch.Tensor], f
 
 @dataclass
 class ThroughputMeter:
-    """Seconds per sample of each operation, each a moving average weighted `alpha` on the newest."""
+    """Seconds per sample of each operation, each a moving average weighted `alpha` on the newest.
+
+    The first `warmup` calls of an operation are not counted (a stage's first call builds what later
+    calls reuse: the 2-stage tiny GPT's first head forward took 5.1 ms, the next ones 1.3), and an
+    operation counts as measured only after `measured_after` counted calls: the balancer acts on
+    the published speeds, and a balanced fleet moved a peer on speeds read as its trainer started
+    (docs/architecture.md, rebalancing run 7)."""
 
     alpha: float = 0.2
+    warmup: int = 1
+    measured_after: int = 3
     seconds_per_sample: dict[StageOp, float] = field(default_factory=dict)
+    calls: dict[StageOp, int] = field(default_factory=dict)
 
     def add(self, op: StageOp, samples: int, seconds: float) -> None:
+        calls = self.calls[op] = self.calls.get(op, 0) + 1
+        if calls <= self.warmup:
+            return
         value = seconds / max(samples, 1)
         old = self.seconds_per_sample.get(op)
         self.seconds_per_sample[op] = value if old is None else old + self.alpha * (value - old)
@@ -63,7 +75,7 @@ class ThroughputMeter:
     def samples_per_second(self, tail: bool) -> float:
         """Samples through forward and backward per second; 0 until both were measured."""
         ops = (StageOp.TAIL,) if tail else (StageOp.FORWARD, StageOp.BACKWARD)
-        if any(op not in self.seconds_per_sample for op in ops):
+        if any(self.calls.get(op, 0) < self.warmup + self.measured_after for op in ops):
             return 0.0
         return 1.0 / max(sum(self.seconds_per_sample[op] for op in ops), 1e-9)
 

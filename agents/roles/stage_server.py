@@ -25,7 +25,8 @@ target stage's parameters from that stage's peers, and only then serves the new 
 record published at once) and stops serving its old one (finishing the microbatches it holds).
 A move that fails on the way (no download, the new stage not built or not started) leaves the
 peer serving its old stage; once the new stage serves, whatever happens to the old one, the
-peer serves the new one.
+peer serves the new one. A peer that moved does not move again for `balance.MOVE_HOLD_PERIODS`
+periods unless a serving peer is lost meanwhile (`balance.may_move_again`).
 
 On a drain it refuses new microbatches at once (trainers retry on the stage's other peers),
 publishes `draining` (the stage's next peer takes the checkpoint duty from that record), finishes
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING
 from spotrain.agents.log import log
 from spotrain.agents.pipeline.balance import (
     MoveChecks,
+    may_move_again,
     measured_stage_costs,
     should_move,
     stage_for_joining,
@@ -110,6 +112,7 @@ class StageServerRole:
         self._moving = threading.Event()  # a move waits for the switch lock: averaging rounds give way
         self._averaging: threading.Thread | None = None
         self.moves = 0
+        self._moved_at: float | None = None  # monotonic time of the last move (`may_move_again`)
         self._served_before = 0  # microbatch calls answered on the stages this peer left
 
     def start(self, context: RoleContext) -> None:
@@ -209,9 +212,10 @@ class StageServerRole:
             # its target) is not lost (counted so, every move set all peers checking, and noisy speeds
             # then drew a second and a third move in a balanced fleet)
             serving_before, serving_peers = serving_peers, self._serving_peers()
-            if (rebalance and checks.due(time.monotonic(), serving_before, self._present_peers(), random.random())
-                    and not stop.is_set()):
-                self._maybe_move()
+            now = time.monotonic()
+            if rebalance and checks.due(now, serving_before, self._present_peers(), random.random()) \
+                    and not stop.is_set():
+                self._maybe_move(seconds, after_loss=checks.after_loss(now))
         serving = self._started_stage()
         serving.server.drain()  # a plain flag: new microbatches are refused from now on
         serving.averager.allow_state_sharing = False  # newcomers download from the peers that stay
@@ -219,13 +223,17 @@ class StageServerRole:
         self._started_loop().run(serving.server.stop())  # finishes the microbatches in flight
         log(f"stage {serving.server.stage}: drained after {serving.server.served} microbatch calls")
 
-    def _maybe_move(self) -> None:
+    def _maybe_move(self, period: float, *, after_loss: bool) -> None:
         serving, task = self._started_stage(), self._started_task()
         records = self._records
         costs = measured_stage_costs(records, task.num_stages)
         move = should_move(records, task.num_stages, str(serving.server.p2p.peer_id), stage_costs=costs)
         if move is None:
             return
+        if not may_move_again(self._moved_at, time.monotonic(), period, after_loss=after_loss):
+            log(f"not moving to stage {move.target} yet: moved {time.monotonic() - (self._moved_at or 0):.0f} s "
+                f"ago, no peer lost since (predicted {move.throughput_before:.2f} -> {move.throughput_after:.2f})")
+            return  # best_move names this peer, so the others do not move either
         estimate = serving.server.record("", 0.0).samples_per_second * costs[move.source] / costs[move.target]
         log(f"moving from stage {move.source} to {move.target}: predicted pipeline "
             f"{move.throughput_before:.2f} -> {move.throughput_after:.2f} samples/s")
@@ -266,6 +274,7 @@ class StageServerRole:
         write = self._on_duty(old)  # by the records before this peer's record names the new stage
         self._stage = entered
         self.moves += 1
+        self._moved_at = time.monotonic()
         self._publish()
         log(f"now serving stage {entered.server.stage} (move {self.moves})")
         try:
