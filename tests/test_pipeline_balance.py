@@ -275,3 +275,18 @@ def test_a_peer_that_moved_stays_for_some_periods_unless_a_peer_is_lost():
     checks.due(10.0, every, {"a", "c"}, 0.5)  # "b" lost: eager checks for a period from a few seconds on
     assert checks.after_loss(10.0) and checks.after_loss(checks.next_check + period - 0.1)
     assert not checks.after_loss(checks.next_check + period)
+
+
+def test_of_two_peers_announcing_a_move_to_one_stage_at_once_the_lower_peer_id_goes():
+    from spotrain.agents.pipeline.balance import concurrent_movers
+
+    decided_on = [record(0, "a", 10.0), record(0, "joiner", 0.0, AgentState.STARTING),
+                  record(1, "p", 10.0), record(1, "q", 10.0), record(1, "r", 10.0)]
+    # read a refresh after "q" and "r" both announced a move to stage 0 (and "p" one to stage 2)
+    now = [record(0, "a", 10.0), record(0, "joiner", 0.0, AgentState.STARTING), record(1, "s", 10.0),
+           record(2, "p", 10.0, AgentState.STARTING), record(0, "q", 10.0, AgentState.STARTING),
+           record(0, "r", 10.0, AgentState.STARTING)]
+    assert concurrent_movers(decided_on, now, "q", 0) == []  # "q" goes
+    assert concurrent_movers(decided_on, now, "r", 0) == ["q"]  # "r" stays
+    # a `starting` record the move was decided on ("joiner") was counted already; another stage's is no rival
+    assert concurrent_movers(decided_on, now, "z", 0) == ["q", "r"]

@@ -241,6 +241,22 @@ def may_move_again(moved_at: float | None, now: float, period: float, *, after_l
     return after_loss or moved_at is None or now - moved_at >= MOVE_HOLD_PERIODS * period
 
 
+def concurrent_movers(decided_on: Sequence[StageRecord], now: Sequence[StageRecord], peer_id: str,
+                      target: int) -> list[str]:
+    """The peers that go before `peer_id`'s move to `target`: `starting` there in the records read
+    after its announcement (`now`), not in those its move was decided on, and with a lower peer id.
+
+    Peers that check at every refresh after a loss can each read records in which neither has
+    announced yet and both name themselves (a benchmark run moved two peers at the same second,
+    leaving 4/2 instead of 3/3). Each waits a refresh after announcing and reads again: of
+    announcements made meanwhile to the same stage, the lowest peer id moves and the others stay;
+    whether a second move is still wanted is for the next check, with the first one counted."""
+    known = {record.peer_id for record in decided_on if record.state == AgentState.STARTING}
+    return sorted(record.peer_id for record in now
+                  if record.state == AgentState.STARTING and record.stage == target and record.peer_id != peer_id
+                  and record.peer_id not in known and record.peer_id < peer_id)
+
+
 def stage_for_joining(records: Sequence[StageRecord], num_stages: int, peer_id: str, joined_at: float,
                       domain: str = "") -> int:
     """A newcomer's stage (`stage_for_newcomer`, in its `domain`), counting the serving peers and the

@@ -20,7 +20,9 @@ stage with its mates round after round and, every `every_epochs` rounds, writes 
 if this peer holds the stage's duty; every `rebalance_seconds` (jittered), and at every refresh for
 a period after a serving peer is lost (`balance.MoveChecks`), the peer runs
 `balance.should_move` on the records and, when the move is its own, announces it (a `starting`
-record at the target, so that no second peer leaves the old stage meanwhile), downloads the
+record at the target, so that no second peer leaves the old stage meanwhile), reads the records
+again a refresh later and stays if a peer that goes first announced a move to the same stage
+meanwhile (`balance.concurrent_movers`), downloads the
 target stage's parameters from that stage's peers, and only then serves the new stage (its
 record published at once) and stops serving its old one (finishing the microbatches it holds).
 A move that fails on the way (no download, the new stage not built or not started) leaves the
@@ -44,7 +46,9 @@ from typing import TYPE_CHECKING
 
 from spotrain.agents.log import log
 from spotrain.agents.pipeline.balance import (
+    Move,
     MoveChecks,
+    concurrent_movers,
     may_move_again,
     measured_stage_costs,
     should_move,
@@ -242,7 +246,7 @@ class StageServerRole:
                                       name="move-announcement", daemon=True)
         announcing.start()
         try:
-            entered = self._enter(move.target, estimate, moving=True)
+            entered = self._enter(move.target, estimate, moving=True) if self._claim(move, records) else None
         except Exception as error:  # a move that fails leaves the peer serving its stage
             log(f"stage {move.target}: could not be entered ({type(error).__name__}: {error}): not moving")
             entered = None
@@ -291,6 +295,23 @@ class StageServerRole:
             entered.checkpoints.close(0.0)
         except Exception as error:  # noqa: BLE001 - the old stage serves on regardless
             log(f"stage {entered.server.stage}: not abandoned cleanly ({type(error).__name__}: {error})")
+
+    def _claim(self, move: Move, decided_on: list[StageRecord]) -> bool:
+        """After announcing `move`: a refresh later, read the records again; False (stay) when a peer
+        that goes first announced a move to the same stage meanwhile (`balance.concurrent_movers`)."""
+        context = self._started_context()
+        time.sleep(PUBLISH_SECONDS)  # the other announcements made by now have reached the DHT
+        try:
+            records = latest_records(read_stage_records(context.dht, context.config.cluster), time.time(),
+                                     ttl=FRESH_SECONDS)
+        except Exception as error:  # a DHT hiccup: the move goes on, as it did before this check
+            log(f"records not read again before moving: {type(error).__name__}: {error}")
+            return True
+        first = concurrent_movers(decided_on, records, str(self._started_stage().server.p2p.peer_id), move.target)
+        if first:
+            log(f"not moving to stage {move.target}: {len(first)} other peer(s) announced a move there at the "
+                f"same time and go first ({', '.join(peer[-8:] for peer in first)})")
+        return not first
 
     def _keep_announcing(self, target: int, estimate: float, done: threading.Event) -> None:
         """The `starting` record at the target, refreshed every `PUBLISH_SECONDS` while the move builds
