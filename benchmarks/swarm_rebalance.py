@@ -16,9 +16,10 @@ that it drives `--trainer-share` of that throughput (default 0.63: half a stage 
 0.5/0.63 = 0.79 of it, and after one peer moves the weakened stage allows 0.75/0.63 = 1.19);
 the trainer's fixed CPU does not scale with its quota, so the quota is corrected up to two times
 from the windows it drove (`trainer_quota_cores` lists the quotas tried). `--trainer-share 0`
-leaves the trainer unlimited (stage-limited; best possible 0.75). A stage peer's fixed CPU (its
-DHT process and p2pd, about half of a 0.1-core quota) does not scale either, so fewer peers of a
-stage serve less than their count predicts: the headroom is smaller than 1.19 in practice.
+leaves the trainer unlimited (stage-limited; best possible 0.75). A stage peer spends about half
+of a 0.1-core quota on its DHT process and p2pd, and the trainer's quota binds in every window
+after the calibration, so the windows after the kill measure trainer and stages together: the
+headroom in practice is smaller and noisier than the nominal 1.19.
 
 Phases: stage-limited calibration; balanced (trainer-limited); half of stage 0's peers killed
 without notice, measured two rebalance periods later and once more a window after, in a run where
