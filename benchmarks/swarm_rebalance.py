@@ -49,9 +49,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from swarm_cluster import LocalSwarm  # noqa: E402
 
-from spotrain.contracts.stage_records import StageRecord  # noqa: E402
-from spotrain.contracts.states import AgentState  # noqa: E402
-
 TASK = "spotrain.examples.tiny_gpt_pipeline:task_2stage"
 TRAINER = "trainer"
 # stage peers' CFS period: short, so a peer idle for a while cannot run a microbatch at full speed on
@@ -87,7 +84,7 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
                 run["balanced"], run["trainer_quota_cores"] = _limit_trainer(swarm, args, stage_limited)
             else:
                 run["balanced"] = stage_limited
-            serving = _serving_over_reads(swarm)
+            serving = swarm.serving(reads=3)  # one read missed records now and then
             # a move during the calibration (noisy speeds) can leave 5/3: then the kill tests nothing
             run["split_before_kill"] = {stage: len(records) for stage, records in sorted(serving.items())}
             victims = sorted(r.instance_id for r in serving[0])[: args.peers // 2]
@@ -185,24 +182,6 @@ def _next_quota(points: list[tuple[float, float]], target: float, cores: float) 
         if slope > 0 and 0.4 * cores <= solved <= 2 * cores:
             return max(solved, 0.01)
     return max(cores * (target / max(rate_b, 1e-3)) ** 0.5, 0.01)
-
-
-def _serving_over_reads(swarm: LocalSwarm, reads: int = 3, pause: float = 1.0) -> dict[int, list[StageRecord]]:
-    """The serving peers by stage over a few reads, each peer at the stage of its newest record: one
-    read missed records now and then (a peer's refresh late on its 0.1-core quota), and a run read
-    3/3 at the kill while the counts a second later were 4/4."""
-    newest: dict[str, StageRecord] = {}
-    for read in range(reads):
-        if read:
-            time.sleep(pause)
-        for record in swarm.records():
-            if record.peer_id not in newest or record.time > newest[record.peer_id].time:
-                newest[record.peer_id] = record
-    by_stage: dict[int, list[StageRecord]] = {}
-    for record in newest.values():
-        if record.state == AgentState.TRAINING:
-            by_stage.setdefault(record.stage, []).append(record)
-    return by_stage
 
 
 def _spread(swarm: LocalSwarm, peers: int) -> bool:
