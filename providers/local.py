@@ -162,7 +162,8 @@ class LocalProvider:
                 command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # the VM outlives the controller that launched it
             )
-        write_json_atomic(vm_dir / "state.json", {"state": "running", "pid": process.pid, "launched_at": now})
+        write_json_atomic(vm_dir / "state.json",
+                          {"state": InstanceState.RUNNING.value, "pid": process.pid, "launched_at": now})
         write_json_atomic(vm_dir / "vm.json", vm)  # its presence means "launched"
         self._wait_until_booted(vm_dir, process)
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from spotrain.contracts.states import InstanceState
 from spotrain.providers.geo_network import namespaces
 from spotrain.providers.local import LocalProvider
 
@@ -24,7 +25,7 @@ def leftover_checks(provider: LocalProvider, name: str, home: Path) -> list[tupl
     cloud = provider.cloud(name).plan.cloud
     left_namespaces = [n for n in namespaces() if n.startswith(cloud)]
     left_groups = [str(p) for p in CGROUP_ROOT.rglob(f"{cloud}*")]
-    running = [i.instance_id for i in provider.list_instances(name) if i.state == "running"]
+    running = [i.instance_id for i in provider.list_instances(name) if i.state == InstanceState.RUNNING]
     left_processes = settled(lambda: processes_of(home), PROCESS_SETTLE_SECONDS)
     return [
         (f"no namespace left ({', '.join(left_namespaces) or 'none'})", not left_namespaces),

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from spotrain.config import ClusterSpec
-from spotrain.contracts.states import LIVE_STATES, InstanceState
+from spotrain.contracts.states import LIVE_STATES, AgentState, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.controller_process import (
     controller_lock,
@@ -214,7 +214,7 @@ def status(name: str | None) -> dict:
                             "loss": m.get("loss")})
         pid = controller_pid(name)
         # the epoch the live workers train at (after a rollback to the store, that one), else the highest seen
-        training = [w["epoch"] for w in workers if w["agent_state"] == "training" and w["epoch"] is not None]
+        training = [w["epoch"] for w in workers if w["agent_state"] == AgentState.TRAINING and w["epoch"] is not None]
         return {"cluster": name, "run": run.id, "state": report["state"], "controller_pid": pid,
                 "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"],
                 "epoch": max(training, default=report["epochs"]),

@@ -8,6 +8,7 @@ provider's idempotency makes sure nothing is launched twice.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import threading
 import time
@@ -136,10 +137,15 @@ class ControlLoop:
         self.last_observed: Observed | None = None  # what the last tick saw (the metrics endpoint reads it)
         self.last_tick_at: float | None = None
 
+    @functools.cached_property
+    def profile(self) -> TaskProfile:
+        """The task as planning sees it, built once: counting its parameters may build its model."""
+        return self.spec.task_profile()
+
     @property
     def policy(self) -> PlacementPolicy:
         if self._policy is None:
-            self._policy = get_policy(self.spec.placement.policy, self.spec.task_profile())
+            self._policy = get_policy(self.spec.placement.policy, self.profile)
         return self._policy
 
     # -- observe -------------------------------------------------------------------------
@@ -236,10 +242,8 @@ class ControlLoop:
 
     def _plausible_rate(self, instance_id: str) -> float:
         """samples/s an agent on this instance may claim (progress_bounds)."""
-        training = self.spec.training
-        profile = TaskProfile(t4_samples_per_second=training.t4_samples_per_second, per_gpu=dict(training.throughput))
         row = next((r for r in self.ledger.instances(run_id=self.run.id) if r.instance_id == instance_id), None)
-        return plausible_rate(profile.rate(row.gpu, row.gpu_count) if row is not None else 0.0)
+        return plausible_rate(self.profile.rate(row.gpu, row.gpu_count) if row is not None else 0.0)
 
     def desired(self) -> Desired:
         return Desired(

@@ -44,6 +44,12 @@ def test_a_provider_completes_only_its_own_fields():
     (lambda d: {**d, "training": {**d["training"], "batch_size": "eight"}},
      "training.batch_size: Input should be a valid integer, unable to parse string as an integer (got 'eight')"),
     (lambda d: {k: v for k, v in d.items() if k != "task"}, "task: Field required"),
+    # a version that is not a JSON integer is refused, not rounded into one this agent knows
+    (lambda d: {**d, "version": float(CONFIG_VERSION + 1)},
+     f"version: must be a whole number, got {float(CONFIG_VERSION + 1)}"),
+    (lambda d: {**d, "version": str(CONFIG_VERSION)}, f'version: must be a whole number, got "{CONFIG_VERSION}"'),
+    (lambda d: {**d, "version": True}, "version: must be a whole number, got true"),
+    (lambda d: {**d, "version": 0}, "version: Input should be greater than or equal to 1 (got 0)"),
 ])
 def test_unusable_user_data_is_refused_in_one_line_naming_the_key(change, message):
     text = json.dumps(change(agent_config().wire()))

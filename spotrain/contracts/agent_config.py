@@ -11,7 +11,16 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictInt,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from spotrain.contracts.errors import validation_error_line
 
@@ -110,7 +119,7 @@ class ShippedCode(_Contract):
 
 
 class AgentConfig(_Contract):
-    version: int = Field(default=CONFIG_VERSION, ge=1)
+    version: StrictInt = Field(default=CONFIG_VERSION, ge=1, le=CONFIG_VERSION)
     cluster: str  # also the hivemind run_id and the prefix of the swarm's DHT records
     initial_peers: tuple[str, ...]  # multiaddrs of the controller's DHT peer and running agents
     task: str  # "module:attr" of a TrainingTask (a PipelineTask in swarm mode)
@@ -170,8 +179,11 @@ class AgentConfig(_Contract):
         if not isinstance(data, dict):
             raise AgentConfigError(f"{source}: user-data must be a JSON object")
         version = data.get("version", CONFIG_VERSION)
+        # strictly an int: JSON's 3.0, "3" or true must not pass for a version this agent knows
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise AgentConfigError(f"{source}: version: must be a whole number, got {json.dumps(version)}")
         # before the fields: a newer config may have keys this agent would call unknown
-        if isinstance(version, int) and not isinstance(version, bool) and version > CONFIG_VERSION:
+        if version > CONFIG_VERSION:
             raise AgentConfigError(f"{source}: user-data version {version} is newer than this agent "
                                    f"understands ({CONFIG_VERSION}): upgrade spotrain on the VM")
         try:

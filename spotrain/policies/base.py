@@ -54,7 +54,7 @@ class PlacementContext:
         if location not in self.failed_at:
             return False
         last, in_a_row = self.failed_at[location]
-        cooldown = min(MAX_COOLDOWN_SECONDS, CAPACITY_COOLDOWN_SECONDS * 2 ** (in_a_row - 1))
+        cooldown = min(MAX_COOLDOWN_SECONDS, CAPACITY_COOLDOWN_SECONDS * 2.0 ** (in_a_row - 1))
         return self.now - last < cooldown
 
 
