@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotrain.access import ClusterAccess
+from spotrain.contracts.agent_config import AgentConfig
 from spotrain.contracts.stage_records import StageRecord, found_stage_records, latest_records, stages_key
 from spotrain.contracts.states import AgentState
 from spotrain.providers.cgroups import CgroupError, kill_and_remove, procs
@@ -59,9 +60,10 @@ class LocalSwarm:
         self.view.publish_admission(record, expires)
         return each[name]
 
-    def user_data(self, name: str, role: str) -> dict[str, object]:
+    def user_data(self, name: str, role: str) -> AgentConfig:
+        """The agent's config as a controller writes it: the typed contract, checked here, not on the VM."""
         assert self.view is not None
-        return {"cluster": self.cluster, "instance_id": name, "initial_peers": self.view.addresses(),
+        return AgentConfig.model_validate({"cluster": self.cluster, "instance_id": name, "initial_peers": self.view.addresses(),
                 "admission": self._admission(name),
                 "task": self.task, "torch_threads": 1, "sigterm_grace_seconds": 5.0,
                 "training": {"batch_size": 4, "target_batch_size": 64, "matchmaking_time": 2.0,
@@ -70,12 +72,12 @@ class LocalSwarm:
                 "mode": "swarm",
                 "pipeline": {"role": role, "stages": self.stages, "max_in_flight": self.max_in_flight,
                              "rebalance": self.rebalance, "rebalance_seconds": self.rebalance_seconds},
-                "checkpoint": {"store": str(self.work / "store"), "every_epochs": 5}}
+                "checkpoint": {"store": str(self.work / "store"), "every_epochs": 5}})
 
     def start(self, name: str, role: str, cgroup: bool) -> None:
         folder = self.work / name
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "user-data.json").write_text(json.dumps(self.user_data(name, role)))
+        (folder / "user-data.json").write_text(self.user_data(name, role).to_json())
         group = _make_cgroup(f"spotrain-bench-{os.getpid()}-{name}") if cgroup else None
 
         def enter_cgroup() -> None:  # in the child before exec: every process it starts stays in the cgroup
