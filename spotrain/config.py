@@ -329,6 +329,15 @@ class AwsProvider(_Frozen):
                 raise ValueError(f"bad region or zone name {name!r}")
         return value
 
+    def would_list(self, offer: Offer) -> bool:
+        """Whether the live provider would list this (catalog) offer: a spot price in a configured
+        zone, of a configured instance type, under the bid cap. Plan prices with the catalog
+        when there are no credentials and must not plan what launch would never see."""
+        zone = offer.location.partition(":")[2]
+        return (offer.provider == "aws" and offer.market == "spot" and offer.instance_type in self.instance_types
+                and region_of_zone("aws", zone) in self.regions and (self.zones is None or zone in self.zones)
+                and (self.max_price_usd_per_hour is None or offer.spot_usd_per_hour <= self.max_price_usd_per_hour))
+
     @model_validator(mode="after")
     def _zones_in_regions(self) -> AwsProvider:
         for zone in self.zones or ():
@@ -352,6 +361,12 @@ class GcpProvider(_Frozen):
         default_factory=dict, description="machine type -> USD/h")
     swarm_port: int = Field(default=31337, ge=1024, le=65535)
     controller_cidr: str | None = None
+
+    def would_list(self, offer: Offer) -> bool:
+        """Whether the live provider would list this (catalog) offer: spot, in a configured zone,
+        of a configured machine type."""
+        return (offer.provider == "gcp" and offer.market == "spot" and offer.instance_type in self.machine_types
+                and offer.location.partition(":")[2] in self.zones)
 
     @model_validator(mode="after")
     def _priced(self) -> GcpProvider:

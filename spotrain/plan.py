@@ -18,7 +18,8 @@ def offers_for(spec: ClusterSpec, provider: MultiProvider, say: Callable[[str], 
     """The offers launch would use: each enabled provider's, in the spec's locations and GPU types.
 
     The catalog stands in for a provider that is not enabled (to plan where the spec could
-    go) or that cannot price without credentials (a dry run needs none)."""
+    go) or that cannot price without credentials (a dry run needs none); for the latter, only
+    the rows that provider would list."""
     live: list[Offer] = []
     priced: set[str] = set()
     for name, member in provider.providers.items():
@@ -28,8 +29,16 @@ def offers_for(spec: ClusterSpec, provider: MultiProvider, say: Callable[[str], 
             say(f"{error}; planning with the catalog's prices")
             continue
         priced.add(name)
-    catalog = [o for o in catalog_offers("spot") + catalog_offers("on-demand") if o.provider not in priced]
+    catalog = [o for o in catalog_offers("spot") + catalog_offers("on-demand")
+               if o.provider not in priced and _would_list(spec, o)]
     return list(spec.usable_offers(live + catalog))
+
+
+def _would_list(spec: ClusterSpec, offer: Offer) -> bool:
+    """A catalog row standing in for an enabled provider passes that provider's own filters (its
+    zones, instance types, bid cap, spot only); for a provider not set up, every row is a what-if."""
+    settings = getattr(spec.providers, offer.provider, None) if offer.provider in ("aws", "gcp") else None
+    return settings is None or settings.would_list(offer)
 
 
 LAUNCHING_PROVIDERS = ("local", "aws", "gcp")  # the catalog's other clouds are only simulated
