@@ -8,7 +8,6 @@ and the trainer's status, whose `samples` count the microbatches' samples the tr
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

@@ -1,6 +1,11 @@
+import subprocess
+import sys
 from dataclasses import replace
 
-from spotrain.policies import FleetMember, PlacementContext, get_policy, policy_names
+import pytest
+
+from spotrain.policies import FleetMember, PlacementContext, PlacementPolicy, get_policy, policy_names
+from spotrain.policies.base import POLICY_MODULES
 from spotrain.policies.baselines import EagerNextRegion, OnDemandOneRegion, UniformProgress
 from spotrain.policies.cost_per_sample import CostPerSamplePlanner
 from spotrain.providers.base import Offer
@@ -26,6 +31,23 @@ def place(policy, ctx, n):
 
 def test_registry():
     assert set(policy_names()) >= {"spotrain", "on-demand", "uniform-progress", "eager-next-region"}
+    for name in policy_names():  # each name's module registers a class of that name
+        policy = get_policy(name)
+        assert type(policy).__module__ == POLICY_MODULES[name], name
+
+
+def test_a_spec_policy_is_checked_without_importing_any_policy():
+    probe = ("import sys, spotrain.config\n"
+             "from spotrain.config import Placement\n"
+             "Placement(policy='eager-next-region')\n"
+             "print(sorted(m for m in sys.modules if m.startswith('spotrain.policies')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['spotrain.policies', 'spotrain.policies.base']"
+
+
+def test_a_policy_named_outside_the_table_is_refused():
+    with pytest.raises(ValueError, match="'made-up' of .* is not in POLICY_MODULES"):
+        type("MadeUp", (PlacementPolicy,), {"choose": lambda self, offers, ctx: None}, name="made-up")
 
 
 def test_single_worker_takes_the_cheapest_spot_per_sample():

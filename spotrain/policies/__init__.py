@@ -2,19 +2,19 @@
 
 Every policy sees the same PlacementContext (the fleet, preemptions and capacity failures per
 location, progress against the deadline) and registers itself by name when its module is
-imported, which this package does for each of its modules:
+imported; base.POLICY_MODULES names the module of each name, and `get_policy` imports it:
 
 - `spotrain` (cost_per_sample.py): the default for clouds, cheapest expected cost per sample;
 - `spread-cheapest` (spread.py): the simple spread used for the local provider;
 - `on-demand`, `uniform-progress`, `eager-next-region` (baselines.py): the policies users have
   today, for the simulator to compare against.
 
-Imports only the market, the throughput model and providers.base: cheap, no torch.
+The package itself imports only base.py (providers.base and the throughput model): config
+checks a spec's policy name without importing any policy.
 """
 
 from __future__ import annotations
 
-from spotrain.policies import baselines, cost_per_sample, spread
 from spotrain.policies.base import (
     FleetMember,
     PlacementContext,
@@ -24,5 +24,4 @@ from spotrain.policies.base import (
     policy_names,
 )
 
-__all__ = ["FleetMember", "PlacementContext", "PlacementPolicy", "baselines", "check_policy_name",
-           "cost_per_sample", "get_policy", "policy_names", "spread"]
+__all__ = ["FleetMember", "PlacementContext", "PlacementPolicy", "check_policy_name", "get_policy", "policy_names"]

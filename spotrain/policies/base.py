@@ -2,11 +2,14 @@
 
 A policy subclasses PlacementPolicy with `name=...` (as SkyPilot's recovery strategies do) and
 is then selectable in a spec's `placement.policy`; a subclass without a name is a variant that
-only code can pick (tests use such variants).
+only code can pick (tests use such variants). POLICY_MODULES says which module registers each
+name, so a spec's policy is checked without importing any policy, and `get_policy` imports
+only the module it needs.
 """
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -58,6 +61,15 @@ class PlacementContext:
         return self.now - last < cooldown
 
 
+# name -> the module whose PlacementPolicy subclass registers it (a class registering a name
+# missing here is refused at import, so the table cannot drift from the classes)
+POLICY_MODULES: dict[str, str] = {
+    "spotrain": "spotrain.policies.cost_per_sample",
+    "spread-cheapest": "spotrain.policies.spread",
+    "on-demand": "spotrain.policies.baselines",
+    "uniform-progress": "spotrain.policies.baselines",
+    "eager-next-region": "spotrain.policies.baselines",
+}
 _REGISTRY: dict[str, type[PlacementPolicy]] = {}
 
 
@@ -68,6 +80,8 @@ class PlacementPolicy(ABC):
         super().__init_subclass__(**kwargs)
         if name is None:
             return
+        if POLICY_MODULES.get(name) != cls.__module__:
+            raise ValueError(f"placement policy {name!r} of {cls.__module__} is not in POLICY_MODULES")
         if name in _REGISTRY:
             raise ValueError(f"placement policy {name!r} is registered twice "
                              f"({_REGISTRY[name].__qualname__} and {cls.__qualname__})")
@@ -92,15 +106,16 @@ class PlacementPolicy(ABC):
 
 
 def policy_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(POLICY_MODULES)
 
 
 def check_policy_name(name: str) -> str:
-    if name not in _REGISTRY:
+    if name not in POLICY_MODULES:
         raise ValueError(f"unknown policy {name!r}; valid: {', '.join(policy_names())}")
     return name
 
 
 def get_policy(name: str, profile: TaskProfile | None = None) -> PlacementPolicy:
     """The registered policy `name`, built for a task of `profile` (a default task's when None)."""
-    return _REGISTRY[check_policy_name(name)].for_task(profile or TaskProfile())
+    importlib.import_module(POLICY_MODULES[check_policy_name(name)])  # registers the name
+    return _REGISTRY[name].for_task(profile or TaskProfile())
