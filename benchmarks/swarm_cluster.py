@@ -62,7 +62,8 @@ class LocalSwarm:
     def user_data(self, name: str, role: str) -> AgentConfig:
         """The agent's config as a controller writes it: the typed contract, checked here, not on the VM."""
         assert self.view is not None
-        return AgentConfig.model_validate({"cluster": self.cluster, "instance_id": name, "initial_peers": self.view.addresses(),
+        return AgentConfig.model_validate({
+                "cluster": self.cluster, "instance_id": name, "initial_peers": self.view.addresses(),
                 "admission": self._admission(name),
                 "task": self.task, "torch_threads": 1, "sigterm_grace_seconds": 5.0,
                 "training": {"batch_size": 4, "target_batch_size": 64, "matchmaking_time": 2.0,
