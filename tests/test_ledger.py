@@ -133,6 +133,31 @@ def test_reports_of_an_unversioned_ledger_are_unchanged(tmp_path):
         ledger.close()
 
 
+def test_a_ledger_of_schema_version_3_opens_with_its_rows_and_reports(tmp_path):
+    """A ledger as 20fa7aa wrote it: whatever migration comes next is run on this schema."""
+    path = tmp_path / "ledger.db"
+    db = sqlite3.connect(path)
+    db.executescript((FIXTURES / "ledger-v3.sql").read_text())
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    db.close()
+    ledger = Ledger.open_existing(path)
+    try:
+        assert ledger._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        rows = {row.request_id: row for row in ledger.instances()}
+        assert {k: (r.state, r.end_reason, r.reason) for k, r in rows.items()} == {
+            "c-r00000": (InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST, LaunchReason.INITIAL),
+            "c-r00001": (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE, LaunchReason.INITIAL),
+            "c-r00002": (InstanceState.FAILED, EndReason.LAUNCH_FAILED, LaunchReason.REPLACEMENT)}
+        assert rows["c-r00002"].end_detail == "CapacityError: zone-b full"
+        assert ledger.spent(1) == pytest.approx(0.10072222222222223)  # 590 s at $0.30/h, 388 s at $0.20/h, $0.03 egress
+        assert ledger.egress_spent(1) == pytest.approx(0.03)  # 3 GB across zones at $0.01/GB
+        assert [m["state"] for m in ledger.metrics(1)] == [AgentState.TRAINING, AgentState.TRAINING]
+        report = build_report(ledger, ledger.run(1), "c")
+        assert (report["preemptions"], report["preemptions_without_notice"]) == (1, 1)
+    finally:
+        ledger.close()
+
+
 def test_migrating_twice_changes_nothing(tmp_path):
     open_v0_fixture(tmp_path).close()
     ledger = Ledger.open_existing(tmp_path / "ledger.db")
