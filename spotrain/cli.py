@@ -106,8 +106,9 @@ def launch(
 
         controller_logging(route_hivemind=True)
         run_controller_behind_nat(spec, say)  # the emulated cloud's controller: re-executed behind its NAT
-        log_to_file(spec.name)
-        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
+        write_log_file = log_to_file(spec.name)
+        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say,
+                                    started=write_log_file)
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
