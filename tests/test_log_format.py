@@ -194,9 +194,8 @@ def test_a_warning_of_every_averaging_round_is_thinned_with_a_count():
         return logging.LogRecord("hivemind.averaging.partition", logging.WARNING, "", 0, message, (), None)
 
     kept = []
-    for at, message in ((0, "Reducer: received 50.0% of input tensors"), (10, "Reducer: received 50.0% of input tensors"),
-                        (20, "Reducer: received 75.0% of input tensors"), (30, "averaging failed"),
-                        (61, "Reducer: received 50.0% of input tensors"), (62, "Reducer: received 50.0% of input tensors")):
+    half, most = "Reducer: received 50.0% of input tensors", "Reducer: received 75.0% of input tensors"
+    for at, message in ((0, half), (10, half), (20, most), (30, "averaging failed"), (61, half), (62, half)):
         now[0] = at
         one = record(message)
         if repeats.keep(one):
@@ -223,5 +222,6 @@ def test_a_held_log_file_is_written_only_once_told(tmp_path, captured):
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
-    assert [line[9:] for line in path.read_text().splitlines()] == ["controller: launched i-1", "controller: launched i-2"]
+    lines = [line[9:] for line in path.read_text().splitlines()]
+    assert lines == ["controller: launched i-1", "controller: launched i-2"]
     assert oct(path.parent.stat().st_mode & 0o777) == "0o700"
