@@ -94,7 +94,7 @@ def launch(
             pid = controller_pid(spec.name)
             if pid:
                 raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
-            args = ["--tick", str(tick)]
+            args = ["--tick", str(tick), "--no-report"]  # its log holds log lines; `spotrain report` shows the report
             for flag, value in (("--budget", budget), ("--duration", duration), ("--target-epoch", target_epoch)):
                 args += [flag, str(value)] if value is not None else []
             pid = launch_detached(config.resolve(), args, spec.name)  # returns once it holds the cluster

@@ -24,6 +24,7 @@ from spotrain.controller_process import (
     stop_on_signals,
     tell_parent_ready,
 )
+from spotrain.contracts.log_noise import leaving
 from spotrain.errors import ControllerRunning, SpotrainError
 from spotrain.home import cluster_dir, existing_cluster, ledger_path
 from spotrain.ledger import Ledger, Run
@@ -90,6 +91,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
                 say(f"metrics for Prometheus at http://{spec.controller.metrics_host}:{endpoint.port}/metrics")
             return _drive(loop, swarm, tick_seconds, stop)
         finally:
+            leaving()  # hivemind's asyncio tasks that stop unfinished with the DHT are not news now
             swarm.shutdown()
 
 

@@ -110,6 +110,7 @@ def configure(stream: TextIO | None = None, *, terminal: bool | None = None, lev
     root.addHandler(handler)
     for name, quiet in QUIETED.items():
         logging.getLogger(name).setLevel(quiet)
+    logging.captureWarnings(True)  # a library's warnings.warn: a line in the format too, not two on stderr
     if route_hivemind:
         from hivemind.utils.logging import use_hivemind_log_handler
 
