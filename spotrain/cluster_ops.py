@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from spotrain.config import ClusterSpec
+from spotrain.contracts.log_noise import leaving
 from spotrain.contracts.states import LIVE_STATES, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.controller_process import (
@@ -24,7 +25,6 @@ from spotrain.controller_process import (
     stop_on_signals,
     tell_parent_ready,
 )
-from spotrain.contracts.log_noise import leaving
 from spotrain.errors import ControllerRunning, SpotrainError
 from spotrain.home import cluster_dir, existing_cluster, ledger_path
 from spotrain.ledger import Ledger, Run
