@@ -26,6 +26,7 @@ from spotrain.agents.roles.data_parallel import DataParallelRole
 from spotrain.agents.startup import seconds_since_start
 from spotrain.contracts.agent_config import AgentConfig, AgentConfigError
 from spotrain.contracts.log_format import configure as configure_logging
+from spotrain.contracts.log_noise import leaving as leaving_cleanly
 from spotrain.contracts.records import AgentStatus
 from spotrain.contracts.states import AgentState
 
@@ -212,6 +213,7 @@ class Agent:
     def _drain(self, dht: DHT, publisher: StatusPublisher) -> int:
         log("leaving the swarm")
         self.leaving = True
+        leaving_cleanly()  # hivemind's asyncio tasks that stop unfinished with the process are not news now
         self.role.flush_duty()  # the checkpoint duty is written before we go
         publisher.stop()
         self.role.shutdown()

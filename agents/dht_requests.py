@@ -12,8 +12,9 @@ EOFError ends the DHT's process, and with it every DHT call of the agent
 (`tests/test_dht_requests.py` reproduces both).
 
 Here the DHT's process reads its requests through `RequestPipe`: a request whose parts cannot be
-fetched is dropped with one warning, at once. Nobody waits for its answer (its sender is gone);
-a request from a live sender never fails this way.
+fetched is dropped at once, with a debug line (SPOTRAIN_LOG_LEVEL=debug): nobody waits for its
+answer (its sender is gone), so a user has nothing to act on; it happens most at a drain, when
+the averagers' processes exit. A request from a live sender never fails this way.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class RequestPipe:
         try:
             return ForkingPickler.loads(message)
         except (EOFError, OSError) as error:  # a part (an MPFuture's pipe end) its sender no longer holds
-            logger.warning("a DHT request whose sender is gone was dropped: %s: %s", type(error).__name__, error)
+            logger.debug("a DHT request whose sender is gone was dropped: %s: %s", type(error).__name__, error)
             return DROPPED
 
 

@@ -15,7 +15,7 @@ Row = Mapping[str, Any]  # a ledger metrics row: t, instance_id, state, epoch, s
 
 # agents/roles/data_parallel.py: "checkpoint epoch 4: snapshot took 0.012s of training (the stall) ..."
 STALL = re.compile(r"checkpoint epoch (\d+): snapshot took ([0-9.]+)s of training \(the stall\)"
-                   r"(?:, ([0-9.]+)s of it waiting for the delayed update)?")
+                   r"(?:, ([0-9.]+)s of it waiting for (?:the delayed update|state averaging))?")
 RESUMED = re.compile(r"resumed from checkpoint epoch (\d+) of (\S+)")
 # providers/local_vm.py, in the VM's supervisor.log: "12:34:56 vm i-abc: agent started (pid 42)"
 AGENT_STARTED = re.compile(r"^(\d\d):(\d\d):(\d\d) vm \S+: agent started \(pid \d+\)", re.MULTILINE)

@@ -94,7 +94,7 @@ def launch(
             pid = controller_pid(spec.name)
             if pid:
                 raise SpotrainError(f"a controller (pid {pid}) already drives cluster {spec.name!r}")
-            args = ["--tick", str(tick)]
+            args = ["--tick", str(tick), "--no-report"]  # its log holds log lines; `spotrain report` shows the report
             for flag, value in (("--budget", budget), ("--duration", duration), ("--target-epoch", target_epoch)):
                 args += [flag, str(value)] if value is not None else []
             pid = launch_detached(config.resolve(), args, spec.name)  # returns once it holds the cluster
@@ -106,8 +106,9 @@ def launch(
 
         controller_logging(route_hivemind=True)
         run_controller_behind_nat(spec, say)  # the emulated cloud's controller: re-executed behind its NAT
-        log_to_file(spec.name)
-        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say)
+        write_log_file = log_to_file(spec.name)
+        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say,
+                                    started=write_log_file)
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from spotrain.config import ClusterSpec
+from spotrain.contracts.log_noise import leaving
 from spotrain.contracts.states import LIVE_STATES, AgentState, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.controller_process import (
@@ -20,6 +21,7 @@ from spotrain.controller_process import (
     controller_pid,
     lock_holder,
     lock_path,
+    lock_refusal,
     stop_on_signals,
     tell_parent_ready,
 )
@@ -52,8 +54,9 @@ def checked_provider(spec: ClusterSpec):
 
 
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
-           say: Callable[[str], None]) -> str:
-    """Drive the cluster until its run ends; returns why it ended."""
+           say: Callable[[str], None], started: Callable[[], None] = lambda: None) -> str:
+    """Drive the cluster until its run ends; returns why it ended. `started` is called once the
+    checks passed and the run is opened (the controller's log file is written from then on)."""
     from spotrain.access import ClusterAccess
     from spotrain.shipping import ship_spec
     from spotrain.swarm_peers import PUBLISHED_PEERS_META, swarm_options
@@ -62,12 +65,15 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
     provider = checked_provider(spec)
     shipment = ship_spec(spec, say)  # before the ledger: a spec whose VMs cannot get the code writes nothing
     stop = threading.Event()
-    # the metrics port is taken before the ledger is touched: a busy port writes nothing
-    with (controller_lock(spec.name), metrics_endpoint(spec) as endpoint,
+    if controller_pid(spec.name):  # told before the port is tried: a live controller holds the port too
+        raise ControllerRunning(lock_refusal(spec.name))
+    # the metrics port is taken before the lock file and the ledger are: a busy port writes nothing
+    with (metrics_endpoint(spec) as endpoint, controller_lock(spec.name),
           opened_ledger(ledger_path(spec.name), create=True) as ledger, stop_on_signals(stop)):
         run = ledger.open_run(spec.budget.total_usd, spec.model_dump(mode="json"), time.time())
         end_at = run_end(ledger, run, duration)
         tell_parent_ready()  # before the DHT forks: its process must not inherit the pipe
+        started()
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
@@ -85,6 +91,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
                 say(f"metrics for Prometheus at http://{spec.controller.metrics_host}:{endpoint.port}/metrics")
             return _drive(loop, swarm, tick_seconds, stop)
         finally:
+            leaving()  # hivemind's asyncio tasks that stop unfinished with the DHT are not news now
             swarm.shutdown()
 
 

@@ -566,10 +566,14 @@ class ControlLoop:
         if now - self._last_line < 5.0:
             return
         self._last_line = now
-        running = [i for i in observed.instances if i.state == InstanceState.RUNNING]
-        draining = [i for i in running if i.agent_state == AgentState.DRAINING]
-        starting = [i for i in running if i.agent_state not in (AgentState.TRAINING, AgentState.DRAINING)]
-        ours = {i.instance_id for i in running}
+        # the ledger after this tick's launches (`observed` is from before them): a VM asked for and
+        # not yet running is starting too
+        live = self.ledger.instances(states=LIVE_STATES)
+        agent_state = {i: s.state for i, s in self.statuses.items()}
+        draining = [r for r in live if agent_state.get(r.instance_id or "") == AgentState.DRAINING]
+        starting = [r for r in live
+                    if agent_state.get(r.instance_id or "") not in (AgentState.TRAINING, AgentState.DRAINING)]
+        ours = {r.instance_id for r in live if r.state == InstanceState.RUNNING}
         training = [s for s in self.statuses.values() if s.state == AgentState.TRAINING and s.instance_id in ours
                     and now - s.time < STATUS_FRESH_SECONDS]
         rate = sum(s.samples_per_second for s in training)

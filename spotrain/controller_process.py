@@ -96,7 +96,7 @@ def controller_lock(name: str, wait_seconds: float = 0.0) -> Iterator[None]:
                 break
             except OSError:
                 if time.monotonic() >= deadline:
-                    raise ControllerRunning(_lock_refusal(name)) from None
+                    raise ControllerRunning(lock_refusal(name)) from None
                 time.sleep(0.1)
         handle.seek(0)
         handle.truncate()
@@ -105,7 +105,7 @@ def controller_lock(name: str, wait_seconds: float = 0.0) -> Iterator[None]:
         yield
 
 
-def _lock_refusal(name: str) -> str:
+def lock_refusal(name: str) -> str:
     pid = controller_pid(name)
     holder = f"a controller (pid {pid})" if pid else "a process that is not a verified controller"
     return f"{holder} holds {lock_path(name)}; `spotrain down {name}` stops a controller"

@@ -25,15 +25,17 @@ def controller_log_path(name: str) -> Path:
     return cluster_dir(name) / "controller.log"
 
 
-def log_to_file(name: str) -> None:
+def log_to_file(name: str) -> Callable[[], None]:
     """Append the controller's log lines to its log file too, unless stdout already is that file
-    (a detached controller)."""
+    (a detached controller). The lines are held until the returned function is called, once the
+    controller holds the cluster: a launch refused before that (credentials, a busy port, another
+    controller) writes no file."""
     from spotrain.contracts.log_format import add_file
 
     path = controller_log_path(name)
     if _stdout_is(path):
-        return
-    add_file(str(path))  # the file (and the cluster's folder) once a line is written
+        return lambda: None
+    return add_file(str(path), held=True).start_writing  # the file (and the cluster's folder) from then on
 
 
 def _stdout_is(path: Path) -> bool:

@@ -38,7 +38,11 @@ class Task:
 
     def batches(self, worker_seed: int, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless batches of `batch_size` samples. Each worker gets its own `worker_seed`: use it to
-        read a different part of your data (or shuffle it differently) on each worker."""
+        read a different part of your data (or shuffle it differently) on each worker.
+
+        Each worker runs in its own working directory (a local VM's folder, a cloud VM's), not in
+        this folder: a relative path such as open("data.csv") is not found there. Name your files
+        relative to this module instead: Path(__file__).parent / "data.csv" (from pathlib)."""
         teacher = torch.Generator().manual_seed(1234)  # the same function to learn on every worker
         weights = torch.randn(INPUTS, 1, generator=teacher)
         samples = torch.Generator().manual_seed(worker_seed)
@@ -60,7 +64,8 @@ class Task:
 task = Task()
 '''
 
-SPEC_TEXT = """# A spot cluster on this machine training the task in {module}.py (see `spotrain init --help`).
+SPEC_TEXT = """# A spot cluster on this machine training the task in {module}.py (every key, with what it means:
+# `spotrain schema`, the spec's JSON schema; the README's "Train your own model").
 #   spotrain launch {spec} --duration 120   # train for two minutes, then print the report
 #   spotrain export {name} model.pt   # the newest weights, for torch.load("model.pt", weights_only=True)
 name: {name}

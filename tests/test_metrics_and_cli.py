@@ -2,7 +2,10 @@
 help on every option, the hidden agent command, the spec's JSON schema, progress off stdout."""
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -76,13 +79,38 @@ def test_the_endpoint_serves_what_the_loop_last_saw(tmp_path):
         ledger.close()
 
 
-def test_a_busy_metrics_port_is_one_line():
+def test_a_busy_metrics_port_is_one_line_and_launch_writes_nothing(tmp_path):
+    home, spec = tmp_path / "home", tmp_path / "busy.yaml"
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         with pytest.raises(SpotrainError, match=f"controller.metrics_port: cannot listen on 127.0.0.1:{port}"):
             MetricsEndpoint("127.0.0.1", port)
+        spec.write_text(yaml.safe_dump({"name": "busy", "budget": {"total_usd": 1.0},
+                                        "controller": {"metrics_port": port}}))
+        result = run_cli("launch", str(spec), home=home, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith(f"spotrain: error: controller.metrics_port: cannot listen on 127.0.0.1:{port}")
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""
+    assert not (home / "clusters" / "busy").exists()  # no lock file, no log, no ledger
+
+
+def test_launch_without_gcp_credentials_is_one_line_and_writes_nothing(tmp_path):
+    """Application Default Credentials looked for everywhere, found nowhere: no key file, no gcloud
+    login, and the metadata server not asked (NO_GCE_CHECK; its address on a closed loopback port)."""
+    home, spec = tmp_path / "home", tmp_path / "gcp.yaml"
+    spec.write_text(yaml.safe_dump({"name": "nocreds", "budget": {"total_usd": 1.0},
+                                    "providers": {"gcp": {"project": "my-proj", "zones": ["us-central1-a"]}}}))
+    env = {key: value for key, value in os.environ.items() if key != "GOOGLE_APPLICATION_CREDENTIALS"}
+    env.update(SPOTRAIN_HOME=str(home), HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"),
+               NO_GCE_CHECK="true", GCE_METADATA_HOST="127.0.0.1:9", GCE_METADATA_IP="127.0.0.1:9")
+    result = subprocess.run([sys.executable, "-m", "spotrain", "launch", str(spec)], env=env, capture_output=True,
+                            text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("spotrain: error: gcp: no credentials found")
+    assert len(result.stderr.splitlines()) == 1 and result.stdout == ""  # google.auth's own warning is quiet
+    assert not home.exists()  # not even $SPOTRAIN_HOME
 
 
 @pytest.mark.parametrize("controller, problem", [

@@ -11,6 +11,7 @@ from conftest import run_cli, wait_for
 
 from spotrain.config import ClusterSpec
 from spotrain.contracts.records import AgentStatus
+from spotrain.contracts.states import LIVE_STATES
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.errors import SpecError, SpotrainError
 from spotrain.ledger import Ledger
@@ -134,6 +135,7 @@ def test_workers_counts_agents_that_train_not_vms(tmp_path):
     loop = make_loop(tmp_path, [sys.executable, "-c", "import time; time.sleep(600)"], 2, said)
     try:
         loop.tick()
+        assert said[-1].startswith("workers 0/2 (+2 starting)  epoch 0")  # the line right after launching
         first, second = [i.instance_id for i in loop.provider.list_instances("c")]
         loop.swarm.records = {first: status(first, "training"), "i-not-ours": status("i-not-ours", "training")}
         loop._last_line = 0.0
@@ -142,7 +144,26 @@ def test_workers_counts_agents_that_train_not_vms(tmp_path):
         loop.swarm.records[second] = status(second, "draining")
         loop._last_line = 0.0
         loop.tick()
-        assert said[-1].startswith("workers 1/2 (+1 draining)  epoch 1")
+        # the draining VM's replacement, launched in this tick, is starting
+        assert said[-1].startswith("workers 1/2 (+1 starting) (+1 draining)  epoch 1")
+        assert len(loop.ledger.instances(states=LIVE_STATES)) == 3
+    finally:
+        loop.finish("test over")
+        loop.ledger.close()
+
+
+def test_a_vm_asked_for_and_not_yet_running_counts_as_starting(tmp_path):
+    said: list[str] = []
+    loop = make_loop(tmp_path, [sys.executable, "-c", "import time; time.sleep(600)"], 1, said)
+    try:
+        loop.tick()
+        assert said[-1].startswith("workers 0/1 (+1 starting)")
+        # a cloud that has not answered yet: the ledger holds the request, no instance id
+        loop.ledger.record_request(loop.run.id, "r-pending", "local", "local:zone-a", 0.1, time.time())
+        assert [r.state for r in loop.ledger.instances() if r.request_id == "r-pending"] == ["requested"]
+        loop._last_line = 0.0
+        loop._progress_line(time.time(), loop.last_observed)
+        assert said[-1].startswith("workers 0/1 (+2 starting)")
     finally:
         loop.finish("test over")
         loop.ledger.close()

@@ -89,6 +89,22 @@ def test_the_own_model_trains_and_exports_to_plain_torch(trained, tmp_path):
     assert any(not torch.equal(untrained[key], value) for key, value in weights.items())
 
 
+LOG_LINE = re.compile(r"^\d\d:\d\d:\d\d \S+: ")  # spotrain.contracts.log_format
+
+
+def test_every_log_line_of_the_run_is_in_the_one_format_without_tracebacks(trained):
+    """The controller's log and each agent's, through a clean drain at the duration's end."""
+    home, _ = trained
+    logs = [home / "clusters" / "my-model" / "controller.log", *sorted(home.glob("local-cloud/vms/*/agent.log"))]
+    assert len(logs) >= 3
+    for path in logs:
+        lines = path.read_text().splitlines()
+        assert lines, path
+        assert [line for line in lines if not LOG_LINE.match(line) or "Traceback" in line] == [], path
+    agents = logs[1:]
+    assert all(path.read_text().splitlines()[-1].endswith(" agent: drained") for path in agents)
+
+
 PROBE = """<script>document.body.dataset.plots = JSON.stringify([...document.querySelectorAll("figure.plot svg")]
   .map(s => { const r = s.getBoundingClientRect();
               return [r.width, r.height, s.querySelectorAll("path,use").length]; }));

@@ -36,8 +36,10 @@ def test_stall_and_resume_lines_are_read_from_the_agent_log():
     log = ("12:00:01 agent: checkpoint epoch 2: snapshot took 0.250s of training (the stall), "
            "0.200s of it waiting for the delayed update, uploading to s3://b in the background\n"
            "12:00:09 agent: checkpoint epoch 4: snapshot took 0.050s of training (the stall), uploading\n"
+           "12:00:11 agent: checkpoint epoch 6: snapshot took 0.150s of training (the stall), "
+           "0.100s of it waiting for state averaging, uploading to s3://b in the background\n"
            "12:01:00 agent: resumed from checkpoint epoch 4 of s3://us-east/c?endpoint=x\n")
-    assert stalls(log) == [(0.25, 0.2), (0.05, 0.0)]
+    assert stalls(log) == [(0.25, 0.2), (0.05, 0.0), (0.15, 0.1)]
     assert recovery_figures.resumed_epochs(log) == [4]
 
 

@@ -266,9 +266,11 @@ class DataParallelRole:
             with _settled_state(training) as state:
                 training.writer.submit(epoch, state)  # copies it
             self._submitted = epoch
-        # the stall is all the training thread spent on it: any wait for the delayed update, the snapshot
+        # the stall is all the training thread spent on it: any wait for the background update, the
+        # snapshot. Without delayed updates that update is hivemind's background state averaging.
+        pending = "the delayed update" if training.context.config.training.delayed_updates else "state averaging"
         log(f"checkpoint epoch {epoch}: snapshot took {time.monotonic() - started:.3f}s of training (the stall), "
-            f"{waited:.3f}s of it waiting for the delayed update, "
+            f"{waited:.3f}s of it waiting for {pending}, "
             f"uploading to {training.context.config.checkpoint.store} in the background ({why})")
 
     def _started(self) -> _Training:

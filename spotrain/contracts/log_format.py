@@ -7,7 +7,14 @@ draws the same lines. It lives in the contracts because both sides write it and 
 reads it back.
 
 hivemind is quieted to what a user needs: its warnings and errors, in the same format, minus the
-ones spotrain's own settings cause knowingly (`KNOWN_NOISE`).
+ones that say nothing is wrong (spotrain.contracts.log_noise).
+
+Every record is one line: a message of several lines is joined with "; ", and a record carrying
+an exception ends with its type and text (`...: ValueError: bad value`). The traceback itself is
+shown only at debug level: SPOTRAIN_LOG_LEVEL=debug in the environment of `spotrain` (the
+controller; local VMs' agents inherit it) shows debug lines, the left-out noise and every
+traceback. A process that crashes (an uncaught exception) still prints its traceback: that is
+not a log record, and `spotrain logs` shows it.
 """
 
 from __future__ import annotations
@@ -17,22 +24,26 @@ import os
 import sys
 from typing import TextIO
 
+from spotrain.contracts.log_noise import wanted
+
 LINE_FORMAT = "%(asctime)s %(source)s: %(message)s"
 TIME_FORMAT = "%H:%M:%S"
+LEVEL_VARIABLE = "SPOTRAIN_LOG_LEVEL"  # "debug": debug lines, left-out noise and tracebacks too
 QUIETED = {"hivemind": logging.WARNING, "apscheduler": logging.ERROR, "asyncio": logging.WARNING,
-           "urllib3": logging.WARNING, "botocore": logging.WARNING, "matplotlib": logging.WARNING}
-# hivemind warnings that say nothing a user can act on
-KNOWN_NOISE = (
-    # spotrain gives matchmaking the whole averaging window on purpose (agents/roles/data_parallel.py)
-    "It is recommended to use request_timeout smaller than min_matchmaking_time",
-    # two averaging rounds asked for at once: hivemind queues the second one, as it should
-    "Another look_for_group is already in progress",
-)
+           "urllib3": logging.WARNING, "botocore": logging.WARNING, "matplotlib": logging.WARNING,
+           # its "Authentication failed using Compute Engine authentication ..." when it looks for
+           # credentials: spotrain says in one line that there are none (providers/gcp.py)
+           "google.auth": logging.ERROR}
 _PREFIXES = ("spotrain.agents.", "spotrain.")
+HELD_LINES = 10_000  # a held log file keeps at most this many lines in memory
+
+
+def debugging() -> bool:
+    return logging.getLogger().isEnabledFor(logging.DEBUG)
 
 
 class _Source(logging.Filter):
-    """Names each record's source and drops the known noise."""
+    """Names each record's source and drops what a user does not need (log_noise)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         name = record.name
@@ -44,8 +55,38 @@ class _Source(logging.Filter):
         for quieted, level in QUIETED.items():  # here, not only by logger level: hivemind sets each of its
             if (record.name == quieted or record.name.startswith(quieted + ".")) and record.levelno < level:
                 return False  # loggers' level itself (HIVEMIND_LOGLEVEL)
-        message = record.getMessage()
-        return not any(message.startswith(noise) for noise in KNOWN_NOISE)
+        return wanted(record, debugging())
+
+
+class _OneLine(logging.Formatter):
+    """The message on one line, with the exception's type and text; the traceback only when debugging.
+    formatMessage is what rich's handler calls too."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = one_line(record.getMessage(), record.exc_info)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
+        if debugging() and record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        if debugging() and record.stack_info:
+            text += "\n" + self.formatStack(record.stack_info)
+        return text
+
+
+def one_line(message: str, exc_info=None) -> str:  # type: ignore[no-untyped-def]
+    """`message` as one line, ending with the exception's type and text when there is one."""
+    text = "; ".join(line.strip() for line in message.splitlines() if line.strip())
+    error = exc_info[1] if exc_info else None
+    if error is None:
+        return text
+    said = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if said and said in text:
+        return f"{text} ({type(error).__name__})"  # hivemind logs an exception with its own text as the message
+    return f"{text}: {type(error).__name__}: {said}" if said else f"{text}: {type(error).__name__}"
 
 
 def configure(stream: TextIO | None = None, *, terminal: bool | None = None, level: int = logging.INFO,
@@ -53,20 +94,23 @@ def configure(stream: TextIO | None = None, *, terminal: bool | None = None, lev
     """Send every logger's records (hivemind's too, when `route_hivemind`) to one handler on `stream`
     (stdout by default) in the one format; returns that handler."""
     stream = stream or sys.stdout
+    if os.environ.get(LEVEL_VARIABLE, "").lower() == "debug":
+        level = logging.DEBUG
     if terminal is None:
         terminal = bool(getattr(stream, "isatty", lambda: False)())
+    root = logging.getLogger()
+    root.setLevel(level)  # first: the handler shows tracebacks when debugging
     handler = _rich_handler(stream) if terminal else logging.StreamHandler(stream)
     if not terminal:
-        handler.setFormatter(logging.Formatter(LINE_FORMAT, TIME_FORMAT))
+        handler.setFormatter(_OneLine(LINE_FORMAT, TIME_FORMAT))
     handler.addFilter(_Source())
-    root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "spotrain", False)]:
         root.removeHandler(old)  # configured twice (a test, a restarted role): still one line per record
     handler.spotrain = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-    root.setLevel(level)
     for name, quiet in QUIETED.items():
         logging.getLogger(name).setLevel(quiet)
+    logging.captureWarnings(True)  # a library's warnings.warn: a line in the format too, not two on stderr
     if route_hivemind:
         from hivemind.utils.logging import use_hivemind_log_handler
 
@@ -74,19 +118,37 @@ def configure(stream: TextIO | None = None, *, terminal: bool | None = None, lev
     return handler
 
 
-class _FileOnFirstLine(logging.FileHandler):
+class LogFile(logging.FileHandler):
     """A log file (and its folder, 0700) made only once a line is written: a command refused
-    before it says anything leaves nothing behind."""
+    before it says anything leaves nothing behind. A held file keeps its lines in memory until
+    `start_writing()`: a command refused after it spoke (on stdout) still writes nothing."""
+
+    def __init__(self, path: str, held: bool = False):
+        super().__init__(path, encoding="utf-8", delay=True)
+        self._held: list[logging.LogRecord] | None = [] if held else None
 
     def _open(self):  # type: ignore[no-untyped-def]
         os.makedirs(os.path.dirname(self.baseFilename), mode=0o700, exist_ok=True)
         return super()._open()
 
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._held is None:
+            super().emit(record)
+        elif len(self._held) < HELD_LINES:
+            self._held.append(record)
 
-def add_file(path: str) -> logging.Handler:
+    def start_writing(self) -> None:
+        """Write the lines held so far, and every later line as it comes."""
+        with self.lock:  # type: ignore[union-attr]  # a Handler's lock, made in its __init__
+            held, self._held = self._held or [], None
+            for record in held:
+                super().emit(record)
+
+
+def add_file(path: str, held: bool = False) -> LogFile:
     """Also append every record to the file at `path`, in the one format (the controller's log)."""
-    handler = _FileOnFirstLine(path, encoding="utf-8", delay=True)
-    handler.setFormatter(logging.Formatter(LINE_FORMAT, TIME_FORMAT))
+    handler = LogFile(path, held)
+    handler.setFormatter(_OneLine(LINE_FORMAT, TIME_FORMAT))
     handler.addFilter(_Source())
     logging.getLogger().addHandler(handler)
     return handler
@@ -97,6 +159,6 @@ def _rich_handler(stream: TextIO) -> logging.Handler:
     from rich.logging import RichHandler
 
     handler = RichHandler(console=Console(file=stream, soft_wrap=True), show_level=False, show_path=False,
-                          log_time_format=f"[{TIME_FORMAT}]", markup=False, rich_tracebacks=False)
-    handler.setFormatter(logging.Formatter("%(source)s: %(message)s"))
+                          log_time_format=f"[{TIME_FORMAT}]", markup=False, rich_tracebacks=debugging())
+    handler.setFormatter(_OneLine("%(source)s: %(message)s"))
     return handler
