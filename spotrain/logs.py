@@ -48,7 +48,7 @@ def _stdout_is(path: Path) -> bool:
 # A cloud VM whose agent's unit gave up prints its journal's last lines on the console with this
 # prefix, then powers off (infra/spotrain-agent-failed.sh); the header line says the exit status.
 AGENT_FAILED_MARKER = "spotrain: agent failed: "
-AGENT_FAILED_HEADER = re.compile(r"spotrain: agent failed \((exit [^)]*)\)")
+AGENT_FAILED_HEADER = re.compile(r"spotrain: agent failed \(((?:exit|signal) [^)]*)\)")
 TRACEBACK = "Traceback (most recent call last):"
 TRACEBACK_WITHIN = 40  # a traceback that starts further back than this is cut to the last lines
 

@@ -198,15 +198,20 @@ def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     rendered = yaml.safe_load(render_cloud_init(agent_config(code=shipped_code()), "aws", worker_image=worker_image))
-    unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
-        "/etc/systemd/system/spotrain-agent.service"]
-    # the command exists on the VM, not here: verify everything else with a stand-in
-    path = tmp_path / "spotrain-agent.service"
-    path.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", unit, flags=re.MULTILINE))
-    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60,
-                            check=False)
+    files = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}
+    unit, failed = (files[f"/etc/systemd/system/{name}"] for name in ("spotrain-agent.service",
+                                                                     "spotrain-agent-failed.service"))
+    assert "OnFailure=spotrain-agent-failed.service" in unit
+    assert "ExecStart=/bin/sh /etc/spotrain/agent-failed.sh" in failed and "/etc/spotrain/agent-failed.sh" in files
+    # the commands exist on the VM, not here: verify everything else with stand-ins (the folder of
+    # the files given is on verify's search path, so OnFailure= finds the second unit)
+    paths = [tmp_path / "spotrain-agent.service", tmp_path / "spotrain-agent-failed.service"]
+    for path, text in zip(paths, (unit, failed), strict=True):
+        path.write_text(re.sub(r"^ExecStart=.*$", "ExecStart=/bin/true", text, flags=re.MULTILINE))
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, paths)], capture_output=True, text=True,
+                            timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    assert path.name not in result.stderr, result.stderr  # unknown keys and bad values are only warnings
+    assert not any(path.name in result.stderr for path in paths), result.stderr  # unknown keys: only warnings
 
 
 def test_the_iam_policies_are_least_privilege():
