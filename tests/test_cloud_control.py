@@ -263,7 +263,8 @@ def test_the_failure_script_prints_the_marker_only_for_a_unit_that_failed_for_go
         if not_failed:
             assert result.stdout == "" and "poweroff" not in calls.read_text()
             continue
-        assert last_error_lines(agent_lines(result.stdout)) == AGENT_TRACEBACK and failed_exit(result.stdout) == "exit 1"
+        assert last_error_lines(agent_lines(result.stdout)) == AGENT_TRACEBACK
+        assert failed_exit(result.stdout) == "exit 1"
         assert calls.read_text().splitlines()[-1] == "poweroff"
         assert "_SYSTEMD_UNIT=spotrain-agent.service" in calls.read_text()  # the agent's lines, not systemd's
 
