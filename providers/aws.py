@@ -18,6 +18,7 @@ from typing import Any
 from spotrain.contracts.live_peers import EC2_TAG_VALUE_LIMIT, PEERS_TAG, peers_value
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import (
+    SELF_SHUTDOWN_DETAIL,
     AuthError,
     CapacityError,
     Instance,
@@ -53,6 +54,8 @@ INTERRUPTED_STATUSES = {"instance-terminated-by-price", "instance-terminated-no-
                         "marked-for-termination"}
 SPOT_TERMINATION_REASON = "Server.SpotInstanceTermination"
 USER_SHUTDOWN_REASON = "Client.UserInitiatedShutdown"
+# the VM powered itself off: only infra/spotrain-agent-failed.sh does, once systemd gave up on the agent
+SELF_SHUTDOWN_REASON = "Client.InstanceInitiatedShutdown"
 GPU_BY_FAMILY = {"g4dn": "T4", "g5": "A10G", "g6": "L4", "p3": "V100", "p4d": "A100", "p5": "H100", "g4ad": "V520"}
 
 
@@ -209,6 +212,9 @@ class AwsProvider:
             "ClientToken": client_token(request.request_id),
             "Placement": {"AvailabilityZone": zone}, "SecurityGroupIds": [group], "UserData": user_data,
             "InstanceMarketOptions": {"MarketType": "spot", "SpotOptions": spot},
+            # a VM whose agent failed powers itself off: terminated, it bills nothing more (a one-time
+            # spot instance cannot stop anyway; said here so it never depends on a default)
+            "InstanceInitiatedShutdownBehavior": "terminate",
             # IMDSv2 only; tags visible, so the agent reads the live peers (PEERS_TAG) there
             "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "InstanceMetadataTags": "enabled"},
             "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
@@ -289,7 +295,7 @@ class AwsProvider:
 
     def _interrupted_requests(self, region: str, described: list[dict]) -> set[str]:
         """Spot request ids of ended instances whose request status says the cloud took them back."""
-        settled = {SPOT_TERMINATION_REASON, USER_SHUTDOWN_REASON}  # the reason already tells
+        settled = {SPOT_TERMINATION_REASON, USER_SHUTDOWN_REASON, SELF_SHUTDOWN_REASON}  # the reason already tells
         ids = [d["SpotInstanceRequestId"] for d in described
                if d.get("SpotInstanceRequestId") and d["State"]["Name"] not in ("pending", "running")
                and d.get("StateReason", {}).get("Code") not in settled]
@@ -310,6 +316,8 @@ class AwsProvider:
             status, end_reason, detail = InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION, ""
         elif reason == USER_SHUTDOWN_REASON:
             status, end_reason, detail = InstanceState.TERMINATED, EndReason.TERMINATED_BY_REQUEST, ""
+        elif reason == SELF_SHUTDOWN_REASON:  # its console says why (spotrain.logs.AGENT_FAILED_MARKER)
+            status, end_reason, detail = InstanceState.TERMINATED, EndReason.AGENT_FAILED, SELF_SHUTDOWN_DETAIL
         else:
             status, end_reason, detail = InstanceState.TERMINATED, EndReason.ENDED_BY_PROVIDER, reason or state
         self._regions_by_instance[described["InstanceId"]] = region

@@ -12,6 +12,10 @@ from typing import Protocol, runtime_checkable
 from spotrain.contracts.agent_config import AgentConfig
 from spotrain.contracts.states import EndReason, InstanceState
 
+# The end detail of a cloud VM that powered itself off (EndReason.AGENT_FAILED): its unit gave up on
+# the agent and infra/spotrain-agent-failed.sh printed why on the console before the power-off.
+SELF_SHUTDOWN_DETAIL = "the VM powered itself off"
+
 
 class ProviderError(Exception):
     """Base of the typed cloud errors."""

@@ -34,6 +34,10 @@ def infra_text(name: str) -> str:
     return resources.files("spotrain.infra").joinpath(name).read_text()
 
 
+def b64_file(name: str) -> str:
+    return base64.b64encode(infra_text(name).encode()).decode()
+
+
 def secret_keys(value: object, path: str = "") -> list[str]:
     """Key paths in `value` whose names look like credentials."""
     found = []
@@ -75,7 +79,9 @@ def render_cloud_init(config: AgentConfig, cloud: str, worker_image: str | None 
     return Template(infra_text("cloud-init.yaml.tmpl")).substitute(
         agent_json_b64=base64.b64encode(config.to_json().encode()).decode(),
         unit_b64=base64.b64encode(unit.encode()).decode(),
-        installer_b64=base64.b64encode(infra_text("install_shipped.py").encode()).decode(),
+        failed_unit_b64=b64_file("spotrain-agent-failed.service"),
+        failed_script_b64=b64_file("spotrain-agent-failed.sh"),
+        installer_b64=b64_file("install_shipped.py"),
         install_command=install.replace('"', '\\"'),
     )
 

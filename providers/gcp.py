@@ -6,7 +6,9 @@ elsewhere (tests use a local fake). An instance's name and the insert's `request
 derived from the launch request id, so a re-issued request finds or re-joins the instance it
 already made. Zone operations are waited on and their error codes become the typed errors of
 providers.base. A preempted spot VM (termination action DELETE) vanishes from the instance
-list; `compute.instances.preempted` operations tell a preemption from a deletion.
+list; `compute.instances.preempted` operations tell a preemption from a deletion. A VM that
+powered itself off (its agent's unit gave up: infra/spotrain-agent-failed.sh) stays TERMINATED
+with a `compute.instances.guestTerminate` operation: its agent failed.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 from spotrain.contracts.live_peers import PEERS_ATTRIBUTE, peers_value
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.base import (
+    SELF_SHUTDOWN_DETAIL,
     AuthError,
     CapacityError,
     Instance,
@@ -43,6 +46,8 @@ REQUEST_NAMESPACE = uuid.UUID("5f0c6f1e-52a4-4c59-9b3e-3d1f0c7a2b11")  # fixed: 
 CAPACITY_CODES = {"ZONE_RESOURCE_POOL_EXHAUSTED", "ZONE_RESOURCE_POOL_EXHAUSTED_WITH_DETAILS",
                   "RESOURCE_POOL_EXHAUSTED", "RESOURCE_NOT_FOUND_IN_ZONE"}
 QUOTA_CODES = {"QUOTA_EXCEEDED", "quotaExceeded", "rateLimitExceeded"}
+PREEMPTED_OPERATION = "compute.instances.preempted"
+GUEST_SHUTDOWN_OPERATION = "compute.instances.guestTerminate"  # the guest OS powered the VM off
 RUNNING_STATUSES = {"PROVISIONING", "STAGING", "RUNNING", "REPAIRING", "STOPPING", "SUSPENDING"}
 OPERATION_WAIT_SECONDS = 300.0
 CALL_TIMEOUT = 60.0
@@ -303,9 +308,12 @@ class GcpProvider:
                                                        filter=f'labels.{LABEL_CLUSTER} = "{label_value(cluster)}"')
                 described_now = list(instances.list(request=listing, timeout=CALL_TIMEOUT))
                 # operations after instances: a VM seen stopped already has its preemption operation
-                preempted = self._preempted_names(zone)
+                preempted = self._operation_targets(zone, PREEMPTED_OPERATION)
+                stopped = [d for d in described_now if d.status == "TERMINATED" and d.name not in preempted]
+                # asked only while a stopped VM is listed: the controller deletes it once it has seen it
+                powered_off = self._operation_targets(zone, GUEST_SHUTDOWN_OPERATION) if stopped else {}
                 for described in described_now:
-                    found[described.name] = self._instance(zone, described, preempted)
+                    found[described.name] = self._instance(zone, described, preempted, powered_off)
                 for name, seen in list(self._seen.items()):  # deleted after a preemption: known only from here
                     if name in preempted and name not in found and seen.cluster == cluster:
                         found[name] = replace(seen, state=InstanceState.PREEMPTED, ended_at=preempted[name],
@@ -314,30 +322,35 @@ class GcpProvider:
             raise typed_error(error, "list") from None
         return list(found.values())
 
-    def _preempted_names(self, zone: str) -> dict[str, float]:
+    def _operation_targets(self, zone: str, kind: str) -> dict[str, float]:
+        """The instances a zone's operations of this type acted on, and when each ended."""
         listing = self.compute().ListZoneOperationsRequest(project=self.config.project, zone=zone,
-                                                           filter='operationType = "compute.instances.preempted"')
+                                                           filter=f'operationType = "{kind}"')
         operations = self.client("ZoneOperationsClient").list(request=listing, timeout=CALL_TIMEOUT)
         return {op.target_link.rsplit("/", 1)[-1]: _timestamp(op.end_time or op.insert_time) for op in operations}
 
-    def _instance(self, zone: str, described: Any, preempted: dict[str, float] | None = None) -> Instance:
+    def _instance(self, zone: str, described: Any, preempted: dict[str, float] | None = None,
+                  powered_off: dict[str, float] | None = None) -> Instance:
         metadata = {item.key: item.value for item in described.metadata.items}
-        status = described.status
-        if preempted is None:
-            preempted = {}
-        if described.name in preempted and status not in ("PROVISIONING", "STAGING", "RUNNING"):
-            state, ended_at, reason = (InstanceState.PREEMPTED, preempted[described.name],
-                                       EndReason.SPOT_PREEMPTION)
+        status, name = described.status, described.name
+        preempted, powered_off = preempted or {}, powered_off or {}
+        detail = ""
+        if name in preempted and status not in ("PROVISIONING", "STAGING", "RUNNING"):
+            state, ended_at, reason = InstanceState.PREEMPTED, preempted[name], EndReason.SPOT_PREEMPTION
         elif status in RUNNING_STATUSES:
             state, ended_at, reason = InstanceState.RUNNING, None, None  # still there, still billed
+        elif name in powered_off and status == "TERMINATED":  # its console says why (spotrain.logs)
+            state, ended_at, reason = InstanceState.TERMINATED, powered_off[name], EndReason.AGENT_FAILED
+            detail = SELF_SHUTDOWN_DETAIL
         else:
             state, ended_at, reason = InstanceState.TERMINATED, None, EndReason.ENDED_BY_PROVIDER
+            detail = status.lower()
         instance = Instance(
             instance_id=described.name, request_id=metadata.get(META_REQUEST, ""),
             cluster=described.labels.get(LABEL_CLUSTER, ""), location=f"{NAME}:{zone}",
             price_usd_per_hour=float(metadata.get(META_PRICE, "0") or 0), state=state,
             launched_at=_timestamp(described.creation_timestamp), ended_at=ended_at, end_reason=reason,
-            end_detail=status.lower() if reason is EndReason.ENDED_BY_PROVIDER else "",
+            end_detail=detail,
             addresses=self._addresses(described) if state == InstanceState.RUNNING else (),
         )
         self._zone_of[described.name] = zone

@@ -24,6 +24,11 @@ from spotrain.providers.imds_server import MetadataServer, MetadataState
 
 POLL_SECONDS = 0.2
 MAX_AGENT_RESTARTS = 3
+# An agent that ran this long before crashing was healthy: its crash starts a new count, so only
+# crashes in a row end the VM, not three spread over a long run. A broken task or a bad config
+# kills the agent within seconds to a minute or two; ten minutes of training is not that. The
+# cloud unit counts in the same window (infra/spotrain-agent.service: StartLimitIntervalSec=600).
+HEALTHY_RUN_SECONDS = 600.0
 PEERS_FILE = "peers"  # the live swarm's peers, rewritten by the provider each tick
 INTERRUPT_FILE = "interrupt"  # {"notice": bool}: the cloud reclaims the VM now (LocalProvider.interrupt)
 
@@ -38,6 +43,23 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+class CrashCount:
+    """How many times in a row the agent crashed, and whether it may be restarted once more."""
+
+    def __init__(self, limit: int = MAX_AGENT_RESTARTS, healthy_seconds: float = HEALTHY_RUN_SECONDS):
+        self.limit, self.healthy_seconds = limit, healthy_seconds
+        self.restarts = 0
+
+    def may_restart(self, ran_seconds: float) -> bool:
+        """After a crash of an agent that ran `ran_seconds`: True (and counted) while under the limit."""
+        if ran_seconds >= self.healthy_seconds:
+            self.restarts = 0
+        if self.restarts >= self.limit:
+            return False
+        self.restarts += 1
+        return True
+
+
 class Supervisor:
     def __init__(self, vm_dir: Path):
         self.vm_dir = vm_dir
@@ -47,6 +69,7 @@ class Supervisor:
                                    live_files={f"tags/instance/{PEERS_TAG}": vm_dir / PEERS_FILE})
         self.server = MetadataServer(self.state)
         self.agent: subprocess.Popen | None = None
+        self.agent_started = 0.0
         self.terminate_requested = False
         self.deadline: float | None = None
         self.end_state = InstanceState.TERMINATED
@@ -75,6 +98,7 @@ class Supervisor:
                 cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # the agent and its p2pd share a group we can kill at once
             )
+        self.agent_started = time.time()
         self.log(f"agent started (pid {self.agent.pid})")
 
     def kill_agent_group(self) -> None:
@@ -108,7 +132,7 @@ class Supervisor:
         self.start_agent()
         preempt_at, announced = self.vm.get("preempt_at"), self.vm.get("announced", True)
         notice_s = float(self.vm["notice_seconds"])
-        restarts = 0
+        crashes = CrashCount()
         while True:
             now = time.time()
             interrupted = self.interruption()
@@ -136,9 +160,8 @@ class Supervisor:
                         self.log(f"agent drained (exit {code})")
                         break
                     # a drained spot VM still exists until the cloud reclaims it
-                elif restarts < MAX_AGENT_RESTARTS:
-                    restarts += 1
-                    self.log(f"agent exited with {code}; restart {restarts}/{MAX_AGENT_RESTARTS}")
+                elif crashes.may_restart(now - self.agent_started):
+                    self.log(f"agent exited with {code}; restart {crashes.restarts}/{MAX_AGENT_RESTARTS} in a row")
                     # what the crashed agent started (its p2pd holds its identity) goes too, as systemd's
                     # control-group kill does; else the restarted agent finds its peer id taken
                     self.kill_agent_group()

@@ -28,6 +28,18 @@ def fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+# `launch` in the foreground: 0 for a run that ended as planned (budget, duration, target epoch, a
+# drain), 1 for one its task ended (an agent that kept failing), 2 for bad input (`fail`)
+RUN_FAILED_EXIT = 1
+
+
+def run_failed(reason: str) -> bool:
+    """Whether a run's end reason (ControlLoop.end_reason) says its agents kept failing."""
+    from spotrain.contracts.states import EndReason
+
+    return reason == EndReason.AGENT_FAILED or reason.startswith(f"{EndReason.AGENT_FAILED} ")
+
+
 def check_number(flag: str, value: float | None, most: float, least: float | None = None) -> None:
     """A number on the command line must be finite and in range (above 0, or from `least`), or we stop here."""
     if value is None:
@@ -115,6 +127,8 @@ def launch(
     say(f"run ended: {reason}")
     if report:
         _print_report(spec.name, as_json=False)
+    if run_failed(reason):
+        raise typer.Exit(RUN_FAILED_EXIT)
 
 
 @app.command()

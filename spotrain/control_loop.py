@@ -403,17 +403,26 @@ class ControlLoop:
                 self.say(f"terminating revoked {instance_id} failed: {error}")
 
     def _agent_failure(self, instance: Instance) -> str:
-        """The end reason for an agent that kept failing, after its log's last error lines."""
+        """The end reason for an agent that kept failing, after its log's last error lines. A cloud VM
+        that powered itself off after its agent's unit gave up (infra/spotrain-agent-failed.sh) left
+        those lines and the exit status on its console: they are read first, then the VM is deleted
+        (a stopped GCE VM still bills its disk)."""
         lines: list[str] = []
+        detail = instance.end_detail
         if isinstance(self.provider, ConsoleProvider):
-            from spotrain.logs import last_error_lines
+            from spotrain.logs import agent_lines, failed_exit, last_error_lines
 
             try:
                 log = self.provider.console_output(instance.instance_id, instance.location)
-                lines = last_error_lines(log)
+                lines = last_error_lines(agent_lines(log))
+                detail = failed_exit(log) or detail
             except ProviderError as error:
                 lines = [f"(its log cannot be read: {error})"]
-        why = f"{instance.end_reason} ({instance.end_detail})" if instance.end_detail else f"{instance.end_reason}"
+        try:
+            self.provider.terminate(instance.instance_id)  # idempotent: a local VM or EC2 instance is gone already
+        except ProviderError as error:
+            self.say(f"deleting {instance.instance_id} failed: {error}")
+        why = f"{instance.end_reason} ({detail})" if detail else f"{instance.end_reason}"
         self.say(f"the agent on {instance.instance_id} kept failing ({why}); its last lines:")
         for line in lines:
             self.say(f"  {line}")

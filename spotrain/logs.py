@@ -9,6 +9,7 @@ GCE's serial port 1. Only the ledger and the stored spec are read, never the use
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -46,12 +47,35 @@ def _stdout_is(path: Path) -> bool:
     return (ours.st_dev, ours.st_ino) == (theirs.st_dev, theirs.st_ino)
 
 
+# A cloud VM whose agent's unit gave up prints its journal's last lines on the console with this
+# prefix, then powers off (infra/spotrain-agent-failed.sh); the header line says the exit status.
+AGENT_FAILED_MARKER = "spotrain: agent failed: "
+AGENT_FAILED_HEADER = re.compile(r"spotrain: agent failed \(((?:exit|signal) [^)]*)\)")
+TRACEBACK = "Traceback (most recent call last):"
+TRACEBACK_WITHIN = 40  # a traceback that starts further back than this is cut to the last lines
+
+
+def agent_lines(console: str) -> str:
+    """The agent's own lines in a console: the failure marker's lines when the VM printed them
+    (a cloud console also holds boot and cloud-init), else the whole text (a local agent.log)."""
+    marked = [line.split(AGENT_FAILED_MARKER, 1)[1] for line in console.splitlines() if AGENT_FAILED_MARKER in line]
+    return "\n".join(marked) if marked else console
+
+
+def failed_exit(console: str) -> str | None:
+    """The exit status the failure marker's header names ("exit 1"); None without one."""
+    found = AGENT_FAILED_HEADER.findall(console)
+    return found[-1] if found else None
+
+
 def last_error_lines(text: str, limit: int = 12) -> list[str]:
-    """The end of a failed process's log: from its last traceback on, else its last five lines."""
+    """The end of a failed process's log: from its last traceback's header on when that is among
+    the last TRACEBACK_WITHIN lines (so it never starts mid-traceback), else its last `limit` lines."""
     lines = [line for line in text.splitlines() if line.strip()]
-    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback")]
-    start = tracebacks[-1] if tracebacks else max(0, len(lines) - 5)
-    return lines[start:][-limit:]
+    tracebacks = [i for i, line in enumerate(lines) if line.strip() == TRACEBACK]
+    if tracebacks and len(lines) - tracebacks[-1] <= TRACEBACK_WITHIN:
+        return lines[tracebacks[-1]:]
+    return lines[-limit:]
 
 
 @dataclass(frozen=True)

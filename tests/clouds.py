@@ -70,6 +70,18 @@ def preempt_aws(instance_id: str, region: str = AWS_REGION) -> None:
                                         "Server.SpotInstanceTermination")
 
 
+def power_off_aws(instance_id: str, region: str = AWS_REGION) -> None:
+    """What EC2 does to an instance whose OS shut down (InstanceInitiatedShutdownBehavior terminate):
+    terminated, reason Client.InstanceInitiatedShutdown (moto plays only the user's termination)."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    instance = ec2_backends[MOTO_ACCOUNT][region].get_instance(instance_id)
+    instance.terminate()
+    instance.state_reason = StateReason("Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+                                        "Client.InstanceInitiatedShutdown")
+
+
 def aws_instances(region: str = AWS_REGION) -> list[dict]:
     import boto3
 

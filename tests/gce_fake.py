@@ -12,7 +12,9 @@ Test controls: `inject(zone, code)` makes the next inserts in a zone fail in the
 the project does not have (inserts naming one are refused as the API refuses them),
 `preempt(zone, name)` plays a spot preemption
 (status TERMINATED plus a `compute.instances.preempted` operation; deleted shortly after when
-the instance asked for instanceTerminationAction=DELETE), `print_to_console(zone, name, text)`
+the instance asked for instanceTerminationAction=DELETE), `power_off(zone, name)` plays the guest
+OS shutting the VM down (TERMINATED and kept, a `compute.instances.guestTerminate` operation),
+`print_to_console(zone, name, text)`
 appends to a VM's serial port output (a booted VM starts with one line of its own).
 """
 
@@ -115,6 +117,15 @@ class GceState:
             self._operation(zone, "compute.instances.preempted", instance, done=True, user="system")
             if instance.get("scheduling", {}).get("instanceTerminationAction") == "DELETE":
                 self._later(self.delete_after_preempt, lambda: self.instances[zone].pop(name, None))
+
+    def power_off(self, zone: str, name: str) -> None:
+        """The guest OS powered the VM off: TERMINATED (stopped: kept, its disk still billed) with a
+        system `compute.instances.guestTerminate` operation, whatever its termination action."""
+        with self.lock:
+            instance = self.instances[zone][name]
+            instance["status"] = "TERMINATED"
+            instance["lastStopTimestamp"] = rfc3339(time.time())
+            self._operation(zone, "compute.instances.guestTerminate", instance, done=True, user="system")
 
     def print_to_console(self, zone: str, name: str, text: str) -> None:
         with self.lock:

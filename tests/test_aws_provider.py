@@ -6,13 +6,20 @@ import json
 import boto3
 import pytest
 import yaml
-from clouds import AWS_IMAGE, AWS_REGION, aws_instances, preempt_aws
+from clouds import AWS_IMAGE, AWS_REGION, aws_instances, power_off_aws, preempt_aws
 from conftest import agent_config, shipped_code
 
 from spotrain.config import AwsProvider as AwsConfig
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.providers.aws import AwsProvider, client_token
-from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, PriceError, QuotaError
+from spotrain.providers.base import (
+    SELF_SHUTDOWN_DETAIL,
+    AuthError,
+    CapacityError,
+    LaunchRequest,
+    PriceError,
+    QuotaError,
+)
 
 USER_DATA = agent_config("c1", initial_peers=["/ip4/127.0.0.1/tcp/1/p2p/Qm"], task="m:t", code=shipped_code())
 
@@ -124,6 +131,23 @@ def test_preempted_and_terminated_are_told_apart(aws):
     states = {i.instance_id: (i.state, i.end_reason) for i in provider().list_instances("c1")}
     assert states[lost.instance_id] == (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION)
     assert states[ended.instance_id][0] == "terminated"
+
+
+def test_a_vm_that_shut_itself_down_is_an_agent_failure(aws):
+    p = provider()
+    failed = p.launch(request(p, "c1-r00005"))
+    ended = p.launch(request(p, "c1-r00006"))
+    ec2 = boto3.client("ec2", region_name=AWS_REGION)
+    behaviour = ec2.describe_instance_attribute(InstanceId=failed.instance_id,
+                                                Attribute="instanceInitiatedShutdownBehavior")
+    assert behaviour["InstanceInitiatedShutdownBehavior"]["Value"] == "terminate"  # powered off: billed no more
+    power_off_aws(failed.instance_id)
+    p.terminate(ended.instance_id)
+    seen = {i.instance_id: i for i in provider().list_instances("c1")}
+    assert (seen[failed.instance_id].state, seen[failed.instance_id].end_reason) == (
+        InstanceState.TERMINATED, EndReason.AGENT_FAILED)
+    assert seen[failed.instance_id].end_detail == SELF_SHUTDOWN_DETAIL
+    assert seen[ended.instance_id].end_reason == EndReason.TERMINATED_BY_REQUEST
 
 
 @pytest.mark.parametrize("code, status, error", [

@@ -168,6 +168,107 @@ def test_an_aws_capacity_error_in_one_region_moves_the_controller_to_another(ec2
     assert {i.state for i in loop.provider.list_instances("ca")} == {"terminated"}
 
 
+AGENT_TRACEBACK = ["Traceback (most recent call last):", '  File "/opt/spotrain/code/mytask.py", line 3, in <module>',
+                   "    raise RuntimeError('no GPU here')", "RuntimeError: no GPU here"]
+
+
+def failure_console(name: str) -> str:
+    """What infra/spotrain-agent-failed.sh leaves on a VM's console after boot and cloud-init."""
+    return (f"[    0.000] Linux version 6.8.0-1015-gcp\ncloud-init[812]: {name} up\n"
+            "spotrain: agent failed (exit 1); powering off\n"
+            + "".join(f"spotrain: agent failed: {line}\n" for line in ["agent: starting", *AGENT_TRACEBACK])
+            + "[  301.200] reboot: Power down\n")
+
+
+def test_a_gce_vm_that_powered_itself_off_stops_the_run_with_its_agents_lines_and_is_deleted(gce, tmp_path):
+    s = spec(gce)
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
+    lines: list[str] = []
+    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    loop.shipment = StaticShipment()
+    try:
+        loop.tick()
+        failed, other = loop.provider.list_instances("cc")
+        zone = failed.location.split(":", 1)[1]
+        gce.state.print_to_console(zone, failed.instance_id, failure_console(failed.instance_id))
+        gce.state.power_off(zone, failed.instance_id)
+        loop.tick()
+        assert loop.end_reason == f"agent failed (exit 1) on {failed.instance_id}: RuntimeError: no GPU here"
+        said = lines[lines.index(next(line for line in lines if "kept failing" in line)):]
+        assert said[1:1 + len(AGENT_TRACEBACK)] == [f"  {line}" for line in AGENT_TRACEBACK]  # the header first
+        assert not any("Linux version" in line or "Power down" in line for line in said)  # the agent's lines only
+        assert len(ledger.instances()) == 2  # nothing launched in its place
+        (row,) = [r for r in ledger.instances() if r.instance_id == failed.instance_id]
+        assert row.end_reason == "agent failed"
+        deletes = [path.rsplit("/", 1)[1] for method, path, _ in gce.requests if method == "DELETE"]
+        assert failed.instance_id in deletes  # stopped, it is no worker to end, but its disk would stay billed
+        assert other.instance_id in deletes  # the run ended
+    finally:
+        loop.finish("test over")
+        ledger.close()
+
+
+def test_an_ec2_instance_that_shut_itself_down_stops_the_run_with_its_agents_lines(aws, tmp_path, monkeypatch):
+    import moto.ec2.responses.general as moto_console
+    from clouds import power_off_aws
+
+    s = ClusterSpec.model_validate({
+        "name": "ca", "budget": {"total_usd": 5.0}, "placement": {"workers": 1, "backups": 0},
+        "providers": {"aws": {"regions": ["us-east-1"], "zones": ["us-east-1a"], "image_id": AWS_IMAGE}}})
+    ledger = Ledger.create(tmp_path / "ledger.db")
+    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
+    lines: list[str] = []
+    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
+    loop.shipment = StaticShipment()
+    try:
+        loop.tick()
+        (failed,) = loop.provider.list_instances("ca")
+        # moto's console is one sample text for every instance: this one's, as the VM left it
+        monkeypatch.setattr(moto_console, "SAMPLE_CONSOLE_OUTPUT", failure_console(failed.instance_id))
+        power_off_aws(failed.instance_id)
+        loop.tick()
+        assert loop.end_reason == f"agent failed (exit 1) on {failed.instance_id}: RuntimeError: no GPU here"
+        assert f"  {AGENT_TRACEBACK[0]}" in lines and len(ledger.instances()) == 1
+    finally:
+        loop.finish("test over")
+        ledger.close()
+
+
+def test_the_failure_script_prints_the_marker_only_for_a_unit_that_failed_for_good(tmp_path):
+    """infra/spotrain-agent-failed.sh with systemctl and journalctl played by scripts on PATH:
+    its lines are what spotrain.logs reads, and a unit still restarting leaves the VM running."""
+    import os
+    import shlex
+    import subprocess
+
+    from conftest import ROOT
+
+    from spotrain.logs import agent_lines, failed_exit, last_error_lines
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text(
+        '#!/bin/sh\necho "$@" >> "$CALLS"\ncase "$1 $3" in\n  "is-failed "*) exit "$NOT_FAILED" ;;\n'
+        '  "show ExecMainStatus") echo 1 ;;\n  "show ExecMainCode") echo 1 ;;\nesac\n')
+    (bin_dir / "journalctl").write_text("#!/bin/sh\necho \"$@\" >> \"$CALLS\"\nprintf '%s\\n' "
+                                        + " ".join(map(shlex.quote, AGENT_TRACEBACK)) + "\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    script = ROOT / "infra" / "spotrain-agent-failed.sh"
+    for not_failed in (0, 1):
+        calls = tmp_path / f"calls-{not_failed}"
+        env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CALLS=str(calls), NOT_FAILED=str(not_failed))
+        result = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=30, check=True)
+        if not_failed:
+            assert result.stdout == "" and "poweroff" not in calls.read_text()
+            continue
+        assert last_error_lines(agent_lines(result.stdout)) == AGENT_TRACEBACK
+        assert failed_exit(result.stdout) == "exit 1"
+        assert calls.read_text().splitlines()[-1] == "poweroff"
+        assert "_SYSTEMD_UNIT=spotrain-agent.service" in calls.read_text()  # the agent's lines, not systemd's
+
+
 def test_every_provider_satisfies_the_protocol(gce):
     from spotrain.providers.aws import AwsProvider
     from spotrain.providers.base import Provider
@@ -198,15 +299,20 @@ def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
     rendered = yaml.safe_load(render_cloud_init(agent_config(code=shipped_code()), "aws", worker_image=worker_image))
-    unit = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}[
-        "/etc/systemd/system/spotrain-agent.service"]
-    # the command exists on the VM, not here: verify everything else with a stand-in
-    path = tmp_path / "spotrain-agent.service"
-    path.write_text(re.sub(r"^ExecStart=\S+", "ExecStart=/bin/true", unit, flags=re.MULTILINE))
-    result = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60,
-                            check=False)
+    files = {f["path"]: base64.b64decode(f["content"]).decode() for f in rendered["write_files"]}
+    unit, failed = (files[f"/etc/systemd/system/{name}"] for name in ("spotrain-agent.service",
+                                                                     "spotrain-agent-failed.service"))
+    assert "OnFailure=spotrain-agent-failed.service" in unit
+    assert "ExecStart=/bin/sh /etc/spotrain/agent-failed.sh" in failed and "/etc/spotrain/agent-failed.sh" in files
+    # the commands exist on the VM, not here: verify everything else with stand-ins (the folder of
+    # the files given is on verify's search path, so OnFailure= finds the second unit)
+    paths = [tmp_path / "spotrain-agent.service", tmp_path / "spotrain-agent-failed.service"]
+    for path, text in zip(paths, (unit, failed), strict=True):
+        path.write_text(re.sub(r"^ExecStart=.*$", "ExecStart=/bin/true", text, flags=re.MULTILINE))
+    result = subprocess.run(["systemd-analyze", "verify", *map(str, paths)], capture_output=True, text=True,
+                            timeout=60, check=False)
     assert result.returncode == 0, result.stderr
-    assert path.name not in result.stderr, result.stderr  # unknown keys and bad values are only warnings
+    assert not any(path.name in result.stderr for path in paths), result.stderr  # unknown keys: only warnings
 
 
 def test_the_iam_policies_are_least_privilege():
@@ -219,8 +325,13 @@ def test_the_iam_policies_are_least_privilege():
             assert statement["Effect"] == "Allow" and not any(a.endswith("*") for a in actions), statement
             if statement["Resource"] == "*":  # only reads, and tags written while creating
                 assert all(a.split(":")[1].startswith("Describe") for a in actions) or "Condition" in statement
-            if set(actions) & {"ec2:TerminateInstances", "ec2:AuthorizeSecurityGroupIngress", "iam:PassRole"}:
+            if set(actions) & {"ec2:TerminateInstances", "ec2:AuthorizeSecurityGroupIngress", "iam:PassRole",
+                               "ec2:GetConsoleOutput"}:
                 assert "Condition" in statement, statement
     role = yaml.safe_load((ROOT / "infra" / "gcp-controller-role.yaml").read_text())
     assert all(p.startswith("compute.") for p in role["includedPermissions"])
     assert "compute.instances.delete" in role["includedPermissions"]
+    # what the controller calls to read a failed agent's lines (and `spotrain logs`)
+    controller = json.loads((ROOT / "infra" / "aws-controller-policy.json").read_text())
+    assert any("ec2:GetConsoleOutput" in str(statement["Action"]) for statement in controller["Statement"])
+    assert "compute.instances.getSerialPortOutput" in role["includedPermissions"]

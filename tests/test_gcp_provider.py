@@ -12,7 +12,7 @@ from conftest import SHIPPED_SHA, agent_config, shipped_code
 
 from spotrain.config import GcpProvider as GcpConfig
 from spotrain.contracts.states import EndReason, InstanceState
-from spotrain.providers.base import AuthError, CapacityError, LaunchRequest, QuotaError
+from spotrain.providers.base import SELF_SHUTDOWN_DETAIL, AuthError, CapacityError, LaunchRequest, QuotaError
 from spotrain.providers.gcp import GcpProvider, instance_name, request_uuid
 
 GCS_URL = "https://storage.googleapis.com/storage/v1/b/b/o/run%2Fcode%2Fx%2Fw.whl?alt=media"
@@ -100,6 +100,27 @@ def test_preemption_is_seen_before_and_after_the_vm_is_deleted(gce):
     assert lost.instance_id not in gce.state.instances["us-central1-a"]  # termination action DELETE
     states = {i.instance_id: (i.state, i.end_reason) for i in p.list_instances("c2")}
     assert states[lost.instance_id] == (InstanceState.PREEMPTED, EndReason.SPOT_PREEMPTION)
+
+
+def test_a_vm_that_powered_itself_off_is_an_agent_failure_and_another_stopped_vm_is_not(gce):
+    p = provider(gce)
+    failed = p.launch(request(p, "c2-r00005"))
+    stopped = p.launch(request(p, "c2-r00006"))
+    guest_reads = lambda: [q for method, path, q in gce.requests  # noqa: E731
+                           if path.endswith("/operations") and "guestTerminate" in str(q.get("filter"))]
+    p.list_instances("c2")
+    assert guest_reads() == []  # nothing stopped: no second operations list
+    gce.state.power_off("us-central1-a", failed.instance_id)
+    with gce.state.lock:  # stopped some other way (a user's instances.stop): no guest operation
+        gce.state.instances["us-central1-a"][stopped.instance_id]["status"] = "TERMINATED"
+    seen = {i.instance_id: i for i in p.list_instances("c2")}
+    assert (seen[failed.instance_id].state, seen[failed.instance_id].end_reason) == (
+        InstanceState.TERMINATED, EndReason.AGENT_FAILED)
+    assert seen[failed.instance_id].end_detail == SELF_SHUTDOWN_DETAIL and seen[failed.instance_id].ended_at
+    assert (seen[stopped.instance_id].end_reason, seen[stopped.instance_id].end_detail) == (
+        EndReason.ENDED_BY_PROVIDER, "terminated")
+    assert guest_reads()
+    assert failed.instance_id in gce.state.instances["us-central1-a"]  # kept (and its disk billed) until deleted
 
 
 def test_terminate_is_idempotent_and_leaves_nothing_running(gce):

@@ -121,6 +121,20 @@ def test_a_crashing_workload_is_restarted_then_the_vm_gives_up(tmp_path):
     assert (tmp_path / "vms" / instance.instance_id / "work" / "runs").read_text() == "xxxx"  # 1 + 3 restarts
 
 
+def test_only_crashes_in_a_row_count_a_healthy_run_starts_the_count_again():
+    from spotrain.providers.local_vm import HEALTHY_RUN_SECONDS, MAX_AGENT_RESTARTS, CrashCount
+
+    spread = CrashCount()  # three crashes, each after hours of training, then a fourth: all restarted
+    assert all(spread.may_restart(3 * 3600.0) for _ in range(MAX_AGENT_RESTARTS + 1))
+    assert spread.restarts == 1
+    in_a_row = CrashCount()
+    assert in_a_row.may_restart(HEALTHY_RUN_SECONDS)  # a healthy run, then quick crashes
+    assert [in_a_row.may_restart(2.0) for _ in range(MAX_AGENT_RESTARTS)] == [True] * (MAX_AGENT_RESTARTS - 1) + [False]
+    late = CrashCount(limit=2, healthy_seconds=60.0)
+    assert late.may_restart(1.0) and late.may_restart(59.9) and not late.may_restart(59.9)
+    assert late.may_restart(60.0) and late.restarts == 1  # the count restarts even after the limit was reached
+
+
 def test_a_killed_supervisor_shows_as_lost(tmp_path):
     p = provider(tmp_path, [sys.executable, "-c", WATCHER])
     instance = p.launch(request(3))

@@ -189,8 +189,32 @@ def test_last_error_lines_start_at_the_last_traceback():
     log = "agent: starting\nTraceback (most recent call last):\n  old\nOldError\nagent: starting\n" \
           "Traceback (most recent call last):\n  File 'x'\nValueError: boom\n"
     assert last_error_lines(log) == ["Traceback (most recent call last):", "  File 'x'", "ValueError: boom"]
-    assert last_error_lines("\n".join(f"line {n}" for n in range(9))) == [f"line {n}" for n in range(4, 9)]
+    assert last_error_lines("\n".join(f"line {n}" for n in range(20))) == [f"line {n}" for n in range(8, 20)]
     assert last_error_lines("") == []
+
+
+def test_a_long_traceback_is_printed_from_its_header_and_a_far_one_is_cut_to_the_last_lines():
+    frames = [f'  File "m.py", line {n}, in f{n}\n    f{n + 1}()\n    ^^^^^^^^' for n in range(10)]
+    log = "agent: starting\nTraceback (most recent call last):\n" + "\n".join(frames) + "\nRecursionError: deep\n"
+    lines = last_error_lines(log)  # 32 lines: more than 12, and not from a stray `^^^^` line
+    assert lines[0] == "Traceback (most recent call last):" and lines[-1] == "RecursionError: deep"
+    assert len(lines) == 32
+    far = log + "".join(f"agent: retry {n}\n" for n in range(40))  # its header is 41+ lines back
+    assert last_error_lines(far) == [f"agent: retry {n}" for n in range(28, 40)]
+
+
+def test_a_cloud_consoles_failure_marker_gives_the_agents_lines_and_exit():
+    from spotrain.logs import agent_lines, failed_exit
+
+    console = ("[  0.0] Linux version 6.8\ncloud-init: running modules\n"
+               "spotrain: agent failed (exit 1); powering off\n"
+               "spotrain: agent failed: Traceback (most recent call last):\n"
+               "spotrain: agent failed:   File \"t.py\", line 1\n"
+               "spotrain: agent failed: RuntimeError: no\n[  9.9] reboot: Power down\n")
+    assert last_error_lines(agent_lines(console)) == [
+        "Traceback (most recent call last):", '  File "t.py", line 1', "RuntimeError: no"]
+    assert failed_exit(console) == "exit 1"
+    assert agent_lines("agent: plain log\n") == "agent: plain log\n" and failed_exit("agent: plain log") is None
 
 
 def test_follow_prints_the_tail_then_what_is_added_with_labels():

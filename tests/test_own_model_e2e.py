@@ -19,6 +19,8 @@ import pytest
 import torch
 from conftest import processes_under, wait_for
 
+from spotrain.cli import RUN_FAILED_EXIT, run_failed
+
 
 def spotrain(*args: str, home: Path, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     """The console script, as a user runs it: its folder, not the current one, is on its import path."""
@@ -156,6 +158,12 @@ def test_the_read_only_commands_work_once_the_task_is_gone(trained, tmp_path):
     assert wait_for(lambda: processes_under(home) == [], 30, "no process left")
 
 
+def test_only_a_run_its_agents_ended_is_a_failed_launch():
+    assert run_failed("agent failed (exit 1) on i-0a: RuntimeError: no") and run_failed("agent failed")
+    assert run_failed("agent failed (the VM powered itself off) on sp-1")
+    assert not any(map(run_failed, ("budget nearly spent", "reached target epoch 3", "duration reached")))
+
+
 AGENTS_ONLY_FAILURE = textwrap.dedent("""
     import os
 
@@ -172,7 +180,8 @@ def test_a_task_that_fails_in_every_agent_stops_the_controller_with_the_agents_e
     (folder / "spec.yaml").write_text("name: broken\nbudget: {total_usd: 0.5}\ntraining: {task: 'broken_task:task'}\n"
                                       "placement: {workers: 1}\nproviders: {local: {time_compression: 1}}\n")
     result = spotrain("launch", "spec.yaml", "--duration", "300", home=home, cwd=folder)
-    out = ok(result)
+    assert result.returncode == RUN_FAILED_EXIT == 1, result.stdout + result.stderr  # the task ended the run
+    out = result.stdout
     assert "RuntimeError: this task only imports in the controller" in out
     ended = next(line for line in out.splitlines() if "run ended: " in line)
     assert "agent failed (exit 1) on i-" in ended and ended.endswith(
