@@ -30,14 +30,7 @@ def fail(message: str) -> None:
 
 # `launch` in the foreground: 0 for a run that ended as planned (budget, duration, target epoch, a
 # drain), 1 for one its task ended (an agent that kept failing), 2 for bad input (`fail`)
-RUN_FAILED_EXIT = 1
-
-
-def run_failed(reason: str) -> bool:
-    """Whether a run's end reason (ControlLoop.end_reason) says its agents kept failing."""
-    from spotrain.contracts.states import EndReason
-
-    return reason == EndReason.AGENT_FAILED or reason.startswith(f"{EndReason.AGENT_FAILED} ")
+RUN_FAILED_EXIT = 1  # a run that ended on something no retry fixes (cluster_ops.RunEnd.failed)
 
 
 def check_number(flag: str, value: float | None, most: float, least: float | None = None) -> None:
@@ -119,15 +112,15 @@ def launch(
         controller_logging(route_hivemind=True)
         run_controller_behind_nat(spec, say)  # the emulated cloud's controller: re-executed behind its NAT
         write_log_file = log_to_file(spec.name)
-        reason = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say,
+        end = cluster_ops.launch(spec, duration=duration, target_epoch=target_epoch, tick_seconds=tick, say=say,
                                     started=write_log_file)
     except (SpotrainError, ProviderError) as error:  # a cloud refusing at start: one line, not a traceback
         fail(str(error))
         return
-    say(f"run ended: {reason}")
+    say(f"run ended: {end.reason}")
     if report:
         _print_report(spec.name, as_json=False)
-    if run_failed(reason):
+    if end.failed:
         raise typer.Exit(RUN_FAILED_EXIT)
 
 

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
@@ -53,9 +54,15 @@ def checked_provider(spec: ClusterSpec):
     return provider
 
 
+@dataclass(frozen=True)
+class RunEnd:
+    reason: str  # why the run ended, as the ledger records it
+    failed: bool  # on something no retry fixes (ControlLoop.failed): `spotrain launch` exits non-zero
+
+
 def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | None, tick_seconds: float,
-           say: Callable[[str], None], started: Callable[[], None] = lambda: None) -> str:
-    """Drive the cluster until its run ends; returns why it ended. `started` is called once the
+           say: Callable[[str], None], started: Callable[[], None] = lambda: None) -> RunEnd:
+    """Drive the cluster until its run ends; returns how it ended. `started` is called once the
     checks passed and the run is opened (the controller's log file is written from then on)."""
     from spotrain.access import ClusterAccess
     from spotrain.shipping import ship_spec
@@ -120,7 +127,7 @@ def run_end(ledger: Ledger, run: Run, duration: float | None) -> float | None:
     return float(end_at) if isinstance(end_at, (int, float)) else None
 
 
-def _drive(loop: ControlLoop, swarm: SwarmView, tick_seconds: float, stop: threading.Event) -> str:
+def _drive(loop: ControlLoop, swarm: SwarmView, tick_seconds: float, stop: threading.Event) -> RunEnd:
     """Tick until the run ends; a stop signal ends it as `down` does, and so does losing the DHT."""
     from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -142,8 +149,8 @@ def _drive(loop: ControlLoop, swarm: SwarmView, tick_seconds: float, stop: threa
     if swarm_lost and not loop.ended.is_set():
         loop.say("the controller's DHT process died: ending the run, as `spotrain down` would")
         loop.finish("the controller's DHT process died")
-        return "the controller's DHT process died"
-    return loop.end_reason or "ended"
+        return RunEnd("the controller's DHT process died", failed=True)
+    return RunEnd(loop.end_reason or "ended", loop.failed)
 
 
 def down(name: str | None, say: Callable[[str], None], wait_seconds: float = 180.0) -> str:

@@ -115,6 +115,9 @@ class ControlLoop:
         self.stop_requested = False
         self.ended = threading.Event()
         self.end_reason: str | None = None
+        # the run ends on something no retry fixes (its agents kept failing, a launch refused for
+        # good): `spotrain launch` exits non-zero; told apart here, not by the reason's text
+        self.failed = False
         self.duty: tuple[str, ...] = ()
         self.statuses: dict[str, AgentStatus] = {}
         self.max_epoch = max((m["epoch"] for m in ledger.metrics(run.id)), default=0)
@@ -330,7 +333,7 @@ class ControlLoop:
         observed = self.observe(now)
         self._revoke_offenders()
         if self.failed_agent is not None:  # a task that crashes its agents would crash every replacement too
-            self.end_reason = self._agent_failure(self.failed_agent)
+            self.end_reason, self.failed = self._agent_failure(self.failed_agent), True
             return observed
         refused_before = set(self.failed_at)
         actions = reconcile(observed, self.desired(), now, self.policy)
@@ -458,6 +461,7 @@ class ControlLoop:
                                    f"{type(error).__name__}: {error}")
             if isinstance(error, (SettingError, AuthError)):  # no retry can fix it: end the run with one line
                 self.end_reason = f"launch refused in {offer.location}, no retry can fix it: {error}"
+                self.failed = True
                 return
             self.say(f"launch in {offer.location} failed ({type(error).__name__}: {error}); trying other offers")
             return

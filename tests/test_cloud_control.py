@@ -194,6 +194,7 @@ def test_a_gce_vm_that_powered_itself_off_stops_the_run_with_its_agents_lines_an
         gce.state.print_to_console(zone, failed.instance_id, failure_console(failed.instance_id))
         gce.state.power_off(zone, failed.instance_id)
         loop.tick()
+        assert loop.failed
         assert loop.end_reason == f"agent failed (exit 1) on {failed.instance_id}: RuntimeError: no GPU here"
         said = lines[lines.index(next(line for line in lines if "kept failing" in line)):]
         assert said[1:1 + len(AGENT_TRACEBACK)] == [f"  {line}" for line in AGENT_TRACEBACK]  # the header first
@@ -228,6 +229,7 @@ def test_an_ec2_instance_that_shut_itself_down_stops_the_run_with_its_agents_lin
         monkeypatch.setattr(moto_console, "SAMPLE_CONSOLE_OUTPUT", failure_console(failed.instance_id))
         power_off_aws(failed.instance_id)
         loop.tick()
+        assert loop.failed
         assert loop.end_reason == f"agent failed (exit 1) on {failed.instance_id}: RuntimeError: no GPU here"
         assert f"  {AGENT_TRACEBACK[0]}" in lines and len(ledger.instances()) == 1
     finally:

@@ -25,7 +25,7 @@ def run_ticks(s: ClusterSpec, tmp_path, ticks: int = 3) -> tuple[list[str], Ledg
 
 
 def assert_ended_with_one_line(lines: list[str], ledger: Ledger, loop: ControlLoop, setting: str, code: str) -> None:
-    assert loop.ended.is_set()
+    assert loop.ended.is_set() and loop.failed  # `spotrain launch` exits 1
     assert len(lines) == 1, lines  # no retry, no second line per tick
     assert lines[0].startswith("ending the run: launch refused in ") and setting in lines[0] and code in lines[0]
     (run,) = [r for r in [ledger.run(loop.run.id)] if r is not None]

@@ -175,7 +175,7 @@ def test_an_agent_that_keeps_failing_ends_the_run_with_its_error_lines(tmp_path)
     loop = make_loop(tmp_path, crash, 2, said)
     try:
         wait_for(lambda: loop.tick() or loop.ended.is_set(), 90, "the run to end", every=0.5)
-        assert loop.end_reason is not None and loop.end_reason.startswith("agent failed (exit 1) on i-")
+        assert loop.failed and loop.end_reason is not None and loop.end_reason.startswith("agent failed (exit 1) on i-")
         assert loop.end_reason.endswith("ModuleNotFoundError: No module named 'my_missing_dependency'")
         assert "  Traceback (most recent call last):" in said
         assert any(line.startswith("see `spotrain logs c i-") for line in said)
