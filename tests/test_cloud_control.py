@@ -3,6 +3,7 @@ moving on from a location without capacity (GCE fake, real client)."""
 
 import base64
 import json
+import re
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from conftest import agent_config, shipped_code
 from test_control_loop import WORKLOAD, QuietSwarm
 
 from spotrain.config import ClusterSpec
+from spotrain.contracts.live_peers import PEERS_TAG
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.ledger import Ledger
 from spotrain.provider_factory import make_provider
@@ -294,7 +296,6 @@ def test_the_cloud_example_spec_loads():
 
 @pytest.mark.parametrize("worker_image", [None, "registry/spotrain-worker:1"])
 def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image):
-    import re
     import shutil
     import subprocess
 
@@ -317,6 +318,18 @@ def test_the_rendered_systemd_unit_passes_systemd_analyze(tmp_path, worker_image
     assert not any(path.name in result.stderr for path in paths), result.stderr  # unknown keys: only warnings
 
 
+def aws_api_calls() -> set[str]:
+    """The IAM actions of the EC2 and SSM calls providers/aws.py makes (read from its source)."""
+    from conftest import ROOT
+
+    source = (ROOT / "providers" / "aws.py").read_text()
+    calls = set(re.findall(r"\.([a-z]+(?:_[a-z]+)+)\(", source)) | set(re.findall(r'get_paginator\("(\w+)"\)', source))
+    # boto3's own helpers, the agent config's, and STS's identity call (it needs no permission)
+    calls -= {"get_paginator", "get_credentials", "get_caller_identity", "for_vm"}
+    assert {"run_instances", "create_tags", "describe_instances"} <= calls, calls
+    return {("ssm:" if call == "get_parameter" else "ec2:") + call.title().replace("_", "") for call in calls}
+
+
 def test_the_iam_policies_are_least_privilege():
     from conftest import ROOT
 
@@ -335,5 +348,12 @@ def test_the_iam_policies_are_least_privilege():
     assert "compute.instances.delete" in role["includedPermissions"]
     # what the controller calls to read a failed agent's lines (and `spotrain logs`)
     controller = json.loads((ROOT / "infra" / "aws-controller-policy.json").read_text())
-    assert any("ec2:GetConsoleOutput" in str(statement["Action"]) for statement in controller["Statement"])
+    allowed = {action for statement in controller["Statement"]
+               for action in (statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]])}
+    assert aws_api_calls() <= allowed, aws_api_calls() - allowed  # every call the provider makes is allowed
+    # the live peers (publish_peers) are re-tagged on running workers: only that key, only spotrain's instances
+    (retag,) = [s for s in controller["Statement"] if s["Action"] == "ec2:CreateTags" and "ec2:CreateAction"
+                not in str(s["Condition"])]
+    assert retag["Condition"]["ForAllValues:StringEquals"] == {"aws:TagKeys": [PEERS_TAG]}
+    assert retag["Condition"]["StringLike"] == {"aws:ResourceTag/spotrain:cluster": "?*"}
     assert "compute.instances.getSerialPortOutput" in role["includedPermissions"]
