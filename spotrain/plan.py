@@ -32,6 +32,15 @@ def offers_for(spec: ClusterSpec, provider: MultiProvider, say: Callable[[str], 
     return list(spec.usable_offers(live + catalog))
 
 
+# What `launch` keeps of the plan, in the ledger's meta under plan_meta_key (the first launch of a
+# run writes it): the report compares the run with the plan it started from.
+PLANNED_FIGURES = ("samples_per_second", "cost_per_million_samples_usd", "usd_per_hour")
+
+
+def plan_meta_key(run_id: int) -> str:
+    return f"run-{run_id}-plan"
+
+
 LAUNCHING_PROVIDERS = ("local", "aws", "gcp")  # the catalog's other clouds are only simulated
 
 
