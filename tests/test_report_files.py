@@ -11,7 +11,6 @@ from xml.etree import ElementTree
 
 import pytest
 from conftest import run_cli
-
 from report_page import plot_boxes, require_chromium, undrawn
 
 from spotrain.config import ClusterSpec
@@ -122,7 +121,7 @@ def test_the_html_page_has_four_plots_and_the_headline(cluster, tmp_path):
     assert all(f"i-{name}" in fleet for name in "abc")
     assert [drawn(fleet, f"data-fleet-bar-{row}") for row in range(3)] == ["path"] * 3
     # the markers themselves (the legend shows both kinds whatever happened): i-a's notice, i-c's none
-    assert drawn(fleet, "data-fleet-preempted-0") == "use" and drawn(fleet, "data-fleet-preempted-without-notice-2") == "use"
+    assert drawn(fleet, "data-fleet-preempted-0") == drawn(fleet, "data-fleet-preempted-without-notice-2") == "use"
     assert "data-fleet-preempted-without-notice-0" not in fleet and "data-fleet-preempted-1" not in fleet
     assert "local:zone-a" in plots["cost"] and drawn(plots["cost"], "data-cost-on-demand-0") == "path"
     assert drawn(plots["spend"], "data-spend") == drawn(plots["progress"], "data-progress-loss") == "path"
@@ -170,7 +169,7 @@ def test_the_headline_compares_the_run_with_its_recorded_plan(cluster, tmp_path)
     data = json.loads(run_cli("report", "--run", "1", "--json", "--html", str(tmp_path / "r.html"), home=home,
                               check=True, timeout=120).stdout)
     assert data["planned"] == {"samples_per_second": 40.0, "cost_per_million_samples_usd": 1.25, "usd_per_hour": 1.3}
-    assert data["samples_per_second"] == pytest.approx((1800 + 6000 + 3600) / 540)  # i-a, i-b, i-c; first to last metric
+    assert data["samples_per_second"] == pytest.approx((1800 + 6000 + 3600) / 540)  # i-a, i-b, i-c; metrics span 540 s
     share = f"{data['samples_per_second'] / 40:.0%}"
     terminal = run_cli("report", "--run", "1", home=home, check=True, timeout=120).stdout
     assert f"40.0 -> {data['samples_per_second']:.1f} ({share} of plan)" in terminal
