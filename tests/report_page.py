@@ -64,8 +64,9 @@ def plot_boxes(page: Path, workdir: Path) -> list[dict]:
 
 
 def undrawn(plots: list[dict]) -> list[str]:
-    """The plots that show no data: a small SVG, no data element, or a data element with an empty box
-    (a line through one point, a bar of no width)."""
+    """The plots that show no data: a small SVG, no data element, or a data element whose box has no
+    extent at all (a line through one point). A box's height may be 0: Chromium leaves the stroke
+    out, so a level line (a local run's steady samples/s) is only wide."""
     return [plot["plot"] for plot in plots
             if plot["width"] <= 300 or plot["height"] <= 150 or not plot["data"]
-            or any(width <= 0 or height <= 0 for _, width, height in plot["data"])]
+            or any(width <= 0 and height <= 0 for _, width, height in plot["data"])]
