@@ -36,6 +36,7 @@ from spotrain.swarm import NoSwarm
 
 if TYPE_CHECKING:
     from spotrain.metrics import MetricsEndpoint
+    from spotrain.providers.multi import MultiProvider
     from spotrain.swarm_view import SwarmView
 
 
@@ -81,6 +82,7 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         end_at = run_end(ledger, run, duration)
         tell_parent_ready()  # before the DHT forks: its process must not inherit the pipe
         started()
+        record_plan(ledger, run, spec, provider, say)
         running = [i for i in provider.list_instances(spec.name) if i.state == InstanceState.RUNNING]
         if running:
             say(f"adopting {len(running)} running instance(s) of {spec.name}")
@@ -100,6 +102,24 @@ def launch(spec: ClusterSpec, *, duration: float | None, target_epoch: int | Non
         finally:
             leaving()  # hivemind's asyncio tasks that stop unfinished with the DHT are not news now
             swarm.shutdown()
+
+
+def record_plan(ledger: Ledger, run: Run, spec: ClusterSpec, provider: MultiProvider,
+                say: Callable[[str], None]) -> None:
+    """Keep what `spotrain plan` gives for this spec now (the same offers and planner) with a new
+    run, for the report's planned-against-actual rows; a relaunched controller keeps the first."""
+    from spotrain import plan as planning
+    from spotrain.providers.base import ProviderError
+
+    key = planning.plan_meta_key(run.id)
+    if ledger.meta(key) is not None:
+        return
+    try:
+        figures = planning.plan(spec, planning.offers_for(spec, provider, say))
+    except (SpotrainError, ProviderError) as error:  # the run goes on; its report says "not recorded"
+        say(f"plan not recorded for the report: {error}")
+        return
+    ledger.set_meta(key, {name: figures[name] for name in planning.PLANNED_FIGURES})
 
 
 @contextmanager

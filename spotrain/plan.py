@@ -41,6 +41,15 @@ def _would_list(spec: ClusterSpec, offer: Offer) -> bool:
     return settings is None or settings.would_list(offer)
 
 
+# What `launch` keeps of the plan, in the ledger's meta under plan_meta_key (the first launch of a
+# run writes it): the report compares the run with the plan it started from.
+PLANNED_FIGURES = ("samples_per_second", "cost_per_million_samples_usd", "usd_per_hour")
+
+
+def plan_meta_key(run_id: int) -> str:
+    return f"run-{run_id}-plan"
+
+
 LAUNCHING_PROVIDERS = ("local", "aws", "gcp")  # the catalog's other clouds are only simulated
 
 

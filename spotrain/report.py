@@ -10,23 +10,18 @@ from rich.table import Table
 
 from spotrain.contracts.states import AgentState, EndReason, InstanceState, LaunchReason
 from spotrain.ledger import Ledger, Run
-from spotrain.report_data import format_duration, format_usd, headline
+from spotrain.report_data import format_duration, format_usd, headline, planned_against_actual
 
 
 def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
     metrics = ledger.metrics(run.id)
-    samples_by_worker: dict[str, int] = defaultdict(int)
     traffic: dict[str, tuple[int, int]] = {}
     losses_by_time: dict[float, list[float]] = defaultdict(list)
     for m in metrics:
-        samples_by_worker[m["instance_id"]] = max(samples_by_worker[m["instance_id"]], m["samples"])
         traffic[m["instance_id"]] = (m["bytes_sent"], m["bytes_received"])
         if m["loss"] is not None and m["state"] == AgentState.TRAINING:
             losses_by_time[m["t"]].append(m["loss"])
-    samples = sum(samples_by_worker.values())
-    span = (metrics[-1]["t"] - metrics[0]["t"]) if len(metrics) > 1 else 0.0
     loss_times = sorted(losses_by_time)
-    spent = ledger.spent(run.id)
     instances = ledger.instances(run_id=run.id)
     preempted = [i for i in instances if i.state == InstanceState.PREEMPTED]
     launched = [i for i in instances if i.state != InstanceState.FAILED]
@@ -36,11 +31,7 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
         "state": "ended" if run.ended_at is not None else "running",
         "end_reason": run.end_reason,
         "budget_usd": run.budget_usd,
-        "spent_usd": spent,
-        "samples": samples,
         "epochs": max((m["epoch"] for m in metrics), default=0),
-        "samples_per_second": samples / span if span > 0 else 0.0,
-        "cost_per_million_samples_usd": spent / samples * 1e6 if samples else None,
         "workers_launched": len(launched),
         "preemptions": len(preempted),
         "preemptions_without_notice": len([i for i in preempted
@@ -56,7 +47,7 @@ def build_report(ledger: Ledger, run: Run, cluster: str) -> dict:
                               for k, v in sorted(traffic.items())],
         "compression": _compression(run.spec),
         "stages": _stages(ledger, run),
-        **headline(ledger, run, cluster),
+        **headline(ledger, run, cluster),  # spend, samples, samples/s planned and reached, ...
     }
 
 
@@ -104,8 +95,7 @@ def print_report(report: dict, console: Console | None = None) -> None:
         ("on demand it would cost (saved)", _on_demand(report)),
         ("samples", f"{report['samples']:,}"),
         ("global epoch", str(report["epochs"])),
-        ("samples/s", f"{report['samples_per_second']:.1f}"),
-        ("cost per 1M samples", _fmt(report["cost_per_million_samples_usd"], "${:.2f}")),
+        *planned_against_actual(report),
         ("loss first -> last", f"{_fmt(report['loss_first'], '{:.3f}')} -> {_fmt(report['loss_last'], '{:.3f}')}"),
         ("workers launched", str(report["workers_launched"])),
         ("preemptions (without notice)", f"{report['preemptions']} ({report['preemptions_without_notice']})"),

@@ -4,6 +4,7 @@ the time series behind the HTML page's plots."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -84,16 +85,23 @@ def by_location(ledger: Ledger, run: Run) -> list[dict]:
 
 
 def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -> dict:
-    """Duration, the on-demand equivalent of the fleet and the savings against it, the checkpoints."""
+    """Duration, spend, the on-demand equivalent of the fleet and the savings against it, the
+    throughput planned and reached, the checkpoints."""
     locations = by_location(ledger, run)
     prices = [entry["on_demand_usd"] for entry in locations]
     on_demand = sum(prices) if prices and None not in prices else None
     spent = ledger.spent(run.id)
+    samples, samples_per_second = throughput(ledger, run)
     folder, epoch = newest_checkpoint(run, cluster)
     end = run.ended_at if run.ended_at is not None else (now or time.time())
     return {
         "started_at": run.started_at, "ended_at": run.ended_at,
         "duration_seconds": max(0.0, end - run.started_at),
+        "spent_usd": spent,
+        "samples": samples,
+        "samples_per_second": samples_per_second,
+        "cost_per_million_samples_usd": _per_million(spent, samples),
+        "planned": planned(ledger, run),
         "on_demand_usd": on_demand,
         "savings_fraction": 1.0 - spent / on_demand if on_demand else None,
         "checkpoint_dir": folder, "checkpoint_epoch": epoch,
@@ -101,6 +109,47 @@ def headline(ledger: Ledger, run: Run, cluster: str, now: float | None = None) -
         if folder and epoch is not None else None,
         "locations": locations,
     }
+
+
+def throughput(ledger: Ledger, run: Run) -> tuple[int, float]:
+    """The run's samples (each agent's most) and samples/s between its first and last metrics."""
+    metrics = ledger.metrics(run.id)
+    span = metrics[-1]["t"] - metrics[0]["t"] if len(metrics) > 1 else 0.0
+    samples = sum(samples_by_instance(ledger, run).values())
+    return samples, samples / span if span > 0 else 0.0
+
+
+def planned(ledger: Ledger, run: Run) -> dict[str, float | None] | None:
+    """What `spotrain plan` gave when the run was launched (spotrain.cluster_ops.record_plan); None
+    for a run launched by a spotrain that did not record it."""
+    from spotrain.plan import PLANNED_FIGURES, plan_meta_key
+
+    stored = ledger.meta(plan_meta_key(run.id))
+    if not isinstance(stored, dict):
+        return None
+    figures = {name: stored.get(name) for name in PLANNED_FIGURES}
+    for name, value in figures.items():
+        if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+            raise SpotrainError(f"ledger meta {plan_meta_key(run.id)}: {name} is {value!r}, not a number")
+    return figures
+
+
+def planned_against_actual(report: dict, arrow: str = "->") -> list[tuple[str, str]]:
+    """The headline's rows comparing the run with its plan, for the terminal and the page alike."""
+    plan = report["planned"]
+    if plan is None:
+        plan = dict.fromkeys(("samples_per_second", "cost_per_million_samples_usd"))
+        note = "not recorded"
+    else:
+        note = "-"
+    rate, planned_rate = report["samples_per_second"], plan["samples_per_second"]
+    share = f" ({rate / planned_rate:.0%} of plan)" if planned_rate else ""
+    rate_text = note if planned_rate is None else f"{planned_rate:.1f}"
+    cost = plan["cost_per_million_samples_usd"]
+    cost_text = note if cost is None else format_usd(cost)
+    return [(f"samples/s planned {arrow} actual", f"{rate_text} {arrow} {rate:.1f}{share}"),
+            (f"cost per 1M samples planned {arrow} actual",
+             f"{cost_text} {arrow} {format_usd(report['cost_per_million_samples_usd'])}")]
 
 
 def newest_checkpoint(run: Run, cluster: str) -> tuple[str | None, int | None]:

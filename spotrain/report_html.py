@@ -1,5 +1,8 @@
 """`spotrain report --html FILE`: one self-contained page (inline SVG plots drawn by matplotlib, no
-script, no font or file fetched) with the report's headline, its plots and its tables."""
+script, no font or file fetched) with the report's headline, its plots and its tables.
+
+Every artist that draws data (not axes, legends or the budget line) carries an SVG id starting
+with `data-<plot>-` (matplotlib's `gid`), so a test can tell a drawn plot from an empty one."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 from spotrain.contracts.states import EndReason, InstanceState
 from spotrain.errors import SpotrainError
-from spotrain.report_data import format_duration, format_usd
+from spotrain.report_data import format_duration, format_usd, planned_against_actual
 
 WIDTH, HEIGHT = 8.0, 3.0  # inches, at matplotlib's 72 SVG units per inch
 STYLE = """body{font:15px/1.45 system-ui,sans-serif;margin:2em auto;max-width:60em;color:#222}
@@ -25,14 +28,14 @@ def render(report: dict, series: dict) -> str:
     minutes = series["duration_seconds"] / 60.0
     colours = _location_colours(series, report)
     plots = [
-        ("Spend against the budget", _spend_plot(series, report["budget_usd"], minutes)),
-        ("Fleet: one bar per instance, by location", _fleet_plot(series, colours, minutes)),
-        ("Throughput and loss", _progress_plot(series, minutes)),
-        ("Cost per 1M samples by location, against on demand", _cost_plot(report["locations"], colours)),
+        ("spend", "Spend against the budget", _spend_plot(series, report["budget_usd"], minutes)),
+        ("fleet", "Fleet: one bar per instance, by location", _fleet_plot(series, colours, minutes)),
+        ("progress", "Throughput and loss", _progress_plot(series, minutes)),
+        ("cost", "Cost per 1M samples by location, against on demand", _cost_plot(report["locations"], colours)),
     ]
     title = f"spotrain report: {report['cluster']}, run {report['run']} ({report['state']})"
-    figures = "\n".join(f'<h2>{html.escape(name)}</h2>\n<figure class="plot">{svg}</figure>'
-                        for name, svg in plots)
+    figures = "\n".join(f'<h2>{html.escape(title)}</h2>\n<figure class="plot" data-plot="{name}">{svg}</figure>'
+                        for name, title, svg in plots)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
             f"<h1>{html.escape(title)}</h1>\n{_headline(report)}\n{figures}\n"
@@ -61,7 +64,8 @@ def _headline(report: dict) -> str:
         ("Of which egress", f"${report.get('egress_usd', 0.0):.4f}"),
         ("On demand it would cost", on_demand),
         ("Samples (global epoch)", f"{report['samples']:,} ({report['epochs']})"),
-        ("Cost per 1M samples", format_usd(report["cost_per_million_samples_usd"])),
+        *[(html.escape(key[0].upper() + key[1:]), html.escape(value))
+          for key, value in planned_against_actual(report, "\u2192")],
         ("Loss first &rarr; last", f"{_number(report['loss_first'])} &rarr; {_number(report['loss_last'])}"),
         ("Preemptions (without notice)", f"{report['preemptions']} ({report['preemptions_without_notice']})"),
         ("Newest checkpoint",
@@ -114,7 +118,7 @@ def _empty(axes, what: str) -> None:
 def _spend_plot(series: dict, budget: float, minutes: float) -> str:
     figure, axes = _figure()
     times, spent = zip(*series["spend"])
-    axes.step([t / 60.0 for t in times], spent, where="post", color="#1f77b4", label="spent")
+    axes.step([t / 60.0 for t in times], spent, where="post", color="#1f77b4", label="spent", gid="data-spend")
     axes.axhline(budget, color="#d62728", linestyle="--", label=f"budget ${budget:g}")
     axes.set(xlabel="minutes since the run started", ylabel="USD", xlim=(0, max(minutes, 1 / 60)))
     axes.set_ylim(0, budget * 1.05)
@@ -127,11 +131,12 @@ def _fleet_plot(series: dict, colours: dict[str, str], minutes: float) -> str:
     fleet = series["fleet"]
     for row, member in enumerate(fleet):
         axes.barh(row, (member["end"] - member["start"]) / 60.0, left=member["start"] / 60.0, height=0.6,
-                  color=colours[member["location"]])
+                  color=colours[member["location"]], gid=f"data-fleet-bar-{row}")
         if member["state"] == InstanceState.PREEMPTED:
             announced = member["end_reason"] != EndReason.SPOT_PREEMPTION_WITHOUT_NOTICE
             axes.plot(member["end"] / 60.0, row, marker="v" if announced else "X", markersize=9,
-                      color="#444" if announced else "#d62728", linestyle="none")
+                      color="#444" if announced else "#d62728", linestyle="none",
+                      gid=f"data-fleet-{'preempted' if announced else 'preempted-without-notice'}-{row}")
     if not fleet:
         _empty(axes, "instance")
     handles = [_patch(colour, location) for location, colour in colours.items()]
@@ -148,11 +153,12 @@ def _progress_plot(series: dict, minutes: float) -> str:
     figure, axes = _figure()
     progress = series["progress"]
     if progress:
-        axes.plot([t / 60.0 for t, _, _ in progress], [rate for _, rate, _ in progress], color="#2ca02c")
+        axes.plot([t / 60.0 for t, _, _ in progress], [rate for _, rate, _ in progress], color="#2ca02c",
+                  gid="data-progress-rate")
         losses = [(t / 60.0, loss) for t, _, loss in progress if loss is not None]
         if losses:
             twin = axes.twinx()
-            twin.plot(*zip(*losses), color="#ff7f0e")
+            twin.plot(*zip(*losses), color="#ff7f0e", gid="data-progress-loss")
             twin.set_ylabel("loss (mean of the workers)", color="#ff7f0e")
     else:
         _empty(axes, "training")
@@ -166,10 +172,12 @@ def _cost_plot(locations: list[dict], colours: dict[str, str]) -> str:
     priced = [e for e in locations if e["cost_per_million_samples_usd"] is not None]
     for index, entry in enumerate(priced):
         colour = colours[entry["location"]]
-        axes.bar(index - 0.2, entry["cost_per_million_samples_usd"], width=0.4, color=colour)
+        axes.bar(index - 0.2, entry["cost_per_million_samples_usd"], width=0.4, color=colour,
+                 gid=f"data-cost-spot-{index}")
         on_demand = entry["on_demand_cost_per_million_samples_usd"]
         if on_demand is not None:
-            axes.bar(index + 0.2, on_demand, width=0.4, color="white", edgecolor=colour, hatch="//")
+            axes.bar(index + 0.2, on_demand, width=0.4, color="white", edgecolor=colour, hatch="//",
+                     gid=f"data-cost-on-demand-{index}")
     if not priced:
         _empty(axes, "sample")
     axes.set_xticks(range(len(priced)), [e["location"] for e in priced])

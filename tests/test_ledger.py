@@ -129,6 +129,7 @@ def test_reports_of_an_unversioned_ledger_are_unchanged(tmp_path):
         assert [{key: report[key] for key in old} for report, old in zip(json.loads(json.dumps(reports)), expected)] \
             == expected
         assert reports[0]["preemptions"] == 3 and reports[0]["preemptions_without_notice"] == 1
+        assert [report["planned"] for report in reports] == [None] * len(reports)  # launched before plans were kept
     finally:
         ledger.close()
 
