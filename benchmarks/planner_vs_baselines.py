@@ -26,8 +26,8 @@ from pathlib import Path
 from spotrain.config import ClusterSpec
 from spotrain.market import catalog_offers
 from spotrain.policies import FleetMember, PlacementContext, get_policy
-from spotrain.providers.base import Offer
 from spotrain.progress_bars import StepBars
+from spotrain.providers.base import Offer
 from spotrain.sim.engine import STARTUP_SECONDS, Job, Progress, compare, fleet_pace
 from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import LocationTrace, load_trace
