@@ -68,7 +68,8 @@ def main() -> int:
     with StepBars(len(codecs)) as bars:
         for codec in codecs:
             bars.start(f"codec {codec}: warm-up, then {args.rounds} replacements")
-            losses, download = _run(args, task, held_out, *codec.split("/"), progress=bars)
+            gradients, state = codec.split("/")
+            losses, download = _run(args, task, held_out, gradients, state, bars)
             rows.append({"codec": codec, "losses": losses, "final": losses[-1], "peak": max(losses),
                          "download_mb": round(download / 1e6, 2)})
             bars.say(f"  {codec}: loss after each round {losses}")
