@@ -67,7 +67,7 @@ def main() -> int:
     codecs = ["none/none"] + [c for c in args.codecs if c != "none/none"]
     with StepBars(len(codecs)) as bars:
         for codec in codecs:
-            bars.start(f"codec {codec}: warm-up, then {args.rounds} replacements")
+            bars.start(f"codec {codec}: warm-up, then {args.rounds} replacement(s)")
             gradients, state = codec.split("/")
             losses, download = _run(args, task, held_out, gradients, state, bars)
             rows.append({"codec": codec, "losses": losses, "final": losses[-1], "peak": max(losses),

@@ -256,10 +256,10 @@ def main() -> int:
             bars.start("memory: the whole model against one stage, fresh processes")
             figures["memory"] = swarm_figures.memory_per_stage()
         if "loss" in parts:
-            bars.start(f"loss against data parallelism: {args.repeats} runs of {args.samples} samples each")
+            bars.start(f"loss against data parallelism: {args.repeats} run(s) of {args.samples} samples each")
             figures["loss"] = swarm_figures.loss_against_data_parallel(args.samples, args.repeats, args.target_batch)
         if "factors" in parts:
-            bars.start(f"loss factors: {args.repeats} runs of {args.samples} samples per configuration")
+            bars.start(f"loss factors: {args.repeats} run(s) of {args.samples} samples per configuration")
             figures["loss_factors"] = swarm_figures.loss_factors(args.samples, args.repeats)
     print(json.dumps(figures) if args.json else json.dumps(figures, indent=2))
     return 0
