@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from spotrain.progress_bars import StepBars
+
 WORKER = Path(__file__).resolve().parent / "wan_worker.py"
 DEFAULT_CODECS = ("none/none", "float16/float16", "uniform8/uniform8", "blockwise8/blockwise8",
                   "blockwise4/blockwise8", "powersgd:4/blockwise8")
@@ -39,11 +41,16 @@ def main() -> int:
     args = parser.parse_args()
     codecs = ["none/none"] + [c for c in args.codecs if c != "none/none"]
     rows = []
-    for codec in codecs:
-        losses = [_train(args, *codec.split("/")) for _ in range(args.repeats)]
-        row = {"codec": codec, "losses": losses, "loss": sum(losses) / len(losses)}
-        rows.append(row)
-        print(f"  {codec}: loss {row['loss']:.4f}", file=sys.stderr, flush=True)  # stderr: --json keeps stdout
+    with StepBars(len(codecs) * args.repeats) as bars:  # on stderr: --json keeps stdout
+        for codec in codecs:
+            losses = []
+            for repeat in range(args.repeats):
+                bars.start(f"codec {codec}: 2 agents, {args.epochs} epochs"
+                           + (f" (run {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""))
+                losses.append(_train(args, *codec.split("/")))
+            row = {"codec": codec, "losses": losses, "loss": sum(losses) / len(losses)}
+            rows.append(row)
+            bars.say(f"  {codec}: loss {row['loss']:.4f}")
     baseline = rows[0]["loss"]
     for row in rows:
         row["loss_vs_uncompressed"] = row["loss"] / baseline

@@ -24,6 +24,8 @@ import time
 
 import torch
 
+from spotrain.progress_bars import StepBars
+
 
 def check_device() -> dict:
     from spotrain.agents.device import DEVICE_ENV, choose_device
@@ -118,6 +120,11 @@ def check_codecs() -> dict:
     return results
 
 
+CHECKS = {"device": "choose_device() and SPOTRAIN_DEVICE=cpu", "training": "tiny_gpt steps on the GPU",
+          "hivemind": "an epoch of SwarmOptimizer on CUDA parameters",
+          "codecs": "blockwise8/4 on a CUDA tensor, against the CPU"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -127,14 +134,18 @@ def main() -> int:
         print("gpu_check: no CUDA device on this machine", file=sys.stderr)
         return 2
     checks = {}
-    for name, check in (("device", check_device), ("training", lambda: check_training(args.steps)),
-                        ("hivemind", check_hivemind), ("codecs", check_codecs)):
-        try:
-            checks[name] = check()
-        except Exception as error:  # one failing check must not hide the others
-            checks[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
-        if not args.json:
-            print(f"{name}: {json.dumps(checks[name])}", flush=True)
+    steps = (("device", check_device), ("training", lambda: check_training(args.steps)),
+             ("hivemind", check_hivemind), ("codecs", check_codecs))
+    with StepBars(len(steps)) as bars:
+        for name, check in steps:
+            bars.start(f"{name}: {CHECKS[name]}")
+            try:
+                checks[name] = check()
+            except Exception as error:  # one failing check must not hide the others
+                checks[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"}
+    if not args.json:  # after the bars: stdout is the checks' lines alone
+        for name, result in checks.items():
+            print(f"{name}: {json.dumps(result)}", flush=True)
     if args.json:
         print(json.dumps({"gpu": torch.cuda.get_device_name(0), **checks}))
     return 0 if all(c["ok"] for c in checks.values()) else 1

@@ -26,8 +26,9 @@ from pathlib import Path
 from spotrain.config import ClusterSpec
 from spotrain.market import catalog_offers
 from spotrain.policies import FleetMember, PlacementContext, get_policy
+from spotrain.progress_bars import StepBars
 from spotrain.providers.base import Offer
-from spotrain.sim.engine import STARTUP_SECONDS, Job, compare, fleet_pace
+from spotrain.sim.engine import STARTUP_SECONDS, Job, Progress, compare, fleet_pace
 from spotrain.sim.oracle import fastest_spot_hours, oracle_cost
 from spotrain.sim.traces import LocationTrace, load_trace
 
@@ -135,9 +136,9 @@ def spec_for(workers: int) -> ClusterSpec:
     })
 
 
-def run_set(entry: dict, tick: float, offset_hours: float = 0.0) -> dict | None:
+def run_set(entry: dict, tick: float, offset_hours: float = 0.0, progress: Progress | None = None) -> dict | None:
     """One trace set's comparison, or None when its traces end before a job started
-    `offset_hours` in would reach its deadline."""
+    `offset_hours` in would reach its deadline. `progress` hears of each policy as it runs."""
     traces = [load_trace(f) for f in entry["files"]]
     traces = entry.get("prepare", lambda t: t)(traces)
     if (offset_hours + entry["deadline_h"]) * 3600.0 > min(t.horizon for t in traces):
@@ -146,7 +147,7 @@ def run_set(entry: dict, tick: float, offset_hours: float = 0.0) -> dict | None:
     rate = fleet_pace(spec, traces)  # the workers' pace in one zone, communication included
     job = Job(target_samples=rate * entry["work_h"] * 3600.0, deadline_hours=float(entry["deadline_h"]),
               start_offset=offset_hours * 3600.0)
-    results = {r["policy"]: r for r in compare(spec, traces, POLICIES, job, tick)}
+    results = {r["policy"]: r for r in compare(spec, traces, POLICIES, job, tick, progress=progress)}
     ours = results["spotrain"]
     ratios = {name: (ours["spent_usd"] / r["spent_usd"] if r["spent_usd"] else None)
               for name, r in results.items() if name != "spotrain"}
@@ -206,6 +207,10 @@ def planning_time(offers_wanted: int = 10_000, workers: int = 8, repeats: int = 
             "sort_by_price_ms": sort * 1000, "ratio_to_sort": ours / sort}
 
 
+def yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"  # as the CLI's simulate table says it
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true")
@@ -221,14 +226,17 @@ def main() -> int:
     sets = trace_sets(args.data)[:1] if args.quick else trace_sets(args.data)
     sets = [s for s in sets if args.only in s["name"]]
     rows = []
-    for entry in sets:
-        print(f"running {entry['name']} ...", file=sys.stderr)
-        row = run_set(entry, args.tick, args.offset)
-        if row is None:
-            print(f"  skipped: its traces end before a job started {args.offset:g} h in is due", file=sys.stderr)
-        else:
-            rows.append(row)
-    timing = planning_time()
+    with StepBars(len(sets) + 1) as bars:  # every trace set, then the planning time
+        for entry in sets:
+            bars.start(f"trace set: {entry['name']}")
+            with bars.substeps(len(POLICIES)) as policies:
+                row = run_set(entry, args.tick, args.offset, progress=policies)
+            if row is None:
+                bars.say(f"  skipped: its traces end before a job started {args.offset:g} h in is due")
+            else:
+                rows.append(row)
+        bars.start("planning time over 10,000 offers")
+        timing = planning_time()
     if args.json:
         print(json.dumps({"trace_sets": rows, "planning": timing}))
         return 0
@@ -237,7 +245,7 @@ def main() -> int:
         print(f"\n{row['trace_set']}  ({row['workers']} worker(s), {len(row['locations'])} location(s){start})")
         print(f"  {'policy':<18} {'done':>5} {'on time':>8} {'hours':>7} {'spent $':>10} {'preempt':>8}")
         for name, r in row["policies"].items():
-            print(f"  {name:<18} {str(r['finished']):>5} {str(not r['missed_deadline']):>8} {r['hours']:7.1f} "
+            print(f"  {name:<18} {yes_no(r['finished']):>5} {yes_no(not r['missed_deadline']):>8} {r['hours']:7.1f} "
                   f"{r['spent_usd']:10.2f} {r['preemptions']:8d}")
         cost = "  ".join(f"{k} {v:.3f}x" for k, v in row["spotrain_cost_ratio"].items() if v)
         hours = "  ".join(f"{k} {v:.3f}x" for k, v in row["spotrain_time_ratio"].items() if v)

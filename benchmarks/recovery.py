@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: benchmarks/ is then not on the path
 
 from benchmarks import recovery_figures as fig  # noqa: E402
+from spotrain.progress_bars import StepBars  # noqa: E402
 
 CLUSTER = "recovery-bench"
 RATE_EPOCHS = 3  # epochs the swarm passes before the notice, at least: its seconds per epoch
@@ -55,8 +56,12 @@ SUBNETS = {"us-east": 31, "eu-west": 32}  # 198.18.N.0/24: apart from the exampl
 T = TypeVar("T")
 
 
-def progress(message: str) -> None:
-    print(f"{time.strftime('%H:%M:%S')} recovery: {message}", file=sys.stderr, flush=True)
+STEPS = 7  # the bars' steps: launch, warm-up, notice, one more epoch, durable checkpoint, loss, down
+
+
+def note(bars: StepBars, message: str) -> None:
+    """A line above the bars, stamped to match it with the agents' logs."""
+    bars.say(f"{time.strftime('%H:%M:%S')} recovery: {message}")
 
 
 def write_spec(work: Path, quick: bool, target_batch_size: int | None = None) -> tuple[Path, dict[str, Any]]:
@@ -154,11 +159,12 @@ def wait_for(predicate: Callable[[], T | None], timeout: float, what: str, every
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int) -> tuple[dict, dict]:
+def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int, bars: StepBars) -> tuple[dict, dict]:
     """Figures 1 and 2: preempt one training VM with notice, follow its replacement."""
     # the swarm's seconds per epoch from its second epoch on (the first waits for peers still
     # joining: three times as long in a 2048-sample run), over enough epochs before the notice
     # (a fast swarm passes the warm-up epochs before the first poll)
+    bars.start("warm-up: the swarm's seconds per epoch, measured before the notice")
     started_at = bench.global_epoch_now()
     wait_for(lambda: bench.global_epoch_now() > started_at, 900, "the swarm's first epoch")
     trained_from, first_epoch = time.time(), bench.global_epoch_now()
@@ -166,7 +172,8 @@ def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int) ->
     wait_for(lambda: bench.global_epoch_now() >= warm, 900, f"epoch {warm}")
     victim = sorted(first)[0]
     noticed_at = time.time()
-    progress(f"preempting {victim} with notice at epoch {bench.global_epoch_now()}")
+    bars.start(f"{victim} preempted with notice: waiting for its replacement to contribute")
+    note(bars, f"preempting {victim} with notice at epoch {bench.global_epoch_now()}")
     bench.provider.interrupt(victim, notice=True)
     known = set(bench.vm_ids())
 
@@ -179,10 +186,11 @@ def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int) ->
         return None
     replacement, contributed_at = wait_for(contributed, 900, "the replacement to contribute")
     reached = fig.epoch_at(fig.global_epochs(bench.ledger_rows()), contributed_at) or 0
+    bars.start(f"{replacement} contributed: one more epoch after epoch {reached}")
     wait_for(lambda: bench.global_epoch_now() > reached, 600, "one more epoch after the replacement joined")
     rows = bench.ledger_rows()
     started = fig.agent_started_at(bench.vm_file(replacement, "supervisor.log"), bench.launched_at(replacement))
-    progress(f"replacement {replacement} contributed {contributed_at - noticed_at:.1f}s after the notice")
+    note(bars, f"replacement {replacement} contributed {contributed_at - noticed_at:.1f}s after the notice")
     notice = fig.noticed_preemption(fig.global_epochs(rows), noticed_at, time.time(), trained_from)
     breakdown = fig.startup(bench.vm_file(replacement, "agent.log"))
     return ({"preempted": victim, "replacement": replacement,
@@ -190,44 +198,47 @@ def noticed_preemption(bench: Bench, first: dict[str, str], warm_epochs: int) ->
              "start_breakdown": breakdown}, notice)
 
 
-def fleet_loss(bench: Bench, every_epochs: int) -> dict[str, Any]:
+def fleet_loss(bench: Bench, every_epochs: int, bars: StepBars) -> dict[str, Any]:
     """Figure 3: every VM killed without notice once a checkpoint is durable in a bucket."""
+    bars.start("waiting for a checkpoint durable in a bucket")
     durable = wait_for(lambda: bench.durable_epoch(), 900, "a durable checkpoint")
     victims = bench.running()
     epoch = max(bench.global_epoch_now(), fig.epoch_at(fig.global_epochs(bench.ledger_rows()), time.time()) or 0)
-    progress(f"killing all {len(victims)} VMs without notice at epoch {epoch} (durable: {durable})")
+    bars.start(f"all {len(victims)} VMs killed without notice: waiting for training to resume")
+    note(bars, f"killing all {len(victims)} VMs without notice at epoch {epoch} (durable: {durable})")
     for instance_id in victims:
         bench.provider.interrupt(instance_id, notice=False)
     lost_at = time.time()
     after = bench.training(3, exclude=set(victims))
     resumed = [e for i in after for e in fig.resumed_epochs(bench.vm_file(i, "agent.log"))]
     resumed_epoch = max(resumed) if resumed else 0
-    progress(f"resumed from epoch {resumed_epoch} {time.time() - lost_at:.0f}s after the loss")
+    note(bars, f"resumed from epoch {resumed_epoch} {time.time() - lost_at:.0f}s after the loss")
     return {"epoch_at_loss": epoch, "durable_epoch_at_loss": durable, "resumed_epoch": resumed_epoch,
             "epochs_lost": max(0, epoch - resumed_epoch), "every_epochs": every_epochs,
             "seconds_to_training_again": time.time() - lost_at}
 
 
-def measure(bench: Bench, spec: dict[str, Any], quick: bool, duration: int) -> dict[str, Any]:
+def measure(bench: Bench, spec: dict[str, Any], quick: bool, duration: int, bars: StepBars) -> dict[str, Any]:
+    bars.start("launch: waiting for 4 training workers")
     bench.cli("launch", str(bench.spec_path), "--detach", "--duration", str(duration))
-    progress("launched; waiting for 4 training workers")
     first = bench.training(4, exclude=set())
-    replacement, notice = noticed_preemption(bench, first, warm_epochs=3 if quick else 6)
+    replacement, notice = noticed_preemption(bench, first, 3 if quick else 6, bars)
     every = int(spec["checkpoint"]["every_epochs"])
-    fleet = fleet_loss(bench, every)
+    fleet = fleet_loss(bench, every, bars)
     rows = bench.ledger_rows()
     stall = {"stalls": [s for i in bench.vm_ids() for s in fig.stalls(bench.vm_file(i, "agent.log"))],
              "mean_step_seconds": fig.mean_step_seconds(rows, int(spec["training"]["batch_size"]))}
     return fig.figures(replacement, notice, fleet, stall)
 
 
-def tear_down(bench: Bench) -> list[str]:
+def tear_down(bench: Bench, bars: StepBars) -> list[str]:
     """`spotrain down`, then the cloud's namespaces still there (none, if down did its job)."""
     from spotrain.providers.geo_network import namespaces
 
+    bars.start("spotrain down: the cluster and its namespaces removed")
     result = bench.cli("down", CLUSTER, check=False)
     if result.returncode != 0:
-        progress(f"down exited {result.returncode}: {result.stderr.strip()[-300:]}")
+        note(bars, f"down exited {result.returncode}: {result.stderr.strip()[-300:]}")
     return [n for n in namespaces() if n.startswith(bench.cloud)]
 
 
@@ -254,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     spec_path, spec = write_spec(work, args.quick, args.target_batch_size)
     bench = Bench(spec_path, work / "home")
     started = time.time()
-    try:
-        result: dict[str, Any] = {"mode": "quick" if args.quick else "full",
-                                  **measure(bench, spec, args.quick, 1200 if args.quick else 2400)}
-    except (TimeoutError, RuntimeError) as error:
-        result = {"mode": "quick" if args.quick else "full", "error": str(error)}
-    finally:
-        left = tear_down(bench)
+    with StepBars(STEPS) as bars:
+        try:
+            result: dict[str, Any] = {"mode": "quick" if args.quick else "full",
+                                      **measure(bench, spec, args.quick, 1200 if args.quick else 2400, bars)}
+        except (TimeoutError, RuntimeError) as error:
+            result = {"mode": "quick" if args.quick else "full", "error": str(error)}
+        finally:
+            left = tear_down(bench, bars)
     result.update(seconds=round(time.time() - started, 1), namespaces_left=left,
                   spec={"target_batch_size": spec["training"]["target_batch_size"],
                         "batch_size": spec["training"]["batch_size"], "vm_cpus": spec["providers"]["local"]["vm_cpus"],

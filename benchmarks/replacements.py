@@ -29,6 +29,7 @@ import torch
 
 from spotrain.contracts.task import load_task
 from spotrain.kernels import SwarmOptimizer, install_codecs, optimizer_options
+from spotrain.progress_bars import StepBars
 
 DEFAULT_CODECS = ("float16/none", "float16/float16", "blockwise8/float16", "blockwise8/blockwise8",
                   "blockwise4/blockwise4")
@@ -63,11 +64,15 @@ def main() -> int:
     task = load_task(args.task)
     held_out = [next(task.batches(HELD_OUT_SEED + i, 32)) for i in range(2)]
     rows = []
-    for codec in ["none/none"] + [c for c in args.codecs if c != "none/none"]:
-        losses, download = _run(args, task, held_out, *codec.split("/"))
-        rows.append({"codec": codec, "losses": losses, "final": losses[-1], "peak": max(losses),
-                     "download_mb": round(download / 1e6, 2)})
-        print(f"  {codec}: loss after each round {losses}", file=sys.stderr, flush=True)
+    codecs = ["none/none"] + [c for c in args.codecs if c != "none/none"]
+    with StepBars(len(codecs)) as bars:
+        for codec in codecs:
+            bars.start(f"codec {codec}: warm-up, then {args.rounds} replacement(s)")
+            gradients, state = codec.split("/")
+            losses, download = _run(args, task, held_out, gradients, state, bars)
+            rows.append({"codec": codec, "losses": losses, "final": losses[-1], "peak": max(losses),
+                         "download_mb": round(download / 1e6, 2)})
+            bars.say(f"  {codec}: loss after each round {losses}")
     for row in rows:
         row["final_vs_uncompressed"] = row["final"] / rows[0]["final"]
         row["peak_vs_uncompressed"] = row["peak"] / rows[0]["peak"]
@@ -86,14 +91,16 @@ def main() -> int:
 
 
 def _run(args: argparse.Namespace, task: Any, held_out: list[torch.Tensor], gradients: str,
-         state: str) -> tuple[list[float], int]:
-    """The newest peer's held-out loss after each round, and the bytes of one state download."""
+         state: str, progress: StepBars) -> tuple[list[float], int]:
+    """The newest peer's held-out loss after each round, and the bytes of one state download;
+    `progress` hears of the warm-up and each round."""
     run_id = f"replacements-{gradients.replace(':', '')}-{state}-{time.monotonic_ns()}"
     options = optimizer_options(gradients, state, delayed_updates=True)
     peers = [_start(task, args, run_id, [], options, seed=0)]
     losses = []
     try:
         _until_epoch(peers, args.warmup)
+        progress.update(1 / (args.rounds + 1))
         for round_ in range(1, args.rounds + 1):
             initial = [str(a) for a in peers[-1].dht.get_visible_maddrs()]
             peers.append(_start(task, args, run_id, initial, options, seed=round_))
@@ -103,6 +110,7 @@ def _run(args: argparse.Namespace, task: Any, held_out: list[torch.Tensor], grad
             while len(peers) > args.live:
                 _stop(peers.pop(0))
             losses.append(round(_held_out_loss(task, peers[-1], held_out), 4))
+            progress.update((round_ + 1) / (args.rounds + 1))
         download = _download_bytes(peers[-1], options["load_state_compression"])
     finally:
         for peer in peers:

@@ -49,6 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from swarm_cluster import LocalSwarm  # noqa: E402
 
+from spotrain.progress_bars import StepBars, Substeps  # noqa: E402
+
 TASK = "spotrain.examples.tiny_gpt_pipeline:task_2stage"
 TRAINER = "trainer"
 # stage peers' CFS period: short, so a peer idle for a while cannot run a microbatch at full speed on
@@ -59,17 +61,19 @@ CALIBRATION_STEPS = 2  # corrections of the trainer's quota towards --trainer-sh
 CALIBRATION_TOLERANCE = 0.1  # of the share: close enough
 
 
-def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object]:
+def rebalance_run(args: argparse.Namespace, rebalance: bool, phases: Substeps) -> dict[str, object]:
     run: dict[str, object] = {"rebalance": rebalance}
     with tempfile.TemporaryDirectory(prefix="spotrain-swarm-bench-") as work:
         swarm = LocalSwarm(Path(work), TASK, stages=2, rebalance_seconds=args.period, rebalance=rebalance,
                            max_in_flight=args.in_flight)
         try:
             swarm.start_view()
+            phases.start(f"{2 * args.peers} stage peers starting, one at a time, and spreading over the stages")
             for index in range(2 * args.peers):  # one at a time: started together on a loaded machine,
                 swarm.start(f"peer{index}", "stage", cgroup=True)  # they split 5/3, and unmeasured peers never move
                 _wait(lambda count=index + 1: len(swarm.records()) >= count, 300, f"peer{index}'s stage record")
             _wait(lambda: _spread(swarm, args.peers), 900, "stage peers spread over the stages")
+            phases.start("the trainer started: waiting until every stage peer is measured")
             swarm.start(TRAINER, "trainer", cgroup=True)
             swarm.set_quota(args.quota, [name for name in swarm.peers if name != TRAINER], STAGE_PERIOD_US)
             swarm.set_quota(TRAINER_CALIBRATION_CORES, [TRAINER])
@@ -78,6 +82,7 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             _wait(lambda: _measured(swarm, args.peers), 900, "every stage peer measured")
             time.sleep(args.window / 2)  # settle under the quota
             run["load_before"] = os.getloadavg()
+            phases.start(f"stage-limited window ({args.window:g} s), then the trainer's quota calibrated")
             stage_limited = _window(swarm, args.window)
             run["stage_limited"] = stage_limited
             if args.trainer_share > 0:
@@ -88,6 +93,7 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             # a move during the calibration (noisy speeds) can leave 5/3: then the kill tests nothing
             run["split_before_kill"] = {stage: len(records) for stage, records in sorted(serving.items())}
             victims = sorted(r.instance_id for r in serving[0])[: args.peers // 2]
+            phases.start(f"{len(victims)} peers of stage 0 killed: {2 * args.period:g} s to rebalance")
             for victim in victims:
                 swarm.kill(victim)
             killed_at = time.monotonic()
@@ -95,6 +101,7 @@ def rebalance_run(args: argparse.Namespace, rebalance: bool) -> dict[str, object
             while time.monotonic() - killed_at < 2 * args.period:
                 counts.append(_progress(swarm, killed_at))
                 time.sleep(5)
+            phases.start(f"two windows after the kill ({args.window:g} s each)")
             run["after_kill"] = _window(swarm, args.window)
             run["later"] = _window(swarm, args.window)
             run["killed"] = victims
@@ -236,26 +243,37 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
 
     figures: dict[str, object] = {"benchmark": "swarm_rebalance", "quick": args.quick, "task": TASK}
-    if "rebalance" not in skip:
-        figures["rebalance"] = _rebalance_figures(args)
-    import swarm_figures
+    parts = [part for part in ("rebalance", "bytes", "memory", "loss", "factors") if part not in skip]
+    with StepBars(len(parts) + ("rebalance" in parts)) as bars:  # the rebalance part is two runs
+        if "rebalance" in parts:
+            figures["rebalance"] = _rebalance_figures(args, bars)
+        import swarm_figures
 
-    if "bytes" not in skip:
-        figures["activation_bytes"] = swarm_figures.activation_bytes()
-    if "memory" not in skip:
-        figures["memory"] = swarm_figures.memory_per_stage()
-    if "loss" not in skip:
-        figures["loss"] = swarm_figures.loss_against_data_parallel(args.samples, args.repeats, args.target_batch)
-    if "factors" not in skip:
-        figures["loss_factors"] = swarm_figures.loss_factors(args.samples, args.repeats)
+        if "bytes" in parts:
+            bars.start("activation bytes: blockwise8 against none through the stages")
+            figures["activation_bytes"] = swarm_figures.activation_bytes()
+        if "memory" in parts:
+            bars.start("memory: the whole model against one stage, fresh processes")
+            figures["memory"] = swarm_figures.memory_per_stage()
+        if "loss" in parts:
+            bars.start(f"loss against data parallelism: {args.repeats} run(s) of {args.samples} samples each")
+            figures["loss"] = swarm_figures.loss_against_data_parallel(args.samples, args.repeats, args.target_batch)
+        if "factors" in parts:
+            bars.start(f"loss factors: {args.repeats} run(s) of {args.samples} samples per configuration")
+            figures["loss_factors"] = swarm_figures.loss_factors(args.samples, args.repeats)
     print(json.dumps(figures) if args.json else json.dumps(figures, indent=2))
     return 0
 
 
-def _rebalance_figures(args: argparse.Namespace) -> dict[str, object]:
-    runs = [rebalance_run(args, rebalance) for rebalance in (True, False)]
+def _rebalance_figures(args: argparse.Namespace, bars: StepBars) -> dict[str, object]:
+    runs = []
+    for rebalance in (True, False):
+        bars.start(f"rebalancing {'on' if rebalance else 'off'}: {args.peers} peers per stage, "
+                   f"half of one stage killed")
+        with bars.substeps(5) as phases:
+            runs.append(rebalance_run(args, rebalance, phases))
     for run in runs:
-        print(f"  rebalance={run['rebalance']}: {json.dumps(run)}", file=sys.stderr, flush=True)
+        bars.say(f"  rebalance={run['rebalance']}: {json.dumps(run)}")
     with_, without = (_throughputs(run) for run in runs)
     survivors = 2 * args.peers - args.peers // 2
     return {

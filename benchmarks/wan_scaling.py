@@ -52,6 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.wan_emulation import WanEmulation, WanEmulationError, exit_on_signals
+from spotrain.progress_bars import StepBars
 
 WORKER = Path(__file__).resolve().parent / "wan_worker.py"
 DEFAULT_CODECS = ("none/none", "float16/float16", "uniform8/uniform8", "blockwise8/blockwise8",
@@ -62,22 +63,29 @@ def main() -> int:
     args = _parse()
     exit_on_signals()
     points: list[dict] = []
+    baselines = [("hivemind", "float16", "float16")] * (not args.skip_hivemind)
+    baselines += [("ddp", "-", "-")] * (not args.skip_ddp)
+    configs = [(mode, gradients, state, guard)
+               for mode, gradients, state in baselines + [("spotrain", *c.split("/")) for c in args.codecs]
+               for guard in ((True, False) if mode == "spotrain" and args.guard_cost else (True,))]
+    # the limit first, then every configuration at every rate, each bracketed or the limit once more at the end
+    steps = 1 + len(args.rates) * len(configs) * (2 if args.bracket else 1) + (0 if args.bracket else 1)
     try:
-        with WanEmulation(hosts=args.agents) as wan:
-            _measure_limit(wan, args, points)
+        with WanEmulation(hosts=args.agents) as wan, StepBars(steps) as bars:
+            _measure_limit(wan, args, points, bars)
             for rate in args.rates:
                 wan.set_rate(rate)
-                baselines = [("hivemind", "float16", "float16")] * (not args.skip_hivemind)
-                baselines += [("ddp", "-", "-")] * (not args.skip_ddp)
-                for mode, gradients, state in baselines + [("spotrain", *c.split("/")) for c in args.codecs]:
-                    for guard in (True, False) if mode == "spotrain" and args.guard_cost else (True,):
-                        point = _run(wan, args, mode, rate, gradients, state, guard)
-                        points.append(point)
-                        _progress(point)
-                        if args.bracket:
-                            _measure_limit(wan, args, points)
+                for mode, gradients, state, guard in configs:
+                    point = {"mode": mode, "rate_mbit": rate, "gradients": gradients, "state": state,
+                             "poison_guard": guard}
+                    bars.start(f"{_name(point)} @ {rate:g} Mbit/s")
+                    point = _run(wan, args, mode, rate, gradients, state, guard)
+                    points.append(point)
+                    _progress(bars, point)
+                    if args.bracket:
+                        _measure_limit(wan, args, points, bars)
             if not args.bracket:
-                _measure_limit(wan, args, points)  # shared machines drift: the limit is the faster of two
+                _measure_limit(wan, args, points, bars)  # shared machines drift: the limit is the faster of two
     except WanEmulationError as error:
         print(f"wan_scaling: {error}", file=sys.stderr)
         return 2
@@ -86,10 +94,11 @@ def main() -> int:
     return 0
 
 
-def _measure_limit(wan: WanEmulation, args: argparse.Namespace, points: list[dict]) -> None:
+def _measure_limit(wan: WanEmulation, args: argparse.Namespace, points: list[dict], bars: StepBars) -> None:
+    bars.start("compute limit: the agents alone, no communication")
     limit = _run(wan, args, "alone")
     points.append(limit)
-    _progress(limit)
+    _progress(bars, limit)
 
 
 def _parse() -> argparse.Namespace:
@@ -244,12 +253,13 @@ def _name(point: dict) -> str:
     return {"alone": "compute limit", "hivemind": "hivemind as it comes", "ddp": "torch DDP (gloo)"}[point["mode"]]
 
 
-def _progress(point: dict) -> None:
-    """One line per measured point on stderr, --json too: a full run takes the better part of an hour."""
+def _progress(bars: StepBars, point: dict) -> None:
+    """One line per measured point on stderr (above the bars), --json too: a full run takes the
+    better part of an hour."""
     rate = "-" if point["rate_mbit"] is None else f"{point['rate_mbit']:g} Mbit/s"
     value = (point.get("error", "").splitlines()[0] if "error" in point
              else f"{point['samples_per_second']:.1f} samples/s")
-    print(f"  measured {_name(point)} @ {rate}: {value}", file=sys.stderr, flush=True)
+    bars.say(f"  measured {_name(point)} @ {rate}: {value}")
 
 
 def _fmt(value: float | None, pattern: str) -> str:
