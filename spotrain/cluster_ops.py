@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from spotrain.config import ClusterSpec
-from spotrain.contracts.states import LIVE_STATES, InstanceState
+from spotrain.contracts.states import InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.controller_process import (
     controller_lock,
@@ -194,6 +194,7 @@ def _lock_for_down(name: str, say: Callable[[str], None]) -> Iterator[None]:
 
 def status(name: str | None) -> dict:
     from spotrain.report import build_report
+    from spotrain.status_fleet import workers_of
     from spotrain.status_view import live_figures
 
     name = existing_cluster(name)
@@ -202,16 +203,7 @@ def status(name: str | None) -> dict:
         if run is None:
             raise SpotrainError(f"cluster {name!r} has no run")
         report = build_report(ledger, run, name)
-        latest: dict[str, dict] = {}
-        for metric in ledger.metrics(run.id):
-            latest[metric["instance_id"]] = dict(metric)
-        workers = []
-        for row in ledger.instances(states=LIVE_STATES, run_id=run.id):
-            m = latest.get(row.instance_id or "", {})
-            workers.append({"instance_id": row.instance_id, "location": row.location, "state": row.state,
-                            "price_usd_per_hour": row.price_usd_per_hour, "agent_state": m.get("state"),
-                            "epoch": m.get("epoch"), "samples_per_second": m.get("samples_per_second"),
-                            "loss": m.get("loss")})
+        workers = workers_of(ledger, run)
         pid = controller_pid(name)
         # the epoch the live workers train at (after a rollback to the store, that one), else the highest seen
         training = [w["epoch"] for w in workers if w["agent_state"] == "training" and w["epoch"] is not None]
@@ -219,4 +211,4 @@ def status(name: str | None) -> dict:
                 "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"],
                 "epoch": max(training, default=report["epochs"]),
                 "samples": report["samples"], "workers": workers,
-                **live_figures(ledger, run, report, workers)}
+                **live_figures(ledger, run, report, workers, driven=pid is not None)}
