@@ -10,6 +10,7 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 
 from spotrain.contracts.states import LIVE_STATES, InstanceState
+from spotrain.errors import SpecError
 from spotrain.fleet_roles import recorded_swarm_labels, roles
 from spotrain.ledger import Ledger, Run
 from spotrain.spec_file import stored_spec
@@ -21,10 +22,14 @@ def workers_of(ledger: Ledger, run: Run) -> list[dict]:
     for metric in ledger.metrics(run.id):
         latest[metric["instance_id"]] = dict(metric)
     rows = ledger.instances(states=LIVE_STATES, run_id=run.id)
-    spec = stored_spec(run.spec)  # never the task's code: status must work when it is gone
-    swarm = recorded_swarm_labels(ledger, run) if spec.training.mode == "swarm" else None
-    agent_states = {row.instance_id or "": latest.get(row.instance_id or "", {}).get("state") for row in rows}
-    role_of = roles(rows, agent_states, spec.placement.workers, swarm)
+    try:
+        spec = stored_spec(run.spec)  # never the task's code: status must work when it is gone
+    except SpecError:  # a spec from a version that knew other keys: the roles are unknown, the rest stands
+        role_of = {row.request_id: "-" for row in rows}
+    else:
+        swarm = recorded_swarm_labels(ledger, run) if spec.training.mode == "swarm" else None
+        agent_states = {row.instance_id or "": latest.get(row.instance_id or "", {}).get("state") for row in rows}
+        role_of = roles(rows, agent_states, spec.placement.workers, swarm)
     workers = []
     for row in rows:
         m = latest.get(row.instance_id or "", {})

@@ -94,6 +94,15 @@ def test_a_lost_worker_makes_the_backup_a_worker(tmp_path):
         ledger.close()
 
 
+def test_a_stored_spec_this_version_cannot_read_leaves_the_roles_unknown():
+    ledger = Ledger(":memory:")
+    spec = ClusterSpec.model_validate({"name": "old", "budget": {"total_usd": 1.0}}).model_dump(mode="json")
+    run = ledger.open_run(1.0, {**spec, "a_key_of_a_newer_version": 1}, time.time())
+    ledger.record_request(run.id, "old-r00000", "local", "local:zone-a", 0.5, time.time())
+    assert [(w["location"], w["role"]) for w in workers_of(ledger, run)] == [("local:zone-a", "-")]
+    ledger.close()
+
+
 @pytest.mark.parametrize("width", [80, 60])
 def test_the_table_drops_columns_rather_than_cut_a_location_or_state_short(tmp_path, width):
     home = tmp_path / "home"
