@@ -125,23 +125,28 @@ def launch(
 
 
 @app.command()
-def status(cluster: str | None = typer.Argument(None, help="cluster name; without: the only one, or a list"),
-           as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout"),
+def status(cluster: str | None = typer.Argument(None, help="cluster name; without: the list of clusters"),
+           as_json: bool = typer.Option(False, "--json", help="one JSON object on stdout (a list without a name)"),
            watch: bool = typer.Option(False, "--watch", help="redraw every 2 s until the run ends or Ctrl-C"),
            ) -> None:
-    """Workers, locations, budget, burn rate, time left and throughput of a cluster."""
+    """Workers by role and location, budget, burn rate, time left and throughput of a cluster; the
+    list of clusters without a name."""
     from spotrain import cluster_ops, status_view
-    from spotrain.home import cluster_names
 
     try:
         if watch and as_json:
             raise SpotrainError("--watch and --json: choose one")
-        if cluster is None and len(cluster_names()) > 1:
+        if cluster is None:
+            if watch:
+                status_view.watch(status_view.cluster_rows, status_view.clusters_table, status_view.clusters_done,
+                                  console)
+                return
             rows = status_view.cluster_rows()
             print(json.dumps(rows)) if as_json else console.print(status_view.clusters_table(rows))
             return
         if watch:
-            status_view.watch(lambda: cluster_ops.status(cluster), console)
+            status_view.watch(lambda: cluster_ops.status(cluster), status_view.render,
+                              lambda data: data["state"] == "ended", console)
             return
         data = cluster_ops.status(cluster)
     except SpotrainError as error:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from spotrain.config import ClusterSpec
 from spotrain.contracts.log_noise import leaving
-from spotrain.contracts.states import LIVE_STATES, AgentState, InstanceState
+from spotrain.contracts.states import AgentState, InstanceState
 from spotrain.control_loop import ControlLoop, LoopSettings
 from spotrain.controller_process import (
     controller_lock,
@@ -228,6 +228,7 @@ def _lock_for_down(name: str, say: Callable[[str], None]) -> Iterator[None]:
 
 def status(name: str | None) -> dict:
     from spotrain.report import build_report
+    from spotrain.status_fleet import workers_of
     from spotrain.status_view import live_figures
 
     name = existing_cluster(name)
@@ -236,16 +237,7 @@ def status(name: str | None) -> dict:
         if run is None:
             raise SpotrainError(f"cluster {name!r} has no run")
         report = build_report(ledger, run, name)
-        latest: dict[str, dict] = {}
-        for metric in ledger.metrics(run.id):
-            latest[metric["instance_id"]] = dict(metric)
-        workers = []
-        for row in ledger.instances(states=LIVE_STATES, run_id=run.id):
-            m = latest.get(row.instance_id or "", {})
-            workers.append({"instance_id": row.instance_id, "location": row.location, "state": row.state,
-                            "price_usd_per_hour": row.price_usd_per_hour, "agent_state": m.get("state"),
-                            "epoch": m.get("epoch"), "samples_per_second": m.get("samples_per_second"),
-                            "loss": m.get("loss")})
+        workers = workers_of(ledger, run)
         pid = controller_pid(name)
         # the epoch the live workers train at (after a rollback to the store, that one), else the highest seen
         training = [w["epoch"] for w in workers if w["agent_state"] == AgentState.TRAINING and w["epoch"] is not None]
@@ -253,4 +245,4 @@ def status(name: str | None) -> dict:
                 "budget_usd": run.budget_usd, "spent_usd": report["spent_usd"],
                 "epoch": max(training, default=report["epochs"]),
                 "samples": report["samples"], "workers": workers,
-                **live_figures(ledger, run, report, workers)}
+                **live_figures(ledger, run, report, workers, driven=pid is not None)}

@@ -49,6 +49,7 @@ from spotrain.egress import (
     emulated_cloud_prices,
     peer_instances,
 )
+from spotrain.fleet_roles import ROLES_EVENT, swarm_labels
 from spotrain.ledger import Ledger, Run
 from spotrain.offenders import REVOKE_AFTER_OFFENCES, instances_to_revoke
 from spotrain.policies import PlacementPolicy, get_policy
@@ -131,6 +132,7 @@ class ControlLoop:
         self.roles: dict[str, str] = {}  # swarm mode: instance id -> the role its user-data named
         self.stages: list[dict[str, Any]] = []  # swarm mode: the stages as the newest stage records show them
         self.stage_records: tuple[StageRecord, ...] = ()  # swarm mode: each stage peer's newest trusted record
+        self.role_labels: dict[str, str] = {}  # swarm mode: the roles last written to the ledger (fleet_roles)
         self.seen: dict[str, Instance] = {}  # the provider's instances at the last look, by request id
         # USD/GB per path; None: the market's (spotrain.egress); the emulated cloud's as the catalog regions it names
         self.egress_price: PathPrice | None = emulated_cloud_prices(priced) if (
@@ -557,6 +559,14 @@ class ControlLoop:
         if stages and stages != self.stages:
             self.ledger.event(self.run.id, "stages", now, json.dumps(stages))
         self.stages = stages
+        self._record_roles(now, [row.instance_id for row in rows if row.instance_id])
+
+    def _record_roles(self, now: float, live: list[str]) -> None:
+        """Swarm mode: each live VM's role (trainer, stage N) in the ledger when it changes, for `status`."""
+        labels = swarm_labels(live, self.roles, self.stage_records)
+        if labels != self.role_labels:
+            self.ledger.event(self.run.id, ROLES_EVENT, now, json.dumps(labels, sort_keys=True))
+        self.role_labels = labels
 
     def finish(self, reason: str) -> None:
         """Terminate everything (agents holding duty write a final checkpoint), settle, close the run."""

@@ -8,7 +8,9 @@ else's business by default.
 
 from __future__ import annotations
 
+import os
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +79,21 @@ class LoopCollector:
         return family
 
 
+def _closed_in_forked_children(server: Any) -> None:
+    """A process forked from the controller (hivemind's DHT is a ForkProcess, started after the port
+    is taken) closes its copy of the listening socket at once: only the controller holds the port, so
+    a child that outlives it cannot keep the port taken (Python's sockets are closed on exec already;
+    a fork copies every descriptor). Only a weak reference is kept: the handler stays registered."""
+    held = weakref.ref(server)
+
+    def close_copy() -> None:
+        copy = held()
+        if copy is not None:
+            copy.socket.close()  # the child's descriptor only; the parent's stays open and serving
+
+    os.register_at_fork(after_in_child=close_copy)
+
+
 class MetricsEndpoint:
     """The HTTP server Prometheus scrapes. It takes its port first (a busy port stops a launch before
     anything is written), then serves the loop given to `serve`; `close()` stops it."""
@@ -94,6 +111,7 @@ class MetricsEndpoint:
 
             raise SpotrainError(f"controller.metrics_port: cannot listen on {host}:{port}: "
                                 f"{error.strerror or error}") from None
+        _closed_in_forked_children(self.server)
 
     def serve(self, loop: ControlLoop) -> None:
         self.collector.loop = loop

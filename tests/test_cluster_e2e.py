@@ -66,7 +66,7 @@ def test_controller_sigkill_then_relaunch_adopts_and_down_cleans_up(tmp_path):
     assert run_cli("launch", str(path), "--detach", "--duration", "600", home=home, check=True).returncode == 0
 
     def training_workers():
-        result = run_cli("status", "--json", home=home)
+        result = run_cli("status", "e2e", "--json", home=home)
         if result.returncode != 0:
             return None  # the detached controller has not written its ledger yet
         status = json.loads(result.stdout)
@@ -76,14 +76,14 @@ def test_controller_sigkill_then_relaunch_adopts_and_down_cleans_up(tmp_path):
     status = wait_for(training_workers, 240, "three training workers")
     before = {w["instance_id"] for w in status["workers"]}
     os.kill(status["controller_pid"], signal.SIGKILL)
-    wait_for(lambda: json.loads(run_cli("status", "--json", home=home).stdout)["controller_pid"] is None, 30,
+    wait_for(lambda: json.loads(run_cli("status", "e2e", "--json", home=home).stdout)["controller_pid"] is None, 30,
              "the lock to drop")
 
     assert run_cli("launch", str(path), "--detach", home=home, check=True).returncode == 0
-    status = wait_for(lambda: (s := json.loads(run_cli("status", "--json", home=home).stdout))["controller_pid"]
+    status = wait_for(lambda: (s := json.loads(run_cli("status", "e2e", "--json", home=home).stdout))["controller_pid"]
                       and s, 60, "the new controller")
     time.sleep(10)  # a few ticks of the new controller
-    status = json.loads(run_cli("status", "--json", home=home, check=True).stdout)
+    status = json.loads(run_cli("status", "e2e", "--json", home=home, check=True).stdout)
     assert {w["instance_id"] for w in status["workers"]} == before
     cloud = LocalProvider(LocalConfig(), home / "local-cloud").list_instances("e2e")
     assert len(cloud) == 3 and all(i.state == "running" for i in cloud)  # nothing launched twice
@@ -102,7 +102,7 @@ def test_controller_sigkill_then_relaunch_adopts_and_down_cleans_up(tmp_path):
     os.kill(agent_pid, signal.SIGKILL)  # the supervisor restarts it, as systemd would
     assert wait_for(lambda: address_file.exists() and json.loads(address_file.read_text()), 120,
                     "the restarted agent in the swarm") == first
-    restarted = wait_for(lambda: [w for w in json.loads(run_cli("status", "--json", home=home).stdout)["workers"]
+    restarted = wait_for(lambda: [w for w in json.loads(run_cli("status", "e2e", "--json", home=home).stdout)["workers"]
                                   if w["instance_id"] == vm.name and w["agent_state"] == "training"], 120,
                          "the restarted agent training")
     assert restarted

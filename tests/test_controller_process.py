@@ -116,7 +116,7 @@ def test_launch_detach_returns_once_the_controller_holds_the_cluster_so_down_fin
     home = tmp_path / "home"
     started = run_cli("launch", str(idle_spec(tmp_path)), "--detach", "--duration", "600", home=home, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
-    status = json.loads(run_cli("status", "--json", home=home, check=True).stdout)  # no waiting
+    status = json.loads(run_cli("status", "idle", "--json", home=home, check=True).stdout)  # no waiting
     assert status["controller_pid"] and f"(pid {status['controller_pid']})" in started.stdout
     assert status["state"] == "running"
     stopped = run_cli("down", home=home, timeout=300)

@@ -48,12 +48,12 @@ class Cluster:
         self.cloud = self.provider.cloud("geo-e2e").plan.cloud
 
     def status(self) -> dict:
-        return json.loads(run_cli("status", "--json", home=self.home, check=True).stdout)
+        return json.loads(run_cli("status", "geo-e2e", "--json", home=self.home, check=True).stdout)
 
     def training(self, count: int = 4, exclude: set[str] = frozenset()) -> dict[str, str]:
         """instance id -> location of `count` training workers, none of `exclude`."""
         def ready():
-            result = run_cli("status", "--json", home=self.home)
+            result = run_cli("status", "geo-e2e", "--json", home=self.home)
             if result.returncode != 0:
                 return None
             workers = {w["instance_id"]: w["location"] for w in json.loads(result.stdout)["workers"]

@@ -27,6 +27,7 @@ from spotrain.sim.provider import SimProvider
 from spotrain.sim.swarm import SimSwarm
 from spotrain.sim.traces import load_traces
 from spotrain.spec_file import load_spec
+from spotrain.swarm_view import _orphan_safe_dht_class
 
 
 def _simulated_loop(tmp_path: Path) -> tuple[ControlLoop, Ledger, SimSwarm, SimClock]:
@@ -77,6 +78,47 @@ def test_the_endpoint_serves_what_the_loop_last_saw(tmp_path):
     finally:
         endpoint.close()
         ledger.close()
+
+
+def listening_holders(port: int) -> set[int]:
+    """Pids of the processes holding a descriptor of the socket listening on `port` (from /proc:
+    /proc/net/tcp* names the socket's inode, /proc/PID/fd links name "socket:[inode]")."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":  # 0A: LISTEN
+                inodes.add(fields[9])
+    holders = set()
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            fds = list(fd_dir.iterdir())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(fd)
+            except OSError:  # closed meanwhile (the listing's own descriptor, for one)
+                continue
+            if link in {f"socket:[{inode}]" for inode in inodes}:
+                holders.add(int(fd_dir.parent.name))
+    assert inodes, f"nothing listens on port {port}"
+    return holders
+
+
+def test_only_the_controller_holds_the_metrics_port_not_its_forked_dht():
+    endpoint = MetricsEndpoint("127.0.0.1", 0)
+    try:
+        # the controller's own DHT class, forked after the port is taken, as `launch` does
+        dht = _orphan_safe_dht_class()(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+        try:
+            assert dht.is_alive() and dht.pid != os.getpid()
+            assert listening_holders(endpoint.port) == {os.getpid()}
+            assert "spotrain_budget_usd" not in _scrape(endpoint.port)  # the parent still serves
+        finally:
+            dht.shutdown()
+    finally:
+        endpoint.close()
 
 
 def test_a_busy_metrics_port_is_one_line_and_launch_writes_nothing(tmp_path):

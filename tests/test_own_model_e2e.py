@@ -133,7 +133,7 @@ def test_the_read_only_commands_work_once_the_task_is_gone(trained, tmp_path):
     home, folder = trained
     report = json.loads(ok(spotrain("report", "--json", home=home, cwd=folder)))
     (folder / "my_task.py").unlink()  # the user's code is gone: nothing below may need it
-    assert json.loads(ok(spotrain("status", "--json", home=home, cwd=tmp_path)))["cluster"] == "my-model"
+    assert json.loads(ok(spotrain("status", "my-model", "--json", home=home, cwd=tmp_path)))["cluster"] == "my-model"
     assert json.loads(ok(spotrain("report", "--json", home=home, cwd=tmp_path)))["samples"] == report["samples"]
     logs = ok(spotrain("logs", home=home, cwd=tmp_path))
     assert "==> controller (" in logs

@@ -25,6 +25,7 @@ from spotrain.sim.pipeline import SimStages, swarm_pace
 from spotrain.sim.provider import SimProvider
 from spotrain.sim.swarm import SimSwarm
 from spotrain.sim.traces import load_traces
+from spotrain.status_fleet import workers_of
 
 TASKS = {2: "spotrain.examples.tiny_gpt_pipeline:task_2stage", 3: "spotrain.examples.tiny_gpt_pipeline:task"}
 
@@ -142,4 +143,10 @@ def test_the_controller_reads_the_simulated_stages_as_it_reads_live_ones(tmp_pat
     assert loop.stages == [{"stage": stage, "peers": 2, "samples_per_second": 4 * rate, "domains": ["aws:us-east-1"]}
                            for stage in (0, 1)]  # the zone's region, from the controller's instance list
     assert not [row for row in ledger.instances(run_id=run.id) if row.reason == LaunchReason.STAGE_PEERS]
+    # `status` reads each VM's role from the ledger: the trainer, and the stage each peer serves
+    roles = sorted(w["role"] for w in workers_of(ledger, run))
+    assert roles == ["stage 0", "stage 0", "stage 1", "stage 1", "trainer"]
+    served = {r.instance_id: f"stage {r.stage}" for r in loop.stage_records}
+    assert all(served.get(w["instance_id"], "trainer") == w["role"] for w in workers_of(ledger, run))
+    assert len(ledger.events(run.id, kinds=("roles",))) == 2  # named at launch, then serving: only changes
     ledger.close()

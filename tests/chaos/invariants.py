@@ -40,7 +40,7 @@ def spec_file(tmp_path: Path, workers: int = 2, backups: int = 0, every_epochs: 
 
 
 def status(home: Path) -> dict | None:
-    result = run_cli("status", "--json", home=home)
+    result = run_cli("status", CLUSTER, "--json", home=home)
     return json.loads(result.stdout) if result.returncode == 0 else None
 
 

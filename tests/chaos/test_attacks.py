@@ -58,7 +58,7 @@ def launch(tmp_path: Path) -> Path:
 
 
 def status(home: Path) -> dict:
-    result = run_cli("status", "--json", home=home)
+    result = run_cli("status", CLUSTER, "--json", home=home)
     return json.loads(result.stdout) if result.returncode == 0 else {}
 
 
