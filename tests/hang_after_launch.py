@@ -16,15 +16,17 @@ from pathlib import Path
 from spotrain import cluster_ops
 from spotrain.cli import main
 from spotrain.config import ClusterSpec
-from spotrain.providers.base import Instance, LaunchRequest, Offer, Provider
+from spotrain.providers.base import Instance, LaunchRequest, Offer
+from spotrain.providers.multi import MultiProvider
 
 
 class HangAfterLaunch:
     """`inner` in all but one thing: a launch it accepted never returns."""
 
-    def __init__(self, inner: Provider, markers: Path):
+    def __init__(self, inner: MultiProvider, markers: Path):
         self.inner, self.markers = inner, markers
         self.name, self.termination_lag_seconds = inner.name, inner.termination_lag_seconds
+        self.providers = inner.providers  # each cloud's own, for `launch` to price its plan as `plan` does
 
     def launch(self, request: LaunchRequest) -> Instance:
         self.inner.launch(request)

@@ -61,6 +61,17 @@ def test_a_real_hivemind_peer_logs_in_the_agents_format():
     assert [line[9:] for line in lines] == ["agent: up", "hivemind.dht: a warning"], result.stdout
 
 
+# configure() makes every warning shown a log line: hide libraries' DeprecationWarnings (torch.jit's,
+# on hivemind's import) as Python's default filters do outside pytest
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def warnings_back_to_pytest():
+    yield
+    logging.captureWarnings(False)  # configure() turned it on
+
+
 @pytest.fixture
 def captured(monkeypatch):
     """The one format on a string, at the level SPOTRAIN_LOG_LEVEL gives (the agents' configure())."""
@@ -205,9 +216,15 @@ def test_a_warning_of_every_averaging_round_is_thinned_with_a_count():
 
 
 def test_google_auth_looking_for_credentials_is_quiet(captured):
-    logging.getLogger("google.auth._default").warning(
-        "Authentication failed using Compute Engine authentication due to unavailable metadata server.")
-    logging.getLogger("google.auth._default").error("a real failure")
+    # a Compute client made before logging was configured: google-api-core cut "google" off the root
+    logging.getLogger("google").propagate = False
+    handler = configure(captured, terminal=False, route_hivemind=False)  # what `spotrain launch` does next
+    try:
+        logging.getLogger("google.auth._default").warning(
+            "Authentication failed using Compute Engine authentication due to unavailable metadata server.")
+        logging.getLogger("google.auth._default").error("a real failure")
+    finally:
+        logging.getLogger().removeHandler(handler)
     assert [line[9:] for line in captured.getvalue().splitlines()] == ["google.auth._default: a real failure"]
 
 

@@ -31,6 +31,9 @@ TIME_FORMAT = "%H:%M:%S"
 LEVEL_VARIABLE = "SPOTRAIN_LOG_LEVEL"  # "debug": debug lines, left-out noise and tracebacks too
 QUIETED = {"hivemind": logging.WARNING, "apscheduler": logging.ERROR, "asyncio": logging.WARNING,
            "urllib3": logging.WARNING, "botocore": logging.WARNING, "matplotlib": logging.WARNING,
+           # the Google SDKs: warnings and errors (configuring "google" also keeps google-api-core
+           # from cutting it off the root logger when its first client is made)
+           "google": logging.WARNING,
            # its "Authentication failed using Compute Engine authentication ..." when it looks for
            # credentials: spotrain says in one line that there are none (providers/gcp.py)
            "google.auth": logging.ERROR}
@@ -110,6 +113,9 @@ def configure(stream: TextIO | None = None, *, terminal: bool | None = None, lev
     root.addHandler(handler)
     for name, quiet in QUIETED.items():
         logging.getLogger(name).setLevel(quiet)
+    # google-api-core sets "google" not to propagate when a client is made before it was configured
+    # (its records then reach no handler): a client made before this call must not silence them
+    logging.getLogger("google").propagate = True
     logging.captureWarnings(True)  # a library's warnings.warn: a line in the format too, not two on stderr
     if route_hivemind:
         from hivemind.utils.logging import use_hivemind_log_handler
