@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
+from spotrain.agent_failure import agent_failure
 from spotrain.budget import BudgetGuard
 from spotrain.config import ClusterSpec
 from spotrain.contracts.agent_config import (
@@ -57,7 +58,6 @@ from spotrain.progress_bounds import ProgressBounds, plausible_rate
 from spotrain.providers.base import (
     AuthError,
     CapacityError,
-    ConsoleProvider,
     Instance,
     LaunchRequest,
     Offer,
@@ -335,7 +335,8 @@ class ControlLoop:
         observed = self.observe(now)
         self._revoke_offenders()
         if self.failed_agent is not None:  # a task that crashes its agents would crash every replacement too
-            self.end_reason, self.failed = self._agent_failure(self.failed_agent), True
+            self.end_reason = agent_failure(self.provider, self.failed_agent, self.spec.name, self.say)
+            self.failed = True
             return observed
         refused_before = set(self.failed_at)
         actions = reconcile(observed, self.desired(), now, self.policy)
@@ -406,34 +407,6 @@ class ControlLoop:
                 self.provider.terminate(instance_id)
             except ProviderError as error:
                 self.say(f"terminating revoked {instance_id} failed: {error}")
-
-    def _agent_failure(self, instance: Instance) -> str:
-        """The end reason for an agent that kept failing, after its log's last error lines. A cloud VM
-        that powered itself off after its agent's unit gave up (infra/spotrain-agent-failed.sh) left
-        those lines and the exit status on its console: they are read first, then the VM is deleted
-        (a stopped GCE VM still bills its disk)."""
-        lines: list[str] = []
-        detail = instance.end_detail
-        if isinstance(self.provider, ConsoleProvider):
-            from spotrain.logs import agent_lines, failed_exit, last_error_lines
-
-            try:
-                log = self.provider.console_output(instance.instance_id, instance.location)
-                lines = last_error_lines(agent_lines(log))
-                detail = failed_exit(log) or detail
-            except ProviderError as error:
-                lines = [f"(its log cannot be read: {error})"]
-        try:
-            self.provider.terminate(instance.instance_id)  # idempotent: a local VM or EC2 instance is gone already
-        except ProviderError as error:
-            self.say(f"deleting {instance.instance_id} failed: {error}")
-        why = f"{instance.end_reason} ({detail})" if detail else f"{instance.end_reason}"
-        self.say(f"the agent on {instance.instance_id} kept failing ({why}); its last lines:")
-        for line in lines:
-            self.say(f"  {line}")
-        self.say(f"see `spotrain logs {self.spec.name} {instance.instance_id}`")
-        last = f": {lines[-1].strip()}" if lines else ""
-        return f"{why} on {instance.instance_id}{last}"
 
     def _offer_of(self, location: str, instance_type: str | None, market: str) -> Offer | None:
         return next((o for o in self.offers if o.location == location and o.market == market
