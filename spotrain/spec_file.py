@@ -93,6 +93,9 @@ class _SpecLoader(yaml.SafeLoader):
         except (ValueError, TypeError, OverflowError) as error:
             raise _SpecYamlError(problem=f"bad value {_shown(node.value)}: {error}",
                                  problem_mark=node.start_mark) from None
+        except IndexError:  # PyYAML's int and float constructors on an empty scalar tagged `!!int`/`!!float`
+            raise _SpecYamlError(problem=f"bad value {_shown(node.value)} for !!{str(node.tag).rpartition(':')[2]}",
+                                 problem_mark=node.start_mark) from None
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
