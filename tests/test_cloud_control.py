@@ -4,6 +4,8 @@ moving on from a location without capacity (GCE fake, real client)."""
 import base64
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -120,16 +122,25 @@ def test_the_composite_routes_by_location_and_takes_the_slowest_lag(gce, tmp_pat
     local.terminate(on_local.instance_id)
 
 
-def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(gce, tmp_path):
-    s = spec(gce)
+@contextmanager
+def cloud_loop(s: ClusterSpec, tmp_path) -> Iterator[tuple[ControlLoop, Ledger, list[str]]]:
+    """A control loop over `s`'s real providers (the fakes'), what it says, and its ledger; the run ended after."""
     ledger = Ledger.create(tmp_path / "ledger.db")
     run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
     lines: list[str] = []
-    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(),
-                       say=lines.append)
+    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
     loop.shipment = StaticShipment()
-    gce.state.inject("us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED", times=5)
     try:
+        yield loop, ledger, lines
+    finally:
+        loop.finish("test over")
+        ledger.close()
+
+
+def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(gce, tmp_path):
+    s = spec(gce)
+    gce.state.inject("us-central1-a", "ZONE_RESOURCE_POOL_EXHAUSTED", times=5)
+    with cloud_loop(s, tmp_path) as (loop, ledger, lines):
         for _ in range(3):
             loop.tick()
         live = [i for i in loop.provider.list_instances("cc") if i.state == "running"]
@@ -139,9 +150,6 @@ def test_a_capacity_error_moves_the_controller_to_the_next_offer_with_one_line(g
         failed = [r for r in ledger.instances() if r.state == "failed"]
         assert [r.location for r in failed] == ["gcp:us-central1-a"]
         assert {r.provider for r in ledger.instances()} == {"gcp"}
-    finally:
-        loop.finish("test over")
-        ledger.close()
     assert gce.state.live_instances() == []
 
 
@@ -152,21 +160,13 @@ def test_an_aws_capacity_error_in_one_region_moves_the_controller_to_another(ec2
                               "image_id": AWS_IMAGE}},
     })
     ec2_faults.faults["us-east-1a"] = ("InsufficientInstanceCapacity", 500)
-    ledger = Ledger.create(tmp_path / "ledger.db")
-    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
-    lines: list[str] = []
-    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
-    loop.shipment = StaticShipment()
-    try:
+    with cloud_loop(s, tmp_path) as (loop, ledger, lines):
         for _ in range(3):
             loop.tick()
         live = [i for i in loop.provider.list_instances("ca") if i.state == "running"]
         assert sorted(i.location for i in live) == ["aws:us-west-2a", "aws:us-west-2a"]
         failures = [line for line in lines if "failed" in line]
         assert len(failures) == 1 and "aws:us-east-1a" in failures[0] and "InsufficientInstanceCapacity" in failures[0]
-    finally:
-        loop.finish("test over")
-        ledger.close()
     assert {i.state for i in loop.provider.list_instances("ca")} == {"terminated"}
 
 
@@ -184,12 +184,7 @@ def failure_console(name: str) -> str:
 
 def test_a_gce_vm_that_powered_itself_off_stops_the_run_with_its_agents_lines_and_is_deleted(gce, tmp_path):
     s = spec(gce)
-    ledger = Ledger.create(tmp_path / "ledger.db")
-    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
-    lines: list[str] = []
-    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
-    loop.shipment = StaticShipment()
-    try:
+    with cloud_loop(s, tmp_path) as (loop, ledger, lines):
         loop.tick()
         failed, other = loop.provider.list_instances("cc")
         zone = failed.location.split(":", 1)[1]
@@ -207,9 +202,6 @@ def test_a_gce_vm_that_powered_itself_off_stops_the_run_with_its_agents_lines_an
         deletes = [path.rsplit("/", 1)[1] for method, path, _ in gce.requests if method == "DELETE"]
         assert failed.instance_id in deletes  # stopped, it is no worker to end, but its disk would stay billed
         assert other.instance_id in deletes  # the run ended
-    finally:
-        loop.finish("test over")
-        ledger.close()
 
 
 def test_an_ec2_instance_that_shut_itself_down_stops_the_run_with_its_agents_lines(aws, tmp_path, monkeypatch):
@@ -219,12 +211,7 @@ def test_an_ec2_instance_that_shut_itself_down_stops_the_run_with_its_agents_lin
     s = ClusterSpec.model_validate({
         "name": "ca", "budget": {"total_usd": 5.0}, "placement": {"workers": 1, "backups": 0},
         "providers": {"aws": {"regions": ["us-east-1"], "zones": ["us-east-1a"], "image_id": AWS_IMAGE}}})
-    ledger = Ledger.create(tmp_path / "ledger.db")
-    run = ledger.open_run(5.0, s.model_dump(mode="json"), now=0.0)
-    lines: list[str] = []
-    loop = ControlLoop(s, ledger, run, make_provider(s), QuietSwarm(), LoopSettings(), say=lines.append)
-    loop.shipment = StaticShipment()
-    try:
+    with cloud_loop(s, tmp_path) as (loop, ledger, lines):
         loop.tick()
         (failed,) = loop.provider.list_instances("ca")
         # moto's console is one sample text for every instance: this one's, as the VM left it
@@ -234,9 +221,6 @@ def test_an_ec2_instance_that_shut_itself_down_stops_the_run_with_its_agents_lin
         assert loop.failed
         assert loop.end_reason == f"agent failed (exit 1) on {failed.instance_id}: RuntimeError: no GPU here"
         assert f"  {AGENT_TRACEBACK[0]}" in lines and len(ledger.instances()) == 1
-    finally:
-        loop.finish("test over")
-        ledger.close()
 
 
 def test_the_failure_script_prints_the_marker_only_for_a_unit_that_failed_for_good(tmp_path):
