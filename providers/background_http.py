@@ -12,6 +12,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MAX_BODY_BYTES = 4096  # nothing the metadata protocols take has a body worth more
 READ_TIMEOUT_SECONDS = 10.0  # a client that stops sending mid-request holds no thread longer than this
 _LENGTH = re.compile(r"[0-9]{1,10}")
+# shutdown() returns only once serve_forever has polled again: at the socketserver default (0.5 s)
+# every VM's supervisor and every test that stops a server waited half a second for nothing
+POLL_SECONDS = 0.05
 
 
 class BoundedHandler(BaseHTTPRequestHandler):
@@ -76,7 +79,8 @@ class BackgroundHTTPServer(ThreadingHTTPServer):
         return f"http://{host!s}:{port}"
 
     def start_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name=self.thread_name, daemon=True)
+        thread = threading.Thread(target=self.serve_forever, args=(POLL_SECONDS,), name=self.thread_name,
+                                  daemon=True)
         thread.start()
         return thread
 

@@ -168,7 +168,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def ec2_faults(aws, monkeypatch):
     proxy = Ec2FaultProxy(aws)
-    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread = threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True)  # a quick shutdown()
     thread.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield proxy

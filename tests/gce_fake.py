@@ -497,7 +497,8 @@ class GceFakeServer(ThreadingHTTPServer):
         return {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}
 
     def start_background(self) -> threading.Thread:
-        thread = threading.Thread(target=self.serve_forever, name="gce-fake", daemon=True)
+        # polled every 50 ms: shutdown() waits a poll, 0.5 s at socketserver's default
+        thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="gce-fake", daemon=True)
         thread.start()
         return thread
 

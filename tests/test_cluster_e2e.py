@@ -41,13 +41,18 @@ def report(home: Path) -> dict:
 
 def test_a_run_survives_preemptions_and_stops_within_budget(tmp_path):
     home = tmp_path / "home"
-    # three workers cost about $2/h here: this budget ends the run after a minute or so
-    path = spec_file(tmp_path, budget={"total_usd": 0.04})
+    # both zones at one price, so a replacement's zone leaves the burn at $2.76/h: this budget ends
+    # the run about 60 s in, past the traces' first preemptions (notices from 16 s, one without at
+    # 26 s), and still pays for the first replacement (budget.LAUNCH_HORIZON_TICKS)
+    path = spec_file(tmp_path, budget={"total_usd": 0.05}, providers={"local": {
+        "time_compression": 60, "notice_seconds": 8, "unannounced_every": 2,
+        "locations": {"zone-a": {"price_usd_per_hour": 0.92, "trace": "bamboo-p3"},
+                      "zone-b": {"price_usd_per_hour": 0.92, "trace": "bamboo-g4dn"}}}})
     result = run_cli("launch", str(path), "--no-report", home=home, timeout=400)
     assert result.returncode == 0, result.stdout + result.stderr
     data = report(home)
     assert data["end_reason"] == "budget nearly spent"
-    assert data["spent_usd"] <= data["budget_usd"] == 0.04
+    assert data["spent_usd"] <= data["budget_usd"] == 0.05
     assert data["preemptions"] >= 1 and data["replacements"] >= 1
     assert data["epochs"] > 0 and data["samples"] > 0
     assert {row["location"] for row in data["spend_by_location"]} == {"local:zone-a", "local:zone-b"}

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -33,13 +34,20 @@ def test_two_peers_average_with_blockwise8_close_to_the_true_mean(tmp_path):
             peers.append(subprocess.Popen([sys.executable, str(HERE / "averaging_peer.py"), str(i), str(tmp_path),
                                            "blockwise8"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
     try:
-        for peer in peers:
-            assert peer.wait(timeout=240) == 0, (tmp_path / "peer0.log").read_text()[-3000:]
+        # both at once: a peer that fails ends the wait, and both logs say why
+        deadline = time.monotonic() + 300  # past averaging_peer.GIVE_UP_SECONDS and its wait for the other
+        while time.monotonic() < deadline and not (all(peer.poll() is not None for peer in peers)
+                                                   or any(peer.poll() not in (None, 0) for peer in peers)):
+            time.sleep(0.2)
+        assert [peer.poll() for peer in peers] == [0, 0], "\n".join(
+            f"peer{i}.log:\n" + (tmp_path / f"peer{i}.log").read_text()[-3000:] for i in range(2))
     finally:
-        for peer in peers:
-            if peer.poll() is None:
+        for peer in peers:  # its group too: a peer that failed may have left its p2pd behind
+            try:
                 os.killpg(peer.pid, 9)
-                peer.wait()
+            except ProcessLookupError:
+                pass
+            peer.wait()
     truth = [(a + b) / 2 for a, b in zip(peer_tensors(0), peer_tensors(1))]
     # each peer sends the half the other averages and the reply for the half it averages itself
     fp32_bytes_each_peer_sends = sum(t.numel() for t in truth) * 4

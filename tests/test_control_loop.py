@@ -32,9 +32,10 @@ class QuietSwarm:
 
 @pytest.fixture
 def loop(tmp_path):
+    # WORKLOAD never drains: a 1 s notice ends its VMs at finish() at once, not after 10 s
     spec = ClusterSpec.model_validate({
         "name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": 2, "backups": 0},
-        "providers": {"local": {"time_compression": 0.001}},
+        "providers": {"local": {"time_compression": 0.001, "notice_seconds": 1.0}},
     })
     ledger = Ledger.create(tmp_path / "ledger.db")
     run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=0.0)

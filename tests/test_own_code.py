@@ -122,8 +122,9 @@ def status(instance_id: str, state: str) -> AgentStatus:
 
 
 def make_loop(tmp_path, workload: list[str], workers: int, said: list[str]) -> ControlLoop:
+    # these workloads never drain: a 1 s notice ends their VMs at finish() at once, not after 10 s
     spec = ClusterSpec.model_validate({"name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": workers},
-                                       "providers": {"local": {"time_compression": 0.001}}})
+                                       "providers": {"local": {"time_compression": 0.001, "notice_seconds": 1.0}}})
     ledger = Ledger.create(tmp_path / "ledger.db")
     run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=time.time())
     provider = LocalProvider(spec.providers.local, tmp_path / "cloud", workload=workload)

@@ -66,11 +66,11 @@ def module_from(path: Path):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """`spotrain init` into a fresh folder, then a minute of training launched from that folder."""
+    """`spotrain init` into a fresh folder, then 40 s of training launched from that folder."""
     tmp_path = tmp_path_factory.mktemp("own-model")
     home, folder = tmp_path / "home", tmp_path / "my model"
     ok(spotrain("init", str(folder), home=home, cwd=tmp_path))
-    out = ok(spotrain("launch", "spotrain.yaml", "--duration", "60", "--no-report", home=home, cwd=folder))
+    out = ok(spotrain("launch", "spotrain.yaml", "--duration", "40", "--no-report", home=home, cwd=folder))
     assert "workers 2/2" in out and "run ended: duration reached" in out
     yield home, folder
     spotrain("down", home=home, cwd=tmp_path)

@@ -60,8 +60,9 @@ def test_the_local_provider_publishes_peers_that_the_vm_metadata_service_serves(
     from spotrain.config import LocalProvider as LocalConfig
     from spotrain.providers.base import LaunchRequest
     from spotrain.providers.local import LocalProvider
-    provider = LocalProvider(LocalConfig(time_compression=0.001), tmp_path, workload=[sys.executable, "-c",
-                                                                                    "import time; time.sleep(60)"])
+    # the workload never drains: a 1 s notice ends its VM in the teardown at once, not after 10 s
+    provider = LocalProvider(LocalConfig(time_compression=0.001, notice_seconds=1.0), tmp_path,
+                             workload=[sys.executable, "-c", "import time; time.sleep(60)"])
     offer = provider.offers()[0]
     launched = provider.launch(LaunchRequest("c-r0", "c", offer, agent_config("c")))
     try:
