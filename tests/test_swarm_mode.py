@@ -208,7 +208,8 @@ def test_the_controller_names_the_trainers_keeps_two_peers_per_stage_and_reports
     spec = ClusterSpec.model_validate({
         "name": "c", "budget": {"total_usd": 5.0}, "placement": {"workers": 7},
         "training": {"mode": "swarm", "task": "spotrain.examples.tiny_gpt_pipeline:task"},
-        "providers": {"local": {"time_compression": 0.001}},
+        # the workload never drains: a 1 s notice ends a retired VM, and all at finish(), at once
+        "providers": {"local": {"time_compression": 0.001, "notice_seconds": 1.0}},
     })
     ledger = Ledger.create(tmp_path / "ledger.db")
     run = ledger.open_run(5.0, spec.model_dump(mode="json"), now=0.0)
