@@ -2,6 +2,7 @@
 # make demo-geo (root): the same on the emulated multi-region cloud, then `down`, checked.
 # make demo-geo-swarm (root): SWARM there, every stage's peers spanning both regions, then `down`, checked.
 # make test: lint, then the full test suite. Both create .venv when it is missing.
+# make fuzz: the property tests with fresh random examples, ROUNDS times (5).
 # make lint: ruff, and mypy over the installed package's layout (see TYPECHECK_TREE).
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ TYPECHECK_TREE := build/typecheck
 # the folders pyproject's package-dir maps into spotrain (agents/ as spotrain/agents, ...), read from it
 MAPPED_DIRS = $(shell $(PY) -c 'import sys; tomllib = __import__("tomllib" if sys.version_info >= (3, 11) else "tomli"); d = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]; print(" ".join(v for k, v in d.items() if k != "spotrain"))')
 
-.PHONY: venv demo demo-geo demo-geo-swarm lint test test-slow clean
+.PHONY: venv demo demo-geo demo-geo-swarm lint test test-slow fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -59,6 +60,11 @@ test: lint
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# the property tests with fresh random draws (make test repeats the same ones every run); ROUNDS seeds
+ROUNDS ?= 5
+fuzz: venv
+	for round in $$(seq $(ROUNDS)); do SPOTRAIN_FUZZ=explore $(PY) -m pytest -q -m hypothesis -p no:cacheprovider || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME) $(GEO_HOME) $(GEO_SWARM_HOME) build dist *.egg-info

@@ -111,5 +111,7 @@ def _unpack_raw(body: memoryview, dtype: torch.dtype, numel: int) -> torch.Tenso
     itemsize = torch.empty((), dtype=dtype).element_size()
     if len(body) != numel * itemsize:
         raise CorruptPayloadError(f"raw payload is {len(body)} bytes, {numel * itemsize} expected")
+    if numel == 0:  # numpy's empty array comes with stride 0, which torch's view refuses
+        return torch.empty(0, dtype=dtype)
     data = torch.from_numpy(np.frombuffer(body, dtype=np.uint8).copy())
     return data.view(dtype)

@@ -9,8 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The property tests draw the same examples on every run of the suite (a hash of each test seeds
+# them), so a red run is a change in the code, not a new draw: the suite failed twice on inputs a random
+# draw first reached (`!!int` on an empty value, an empty raw tensor), each a real bug now fixed
+# and kept as an @example. `make fuzz` (SPOTRAIN_FUZZ=explore) draws fresh examples to find the next.
+# Loaded here, before the test modules build their own settings on this profile.
+settings.register_profile("suite", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("SPOTRAIN_FUZZ", "suite"))
 pytest_plugins = ["clouds", "process_leaks"]  # cloud fakes as fixtures; no test may leave a process behind
 
 

@@ -45,6 +45,8 @@ def envelopes(draw):
 @FUZZ
 @example(payload=(HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, 0, 1) + b"\0" * 4, 1), dtype="float32", shape=(-1, -1),
          use_numel=False)  # found by this test: two -1s multiply to 1, and reshape raised RuntimeError
+@example(payload=(HEADER.pack(MAGIC, WIRE_VERSION, 0, 0, 0, 0), 0), dtype="float32", shape=(), use_numel=True)
+# found by this test too: an empty raw tensor (numpy's stride 0 made torch's view raise RuntimeError)
 @given(payload=envelopes(), dtype=st.sampled_from(DTYPES) | st.text(max_size=8), shape=shapes,
        use_numel=st.booleans())
 def test_every_payload_decodes_or_is_refused_in_one_line(payload, dtype, shape, use_numel):
