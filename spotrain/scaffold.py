@@ -15,7 +15,7 @@ TASK_TEXT = '''"""A TrainingTask of your own: every spotrain worker imports this
 methods of `task`. Replace the model, the data, the loss and the optimizer with yours.
 
 This skeleton fits an MLP to a fixed random "teacher" function: it needs no download, and two
-local workers bring its loss from about 0.43 to 0.25 in a minute of CPU time.
+local workers bring its loss from about 0.43 to about 0.2 in a minute of CPU time.
 """
 
 from __future__ import annotations
@@ -56,8 +56,10 @@ class Task:
         return nn.functional.mse_loss(model(x), y)
 
     def make_optimizer(self, params) -> torch.optim.Optimizer:
-        """Built once per worker around the model's parameters; the swarm averages what it does."""
-        return torch.optim.Adam(params, lr=3e-3)
+        """Built once per worker around the model's parameters; the swarm averages what it does.
+        It steps once per global epoch (target_batch_size samples), so few steps are taken: at
+        lr=3e-3 the first one overshot (loss 0.43 -> 1.24) and the loss swung for five more epochs."""
+        return torch.optim.Adam(params, lr=1e-3)
 
 
 # The spec names this object: `training.task: {module}:task`.

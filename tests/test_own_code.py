@@ -68,6 +68,32 @@ def test_init_writes_a_task_and_a_spec_that_loads_and_never_overwrites(tmp_path,
         write_skeleton(tmp_path / "other", name="Bad Name")
 
 
+def test_the_skeleton_tasks_loss_falls_from_its_first_epoch_on(tmp_path, clean_import_path):
+    """Trained as the swarm trains it (one optimizer step per global epoch of target_batch_size
+    samples), the skeleton's loss on held-out samples is below its start after each of its first
+    epochs: at lr=3e-3 the first step overshot (0.43 -> 1.24), and a short run could end above its start."""
+    import importlib
+
+    import torch
+
+    _, spec_path = write_skeleton(tmp_path / "m")
+    training = load_spec(spec_path).training
+    task = importlib.import_module("my_task").task
+    model = task.build_model()
+    optimizer = task.make_optimizer(model.parameters())
+    steps_per_epoch = training.target_batch_size // training.batch_size
+    batches, held_out = task.batches(7, training.batch_size), next(task.batches(99, 2048))
+    with torch.no_grad():
+        start = float(task.loss(model, held_out))
+    for _ in range(4):
+        optimizer.zero_grad()
+        for _ in range(steps_per_epoch):
+            (task.loss(model, next(batches)) / steps_per_epoch).backward()
+        optimizer.step()
+        with torch.no_grad():
+            assert float(task.loss(model, held_out)) < 0.8 * start
+
+
 def test_launch_refuses_a_location_no_enabled_provider_serves(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("name: az\nbudget: {total_usd: 1}\nplacement: {locations: [local:zone-a, azure:eastus-1]}\n")
