@@ -61,7 +61,7 @@ test: lint
 test-slow: venv
 	$(PY) -m pytest -q -m slow
 
-# the property tests with fresh random draws (make test repeats the same ones every run); ROUNDS seeds
+# the property tests with fresh random draws (make test repeats the same ones every run), ROUNDS times
 ROUNDS ?= 5
 fuzz: venv
 	for round in $$(seq $(ROUNDS)); do SPOTRAIN_FUZZ=explore $(PY) -m pytest -q -m hypothesis -p no:cacheprovider || exit 1; done

@@ -14,6 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from gce_fake import GceFakeServer, service_account_file
 
+from spotrain.providers.background_http import POLL_SECONDS
+
 PROJECT = "spotrain-test"
 # The SDKs' credential chains would probe the link-local metadata address: keep them on loopback
 # or off, for this process and every CLI subprocess a test starts.
@@ -168,7 +170,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 @pytest.fixture
 def ec2_faults(aws, monkeypatch):
     proxy = Ec2FaultProxy(aws)
-    thread = threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True)  # a quick shutdown()
+    thread = threading.Thread(target=proxy.serve_forever, args=(POLL_SECONDS,), daemon=True)
     thread.start()
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
     yield proxy

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 settings.register_profile("suite", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("SPOTRAIN_FUZZ", "suite"))
+
 pytest_plugins = ["clouds", "process_leaks"]  # cloud fakes as fixtures; no test may leave a process behind
 
 

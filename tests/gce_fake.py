@@ -32,6 +32,8 @@ from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from spotrain.providers.background_http import POLL_SECONDS  # a shutdown() that waits 50 ms, not 0.5 s
+
 NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
 LABEL_VALUE_RE = re.compile(r"^[a-z0-9_-]{0,63}$")
@@ -497,8 +499,7 @@ class GceFakeServer(ThreadingHTTPServer):
         return {"access_token": token, "expires_in": 3599, "token_type": "Bearer"}
 
     def start_background(self) -> threading.Thread:
-        # polled every 50 ms: shutdown() waits a poll, 0.5 s at socketserver's default
-        thread = threading.Thread(target=self.serve_forever, args=(0.05,), name="gce-fake", daemon=True)
+        thread = threading.Thread(target=self.serve_forever, args=(POLL_SECONDS,), name="gce-fake", daemon=True)
         thread.start()
         return thread
 
