@@ -40,14 +40,20 @@ def main(index: int, work: Path, codec: str) -> int:
     averager = DecentralizedAverager(peer_tensors(index), dht, prefix="codec-test", target_group_size=2,
                                      min_group_size=2, min_matchmaking_time=2.0, request_timeout=1.0,
                                      compression=get_codec(codec, error_feedback=True), start=True)
+    try:
+        return average_and_report(averager, index, work)
+    finally:  # on either path: a peer that gave up leaves no p2pd behind
+        averager.shutdown()
+        dht.shutdown()
+
+
+def average_and_report(averager: DecentralizedAverager, index: int, work: Path) -> int:
     group = None
     give_up = time.monotonic() + GIVE_UP_SECONDS
     while not group and time.monotonic() < give_up:
         group = averager.step(timeout=60)
     if not group:
         print(f"peer {index}: no group formed in {GIVE_UP_SECONDS:.0f} s", flush=True)
-        averager.shutdown()
-        dht.shutdown()
         return 1
     with averager.get_tensors() as tensors:
         torch.save([t.clone() for t in tensors], work / f"result{index}.pt")
@@ -62,8 +68,6 @@ def main(index: int, work: Path, codec: str) -> int:
         time.sleep(0.1)
     (work / f"traffic{index}.json").write_text(json.dumps(
         {"group_size": len(group), "sent": traffic.sent, "received": traffic.received}))
-    averager.shutdown()
-    dht.shutdown()
     return 0
 
 
